@@ -1,0 +1,334 @@
+"""
+The networks, in plain PyTorch: the Vision Transformer (context / target encoder), the I-JEPA predictor, and the
+segmentation decoders (UPerNet, linear) that sit on a frozen ViT.
+
+    from model import build_vit, Predictor
+    enc = build_vit("vit_base", img_size=224, patch_size=14)   # ViT-B/14, 86M parameters (3-channel stem)
+    tokens = enc(x)                                   # (B, 256, 768), final LayerNorm applied
+    ctx = enc(x, masks=[idx])                         # only the patches listed in idx (B, K) go through the blocks
+    feats = enc.forward_features(x, layers=[4, 6, 8, 12])   # patch tokens of those blocks (1-based), for UPerNet
+
+Module and parameter names follow Meta's I-JEPA code (patch_embed.proj, blocks.N.attn.qkv, ...) so its checkpoints
+load by name. Attention is one function, `attention()`, with three implementations chosen per module: the Triton
+kernel in kernels/attention.py (default on CUDA), PyTorch SDPA (default elsewhere) and an explicit `math` path.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VIT_CONFIGS = {  # name: (width, depth, heads)
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_huge": (1280, 32, 16),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention: one entry point, three implementations
+
+def attention(q, k, v, impl="sdpa"):
+    """softmax(q k^T / sqrt(d)) v for q, k, v of shape (B, H, N, D); non-causal, no mask."""
+    if impl == "triton":
+        from kernels.attention import attention as triton_attention  # imported lazily: triton is optional on CPU
+        return triton_attention(q, k, v)
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if impl == "math":
+        s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return s.float().softmax(-1).to(q.dtype) @ v
+    raise ValueError(f"unknown attention implementation {impl!r}: use triton, sdpa or math")
+
+
+def set_attn(model, impl):
+    """Switch every attention module in `model` to `impl` (triton | sdpa | math)."""
+    if impl not in ("triton", "sdpa", "math"):
+        raise ValueError(f"unknown attention implementation {impl!r}: use triton, sdpa or math")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.impl = impl
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# position embeddings and masks
+
+def sincos_pos_embed(dim, grid_h, grid_w):
+    """Fixed 2-D sin-cos embeddings (MAE / I-JEPA), (grid_h * grid_w, dim): first half encodes x, second half y."""
+    assert dim % 4 == 0, "sin-cos position embeddings need a width divisible by 4"
+
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    yy, xx = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+    emb = np.concatenate([one_axis(dim // 2, xx), one_axis(dim // 2, yy)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+def resize_pos_embed(pos, old_hw, new_hw):
+    """Bicubic resize of patch-grid position embeddings (1, h*w, D) -> (1, H*W, D). The tensor holds patch
+    positions only (any CLS position is kept separately), so no slot has to be split off first."""
+    if tuple(old_hw) == tuple(new_hw):
+        return pos
+    d = pos.shape[-1]
+    grid = pos.reshape(1, old_hw[0], old_hw[1], d).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=tuple(new_hw), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, -1, d).to(pos.dtype)
+
+
+def apply_masks(x, masks):
+    """Gather tokens x (B, N, D) at each index tensor in masks (each (B, K)); results stacked along the batch in
+    mask order: [mask 0 for every image, mask 1 for every image, ...], as in I-JEPA."""
+    out = [torch.gather(x, 1, m.unsqueeze(-1).expand(-1, -1, x.size(-1))) for m in masks]
+    return torch.cat(out, dim=0)
+
+
+def repeat_interleave_batch(x, B, repeat):
+    """[b0..bB-1 of chunk 0, ...] -> each chunk of B rows repeated `repeat` times in place (I-JEPA's helper)."""
+    N = len(x) // B
+    return torch.cat([torch.cat([x[i * B:(i + 1) * B] for _ in range(repeat)], dim=0) for i in range(N)], dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformer blocks
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True, impl="sdpa"):
+        super().__init__()
+        self.num_heads, self.impl = num_heads, impl
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = attention(qkv[0], qkv[1], qkv[2], self.impl)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale (CaiT / DINOv2); only built when a loaded encoder has it."""
+
+    def __init__(self, dim, init=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, layer_scale=None, impl="sdpa", eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, impl)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def _init_weights(module):
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    # I-JEPA's fix_init_weight: shrink each residual branch's output layer by sqrt(2 * layer) for a stable start
+    for i, blk in enumerate(getattr(module, "blocks", [])):
+        blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+        blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the encoder
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        w = self.proj.weight
+        if x.shape[1] == 1 and w.shape[1] > 1:
+            # a grayscale X-ray into an RGB-trained stem: summing the kernel over colour is exactly the same as
+            # replicating the gray channel, without materialising three copies of the image
+            return F.conv2d(x, w.sum(1, keepdim=True), self.proj.bias, stride=self.proj.stride).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT without a CLS token by default (JEPA encoders). The stem has 3 input channels by default, as in I-JEPA
+    and the released RadJEPa weights; a 1-channel (grayscale) batch is accepted by either stem. CLS, register
+    tokens, learned position embeddings and layer scale exist for the published encoders that have them (DINOv2,
+    RAD-DINO). `self.config` holds the constructor arguments: an exported encoder stores them to be rebuilt."""
+
+    def __init__(self, img_size=224, patch_size=14, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, qkv_bias=True, cls_token=False, num_register_tokens=0, learned_pos=False,
+                 layer_scale=None, eps=1e-6, attn="sdpa"):
+        super().__init__()
+        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                           depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                           cls_token=cls_token, num_register_tokens=num_register_tokens, learned_pos=learned_pos,
+                           layer_scale=layer_scale, eps=eps)
+        self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token and learned_pos else None
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        self.num_prefix_tokens = int(cls_token) + num_register_tokens
+        pos = sincos_pos_embed(embed_dim, *self.grid).unsqueeze(0)
+        # fixed sin-cos is a parameter with requires_grad=False (as in I-JEPA) so it travels in the state dict
+        self.pos_embed = nn.Parameter(pos, requires_grad=learned_pos)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layer_scale, attn, eps)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        _init_weights(self)
+        for p in (self.cls_token, self.register_tokens):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def embed(self, x, masks=None):
+        """Patchify and add positions (resized when the input is not at the training resolution); then keep only
+        the patches in `masks` if given; then put CLS / register tokens in front."""
+        B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
+        x = self.patch_embed(x)
+        x = x + resize_pos_embed(self.pos_embed, self.grid, (H // self.patch_size, W // self.patch_size)).to(x.dtype)
+        if masks is not None:
+            x = apply_masks(x, masks)
+        prefix = []
+        if self.cls_token is not None:
+            cls = self.cls_token if self.cls_pos_embed is None else self.cls_token + self.cls_pos_embed
+            prefix.append(cls.expand(x.shape[0], -1, -1))
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens.expand(x.shape[0], -1, -1))
+        return torch.cat(prefix + [x], dim=1) if prefix else x
+
+    def forward(self, x, masks=None):
+        """Final-LayerNormed tokens (prefix tokens first, if any). With masks (list of (B, K) index tensors), only
+        those patches are encoded, one batch chunk per mask (I-JEPA's context encoder)."""
+        x = self.embed(x, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_features(self, x, layers=None, norm=False):
+        """Patch tokens (prefix tokens dropped) of the blocks in `layers` (1-based, e.g. [4, 6, 8, 12]) as a list
+        of (B, N, D); LayerNorm-ed with the final norm if norm=True. Without layers: the final normed tokens."""
+        if layers is None:
+            return self.forward(x)
+        want, out = set(layers), {}
+        bad = [l for l in want if not 1 <= l <= len(self.blocks)]
+        if bad:
+            raise ValueError(f"layers {bad} out of range 1..{len(self.blocks)}")
+        x = self.embed(x)
+        for i, blk in enumerate(self.blocks, start=1):
+            x = blk(x)
+            if i in want:
+                y = x[:, self.num_prefix_tokens:]
+                out[i] = self.norm(y) if norm else y
+            if i == max(want):
+                break  # blocks past the deepest requested layer are not needed
+        return [out[l] for l in layers]
+
+    def global_embedding(self, x, last_layers=1):
+        """The image-level embedding used by the linear probe: CLS token when the encoder has one, otherwise the
+        mean of the final patch tokens (JEPA encoders). last_layers > 1 concatenates that many final layers."""
+        if last_layers == 1:
+            t = self.forward(x)
+            return t[:, 0] if self.cls_token is not None else t[:, self.num_prefix_tokens:].mean(1)
+        x, outs = self.embed(x), []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - last_layers:
+                t = self.norm(x)
+                outs.append(t[:, 0] if self.cls_token is not None else t[:, self.num_prefix_tokens:].mean(1))
+        return torch.cat(outs, dim=-1)
+
+
+def build_vit(name="vit_base", **kw):
+    """A ViT by size name (vit_tiny ... vit_huge); keyword arguments go to VisionTransformer."""
+    if name not in VIT_CONFIGS:
+        raise ValueError(f"unknown model {name!r}: choose from {', '.join(VIT_CONFIGS)}")
+    dim, depth, heads = VIT_CONFIGS[name]
+    return VisionTransformer(embed_dim=dim, depth=depth, num_heads=heads, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the I-JEPA predictor
+
+class Predictor(nn.Module):
+    """Narrow transformer that predicts target-encoder features at target positions from the context tokens.
+
+    Context tokens are projected to the predictor width and given their positions; one learned mask token plus the
+    position embedding of each target patch stands in for every target; the transformer runs on [context, targets]
+    and the target slots, projected back to the encoder width, are the predictions."""
+
+    def __init__(self, grid, embed_dim=768, pred_dim=384, depth=12, num_heads=12, mlp_ratio=4.0, attn="sdpa"):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.predictor_embed = nn.Linear(embed_dim, pred_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
+        self.predictor_pos_embed = nn.Parameter(sincos_pos_embed(pred_dim, *self.grid).unsqueeze(0), requires_grad=False)
+        self.predictor_blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio, True, None, attn) for _ in range(depth))
+        self.predictor_norm = nn.LayerNorm(pred_dim, eps=1e-6)
+        self.predictor_proj = nn.Linear(pred_dim, embed_dim)
+        _init_weights(self)
+        for i, blk in enumerate(self.predictor_blocks):
+            blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+            blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, ctx, masks_ctx, masks_tgt):
+        """ctx: context-encoder output (len(masks_ctx) * B, Kc, D); masks_*: lists of (B, K) patch indices.
+        Returns predictions (len(masks_ctx) * len(masks_tgt) * B, Kt, D), ordered like apply_masks(target)."""
+        n_ctx_masks = len(masks_ctx)
+        B = len(ctx) // n_ctx_masks
+        x = self.predictor_embed(ctx)
+        pos = self.predictor_pos_embed.expand(B, -1, -1).to(x.dtype)
+        x = x + apply_masks(pos, masks_ctx)
+        n_ctx = x.shape[1]
+        tgt = repeat_interleave_batch(apply_masks(pos, masks_tgt), B, repeat=n_ctx_masks)
+        tgt = self.mask_token.to(x.dtype) + tgt
+        x = torch.cat([x.repeat(len(masks_tgt), 1, 1), tgt], dim=1)
+        for blk in self.predictor_blocks:
+            x = blk(x)
+        return self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))
+
+
+def count_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segmentation decoders on a frozen ViT (segment.py): feature pyramid + UPerNet, and the linear baseline
