@@ -1,9 +1,681 @@
 """
-Chest X-ray input: reading images (PNG 8/16-bit, JPEG, DICOM), finding them, preprocessing, datasets, samplers,
-subject-level splits. (Being written: see the data.py section of the project spec.)
+Chest X-ray input: reading images (PNG 8/16-bit, JPEG, TIFF, DICOM), finding them, preprocessing, subject-level
+splits, and the pretraining pipeline (I-JEPA random resized crop, uint8 memmap cache, weighted mix of sources with
+an optional frontal:lateral ratio).
+
+Usage (downstream scripts):
+    img = data.read_image("scan.dcm")              # np.float32 HxW in [0, 1], bone bright; ImageReadError if not
+    rows = data.read_csv(csv, required=("path", "subject"))
+    pre = data.Preprocess(info["img_size"], info["mean"], info["std"])
+    x = pre(data.read_image(data.resolve(csv, None, rows[0]["path"])))          # torch (C, H, W)
+    parts = data.split_by_subject([r["subject"] for r in rows])                # [train_idx, val_idx, test_idx]
+
+Usage (pretraining):
+    sources = data.parse_sources(["/data/nih:2", "/data/chexpert/train.csv:1"])  # PATH[:WEIGHT]
+    paths = data.concat_paths(sources)            # dataset index = position in this list
+    cache = data.build_cache(paths, "out/cache")  # optional; rank 0 first, then a barrier, then the other ranks
+    ds = data.PretrainDataset(paths, 224, cache=cache)   # or verify=True to drop unreadable files upfront
+    sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed, frontal_ratio=3.0)
+    idx = sampler.epoch_indices(epoch)            # this rank's list; slice it to resume mid-epoch
+    x, step = ds[(idx[0], step)]                  # crop is a pure function of (seed, index, step)
+
+Unreadable files never stop an epoch: they are skipped (the next readable item is used instead), counted in
+`dataset.skipped` and named once in a warning on the "data" logger (stderr when logging is not configured).
 """
+import collections.abc
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from common import UserError
+
+log = logging.getLogger("data")
 
 # Intensity statistics of chest X-rays scaled to [0, 1] (mean / std over 500 NIH ChestX-ray14 + Kermany images at
 # 224 px), used instead of ImageNet's RGB statistics for the project's own single-channel encoders.
 CXR_MEAN = 0.518
 CXR_STD = 0.248
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
+DICOM_EXTS = (".dcm", ".dicom")
+
+
+class ImageReadError(Exception):
+    """A file that cannot be decoded as an image; the message names the file and why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading one image
+
+def _is_dicom(path):
+    """By extension; else, for no or a numeric extension (archives name files by SOP instance UID, e.g.
+    "1.2.840.113619.2.55.3.6046"), by the "DICM" magic after the 128-byte preamble."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in DICOM_EXTS or not (ext == "" or ext[1:].isdigit()):
+        return ext in DICOM_EXTS
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _minmax(x):
+    x = x.astype(np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    return np.zeros(x.shape, np.float32) if hi <= lo else ((x - lo) / (hi - lo)).astype(np.float32)
+
+
+def _read_pil(path, draft):
+    with Image.open(path) as im:
+        if draft and im.format == "JPEG":
+            # JPEG can decode at 1/2, 1/4, 1/8 scale in the DCT domain (never below `draft` px): much faster for
+            # the cache build, which resizes to a few hundred pixels anyway.
+            im.draft("L", (draft, draft))
+        im.load()  # force the full decode here, so truncated files fail inside this function
+        if im.format == "JPEG":
+            im = ImageOps.exif_transpose(im)  # phone photos of films carry an orientation tag
+        mode = im.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+            # 16-bit: scale by the dtype's range, not the image's max, so intensities mean the same in every file
+            return np.asarray(im, dtype=np.uint16).astype(np.float32) / 65535.0
+        if mode == "I":  # 32-bit int; older Pillow opens 16-bit PNGs this way
+            a = np.asarray(im)
+            return a.astype(np.float32) / 65535.0 if a.min() >= 0 and a.max() <= 65535 else _minmax(a)
+        if mode in ("F", "I;16S"):  # float or signed TIFF: no natural range
+            return _minmax(np.asarray(im))
+        if mode != "L":  # RGB, RGBA, P, LA, 1, CMYK: ITU-R 601 luma
+            im = im.convert("L")
+        return np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
+
+
+def _first(v):  # WindowCenter / WindowWidth may hold several presets; the first is the primary one
+    return v[0] if isinstance(v, collections.abc.Sequence) and not isinstance(v, (str, bytes)) else v
+
+
+def _read_dicom(path):
+    import pydicom
+    try:
+        from pydicom.pixels import apply_modality_lut  # pydicom >= 3
+    except ImportError:  # pragma: no cover
+        from pydicom.pixel_data_handlers.util import apply_modality_lut
+    ds = pydicom.dcmread(path, force=True)  # force: some archives strip the 128-byte preamble
+    if "PixelData" not in ds:
+        raise ValueError("DICOM file holds no pixel data")
+    arr = ds.pixel_array
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        arr = arr[0]  # multi-frame: the first frame
+    if int(ds.get("SamplesPerPixel", 1)) == 3:  # colour secondary capture: luma, scaled by the stored bit range
+        gray = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        return np.clip(gray / (2 ** int(ds.get("BitsStored", 8)) - 1), 0, 1).astype(np.float32)
+    # Modality LUT: stored values -> physical units (RescaleSlope * v + RescaleIntercept, or a LUT sequence)
+    x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
+    w = float(_first(ww)) if ww is not None and wc is not None else 0.0
+    if w > 0:
+        # VOI window, DICOM PS3.3 C.11.2.1.2: the window the radiologist's viewer would show
+        c = float(_first(wc))
+        fn = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        if fn == "SIGMOID":
+            y = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+        elif fn == "LINEAR_EXACT":
+            y = np.clip((x - c) / w + 0.5, 0, 1)
+        else:  # LINEAR: 0 below c - 0.5 - (w-1)/2, 1 above c - 0.5 + (w-1)/2, linear between
+            y = np.clip((x - (c - 0.5)) / max(w - 1.0, 1e-6) + 0.5, 0, 1)
+    else:
+        y = _minmax(x)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
+        y = 1.0 - y  # MONOCHROME1 shows low values white; invert so bone is bright like every other file
+    return np.asarray(y, dtype=np.float32)
+
+
+def read_image(path, draft=None):
+    """Read one image as np.float32 HxW in [0, 1] (bone bright). PNG/TIFF 8- and 16-bit, JPEG, BMP, DICOM (by
+    .dcm/.dicom extension or a DICM preamble). `draft`: JPEG may decode at reduced size, at least `draft` px.
+    Any failure raises ImageReadError naming the file and the reason."""
+    path = os.fspath(path)
+    try:
+        img = _read_dicom(path) if _is_dicom(path) else _read_pil(path, draft)
+        if img.ndim != 2 or img.size == 0:
+            raise ValueError(f"decoded to shape {img.shape}, expected a 2-D image")
+        if not np.isfinite(img).all():
+            raise ValueError("decoded pixels contain NaN or inf")
+    except Exception as e:  # PIL, pydicom, numpy and OS errors all mean the same to the caller: unusable file
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    return img
+
+
+def find_images(root):
+    """All image files under `root`, recursively, sorted, as absolute paths. Extensions (any case): IMAGE_EXTS,
+    plus DICOM files with no or a numeric extension (checked by their DICM preamble). Hidden files are skipped."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise UserError(f"image folder {root!r} does not exist or is not a folder: pass a folder of images")
+    out, seen = [], set()
+    for d, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:  # a symlink cycle: followlinks would otherwise walk forever
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        for f in files:
+            if f.startswith("."):  # hidden files, e.g. macOS "._x.png" resource forks, are not images
+                continue
+            ext = os.path.splitext(f)[1].lower()
+            p = os.path.join(d, f)
+            if ext in IMAGE_EXTS or _is_dicom(p):
+                out.append(os.path.abspath(p))
+    if not out:
+        raise UserError(f"no images found under {root!r} (searched recursively for {', '.join(IMAGE_EXTS)} "
+                        f"in any case, and DICOM files without an extension)")
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tables and paths
+
+def read_csv(path, required=()):
+    """Rows of a CSV as a list of dicts (strings). UserError when the file is missing, empty or lacks a column."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"CSV file {path!r} not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel writes a byte-order mark
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = cols
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise UserError(f"CSV {path} has no column {', '.join(map(repr, missing))} (its columns: "
+                            f"{', '.join(cols) or 'none'}); pick the right one with --path_col / --subject_col / ...")
+        rows = list(reader)
+    if not rows:
+        raise UserError(f"CSV {path} has no rows")
+    return rows
+
+
+def resolve(csv_path, image_root, p):
+    """Absolute path of image `p` from a CSV: absolute stays, relative is under image_root (default: CSV's folder)."""
+    p = os.path.expanduser(str(p).strip())
+    if os.path.isabs(p):
+        return os.path.normpath(p)
+    base = image_root if image_root else os.path.dirname(os.path.abspath(os.fspath(csv_path)))
+    return os.path.abspath(os.path.join(base, p))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# preprocessing
+
+def _stats(mean, std, in_chans=None):
+    """(C,1,1) mean and std tensors; a scalar is repeated over in_chans channels."""
+    m, s = (np.atleast_1d(np.asarray(v, dtype=np.float64)).tolist() for v in (mean, std))
+    c = in_chans or max(len(m), len(s))
+    m, s = (m * c if len(m) == 1 else m), (s * c if len(s) == 1 else s)
+    if len(m) != c or len(s) != c:
+        raise ValueError(f"mean {m} / std {s} do not match {c} channels")
+    return torch.tensor(m).view(c, 1, 1), torch.tensor(s).view(c, 1, 1)
+
+
+def _to_tensor(img):
+    """np / torch HxW image (uint8 0..255 or float 0..1) -> torch float32 HxW in [0, 1]."""
+    if not torch.is_tensor(img):
+        img = np.asarray(img)
+        img = img if img.flags.writeable else img.copy()  # PIL's arrays are read-only; torch warns on those
+    x = torch.as_tensor(img)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {tuple(x.shape)}")
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def resize(x, size):
+    """Bilinear resize of a float HxW image (np or torch) to size x size, antialiased when shrinking (a plain
+    bilinear downscale of a 3000 px X-ray aliases fine lines such as ribs and catheters). Returns torch."""
+    x = _to_tensor(x)
+    h, w = (size, size) if isinstance(size, int) else size
+    if tuple(x.shape) == (h, w):
+        return x
+    return F.interpolate(x[None, None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0, 0]
+
+
+def crop_box(rng, h, w, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (top, left, height, width): area fraction ~U(scale), log aspect ratio ~U(log ratio);
+    10 tries, then a centre crop clamped to the ratio range (same algorithm as torchvision)."""
+    area, log_r = h * w, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_r))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    ch, cw = h, w  # fallback: the whole image, narrowed to the nearest allowed aspect ratio
+    if w / h > ratio[1]:
+        cw = int(round(h * ratio[1]))
+    elif w / h < ratio[0]:
+        ch = int(round(w / ratio[0]))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+class Preprocess:
+    """np HxW image in [0, 1] (or uint8) -> torch (C, img_size, img_size), C = len(mean), normalised.
+    Resizes to a square (no crop: lung apices and costophrenic angles sit at the edges). train=True adds a mild
+    random resized crop (area 0.8-1.0) drawn from torch's RNG, so DataLoader worker seeding applies."""
+
+    def __init__(self, img_size, mean=CXR_MEAN, std=CXR_STD, train=False, train_scale=(0.8, 1.0)):
+        self.img_size, self.train, self.train_scale = int(img_size), train, train_scale
+        self.mean, self.std = _stats(mean, std)
+
+    def __call__(self, img):
+        x = _to_tensor(img)
+        if self.train:
+            rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
+            t, l, h, w = crop_box(rng, *x.shape, scale=self.train_scale)
+            x = x[t:t + h, l:l + w]
+        x = resize(x, self.img_size)
+        return (x[None] - self.mean) / self.std
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# subject-level splits: images of one patient never straddle train and test (that leak inflates every metric)
+
+def _subject_groups(subjects, seed):
+    subj = np.array([str(s) for s in subjects])  # strings, so 123 and "123" are the same patient
+    uniq = np.unique(subj)  # sorted: the split depends on the seed only, never on row order
+    return subj, uniq[np.random.default_rng(seed).permutation(len(uniq))]
+
+
+def split_by_subject(subjects, fractions=(0.7, 0.15, 0.15), seed=0):
+    """Split image indices into len(fractions) parts with disjoint subjects; fractions count subjects (normalised
+    to sum 1). Returns a list of sorted np.int64 index arrays. Deterministic given the seed."""
+    subj, order = _subject_groups(subjects, seed)
+    fr = np.asarray(fractions, dtype=np.float64)
+    if len(fr) == 0 or (fr < 0).any() or fr.sum() <= 0:
+        raise ValueError(f"bad split fractions {fractions}")
+    if len(order) < (fr > 0).sum():
+        raise UserError(f"only {len(order)} distinct subjects: too few to split into {len(fr)} parts")
+    counts = np.diff(np.round(np.cumsum(np.concatenate([[0], fr / fr.sum()])) * len(order)).astype(int))
+    for i in np.flatnonzero((counts == 0) & (fr > 0)):  # every part asked for gets a subject, from the largest
+        counts[np.argmax(counts)] -= 1
+        counts[i] += 1
+    edges = np.concatenate([[0], np.cumsum(counts)])
+    return [np.flatnonzero(np.isin(subj, order[a:b])).astype(np.int64) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def kfold_by_subject(subjects, k=5, seed=0):
+    """k folds with disjoint subjects: list of (train_idx, test_idx) np.int64 arrays; every image is in exactly one
+    test fold. Not stratified (patients are rarely many enough per class for that to matter). Deterministic."""
+    subj, order = _subject_groups(subjects, seed)
+    if len(order) < k:
+        raise UserError(f"only {len(order)} distinct subjects: too few for {k}-fold cross-validation")
+    folds = []
+    for chunk in np.array_split(order, k):
+        test = np.isin(subj, chunk)
+        folds.append((np.flatnonzero(~test).astype(np.int64), np.flatnonzero(test).astype(np.int64)))
+    return folds
+
+
+def check_disjoint(subjects, *index_arrays):
+    """Raise UserError if any subject has images in two of the given index arrays (a patient leak)."""
+    subj = np.array([str(s) for s in subjects])
+    sets = [set(subj[np.asarray(ix, dtype=np.int64)]) for ix in index_arrays]
+    for i, j in itertools.combinations(range(len(sets)), 2):
+        shared = sorted(sets[i] & sets[j])
+        if shared:
+            raise UserError(f"{len(shared)} subject(s) appear in both part {i} and part {j} (e.g. "
+                            f"{', '.join(shared[:5])}): images of one patient must stay in one part")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checking files upfront
+
+def _check_header(path):
+    """None if the file's header looks like an image, else the reason. Reads headers only (no pixel decode), so a
+    file truncated after its header passes here and is caught (and skipped) when decoded."""
+    try:
+        if _is_dicom(path):
+            import pydicom
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            if "Rows" not in ds or "Columns" not in ds:
+                raise ValueError("DICOM header describes no image (no Rows/Columns)")
+        else:
+            with Image.open(path) as im:
+                if im.width <= 0 or im.height <= 0:
+                    raise ValueError(f"image size {im.size}")
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _summarise_skipped(bad):
+    names = sorted(bad)
+    return f"skipped {len(names)} unreadable files: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}"
+
+
+def verify_images(paths, workers=8, progress=False):
+    """Open every file's header (threads: the cost is I/O latency). Returns {index: reason} of the bad ones and
+    logs a one-line summary naming them."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as ex:
+        reasons = list(tqdm(ex.map(_check_header, paths, chunksize=64), total=len(paths), desc="verify images",
+                            disable=not progress))
+    bad = {i: r for i, r in enumerate(reasons) if r is not None}
+    if bad:
+        log.warning(_summarise_skipped(os.fspath(paths[i]) for i in bad))
+    return bad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# preprocessed cache: every image decoded once, resized to size x size, uint8, one memory-mapped file
+
+CACHE_VERSION = 1
+
+
+class ImageCache:
+    """N x size x size uint8 images in one np.memmap file, plus the list of paths it holds and those it could not
+    read. The memmap opens lazily in each process, so DataLoader workers get a file name, not a copy of the data."""
+
+    def __init__(self, data_file, paths, size, skipped):
+        self.data_file, self.paths, self.size = data_file, list(paths), int(size)
+        self.skipped = dict(skipped)  # path -> reason
+        self.ok = np.array([p not in self.skipped for p in self.paths], dtype=bool)
+        self._arr = None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if self._arr is None:
+            shape = (len(self.paths), self.size, self.size)
+            self._arr = np.memmap(self.data_file, dtype=np.uint8, mode="r", shape=shape)
+        return np.array(self._arr[i])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arr": None}
+
+
+def _cache_key(paths, size):
+    h = hashlib.sha1(json.dumps([CACHE_VERSION, int(size), len(paths)]).encode())
+    for p in paths:
+        h.update(os.fspath(p).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _cache_one(job):
+    path, size = job
+    try:
+        # draft: JPEGs decode in the DCT domain at >= 2x the cache size (several times faster on 2-3k px files;
+        # the 2x margin keeps the result within ~0.3 grey levels on average of a full decode + resize)
+        x = resize(read_image(path, draft=2 * size), size)
+        return (x * 255).round_().clamp_(0, 255).to(torch.uint8).numpy(), None
+    except Exception as e:
+        return None, str(e)
+
+
+def build_cache(paths, cache_dir, size=256, workers=None, progress=True):
+    """Decode every image once, resize to size x size, store uint8 in `cache_dir`. Reused when a cache for the same
+    path list and size exists (matched by a hash of both; files changed in place are not noticed: delete the folder).
+    Written atomically (temp files + rename; the index JSON last), so a killed build leaves no half cache. Under
+    DDP call it on rank 0, barrier, then on the other ranks (which then just open it). Returns an ImageCache."""
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise UserError("no images to cache")
+    n, size = len(paths), int(size)
+    key = _cache_key(paths, size)
+    os.makedirs(cache_dir, exist_ok=True)
+    base = os.path.join(os.fspath(cache_dir), f"cache-{size}px-{key}")
+    data_file, index_file = base + ".u8", base + ".json"
+    if os.path.exists(index_file) and os.path.exists(data_file):
+        with open(index_file) as f:
+            idx = json.load(f)
+        if idx.get("key") == key and idx.get("paths") == paths and os.path.getsize(data_file) == n * size * size:
+            if idx["skipped"]:
+                log.warning(_summarise_skipped(idx["skipped"]))
+            return ImageCache(data_file, paths, size, idx["skipped"])
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    tmp = f"{data_file}.tmp{os.getpid()}"
+    arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, size, size))
+    skipped, jobs, pool = {}, ((p, size) for p in paths), None
+    try:
+        if workers > 0:
+            # spawn, not fork: forking a process whose torch/OpenMP threads already ran can deadlock the children;
+            # one torch thread each, since every worker resizes one image at a time
+            pool = multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (1,))
+        results = pool.imap(_cache_one, jobs, chunksize=16) if pool else map(_cache_one, jobs)
+        for i, (img, err) in enumerate(tqdm(results, total=n, desc=f"cache {size}px", disable=not progress)):
+            if err is None:
+                arr[i] = img
+            else:
+                skipped[paths[i]] = err
+        arr.flush()
+        del arr
+        os.replace(tmp, data_file)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if os.path.exists(tmp):  # interrupted: leave no half-written (possibly huge) temp file behind
+            os.remove(tmp)
+    with open(index_file + ".tmp", "w") as f:
+        json.dump({"version": CACHE_VERSION, "key": key, "size": size, "paths": paths, "skipped": skipped}, f)
+    os.replace(index_file + ".tmp", index_file)
+    if skipped:
+        log.warning(_summarise_skipped(skipped))
+    return ImageCache(data_file, paths, size, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pretraining dataset
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Images for I-JEPA: RandomResizedCrop (area ~U(crop_scale), aspect ~U(crop_ratio)) to img_size, normalised,
+    in_chans channels. No horizontal flip by default: chest X-rays have laterality (the heart is on the left).
+
+    ds[(index, step)] -> (tensor (C, H, W), step): the crop is drawn from an RNG seeded by (seed, step, index), so
+    a resumed run sees exactly the same crops. ds[index] draws from torch's RNG instead and returns step -1.
+    An unreadable file is replaced by the next readable item (deterministically), named once in a warning and
+    added to `self.skipped` (paths; per process, so per DataLoader worker). verify=True checks every header
+    upfront and never tries the bad ones; with `cache` (an ImageCache, or a folder to build/open one at 256 px)
+    images come from the uint8 memmap and files the cache could not read are skipped the same way."""
+
+    def __init__(self, items, img_size=224, crop_scale=(0.3, 1.0), mean=CXR_MEAN, std=CXR_STD, cache=None,
+                 in_chans=1, crop_ratio=(3 / 4, 4 / 3), hflip=False, seed=0, verify=False):
+        self.items = [os.fspath(p) for p in items]
+        if not self.items:
+            raise UserError("no images to pretrain on")
+        self.img_size, self.crop_scale, self.crop_ratio = int(img_size), crop_scale, crop_ratio
+        self.hflip, self.seed = hflip, int(seed)
+        self.mean, self.std = _stats(mean, std, in_chans)
+        if isinstance(cache, (str, os.PathLike)):
+            cache = build_cache(self.items, cache)
+        if cache is not None and cache.paths != self.items:
+            raise UserError("the image cache was built for a different image list: rebuild it with build_cache(paths)")
+        self.cache = cache
+        self.bad = set() if cache is None else set(np.flatnonzero(~cache.ok).tolist())  # indices never tried
+        if verify:
+            self.bad |= set(verify_images(self.items))
+        self.skipped = {self.items[i] for i in self.bad}
+        if len(self.bad) == len(self.items):
+            raise UserError(f"none of the {len(self.items)} images could be read (e.g. {self.items[0]})")
+
+    def __len__(self):
+        return len(self.items)
+
+    def load(self, index):
+        """The image at `index`, or the next readable one after it; (i, HxW image) with i the index used."""
+        n = len(self.items)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self.bad:
+                continue
+            try:
+                return i, (self.cache[i] if self.cache is not None else read_image(self.items[i]))
+            except ImageReadError as e:
+                self.bad.add(i)
+                self.skipped.add(self.items[i])
+                log.warning("skipping unreadable image (%d skipped so far in this process): %s", len(self.skipped), e)
+        raise UserError(f"none of the {n} images could be read")
+
+    def __getitem__(self, key):
+        if isinstance(key, (tuple, list)):
+            index, step = int(key[0]), int(key[1])
+            rng = np.random.default_rng([self.seed % 2 ** 63, step % 2 ** 63, index % 2 ** 63])
+        else:
+            index, step = int(key), -1
+            rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
+        _, img = self.load(index)
+        x = _to_tensor(img)
+        t, l, h, w = crop_box(rng, *x.shape, scale=self.crop_scale, ratio=self.crop_ratio)
+        x = x[t:t + h, l:l + w]
+        if self.hflip and rng.random() < 0.5:
+            x = x.flip(1)
+        x = resize(x, self.img_size)
+        return (x[None] - self.mean) / self.std, step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several sources in one run
+
+@dataclasses.dataclass
+class Source:
+    """One pretraining source: image paths, their views (strings, or None when unknown) and a sampling weight."""
+    name: str
+    paths: list
+    views: list = None
+    weight: float = 1.0
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def parse_sources(specs, path_col="path", view_col="view"):
+    """Each spec is PATH[:WEIGHT]. A folder -> find_images (views unknown); a .csv -> its `path_col` column,
+    relative to the CSV's folder, with views from `view_col` when the CSV has one. Weight defaults to 1."""
+    out = []
+    for spec in [specs] if isinstance(specs, str) else specs:
+        spec, path, weight = os.fspath(spec), os.fspath(spec), 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                weight, path = float(tail), head
+            except ValueError:  # not a weight: a ':' in the path itself (e.g. C:\data)
+                pass
+        if not (weight > 0 and math.isfinite(weight)):
+            raise UserError(f"data source {spec!r}: the weight after ':' must be a positive number")
+        if os.path.isdir(path):
+            out.append(Source(path, find_images(path), None, weight))
+        elif path.lower().endswith(".csv") and os.path.isfile(path):
+            rows = read_csv(path, required=(path_col,))
+            views = [r[view_col] or "" for r in rows] if view_col in rows[0] else None
+            out.append(Source(path, [resolve(path, None, r[path_col]) for r in rows], views, weight))
+        else:
+            raise UserError(f"data source {path!r} is neither a folder nor a .csv file (expected PATH[:WEIGHT], a "
+                            f"folder of images or a CSV with a '{path_col}' column)")
+    if not out:
+        raise UserError("no data sources given")
+    return out
+
+
+def concat_paths(sources):
+    """All sources' paths in order: the index space of MixSampler (source k starts after sources 0..k-1)."""
+    return [p for s in sources for p in s.paths]
+
+
+def view_kind(v):
+    """'frontal' (PA, AP, AP supine, PA LLD, Frontal...), 'lateral' (LATERAL, LL, RL, L, Lateral...) or 'other'."""
+    v = str(v or "").strip().upper().replace("_", " ")
+    if v.startswith(("PA", "AP")) or "FRONTAL" in v:
+        return "frontal"
+    if "LAT" in v or v in ("LL", "RL", "L"):
+        return "lateral"
+    return "other"
+
+
+def _apportion(total, weights):
+    """Split `total` into integer parts proportional to weights (largest remainder: sums exactly to total)."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = total * w / w.sum()
+    n = np.floor(exact).astype(np.int64)
+    n[np.argsort(-(exact - n), kind="stable")[: total - n.sum()]] += 1
+    return n
+
+
+def _draw(rng, idx, n):
+    """n items of idx: without replacement while n <= len(idx); beyond that, whole shuffled copies plus a remainder
+    (each image then repeats ~n/len times, less variance than i.i.d. sampling with replacement)."""
+    reps, rest = divmod(int(n), len(idx)) if len(idx) else (0, 0)
+    parts = [rng.permutation(idx) for _ in range(reps)] + [rng.choice(idx, rest, replace=False)]
+    return np.concatenate(parts).astype(np.int64)
+
+
+class MixSampler(torch.utils.data.Sampler):
+    """Per epoch: epoch_size draws (default: all images), source k contributing weight_k / sum(weights) of them.
+    With frontal_ratio r (e.g. 3.0), a source with views draws frontal:lateral = r:1 (views neither frontal nor
+    lateral keep their natural share; sources without views are drawn as they are). The epoch's list is shuffled
+    and cut into `world` contiguous slices of equal length (the remainder is dropped); rank takes its slice.
+    Everything is a function of (seed, epoch), identical on every rank. Yields indices into concat_paths(sources)."""
+
+    def __init__(self, sources, weights=None, rank=0, world=1, seed=0, epoch_size=None, frontal_ratio=None):
+        self.sizes = [len(s) for s in sources]
+        if not self.sizes or min(self.sizes) == 0:
+            raise UserError(f"every data source needs images (sizes: {self.sizes})")
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        weights = [getattr(s, "weight", 1.0) for s in sources] if weights is None else weights
+        self.weights = [float(w) for w in weights]
+        if len(self.weights) != len(self.sizes) or min(self.weights) <= 0:
+            raise UserError(f"need one positive weight per source, got {self.weights}")
+        self.rank, self.world, self.seed, self.epoch = int(rank), int(world), int(seed), 0
+        self.epoch_size = int(epoch_size or sum(self.sizes))
+        self.frontal_ratio = frontal_ratio
+        # per source: {kind: local indices}; one group "all" when views are unknown or no ratio is asked for
+        self.groups = []
+        for s, size in zip(sources, self.sizes):
+            views = getattr(s, "views", None)
+            if frontal_ratio and views:
+                kinds = np.array([view_kind(v) for v in views])
+                self.groups.append({k: np.flatnonzero(kinds == k) for k in ("frontal", "lateral", "other")})
+            else:
+                self.groups.append({"all": np.arange(size)})
+        self.per_rank = self.epoch_size // self.world
+        if self.per_rank == 0:
+            raise UserError(f"epoch of {self.epoch_size} samples is smaller than the {self.world} processes")
+
+    def _source_draw(self, rng, g, n):
+        f, l = len(g.get("frontal", ())), len(g.get("lateral", ()))
+        if not (f or l):  # views unknown or all "other": nothing to rebalance
+            return _draw(rng, np.concatenate(list(g.values())), n)
+        n_other = int(round(n * len(g["other"]) / (f + l + len(g["other"]))))
+        m = n - n_other
+        n_front = int(round(m * self.frontal_ratio / (1 + self.frontal_ratio))) if f and l else (m if f else 0)
+        return np.concatenate([_draw(rng, g["frontal"], n_front), _draw(rng, g["lateral"], m - n_front),
+                               _draw(rng, g["other"], n_other)])
+
+    def epoch_list(self, epoch):
+        """The whole epoch's shuffled index list (all ranks), a pure function of (seed, epoch)."""
+        rng = np.random.default_rng([self.seed % 2 ** 63, int(epoch)])
+        counts = _apportion(self.epoch_size, self.weights)
+        parts = [off + self._source_draw(rng, g, n) for off, g, n in zip(self.offsets, self.groups, counts)]
+        return rng.permutation(np.concatenate(parts))
+
+    def epoch_indices(self, epoch=None):
+        """This rank's indices for `epoch` (default: the one set by set_epoch), as a list of ints."""
+        e = self.epoch if epoch is None else epoch
+        return self.epoch_list(e)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist()
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        return iter(self.epoch_indices())
+
+    def __len__(self):
+        return self.per_rank
