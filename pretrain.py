@@ -35,7 +35,7 @@ import data
 import masks as masks_lib
 from common import UserError
 from encoders import save_encoder
-from model import Predictor, apply_masks, build_vit, repeat_interleave_batch, set_attn
+from model import VIT_CONFIGS, Predictor, apply_masks, build_vit, repeat_interleave_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(HERE, "sample_data")
@@ -91,6 +91,12 @@ def get_args(argv=None):
             setattr(args, k, v)
     if args.data_dir is None:
         args.data_dir = [os.path.join(SAMPLE, d) for d in ("nih14", "kermany", "reports")]
+    if args.model not in VIT_CONFIGS:
+        raise UserError(f"--model {args.model}: choose from {', '.join(VIT_CONFIGS)}")
+    heads = VIT_CONFIGS[args.model][2]
+    if args.pred_dim % heads or (args.pred_dim // heads) % 2:
+        raise UserError(f"--pred_dim {args.pred_dim} must split into {heads} heads of even width ({args.model} has "
+                        f"{heads} heads; the predictor uses as many)")
     if args.img_size % args.patch_size:
         raise UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
     return args
@@ -235,6 +241,7 @@ def main(argv=None):
               f"predictor {args.pred_depth}x{args.pred_dim}, batch {args.batch_size} x {env.world} process(es), "
               f"{ipe} steps/epoch, {total} steps, {env.device} {str(env.dtype).replace('torch.', '')}, attn {args.attn}")
 
+    torch.manual_seed(args.seed)  # the same initial weights on every rank: the EMA target is not synced by DDP
     jepa, target = build(args, env.device)
     opt = make_optimizer(jepa)
     step = 0
