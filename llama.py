@@ -1,0 +1,436 @@
+"""
+A Llama decoder in plain PyTorch: the language model of report.py, small and trained from scratch by default, or a
+local Hugging Face Llama / Vicuna checkpoint (the paper's Vicuna-7B v1.5) loaded by name into the same code.
+
+    from llama import LlamaConfig, Llama, load_hf_llama, generate, apply_lora
+    lm = Llama(LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                           num_attention_heads=4))                     # random init
+    lm = load_hf_llama("/models/vicuna-7b-v1.5", dtype=torch.bfloat16)  # config.json + safetensors / .bin shards
+    logits = lm(input_ids)                        # or lm(inputs_embeds=e) to splice image tokens into the prompt
+    out = generate(lm, inputs_embeds=e, attention_mask=m, max_new_tokens=150, eos_token_id=2)  # list of id lists
+    apply_lora(lm, r=8, alpha=16)                 # q/k/v/o get low-rank adapters; everything else frozen
+
+Parameter names are Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., model.norm, lm_head),
+so a checkpoint's state dict loads by name with a strict key check. The numerics follow transformers'
+LlamaForCausalLM (RMSNorm in float32, rotary embeddings in the "rotate_half" layout, SwiGLU MLP, grouped-query
+attention), which tests/test_report.py checks to 1e-4 against transformers itself.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from common import UserError
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = None     # None: = num_attention_heads (no grouped-query attention)
+    head_dim: int = None                # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None           # None, {"rope_type": "linear", "factor"} or Llama 3.1's "llama3" dict
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    hidden_act: str = "silu"
+    dtype: str = None                   # the checkpoint's dtype (config.json "torch_dtype" / "dtype")
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads {self.num_key_value_heads}")
+        if self.hidden_act != "silu":
+            raise UserError(f"hidden_act {self.hidden_act!r} is not supported (Llama uses silu)")
+
+    @classmethod
+    def from_hf(cls, d):
+        """From a Hugging Face config.json dict (transformers 4.x and 5.x spellings)."""
+        if d.get("model_type", "llama") not in ("llama", "mistral"):
+            raise UserError(f"config.json model_type {d.get('model_type')!r}: --lm needs a Llama-architecture model")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and k not in ("extra", "dtype")}
+        kw["dtype"] = d.get("torch_dtype") or d.get("dtype")
+        # transformers 5 moved rope_theta / rope_scaling into one "rope_parameters" dict
+        rp = d.get("rope_parameters") or {}
+        if "rope_theta" in rp:
+            kw["rope_theta"] = rp["rope_theta"]
+        scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        kw["rope_scaling"] = scaling
+        if isinstance(kw.get("eos_token_id"), list):  # Llama 3 lists several stop tokens; the first is </s>-like
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, path):
+        with open(path) as f:
+            return cls.from_hf(json.load(f))
+
+    def to_dict(self):
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalised in float32 and cast back before the gain, exactly as transformers does (matters in bf16)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg):
+    """Rotary inverse frequencies (head_dim / 2,) on the CPU in float32, with the config's scaling applied, and the
+    attention scaling factor (1.0 except for scaling types that change it)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / sc["factor"], 1.0
+    if kind == "llama3":  # Llama 3.1: long wavelengths divided by `factor`, short kept, smooth blend in between
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        out = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        return torch.where(mid, blended, out), 1.0
+    raise UserError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+def rotate_half(x):
+    """HF layout: the head dimension is two halves [x1, x2] (not interleaved pairs); rotation gives [-x2, x1]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class KVCache:
+    """Preallocated keys / values for every layer, (B, n_kv_heads, max_len, head_dim) each; `length` tokens are
+    filled. Preallocation avoids re-concatenating the whole cache at every generated token."""
+
+    def __init__(self, cfg, batch, max_len):
+        self.shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = self.v = None
+        self.length = 0
+
+    def update(self, layer, k, v):
+        """Write this step's k, v (B, n_kv, T, hd) after the filled part; return all keys / values so far."""
+        if self.k is None:  # allocated at first use, in the dtype autocast gives k and v (bf16 on GPU)
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        T = k.shape[2]
+        end = self.length + T
+        if end > self.shape[3]:
+            raise RuntimeError(f"KV cache full: {end} tokens > {self.k.shape[3]}")
+        self.k[layer, :, :, self.length:end] = k.to(self.k.dtype)
+        self.v[layer, :, :, self.length:end] = v.to(self.v.dtype)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, idx):
+        super().__init__()
+        self.idx, self.h, self.kv, self.hd = idx, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.hd, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv * self.hd, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=b)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.h, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.idx, k, v)
+        if self.kv != self.h:  # grouped-query attention: each key/value head serves h // kv query heads
+            k = k.repeat_interleave(self.h // self.kv, dim=1)
+            v = v.repeat_interleave(self.h // self.kv, dim=1)
+        if mask is None:  # plain causal self-attention over exactly these T tokens: SDPA's fastest path
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, idx):
+        super().__init__()
+        self.self_attn = Attention(cfg, idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+class Llama(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()  # a bare container so parameter names carry HF's "model." prefix
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # kept off the module state (not a buffer): checkpoints never carry it and meta-device construction
+        # (load_hf_llama) cannot lose it
+        self._inv_freq, self._rope_scale = rope_inv_freq(cfg)
+        self.gradient_checkpointing = False
+        if self.lm_head.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self, std=0.02):
+        """Normal(0, 0.02) linears and embeddings (HF's initializer_range), ones for the norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def rope(self, position_ids, dtype):
+        inv = self._inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * inv  # (B, T, hd / 2), in float32 like transformers
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self._rope_scale).to(dtype), (emb.sin() * self._rope_scale).to(dtype)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
+                last_only=False, hidden_only=False):
+        """Logits (B, T, vocab) (or (B, 1, vocab) with last_only; the final-normed hidden states (B, T, d) with
+        hidden_only, so a caller can apply lm_head to the few positions it needs). Give input_ids or inputs_embeds.
+        attention_mask (B, past + T), 1 = real token, 0 = padding (left padding for generation, right padding
+        for training); it also covers the tokens already in `cache`. Positions count real tokens only, so a
+        left-padded prompt gets the same positions as the unpadded one."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+        cos, sin = self.rope(position_ids, x.dtype)
+        mask = None
+        if attention_mask is not None or past > 0:
+            # bool mask (B, 1, T, past + T): causal AND key not padding. Each query also always sees itself, so
+            # a padding row is never fully masked (SDPA would return NaN there, and NaN keys/values would leak
+            # into real rows as 0 * NaN in the next layer).
+            S = past + T
+            q_pos = torch.arange(past, S, device=x.device)[:, None]
+            k_pos = torch.arange(S, device=x.device)[None, :]
+            mask = (k_pos <= q_pos)[None, None].expand(B, 1, T, S)
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, None, None, :S].bool()
+            mask = mask | (k_pos == q_pos)[None, None]
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each layer's input and recompute its inside (attention, MLP) during the backward pass
+                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        return x if hidden_only else self.lm_head(x)
+
+
+@torch.no_grad()
+def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=150, eos_token_id=2,
+             use_cache=True):
+    """Greedy decoding for a batch of prompts, left-padded (attention_mask marks the real tokens). Returns one list
+    of new token ids per prompt, cut before its first EOS. Rows that finished keep decoding a dummy token (cheaper
+    than reshaping the cache) until every row has finished or max_new_tokens is reached. use_cache=False recomputes
+    the whole sequence at every step (the reference the cached path is tested against)."""
+    x = model.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    B, T, _ = x.shape
+    mask = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=x.device)
+    mask = mask.long()
+    cache = KVCache(model.config, B, T + max_new_tokens) if use_cache else None
+    out = torch.zeros(B, 0, dtype=torch.long, device=x.device)
+    done = torch.zeros(B, dtype=torch.bool, device=x.device)
+    step_in = x
+    for _ in range(max_new_tokens):
+        logits = model(inputs_embeds=step_in, attention_mask=mask, cache=cache, last_only=True)
+        nxt = logits[:, -1].float().argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        done |= nxt == eos_token_id
+        if bool(done.all()):
+            break
+        e = model.embed(nxt[:, None]).to(x.dtype)
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        step_in = e if use_cache else torch.cat([step_in, e], dim=1)
+    result = []
+    for row in out.tolist():
+        result.append(row[:row.index(eos_token_id)] if eos_token_id in row else row)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading Hugging Face checkpoints
+
+def _read_state(path):
+    """All tensors of a HF checkpoint folder: model.safetensors, sharded safetensors (+ index), pytorch_model.bin,
+    or sharded .bin (+ index). .bin files are read with weights_only=True (no code is unpickled)."""
+    from safetensors.torch import load_file
+    for index, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
+        ip = os.path.join(path, index)
+        if os.path.exists(ip):
+            with open(ip) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            break
+    else:
+        if os.path.exists(os.path.join(path, "model.safetensors")):
+            files, kind = ["model.safetensors"], "st"
+        elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
+            files, kind = ["pytorch_model.bin"], "bin"
+        else:
+            raise UserError(f"--lm {path}: no model.safetensors, pytorch_model.bin or shard index in the folder")
+    state = {}
+    for name in files:
+        fp = os.path.join(path, name)
+        if not os.path.exists(fp):
+            raise UserError(f"--lm {path}: shard {name} named in the index is missing")
+        try:
+            part = load_file(fp) if kind == "st" else torch.load(fp, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise UserError(f"--lm {path}: cannot read {name} ({type(e).__name__}: {e})")
+        state.update(part)
+    return state
+
+
+def load_hf_llama(path, dtype=None, device="cpu"):
+    """A Llama from a HF-format folder (config.json + weights). The model is built on the meta device and the
+    checkpoint tensors are assigned in place, so a 7B model needs its weights' memory once, not twice. dtype:
+    default the checkpoint's. Every missing or unexpected key is named in the error."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"--lm {path}: no config.json (expected a Hugging Face model folder)")
+    cfg = LlamaConfig.from_json(cfg_path)
+    state = _read_state(path)
+    # pre-2023 transformers saved the rotary inverse frequencies; they are recomputed here from the config
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    with torch.device("meta"):
+        model = Llama(cfg)
+    want = set(model.state_dict())
+    if cfg.tie_word_embeddings:
+        want.discard("lm_head.weight")
+        state.pop("lm_head.weight", None)
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:
+        raise UserError(f"--lm {path}: checkpoint does not match the Llama architecture: "
+                        f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+                        f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+    own = model.state_dict()
+    bad = [k for k in state if own[k].shape != state[k].shape]
+    if bad:
+        raise UserError(f"--lm {path}: shape mismatch for {bad[:4]}: config.json does not describe these weights")
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if dtype is None:
+        dtype = getattr(torch, cfg.dtype) if isinstance(cfg.dtype, str) and hasattr(torch, cfg.dtype) else None
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+
+class LoRALinear(nn.Module):
+    """y = W x + b + (alpha / r) * B A x with W, b frozen and A (r, in), B (out, r) trained; B starts at zero so
+    training starts from the unchanged model. The base weight keeps its name (q_proj.weight), so checkpoints load
+    before or after the adapters are added."""
+
+    def __init__(self, base, r=8, alpha=16, dropout=0.0):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        # adapters in float32 even on a bf16 model: AdamW updates of bf16 weights lose the small steps LoRA takes
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default init, as in the LoRA paper code
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        delta = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()
+        return F.linear(x, self.weight, self.bias) + (delta * self.scale).to(x.dtype)
+
+
+def apply_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """Freeze the whole model, then put trainable LoRA adapters on the attention projections. Returns model."""
+    model.requires_grad_(False)
+    for layer in model.model.layers:
+        for name in targets:
+            setattr(layer.self_attn, name, LoRALinear(getattr(layer.self_attn, name), r, alpha, dropout))
+    return model
+
+
+def count_params(model, trainable_only=False):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

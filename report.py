@@ -1,0 +1,644 @@
+"""
+Radiology report generation, LLaVA-style (the paper's Table 5): frozen encoder patch tokens -> projector -> Llama
+decoder, trained on image + report pairs and scored with BLEU-4, ROUGE-L and CheXpert-14 F1.
+
+    python report.py                                   # demo: bundled image + text pairs, small LM from scratch, CPU
+    python report.py --csv /work/shared/data/reports/reports.csv --subject_col patientid --text_col text
+    python report.py --dataset mimic --data_dir /data/mimic-cxr-jpg/2.0.0 --reports_dir /data/mimic-cxr/2.0.0 \\
+        --lm /models/vicuna-7b-v1.5 --train lora --lr 2e-5 --epochs 3 --batch_size 16 --grad_accum 8 --grad_ckpt
+    python report.py --dataset iu_xray --data_dir /data/iu_xray   # R2Gen's annotation.json + images/
+    python report.py --compare out/report_a out/report_b    # paired one-tailed bootstrap: is A better than B?
+    python report.py --label_only --csv reports.csv --text_col report   # CheXpert-14 labels only -> labels.csv
+    torchrun --nproc_per_node 8 report.py --lm ... # DDP: each rank a shard of every batch and of the generation
+
+The model: patch tokens of the frozen encoder (--encoder, preprocessed as its info says) go through LLaVA-1.5's
+projector (Linear, GELU, Linear; or --projector residual: v + lambda * W2 gelu(W1 v), where the encoder and LM widths
+match) and replace the <image> placeholder of the Vicuna v1 prompt:
+    "A chat between a curious user and an artificial intelligence assistant. ... USER: <image>\\nProvide a
+     description of the findings in the radiology image. ASSISTANT: {report}</s>"
+The loss covers only the report tokens and the end-of-sequence token. Decoding is greedy with a KV cache, up to
+--max_new_tokens (150).
+
+Language model: by default a small Llama (4 layers, 256 wide) trained from scratch together with the projector,
+and a sentencepiece tokenizer trained on the training reports (saved in out_dir), so everything runs offline on a
+CPU. --lm DIR loads a local Hugging Face Llama / Vicuna folder (config.json, safetensors or .bin shards, and
+tokenizer.model) into llama.py. --train projector | lora | full says what learns (the encoder never does).
+The paper's setting (Vicuna-7B v1.5): lr 2e-5, cosine schedule, 3% warm-up, 3 epochs, batch 128 (= --batch_size x
+--grad_accum x GPUs); those are the defaults with --lm. The demo defaults (lr 1e-3, 30 epochs, batch 8) suit the
+small model.
+
+Metrics on the test split: BLEU-4 (sacrebleu corpus BLEU), ROUGE-L (rouge-score F-measure, mean over reports) and
+CheXpert-14 macro F1 from labeler.py (uncertain counts as positive), each as the median and 95% CI of 500 bootstrap
+resamples of the test reports. RadGraph F1 is reported as not available: it needs the RadGraph model's weights,
+which cannot be obtained here, and it is never estimated some other way. All scores are on a 0-100 scale.
+
+Writes to --out_dir (default out/report): results.json, predictions.csv (path, subject, reference, generated: what
+--compare reads), log.jsonl, checkpoint.pt (trained weights), tokenizer.model (small LM), compare.json, labels.csv.
+"""
+import argparse
+import csv
+import gzip
+import json
+import math
+import os
+import re
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+from common import UserError
+from encoders import add_encoder_args, load_encoder
+from labeler import METRICS, OBSERVATIONS, RADGRAPH_NOTE, Scorer, label_report, score
+from llama import Llama, LlamaConfig, apply_lora, count_params, generate, load_hf_llama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_CSV = os.path.join(HERE, "sample_data", "reports", "reports.csv")
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+INSTRUCTION = "Provide a description of the findings in the radiology image."
+PROMPT = f"{SYSTEM} USER: <image>\n{INSTRUCTION} ASSISTANT:"
+IMAGE_TOKEN = -200  # placeholder id of an image slot in input_ids (LLaVA's IMAGE_TOKEN_INDEX); never embedded
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data (default: the bundled image + report pairs)")
+    g.add_argument("--csv", default=None, help="table of samples: image path, subject, report text")
+    g.add_argument("--image_root", default=None,
+                   help="folder the CSV's image paths are relative to (default: its folder)")
+    g.add_argument("--path_col", default="path")
+    g.add_argument("--subject_col", default=None,
+                   help="subject column (default: subject; patientid for the bundled CSV)")
+    g.add_argument("--text_col", default="text", help="report text column")
+    g.add_argument("--val_csv", default=None, help="fixed validation set (same columns)")
+    g.add_argument("--test_csv", default=None, help="fixed test set (same columns)")
+    g.add_argument("--dataset", default=None, choices=["mimic", "iu_xray"], help="a published layout under --data_dir")
+    g.add_argument("--data_dir", default=None,
+                   help="MIMIC-CXR-JPG root (files/, split and metadata CSVs) or IU-Xray folder (annotation.json)")
+    g.add_argument("--reports_dir", default=None,
+                   help="MIMIC-CXR reports root holding files/pXX/pY/sZ.txt (default: --data_dir)")
+    g.add_argument("--label_only", action="store_true", help="only label --csv's --text_col with the CheXpert labeler")
+    g = p.add_argument_group("model")
+    g.add_argument("--lm", default=None, help="local Hugging Face Llama/Vicuna folder (default: small LM from scratch)")
+    g.add_argument("--lm_layers", type=int, default=4)
+    g.add_argument("--lm_dim", type=int, default=256)
+    g.add_argument("--lm_heads", type=int, default=4)
+    g.add_argument("--vocab_size", type=int, default=1000,
+                   help="sentencepiece vocabulary of the small LM (an upper bound)")
+    g.add_argument("--projector", default="mlp", choices=["mlp", "residual"])
+    g.add_argument("--res_lambda", type=float, default=1.0, help="lambda of the residual projector")
+    g.add_argument("--train", default=None, choices=["projector", "lora", "full"],
+                   help="what learns besides the projector (default: full for the small LM, lora with --lm)")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=float, default=16.0)
+    g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the LM (memory for compute)")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimiser step")
+    g.add_argument("--warmup", type=float, default=0.03, help="share of the steps with linear warm-up")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--max_report_tokens", type=int, default=150,
+                   help="reports are cut to this many tokens for training")
+    g.add_argument("--max_new_tokens", type=int, default=150)
+    g.add_argument("--gen_batch_size", type=int, default=16)
+    g.add_argument("--image_pool", type=int, default=None,
+                   help="average-pool the patch grid k x k before the projector (default: 1, all tokens as in LLaVA, "
+                        "with --lm; 2 for the small CPU model: a 4x shorter sequence)")
+    g.add_argument("--precompute", default="auto", choices=["auto", "yes", "no"],
+                   help="encode every image once and keep the patch tokens in memory (auto: up to 20000 images)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--n_boot", type=int, default=500, help="bootstrap resamples for CIs and --compare")
+    g.add_argument("--n_examples", type=int, default=3, help="generated reports printed")
+    g.add_argument("--name", default=None, help="row label of the table (default: from the encoder)")
+    g.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
+                   help="two predictions.csv files (or run folders): paired bootstrap, one-tailed 'A better than B'")
+    add_encoder_args(p)
+    common.add_common_args(p, "report", batch_size=8, epochs=None, lr=None, model="vit_base", img_size=224)
+    args = p.parse_args(argv)
+    paper = args.lm is not None
+    args.lr = args.lr if args.lr is not None else (2e-5 if paper else 1e-3)
+    args.epochs = args.epochs if args.epochs is not None else (3 if paper else 30)
+    args.train = args.train or ("lora" if paper else "full")
+    args.image_pool = args.image_pool or (1 if paper else 2)
+    if args.image_pool < 1 or args.grad_accum < 1 or args.max_new_tokens < 1:
+        raise UserError("--image_pool, --grad_accum and --max_new_tokens must be at least 1")
+    if args.dataset and (args.csv or args.test_csv):
+        raise UserError("give either --dataset (with --data_dir) or --csv, not both")
+    if args.dataset and not args.data_dir:
+        raise UserError(f"--dataset {args.dataset} needs --data_dir (the dataset's root folder)")
+    if args.subject_col is None:
+        args.subject_col = "patientid" if not args.csv or os.path.abspath(args.csv) == DEMO_CSV else "subject"
+    args.csv = args.csv or (None if args.dataset else DEMO_CSV)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data: every source becomes {"train"|"val"|"test": [{"path", "subject", "text"}, ...]}
+
+SECTION = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*[A-Z)]):", re.M)
+
+
+def extract_findings(text):
+    """The FINDINGS section of a MIMIC-CXR free-text report, else its IMPRESSION, else None. Headers are upper-case
+    words ending in ':' at a line start (as in MIT-LCP's section_parser); names are normalised the same way:
+    'findings and impression' / 'conclusion' count as impression, any other name containing 'findings' as
+    findings. Whitespace is collapsed."""
+    heads = list(SECTION.finditer(text))
+    found = {}
+    for h, nxt in zip(heads, heads[1:] + [None]):
+        name = h.group(1).lower().strip()
+        if name in ("findings and impression", "findings/impression", "conclusion") or "impression" in name:
+            name = "impression"
+        elif "finding" in name:
+            name = "findings"
+        body = " ".join(text[h.end():nxt.start() if nxt else len(text)].split())
+        if body and name in ("findings", "impression"):
+            found.setdefault(name, body)  # the first non-empty one (reports with two findings headers: one is empty)
+    return found.get("findings") or found.get("impression")
+
+
+def _read_table(path):
+    """Rows of a .csv or .csv.gz (the MIMIC metadata files ship gzipped)."""
+    for p in (path, path + ".gz"):
+        if os.path.exists(p):
+            with (gzip.open(p, "rt", newline="") if p.endswith(".gz") else open(p, newline="")) as f:
+                return list(csv.DictReader(f))
+    raise UserError(f"{path}(.gz) not found: is --data_dir the MIMIC-CXR-JPG root?")
+
+
+def load_mimic(args):
+    """MIMIC-CXR-JPG: official split (train / validate / test), frontal views (ViewPosition PA or AP), one image
+    per study (PA preferred), the report's Findings section (Impression when there is none; studies with neither
+    are skipped)."""
+    root, rep_root = args.data_dir, args.reports_dir or args.data_dir
+    split = {r["dicom_id"]: r for r in _read_table(os.path.join(root, "mimic-cxr-2.0.0-split.csv"))}
+    meta = _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"))
+    best = {}  # study -> (rank of view, dicom_id)
+    for m in meta:
+        view = (m.get("ViewPosition") or "").upper()
+        if view in ("PA", "AP") and m["dicom_id"] in split:
+            key = (0 if view == "PA" else 1, m["dicom_id"])
+            best[m["study_id"]] = min(best.get(m["study_id"], key), key)
+    out, skipped = {"train": [], "val": [], "test": []}, 0
+    for study, (_, dicom) in sorted(best.items()):
+        r = split[dicom]
+        s = str(r["subject_id"])
+        rel = os.path.join("files", f"p{s[:2]}", f"p{s}", f"s{study}")
+        txt = os.path.join(rep_root, rel + ".txt")
+        text = extract_findings(open(txt).read()) if os.path.exists(txt) else None
+        if not text:
+            skipped += 1
+            continue
+        part = {"train": "train", "validate": "val", "test": "test"}[r["split"]]
+        out[part].append({"path": os.path.join(root, rel, dicom + ".jpg"), "subject": s, "text": text})
+    if not out["train"]:
+        raise UserError(f"no MIMIC-CXR training study with a report under {rep_root}/files: set --reports_dir")
+    return out, f"MIMIC-CXR ({skipped} frontal studies without findings/impression or report skipped)"
+
+
+def load_iu_xray(args):
+    """IU-Xray in R2Gen's layout: annotation.json {"train"|"val"|"test": [{"id", "report", "image_path": [...]}]},
+    image paths relative to DATA_DIR/images; the first image (frontal) of each study."""
+    ann = os.path.join(args.data_dir, "annotation.json")
+    if not os.path.exists(ann):
+        raise UserError(f"{ann} not found: --data_dir must hold R2Gen's annotation.json and images/")
+    with open(ann) as f:
+        a = json.load(f)
+    img_root = args.image_root or os.path.join(args.data_dir, "images")
+    out = {}
+    for part in ("train", "val", "test"):
+        out[part] = [{"path": os.path.join(img_root, e["image_path"][0]), "subject": str(e["id"]),
+                      "text": " ".join(e["report"].split())} for e in a.get(part, []) if e.get("report", "").strip()]
+    return out, "IU-Xray (R2Gen annotation.json)"
+
+
+def _csv_samples(path, args):
+    rows = data.read_csv(path, required=(args.path_col, args.subject_col, args.text_col))
+    return [{"path": data.resolve(path, args.image_root, r[args.path_col]), "subject": str(r[args.subject_col]),
+             "text": " ".join(r[args.text_col].split())} for r in rows if r[args.text_col].strip()]
+
+
+def load_csv(args):
+    """Generic CSV: subject-disjoint 70/15/15 split, or --val_csv / --test_csv (then the CSV is split 85/15 by
+    subject into train / val if no --val_csv); subjects are checked to be in one part only."""
+    rows = _csv_samples(args.csv, args)
+    fixed = {k: _csv_samples(v, args) for k, v in (("val", args.val_csv), ("test", args.test_csv)) if v}
+    if "test" in fixed:
+        fr = (0.85, 0.15) if "val" not in fixed else (1.0,)
+        parts = data.split_by_subject([r["subject"] for r in rows], fr, seed=args.seed)
+        out = {"train": [rows[i] for i in parts[0]], "val": fixed.get("val") or [rows[i] for i in parts[1]],
+               "test": fixed["test"]}
+    else:
+        parts = data.split_by_subject([r["subject"] for r in rows], (0.7, 0.15, 0.15), seed=args.seed)
+        out = {k: [rows[i] for i in ix] for k, ix in zip(("train", "val", "test"), parts)}
+    allr = out["train"] + out["val"] + out["test"]
+    n = np.cumsum([0, len(out["train"]), len(out["val"]), len(out["test"])])
+    data.check_disjoint([r["subject"] for r in allr], *[np.arange(n[i], n[i + 1]) for i in range(3)])
+    return out, args.csv
+
+
+def load_samples(args):
+    out, source = {"mimic": load_mimic, "iu_xray": load_iu_xray}.get(args.dataset, load_csv)(args)
+    if not out["train"] or not out["test"]:
+        raise UserError(f"{source}: empty training or test split ({len(out['train'])} / {len(out['test'])} reports)")
+    return out, source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer and sequences
+
+class Tokenizer:
+    """sentencepiece model with Llama's ids: unk 0, bos 1, eos 2 (no pad id: padding positions are masked)."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+        self.path, self.sp = path, spm.SentencePieceProcessor(model_file=path)
+        self.bos, self.eos = self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if 0 <= i < self.sp.get_piece_size()])
+
+
+def train_tokenizer(texts, path, vocab_size):
+    """Train a sentencepiece unigram model on the training reports (plus the prompt, so it has pieces for it) from
+    an in-memory iterator; hard_vocab_limit=False lets a small corpus end with fewer pieces than asked for."""
+    import sentencepiece as spm
+    prefix = path[:-len(".model")]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(list(texts) + [PROMPT.replace("<image>", "")] * 20),
+                                   model_prefix=prefix, vocab_size=vocab_size, hard_vocab_limit=False,
+                                   character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   num_threads=1, minloglevel=2)
+    return Tokenizer(path)
+
+
+def prompt_ids(tok, n_img):
+    """[bos] + tokens before <image> + n_img placeholders + tokens after it."""
+    before, after = PROMPT.split("<image>")
+    return [tok.bos] + tok.encode(before) + [IMAGE_TOKEN] * n_img + tok.encode(after)
+
+
+def build_batch(tok, reports, n_img, max_report_tokens):
+    """Right-padded training sequences: input_ids (B, T) with IMAGE_TOKEN slots, labels (B, T) equal to the input
+    on report tokens and the final EOS and -100 everywhere else (prompt, image, padding), attention_mask (B, T)."""
+    prompt = prompt_ids(tok, n_img)
+    seqs = [prompt + tok.encode(r)[:max_report_tokens] + [tok.eos] for r in reports]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), tok.eos, dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        labels[i, len(prompt):len(s)] = torch.tensor(s[len(prompt):])
+        mask[i, :len(s)] = 1
+    return ids, labels, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+class Projector(nn.Module):
+    """LLaVA-1.5's two-layer MLP, or the residual form v + lambda * W2 gelu(W1 v) (needs encoder width == LM width)."""
+
+    def __init__(self, d_in, d_out, kind="mlp", lam=1.0):
+        super().__init__()
+        if kind == "residual" and d_in != d_out:
+            raise UserError(f"--projector residual needs the encoder width ({d_in}) to equal the LM width ({d_out}): "
+                            f"use --projector mlp or an LM of width {d_in} (--lm_dim {d_in})")
+        self.kind, self.lam = kind, lam
+        self.fc1, self.act, self.fc2 = nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out)
+
+    def forward(self, v):
+        y = self.fc2(self.act(self.fc1(v)))
+        return v + self.lam * y if self.kind == "residual" else y
+
+
+class ReportModel(nn.Module):
+    """Projector + LM. Image slots (IMAGE_TOKEN) of input_ids take the projected patch tokens, in order."""
+
+    def __init__(self, projector, lm):
+        super().__init__()
+        self.projector, self.lm = projector, lm
+
+    def embed(self, ids, feats):
+        slots = ids == IMAGE_TOKEN
+        e = self.lm.embed(ids.clamp(min=0))
+        v = self.projector(feats.to(self.projector.fc1.weight.dtype)).to(e.dtype)
+        return e.masked_scatter(slots[..., None], v)  # row-major fill: row b's slots get feats[b] in patch order
+
+    def forward(self, ids, feats, labels, mask):
+        h = self.lm(inputs_embeds=self.embed(ids, feats), attention_mask=mask, hidden_only=True)
+        # token t is predicted at position t - 1; only report tokens and EOS carry a label, so the vocabulary
+        # projection runs on those positions alone (with a 32000-word vocabulary it is most of the activations)
+        sel = labels[:, 1:] != -100
+        return F.cross_entropy(self.lm.lm_head(h[:, :-1][sel]).float(), labels[:, 1:][sel])
+
+    @torch.no_grad()
+    def generate(self, feats, tok, max_new_tokens):
+        ids = torch.tensor([prompt_ids(tok, feats.shape[1])] * len(feats), device=feats.device)
+        out = generate(self.lm, inputs_embeds=self.embed(ids, feats), max_new_tokens=max_new_tokens,
+                       eos_token_id=tok.eos)  # one prompt length for all: no padding needed
+        return [tok.decode(o) for o in out]
+
+
+def build_lm(args, train_texts, env):
+    """(lm, tokenizer): a local HF checkpoint, or a small Llama + a sentencepiece model trained on the reports."""
+    if args.lm:
+        tp = os.path.join(args.lm, "tokenizer.model")
+        if not os.path.exists(tp):
+            raise UserError(f"--lm {args.lm}: no tokenizer.model (the sentencepiece file of Llama / Vicuna)")
+        # trained weights in float32 (full), frozen ones in the run's dtype: bf16 halves a 7B model's memory
+        dt = torch.float32 if args.train == "full" or env.device.type == "cpu" else env.dtype
+        return load_hf_llama(args.lm, dtype=dt, device=env.device), Tokenizer(tp)
+    path = os.path.join(args.out_dir, "tokenizer.model")
+    if env.is_main:
+        os.makedirs(args.out_dir, exist_ok=True)
+        train_tokenizer(train_texts, path, args.vocab_size)
+    env.barrier()
+    tok = Tokenizer(path)
+    d, h = args.lm_dim, args.lm_heads
+    ffn = int(8 * d / 3 + 63) // 64 * 64  # Llama's SwiGLU width: 8/3 of the model width, rounded up to 64
+    cfg = LlamaConfig(vocab_size=tok.sp.get_piece_size(), hidden_size=d, intermediate_size=ffn,
+                      num_hidden_layers=args.lm_layers, num_attention_heads=h, max_position_embeddings=2048,
+                      bos_token_id=tok.bos, eos_token_id=tok.eos)
+    torch.manual_seed(args.seed)
+    return Llama(cfg).to(env.device), tok
+
+
+def set_trainable(model, args):
+    model.lm.requires_grad_(args.train == "full")
+    if args.train == "lora":
+        apply_lora(model.lm, r=args.lora_r, alpha=args.lora_alpha)
+    model.projector.requires_grad_(True)
+    model.lm.gradient_checkpointing = args.grad_ckpt
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encoder features
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, paths, preprocess):
+        self.paths, self.pre = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.pre(data.read_image(self.paths[i])), i
+        except data.ImageReadError as e:
+            raise UserError(str(e))
+
+
+def patch_tokens(vit, x, env, pool=1):
+    """Final LayerNorm-ed patch tokens (B, N, D), CLS / registers dropped, optionally average-pooled pool x pool."""
+    with env.autocast():
+        t = vit(x.to(env.device, non_blocking=True))[:, vit.num_prefix_tokens:]
+    if pool > 1:
+        h, w = x.shape[-2] // vit.patch_size, x.shape[-1] // vit.patch_size
+        g = t.float().transpose(1, 2).reshape(len(t), -1, h, w)
+        t = F.avg_pool2d(g, pool, ceil_mode=True).flatten(2).transpose(1, 2)
+    return t
+
+
+@torch.no_grad()
+def encode_all(vit, paths, pre, env, args):
+    """Patch tokens of every image (N, T, D) in float16 on the CPU: the encoder is frozen, so once is enough."""
+    dl = torch.utils.data.DataLoader(Images(paths, pre), batch_size=32, num_workers=args.num_workers)
+    out = None
+    for x, idx in tqdm(dl, desc="encoding images", disable=not env.is_main):
+        t = patch_tokens(vit, x, env, args.image_pool).to("cpu", torch.float16)
+        out = torch.empty(len(paths), *t.shape[1:], dtype=torch.float16) if out is None else out
+        out[idx] = t
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training and generation
+
+def cosine_lr(step, total, warmup_frac):
+    warm = max(1, int(round(total * warmup_frac)))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+def train(model, params, samples, feats_of, tok, args, env, log):
+    """AdamW + warm-up + cosine. Under torchrun the trainable model is wrapped in DDP and a DistributedSampler gives
+    each rank its share of every epoch. Returns the number of optimiser steps."""
+    n = len(samples)
+    sampler = torch.utils.data.DistributedSampler(range(n), env.world, env.rank, shuffle=True, seed=args.seed) \
+        if env.distributed else None
+    dl = torch.utils.data.DataLoader(range(n), batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+                                     drop_last=n >= args.batch_size * env.world, collate_fn=lambda b: b)
+    per_epoch = max(1, len(dl) // args.grad_accum)
+    total = args.max_steps or args.epochs * per_epoch
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else model
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, args.warmup))
+    env.print(f"training {args.train}: {sum(p.numel() for p in params):,} trainable parameters, {total} steps "
+              f"(batch {args.batch_size} x accum {args.grad_accum} x {env.world} ranks), lr {args.lr}")
+    model.train()
+    step, micro, epoch = 0, 0, 0
+    bar = tqdm(total=total, desc="train", disable=not env.is_main)
+    while step < total:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for b in dl:
+            feats = feats_of(b).to(env.device)
+            texts = [samples[i]["text"] for i in b]
+            ids, labels, mask = build_batch(tok, texts, feats.shape[1], args.max_report_tokens)
+            sync = (micro + 1) % args.grad_accum == 0
+            ctx = ddp.no_sync() if env.distributed and not sync else torch.enable_grad()
+            with ctx, env.autocast():
+                loss = ddp(ids.to(env.device), feats, labels.to(env.device), mask.to(env.device))
+                (loss / args.grad_accum).backward()
+            micro += 1
+            if not sync:
+                continue
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if env.is_main and (step % 10 == 0 or step == total):
+                log.log(step=step, loss=round(loss.item(), 4), lr=sched.get_last_lr()[0], epoch=epoch)
+            if step >= total:
+                break
+        epoch += 1
+    bar.close()
+    model.eval()
+    return step
+
+
+@torch.no_grad()
+def generate_all(model, samples, feats_of, tok, args, env):
+    """Generated report per sample; under torchrun each rank decodes a strided shard and rank 0 gathers them."""
+    mine = list(range(env.rank, len(samples), env.world))
+    out = {}
+    for i in tqdm(range(0, len(mine), args.gen_batch_size), desc="generating", disable=not env.is_main):
+        b = mine[i:i + args.gen_batch_size]
+        with env.autocast():
+            texts = model.generate(feats_of(b).to(env.device), tok, args.max_new_tokens)
+        out.update(zip(b, texts))
+    if env.distributed:
+        parts = [None] * env.world
+        dist.all_gather_object(parts, out)
+        out = {k: v for p in parts for k, v in p.items()}
+    return [out[i] for i in range(len(samples))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the results table
+
+def print_table(rows, n_boot):
+    """The paper's Table 5 layout: one row per encoder, median [95% CI] per metric."""
+    cols = [m for m, _ in METRICS] + ["RadGraph F1"]
+    print("\n" + f"{'encoder':28s}" + "".join(f"{c:>24s}" for c in cols))
+    for name, res in rows:
+        cells = [f"{res[c]['median']:.2f} [{res[c]['ci95'][0]:.2f}, {res[c]['ci95'][1]:.2f}]" for c, _ in METRICS]
+        print(f"{name[:28]:28s}" + "".join(f"{c:>24s}" for c in cells + ["n/a*"]))
+    print(f"(0-100; median and 95% CI of {n_boot} bootstrap resamples of the test reports)\n"
+          f"* RadGraph F1 {RADGRAPH_NOTE}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --compare and --label_only
+
+def load_predictions(path):
+    path = os.path.join(path, "predictions.csv") if os.path.isdir(path) else path
+    rows = data.read_csv(path, required=("path", "reference", "generated"))
+    return path, {r["path"]: r for r in rows}
+
+
+def compare(args):
+    pa, A = load_predictions(args.compare[0])
+    pb, B = load_predictions(args.compare[1])
+    if set(A) != set(B):
+        raise UserError(f"{pa} and {pb} cover different test images ({len(set(A) ^ set(B))} not in both): "
+                        "run both on the same split")
+    keys = sorted(A)
+    if any(A[k]["reference"] != B[k]["reference"] for k in keys):
+        raise UserError(f"{pa} and {pb} have different reference reports for the same images")
+    refs = [A[k]["reference"] for k in keys]
+    sa, sb = Scorer([A[k]["generated"] for k in keys], refs), Scorer([B[k]["generated"] for k in keys], refs)
+    out = {"a": pa, "b": pb, "n_reports": len(keys), "n_boot": args.n_boot, "metrics": {}}
+    print(f"A = {pa}\nB = {pb}\npaired bootstrap over {len(keys)} test reports, {args.n_boot} resamples")
+    print(f"{'metric':16s} {'A':>7s} {'B':>7s} {'A-B':>8s} {'95% CI':>19s} {'p(A>B)':>8s}")
+    for name, fn in METRICS:
+        fa, fb = getattr(sa, fn), getattr(sb, fn)
+        r = common.paired_bootstrap(lambda idx: (fa(idx), fb(idx)), len(keys), n_boot=args.n_boot, seed=args.seed)
+        out["metrics"][name] = r
+        print(f"{name:16s} {r['a']:7.2f} {r['b']:7.2f} {r['delta']:+8.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] "
+              f"{r['p_one_tailed']:8.4f}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    common.write_json(out, os.path.join(args.out_dir, "compare.json"))
+    print(f"wrote {os.path.join(args.out_dir, 'compare.json')}")
+    return out
+
+
+def label_only(args):
+    """CheXpert-14 labels of every row of --csv's --text_col, written after the input's own columns."""
+    rows = data.read_csv(args.csv, required=(args.text_col,))
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "labels.csv")
+    counts = {o: [0, 0, 0] for o in OBSERVATIONS}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + OBSERVATIONS)
+        w.writeheader()
+        for r in tqdm(rows, desc="labelling"):
+            lab = label_report(r[args.text_col])
+            for o, v in lab.items():
+                if v is not None:
+                    counts[o][{1: 0, 0: 1, -1: 2}[v]] += 1
+            w.writerow({**r, **{o: "" if v is None else v for o, v in lab.items()}})
+    print(f"{'observation':28s} {'pos':>5s} {'neg':>5s} {'unc':>5s}")
+    for o, (p, n, u) in counts.items():
+        print(f"{o:28s} {p:5d} {n:5d} {u:5d}")
+    print(f"wrote {path} ({len(rows)} reports)")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.compare:
+        return compare(args)
+    if args.label_only:
+        return label_only(args)
+    env = common.setup(args)
+    t0 = time.time()
+    os.makedirs(args.out_dir, exist_ok=True)
+    splits, source = load_samples(args)
+    env.print(f"data: {source}: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} "
+              f"reports")
+    vit, info = load_encoder(args.encoder, args.encoder_format, args.model, args.img_size, args.patch_size, args.attn)
+    vit.to(env.device)
+    env.print(f"encoder: {info['source']}")
+    lm, tok = build_lm(args, [s["text"] for s in splits["train"]], env)  # before encoding: fail early on a bad --lm
+    d_in = vit.embed_dim
+    model = ReportModel(Projector(d_in, lm.config.hidden_size, args.projector, args.res_lambda), lm).to(env.device)
+    params = set_trainable(model, args)
+    if args.train == "projector" and not args.lm:
+        env.print("warning: --train projector leaves the from-scratch LM untrained: expect noise, not reports")
+    env.print(f"LM: {'from scratch' if not args.lm else args.lm}, {count_params(lm):,} parameters, vocab "
+              f"{lm.config.vocab_size}; projector {args.projector} {d_in} -> {lm.config.hidden_size}")
+    pre = data.Preprocess(info["img_size"], info["mean"], info["std"])
+    samples = splits["train"] + splits["test"]  # val is not used for selection: a fixed schedule, as in LLaVA
+    n_tr = len(splits["train"])
+    if args.precompute == "yes" or (args.precompute == "auto" and len(samples) <= 20000):
+        cache = encode_all(vit, [s["path"] for s in samples], pre, env, args)
+        feats_of = lambda idx, off=0: cache[[off + i for i in idx]].float()
+    else:  # large data sets: encode each batch on the fly
+        images = Images([s["path"] for s in samples], pre)
+
+        def feats_of(idx, off=0):
+            x = torch.stack([images[off + i][0] for i in idx])
+            with torch.no_grad():
+                return patch_tokens(vit, x, env, args.image_pool).float()
+    log = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
+    steps = train(model, params, splits["train"], feats_of, tok, args, env, log)
+    test = splits["test"]
+    hyps = generate_all(model, test, lambda idx: feats_of(idx, n_tr), tok, args, env)
+    if not env.is_main:
+        return None
+    refs = [s["text"] for s in test]
+    metrics, _ = score(hyps, refs, args.n_boot, args.seed)
+    name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
+    for i in range(min(args.n_examples, len(test))):
+        print(f"\n--- example {i + 1}: {test[i]['path']}\nreference: {refs[i]}\ngenerated: {hyps[i]}")
+    print_table([(name, metrics)], args.n_boot)
+    print(f"encoder: {info['source']}")
+    with open(os.path.join(args.out_dir, "predictions.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "subject", "reference", "generated"])
+        w.writerows([s["path"], s["subject"], r, h] for s, r, h in zip(test, refs, hyps))
+    trained = {k: v.detach().cpu() for k, v in model.state_dict().items()
+               if k.startswith("projector.") or args.train == "full" or "lora_" in k}
+    plain = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
+    common.atomic_save({"model": trained, "lm_config": lm.config.to_dict(), "step": steps, "settings": plain},
+                       os.path.join(args.out_dir, "checkpoint.pt"))
+    res = {"name": name, "encoder": info["source"], "encoder_format": info["format"], "metrics": metrics,
+           "n_test": len(test), "n_train": n_tr, "data": source, "lm": args.lm or "small Llama from scratch",
+           "lm_params": count_params(lm), "train_mode": args.train, "steps": steps,
+           "preprocess": {k: info[k] for k in ("img_size", "mean", "std")}, "settings": vars(args),
+           "time_s": round(time.time() - t0, 1)}
+    common.write_json(res, os.path.join(args.out_dir, "results.json"))
+    print(f"wrote results.json, predictions.csv, checkpoint.pt, log.jsonl to {args.out_dir}")
+    return res
+
+
+if __name__ == "__main__":
+    common.run(main)

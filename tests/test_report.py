@@ -1,0 +1,369 @@
+"""report.py, llama.py, labeler.py: the Llama port against transformers, KV-cache decoding, the metrics against the
+libraries, the CheXpert labeler on hand-written sentences, the loss mask, the MIMIC / IU-Xray loaders, --label_only,
+and a tiny end-to-end run on the bundled pairs."""
+import csv
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import report
+from common import UserError
+from labeler import OBSERVATIONS, Scorer, chexpert_f1, label_report
+from llama import Llama, LlamaConfig, apply_lora, generate, load_hf_llama
+from conftest import SAMPLE
+
+REPORTS_CSV = SAMPLE / "reports" / "reports.csv"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# llama.py against transformers (a test-only dependency)
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0,
+                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norm gains, so a wrong RMSNorm cannot hide behind weight = 1
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    root = tmp_path_factory.mktemp("hf")
+    m.save_pretrained(root / "single")
+    m.save_pretrained(root / "sharded", max_shard_size="40KB")
+    # .bin shards + index, written by hand in the pytorch_model-0000x-of-0000y.bin layout
+    sd, binp = m.state_dict(), root / "bin"
+    binp.mkdir()
+    shutil.copy(root / "single" / "config.json", binp / "config.json")
+    keys = sorted(sd)
+    half, wmap = len(keys) // 2, {}
+    for j, part in enumerate((keys[:half], keys[half:])):
+        name = f"pytorch_model-0000{j + 1}-of-00002.bin"
+        torch.save({k: sd[k].clone() for k in part}, binp / name)
+        wmap.update({k: name for k in part})
+    (binp / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    return m, root
+
+
+def test_llama_matches_transformers_logits(hf_model):
+    m, root = hf_model
+    assert len(list((root / "sharded").glob("*.safetensors"))) > 1  # really sharded
+    ids = torch.randint(0, 97, (3, 19), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 19, dtype=torch.long)
+    mask[1, :4], mask[2, :11] = 0, 0  # left padding
+    with torch.no_grad():
+        ref, ref_pad = m(ids).logits, m(ids, attention_mask=mask).logits
+    for variant in ("single", "sharded", "bin"):
+        ours = load_hf_llama(str(root / variant)).eval()
+        with torch.no_grad():
+            out, out_pad = ours(ids), ours(ids, attention_mask=mask)
+        assert (out - ref).abs().max() < 1e-4, variant
+        real = mask.bool()
+        assert (out_pad[real] - ref_pad[real]).abs().max() < 1e-4, variant
+        # inputs_embeds is the same computation (report.py splices image tokens this way)
+        with torch.no_grad():
+            assert torch.allclose(ours(inputs_embeds=ours.embed(ids)), out, atol=1e-6)
+
+
+def test_llama_load_names_missing_and_unexpected_keys(hf_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, root = hf_model
+    sd = load_file(root / "single" / "model.safetensors")
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    sd["model.layers.1.extra.weight"] = torch.zeros(2)
+    shutil.copy(root / "single" / "config.json", tmp_path / "config.json")
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.layers\.1\.extra\.weight"):
+        load_hf_llama(str(tmp_path))
+
+
+def test_greedy_cached_equals_uncached_and_one_by_one(hf_model):
+    m, root = hf_model
+    ours = load_hf_llama(str(root / "single")).eval()
+    lens = [7, 12, 4]
+    prompts = [torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in lens]
+    T = max(lens)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    cached = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
+    uncached = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=-1, use_cache=False)
+    single = [generate(ours, p[None], max_new_tokens=20, eos_token_id=-1)[0] for p in prompts]
+    assert cached == uncached == single
+    assert all(len(c) == 20 for c in cached)
+    hf = m.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert [r[T:].tolist() for r in hf] == cached  # and the same tokens as transformers' own greedy search
+    # EOS: a row stops at its first EOS (cut off), the others run on
+    eos = cached[0][3]
+    stopped = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos)
+    assert stopped[0] == cached[0][:cached[0].index(eos)]
+
+
+def test_lora_starts_as_identity_and_trains_only_adapters():
+    torch.manual_seed(0)
+    lm = Llama(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    before = lm(ids).detach()
+    apply_lora(lm, r=4, alpha=8)
+    assert torch.allclose(lm(ids), before, atol=1e-6)  # B = 0 at the start
+    names = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n and any(t in n for t in ("q_proj", "k_proj", "v_proj", "o_proj")) for n in names)
+    assert "model.layers.0.self_attn.q_proj.weight" in lm.state_dict()  # base weights keep their HF names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics
+
+HYPS = ["the heart size is normal . no pleural effusion", "small left effusion and mild edema",
+        "no pneumothorax", "lungs are clear", "patchy opacity in the right lower lobe"]
+REFS = ["heart size is normal and there is no pleural effusion", "moderate left pleural effusion with edema",
+        "there is no pneumothorax or effusion", "the lungs are clear", "right lower lobe consolidation"]
+
+
+def test_bleu_rouge_agree_with_the_libraries():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    s = Scorer(HYPS, REFS)
+    assert s.bleu4(np.arange(5)) == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score, abs=1e-9)
+    idx = np.array([0, 0, 2, 4, 4])  # a bootstrap resample with repeats
+    want = sacrebleu.corpus_bleu([HYPS[i] for i in idx], [[REFS[i] for i in idx]]).score
+    assert s.bleu4(idx) == pytest.approx(want, abs=1e-9)
+    rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    want = 100 * np.mean([rs.score(REFS[i], HYPS[i])["rougeL"].fmeasure for i in idx])
+    assert s.rouge_l(idx) == pytest.approx(want, abs=1e-9)
+
+
+def test_chexpert_f1_matches_sklearn():
+    from sklearn.metrics import f1_score
+    gen = [label_report(h) for h in HYPS]
+    ref = [label_report(r) for r in REFS]
+    to01 = lambda labs: np.array([[1 if l[o] in (1, -1) else 0 for o in OBSERVATIONS] for l in labs])
+    got = chexpert_f1(gen, ref)
+    assert got["macro_f1"] == pytest.approx(f1_score(to01(ref), to01(gen), average="macro", zero_division=0))
+    assert got["micro_f1"] == pytest.approx(f1_score(to01(ref), to01(gen), average="micro", zero_division=0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the labeler
+
+@pytest.mark.parametrize("text, want", [
+    ("No pneumothorax, pleural effusion, or focal consolidation.",  # negation over a list
+     {"Pneumothorax": 0, "Pleural Effusion": 0, "Consolidation": 0, "No Finding": 1}),
+    ("Heart size normal and lungs are clear. No edema or pneumonia. No effusion",  # CheXpert's own sample report
+     {"Cardiomegaly": 0, "Edema": 0, "Pneumonia": 0, "Pleural Effusion": 0, "No Finding": 1}),
+    ("1. Left pleural effusion with adjacent atelectasis. Right effusion is also present.\n\n"
+     "2. Cardiomegaly without overt edema.",
+     {"Pleural Effusion": 1, "Atelectasis": 1, "Cardiomegaly": 1, "Edema": 0, "No Finding": None}),
+    ("Minimal patchy airspace disease within the lingula, may reflect atelectasis or consolidation.",
+     {"Lung Opacity": 1, "Atelectasis": -1, "Consolidation": -1, "No Finding": None}),
+    ("There is a small left pleural effusion and no pneumothorax. Possible pneumonia in the right lower lobe.",
+     {"Pleural Effusion": 1, "Pneumothorax": 0, "Pneumonia": -1}),
+    ("Cannot exclude pneumonia. Pneumothorax is not excluded.", {"Pneumonia": -1, "Pneumothorax": -1}),
+    ("No effusion. Large right effusion.", {"Pleural Effusion": 1}),  # positive beats negative
+    ("The heart is moderately enlarged. Small pericardial effusion.", {"Cardiomegaly": 1, "Pleural Effusion": None}),
+    ("Endotracheal tube in place. Lungs are clear.", {"Support Devices": 1, "No Finding": 1}),
+    ("Bilateral ground-glass opacities concerning for COVID-19 pneumonia, but no pleural effusion.",
+     {"Lung Opacity": 1, "Pneumonia": -1, "Pleural Effusion": 0}),
+    ("Pneumothorax has resolved. Heart size is within normal limits.",
+     {"Pneumothorax": 0, "Cardiomegaly": 0, "No Finding": 1}),
+    ("Findings suggestive of pulmonary oedema. Right rib fracture.", {"Edema": -1, "Fracture": 1, "No Finding": None}),
+    ("Hyperinflated lungs consistent with emphysema.", {"No Finding": None}),  # a finding outside the 14
+    ("No acute cardiopulmonary process.", {"No Finding": 1}),
+])
+def test_labeler_sentences(text, want):
+    got = label_report(text)
+    assert set(got) == set(OBSERVATIONS)
+    for k, v in want.items():
+        assert got[k] == v, (k, got)
+    unmentioned = set(OBSERVATIONS) - set(want) - {"No Finding"}
+    assert all(got[k] is None for k in unmentioned), got
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sequences and the loss mask
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    rows = list(csv.DictReader(open(REPORTS_CSV)))
+    # 97 pieces at most: the same tokenizer serves the tiny HF checkpoint (vocabulary 97) in the --lm test
+    return report.train_tokenizer([r["text"] for r in rows], str(tmp_path_factory.mktemp("tok") / "tokenizer.model"),
+                                  97)
+
+
+def test_loss_mask_covers_only_report_tokens_and_eos(tok):
+    reps = ["Small left pleural effusion.", "No pneumothorax. The heart size is normal and the lungs are clear."]
+    n_img = 6
+    ids, labels, mask = report.build_batch(tok, reps, n_img, max_report_tokens=150)
+    prompt = report.prompt_ids(tok, n_img)
+    assert (ids == report.IMAGE_TOKEN).sum(1).tolist() == [n_img, n_img]
+    assert ids[0, 0] == tok.bos
+    for i, r in enumerate(reps):
+        want = tok.encode(r) + [tok.eos]
+        pos = (labels[i] != -100).nonzero().flatten().tolist()
+        assert pos == list(range(len(prompt), len(prompt) + len(want)))
+        assert labels[i, pos].tolist() == want and ids[i, pos].tolist() == want
+        assert mask[i].sum() == len(prompt) + len(want)  # padding is masked
+    # the model's loss is the mean CE over exactly those tokens
+    torch.manual_seed(0)
+    lm = Llama(LlamaConfig(vocab_size=tok.sp.get_piece_size(), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2))
+    model = report.ReportModel(report.Projector(16, 32), lm)
+    feats = torch.randn(2, n_img, 16)
+    loss = model(ids, feats, labels, mask)
+    logits = lm(inputs_embeds=model.embed(ids, feats), attention_mask=mask)
+    sel = labels[:, 1:] != -100
+    assert torch.allclose(loss, F.cross_entropy(logits[:, :-1][sel], labels[:, 1:][sel]), atol=1e-6)
+    with pytest.raises(UserError, match="residual"):
+        report.Projector(16, 32, kind="residual")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loaders
+
+MIMIC_REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___F with cough
+
+ COMPARISON:  None.
+
+ FINDINGS:
+ 
+ There is no focal consolidation, pleural effusion or pneumothorax.  Bilateral
+ nodular opacities that most likely represent nipple shadows.
+ 
+ IMPRESSION:
+ 
+ No acute cardiopulmonary process.
+"""
+
+
+def _write_gz(path, header, rows):
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_extract_findings():
+    assert report.extract_findings(MIMIC_REPORT) == ("There is no focal consolidation, pleural effusion or "
+                                                     "pneumothorax. Bilateral nodular opacities that most likely "
+                                                     "represent nipple shadows.")
+    only_imp = " INDICATION: cough\n\n IMPRESSION:\n Mild cardiomegaly.\n"
+    assert report.extract_findings(only_imp) == "Mild cardiomegaly."
+    assert report.extract_findings(" INDICATION: cough\n\n COMPARISON: none\n") is None
+
+
+def test_mimic_loader(tmp_path):
+    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
+    studies = [("10000032", "50414267", "train", MIMIC_REPORT), ("10000033", "50414268", "test",
+                                                                 " IMPRESSION:\n Mild cardiomegaly.\n"),
+               ("10000034", "50414269", "validate", " INDICATION: none\n")]
+    split, meta = [], []
+    for subj, study, part, text in studies:
+        d = tmp_path / "files" / f"p{subj[:2]}" / f"p{subj}"
+        (d / f"s{study}").mkdir(parents=True)
+        (d / f"s{study}.txt").write_text(text)
+        for dicom, view in ((f"{study}-ap", "AP"), (f"{study}-pa", "PA"), (f"{study}-lat", "LATERAL")):
+            shutil.copy(img, d / f"s{study}" / f"{dicom}.jpg")
+            split.append([dicom, study, subj, part])
+            meta.append([dicom, subj, study, view])
+    _write_gz(tmp_path / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
+    _write_gz(tmp_path / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+              meta)
+    args = report.get_args(["--dataset", "mimic", "--data_dir", str(tmp_path)])
+    out, source = report.load_mimic(args)
+    assert [len(out[k]) for k in ("train", "val", "test")] == [1, 0, 1]  # the study without findings is skipped
+    tr = out["train"][0]
+    assert tr["path"].endswith("files/p10/p10000032/s50414267/50414267-pa.jpg")  # frontal, PA preferred
+    assert os.path.exists(tr["path"]) and tr["subject"] == "10000032"
+    assert tr["text"].startswith("There is no focal consolidation")
+    assert out["test"][0]["text"] == "Mild cardiomegaly."
+
+
+def test_iu_xray_loader(tmp_path):
+    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
+    ann = {}
+    for part, n in (("train", 3), ("val", 1), ("test", 2)):
+        ann[part] = []
+        for i in range(n):
+            sid = f"CXR{part}{i}_IM-00{i}"
+            (tmp_path / "images" / sid).mkdir(parents=True)
+            for k in (0, 1):
+                shutil.copy(img, tmp_path / "images" / sid / f"{k}.png")
+            ann[part].append({"id": sid, "report": f"The heart is normal in size.  No effusion {i}.",
+                              "image_path": [f"{sid}/0.png", f"{sid}/1.png"], "split": part})
+    (tmp_path / "annotation.json").write_text(json.dumps(ann))
+    out, _ = report.load_iu_xray(report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path)]))
+    assert [len(out[k]) for k in ("train", "val", "test")] == [3, 1, 2]
+    e = out["test"][1]
+    assert e["path"] == str(tmp_path / "images" / "CXRtest1_IM-001" / "0.png") and os.path.exists(e["path"])
+    assert e["text"] == "The heart is normal in size. No effusion 1." and e["subject"] == "CXRtest1_IM-001"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+def test_label_only_writes_input_columns_then_the_14(tmp_path):
+    report.main(["--label_only", "--csv", str(REPORTS_CSV), "--out_dir", str(tmp_path)])
+    src = list(csv.DictReader(open(REPORTS_CSV)))
+    with open(tmp_path / "labels.csv") as f:
+        r = csv.DictReader(f)
+        rows = list(r)
+        assert r.fieldnames == list(src[0]) + OBSERVATIONS
+    assert len(rows) == len(src)
+    for a, b in zip(src, rows):
+        assert b["text"] == a["text"]
+        lab = label_report(a["text"])
+        assert all(b[o] == ("" if lab[o] is None else str(lab[o])) for o in OBSERVATIONS)
+    assert {b[o] for b in rows for o in OBSERVATIONS} <= {"1", "0", "-1", ""}
+    assert any(b["Lung Opacity"] == "1" for b in rows)
+
+
+def test_end_to_end_tiny_run_and_compare(tmp_path):
+    out = tmp_path / "run"
+    res = report.main(["--model", "vit_tiny", "--img_size", "112", "--max_steps", "3", "--lm_layers", "1",
+                       "--lm_dim", "64", "--lm_heads", "2", "--vocab_size", "300", "--max_new_tokens", "8",
+                       "--n_boot", "20", "--num_workers", "0", "--out_dir", str(out), "--device", "cpu"])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["encoder"].startswith("random-init vit_tiny")
+    for m in ("BLEU-4", "ROUGE-L", "CheXpert-14 F1"):
+        v = saved["metrics"][m]
+        assert v["ci95"][0] <= v["median"] <= v["ci95"][1]
+    assert saved["metrics"]["RadGraph F1"]["value"] is None and "weights" in saved["metrics"]["RadGraph F1"]["note"]
+    preds = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(preds) == saved["n_test"] == res["n_test"] > 0
+    assert set(preds[0]) == {"path", "subject", "reference", "generated"}
+    assert (out / "tokenizer.model").exists() and (out / "log.jsonl").exists()
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert any(k.startswith("projector.") for k in ck["model"])
+    cmp = report.main(["--compare", str(out), str(out), "--n_boot", "20", "--out_dir", str(tmp_path / "cmp")])
+    assert all(r["delta"] == 0 for r in cmp["metrics"].values())
+    assert (tmp_path / "cmp" / "compare.json").exists()
+
+
+def test_end_to_end_with_a_hf_checkpoint_and_lora(hf_model, tok, tmp_path):
+    """--lm DIR: a HF-format folder (config.json + safetensors + tokenizer.model) through the whole pipeline."""
+    _, root = hf_model
+    lm_dir = tmp_path / "lm"
+    shutil.copytree(root / "sharded", lm_dir)
+    shutil.copy(tok.path, lm_dir / "tokenizer.model")
+    assert tok.sp.get_piece_size() <= 97  # ids fit the checkpoint's embedding
+    out = tmp_path / "run"
+    res = report.main(["--lm", str(lm_dir), "--train", "lora", "--grad_ckpt", "--model", "vit_tiny", "--img_size", "56",
+                       "--max_steps", "2", "--lr", "1e-3", "--max_new_tokens", "5", "--n_boot", "10",
+                       "--num_workers", "0", "--out_dir", str(out), "--device", "cpu", "--n_examples", "0"])
+    assert res["train_mode"] == "lora" and res["lm"] == str(lm_dir)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert any("lora_A" in k for k in ck["model"]) and not any(k.endswith("q_proj.weight") for k in ck["model"])
+    assert len(list(csv.DictReader(open(out / "predictions.csv")))) == res["n_test"]
