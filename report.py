@@ -54,7 +54,7 @@ from tqdm import tqdm
 import common
 import data
 from common import UserError
-from encoders import add_encoder_args, load_encoder
+from encoders import add_encoder_args, load_encoder_from_args
 from labeler import METRICS, OBSERVATIONS, RADGRAPH_NOTE, Scorer, label_report, score
 from llama import Llama, LlamaConfig, apply_lora, count_params, generate, load_hf_llama
 
@@ -584,7 +584,7 @@ def main(argv=None):
     splits, source = load_samples(args)
     env.print(f"data: {source}: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} "
               f"reports")
-    vit, info = load_encoder(args.encoder, args.encoder_format, args.model, args.img_size, args.patch_size, args.attn)
+    vit, info = load_encoder_from_args(args)
     vit.to(env.device)
     env.print(f"encoder: {info['source']}")
     lm, tok = build_lm(args, [s["text"] for s in splits["train"]], env)  # before encoding: fail early on a bad --lm
