@@ -71,14 +71,18 @@ def sincos_pos_embed(dim, grid_h, grid_w):
     return torch.from_numpy(emb).float()
 
 
-def resize_pos_embed(pos, old_hw, new_hw):
-    """Bicubic resize of patch-grid position embeddings (1, h*w, D) -> (1, H*W, D). The tensor holds patch
-    positions only (any CLS position is kept separately), so no slot has to be split off first."""
+def resize_pos_embed(pos, old_hw, new_hw, antialias=False, offset=0.0):
+    """Bicubic resize of patch-grid position embeddings (1, h*w, D) -> (1, H*W, D), in float32. The tensor holds
+    patch positions only (any CLS position is kept separately), so no slot has to be split off first.
+    antialias / offset reproduce the published DINOv2 variants exactly: Hugging Face Dinov2 (size, no antialias),
+    Dinov2WithRegisters and Meta's register models (antialias), Meta's original DINOv2 code (scale factor
+    (new + 0.1) / old, which moves the sampling grid slightly compared with giving the size)."""
     if tuple(old_hw) == tuple(new_hw):
         return pos
     d = pos.shape[-1]
     grid = pos.reshape(1, old_hw[0], old_hw[1], d).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=tuple(new_hw), mode="bicubic", align_corners=False)
+    size = dict(scale_factor=tuple((n + offset) / o for n, o in zip(new_hw, old_hw))) if offset else dict(size=tuple(new_hw))
+    grid = F.interpolate(grid.float(), mode="bicubic", align_corners=False, antialias=antialias, **size)
     return grid.permute(0, 2, 3, 1).reshape(1, -1, d).to(pos.dtype)
 
 
@@ -191,12 +195,14 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size=224, patch_size=14, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=True, cls_token=False, num_register_tokens=0, learned_pos=False,
-                 layer_scale=None, eps=1e-6, attn="sdpa"):
+                 layer_scale=None, eps=1e-6, interp_antialias=False, interp_offset=0.0, attn="sdpa"):
         super().__init__()
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                            cls_token=cls_token, num_register_tokens=num_register_tokens, learned_pos=learned_pos,
-                           layer_scale=layer_scale, eps=eps)
+                           layer_scale=layer_scale, eps=eps, interp_antialias=interp_antialias,
+                           interp_offset=interp_offset)
+        self.interp = dict(antialias=interp_antialias, offset=interp_offset)  # how pos_embed is resized (DINOv2)
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
@@ -223,7 +229,8 @@ class VisionTransformer(nn.Module):
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(x)
-        x = x + resize_pos_embed(self.pos_embed, self.grid, (H // self.patch_size, W // self.patch_size)).to(x.dtype)
+        x = x + resize_pos_embed(self.pos_embed, self.grid, (H // self.patch_size, W // self.patch_size),
+                                 **self.interp).to(x.dtype)
         if masks is not None:
             x = apply_masks(x, masks)
         prefix = []
@@ -332,3 +339,117 @@ def count_params(module, trainable_only=False):
 
 # ----------------------------------------------------------------------------------------------------------------
 # segmentation decoders on a frozen ViT (segment.py): feature pyramid + UPerNet, and the linear baseline
+#
+# Parameter count of the ViT-B (768-d) UPerNet decoder, the paper's Table 4 "39.3M": FeaturePyramid 7,081,728
+# (two 768->768 2x2 transposed convs + BN for x4, one for x2) + UPerHead 32,256,000 (mmseg's UPerHead with
+# in_channels [768]*4, channels 512, pool_scales (1, 2, 3, 6), BN affine parameters counted, running statistics
+# being buffers) + classifier 513 per class = 39,337,728 + 513 * num_classes: 39.34M for 3 classes (background +
+# two lungs), still 39.3M up to 23 classes (21 for the ribs: 39.35M). mmseg's auxiliary FCNHead (in 768, 256
+# channels, one 3x3 conv: +1.77M) is NOT counted: with it the total would be 41.1M, so the paper's figure excludes
+# it (and this code has none). The linear baseline is one 1x1 conv: D + 1 = 769 parameters per class at 768-d.
+
+class ConvModule(nn.Sequential):
+    """mmseg's ConvModule: conv without bias (the BN that follows has one) + BatchNorm + ReLU."""
+
+    def __init__(self, cin, cout, k, padding=0):
+        super().__init__(nn.Conv2d(cin, cout, k, padding=padding, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class FeaturePyramid(nn.Module):
+    """BEiT's multi-scale adapter (mmseg BEiT backbone): a plain ViT has one stride (the patch size), UPerNet wants
+    four. Layer features (in the order given, e.g. blocks 4, 6, 8, 12) become strides p/4, p/2, p, 2p: upsample x4
+    by two 2x2 transposed convs with BN + GELU between, x2 by one, keep x1, max-pool x0.5. Under DDP on GPUs
+    segment.py turns the BN into SyncBN, as BEiT does."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
+                                  nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        self.fpn2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        self.fpn3 = nn.Identity()
+        self.fpn4 = nn.MaxPool2d(2)
+
+    def forward(self, feats):
+        assert len(feats) == 4, "the feature pyramid takes exactly four layers"
+        return [op(f) for op, f in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), feats)]
+
+
+class UPerNet(nn.Module):
+    """Unified Perceptual Parsing head (Xiao et al. 2018) as mmseg's UPerHead, on the BEiT feature pyramid.
+
+    Input: four (B, dim, h, w) ViT feature maps (same h, w). The pyramid makes them four scales; the pyramid pooling
+    module (average pools to 1, 2, 3, 6 cells) adds global context to the coarsest; an FPN (1x1 laterals, top-down
+    sum, 3x3 convs) carries it back to the finest scale; all four levels are upsampled, concatenated and fused by a
+    3x3 conv; dropout 0.1 and a 1x1 classifier give logits at stride p/4."""
+
+    def __init__(self, dim, num_classes, channels=512, pool_scales=(1, 2, 3, 6), dropout=0.1):
+        super().__init__()
+        self.pyramid = FeaturePyramid(dim)
+        n_levels = 4
+        self.psp_modules = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(dim, channels, 1))
+                                         for s in pool_scales)
+        self.bottleneck = ConvModule(dim + len(pool_scales) * channels, channels, 3, padding=1)
+        self.lateral_convs = nn.ModuleList(ConvModule(dim, channels, 1) for _ in range(n_levels - 1))
+        self.fpn_convs = nn.ModuleList(ConvModule(channels, channels, 3, padding=1) for _ in range(n_levels - 1))
+        self.fpn_bottleneck = ConvModule(n_levels * channels, channels, 3, padding=1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)  # mmseg's classifier init
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def psp_forward(self, x):
+        size = x.shape[2:]
+        pooled = [F.interpolate(m(x), size=size, mode="bilinear", align_corners=False) for m in self.psp_modules]
+        return self.bottleneck(torch.cat([x] + pooled, dim=1))
+
+    def forward(self, feats):
+        feats = self.pyramid(feats)
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats[:-1])] + [self.psp_forward(feats[-1])]
+        for i in range(len(laterals) - 1, 0, -1):  # top-down: coarse context added into each finer level
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:],
+                                                              mode="bilinear", align_corners=False)
+        outs = [conv(l) for conv, l in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+        size = outs[0].shape[2:]
+        outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]]
+        return self.conv_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))
+
+
+class LinearDecoder(nn.Module):
+    """The linear baseline: a 1x1 conv (a per-patch linear classifier) on the last layer, dim + 1 parameters per
+    class. Logits at the patch stride; SegModel upsamples them bilinearly."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.conv_seg = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, feats):
+        return self.conv_seg(feats[-1])
+
+
+class SegModel(nn.Module):
+    """Frozen ViT + trainable decoder. The encoder runs under no_grad in eval mode whatever mode the decoder is in;
+    its patch tokens from `layers` (1-based blocks) are LayerNorm-ed with the encoder's own final norm (as DINOv2's
+    get_intermediate_layers(norm=True): every layer on one scale, no decoder parameters spent on it), reshaped to
+    (B, D, H/p, W/p) and decoded; logits come back at the input's size."""
+
+    def __init__(self, encoder, decoder, layers, norm=True):
+        super().__init__()
+        self.encoder, self.decoder, self.layers, self.norm = encoder, decoder, list(layers), norm
+        self.encoder.eval().requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: dropout-free anyway, but keep any norm statistics fixed
+        return self
+
+    @torch.no_grad()
+    def features(self, x):
+        B, _, H, W = x.shape
+        h, w = H // self.encoder.patch_size, W // self.encoder.patch_size
+        feats = self.encoder.forward_features(x, layers=self.layers, norm=self.norm)
+        return [f.transpose(1, 2).reshape(B, -1, h, w) for f in feats]
+
+    def forward(self, x):
+        logits = self.decoder([f.detach() for f in self.features(x)])
+        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)

@@ -1,0 +1,648 @@
+"""
+Semantic segmentation on a frozen encoder: how much anatomy do its patch features hold? (the paper's Table 4)
+
+    python segment.py                                  # demo: bundled real lung masks, left/right lung, CPU, minutes
+    python segment.py --encoder out/pretrain/encoder.safetensors --csv /data/lungs/manifest.csv   # image,mask
+    python segment.py --task zones --csv manifest.csv --boxes /data/chest-imagenome/silver_dataset/scene_graph
+    python segment.py --task ribs --dataset vindr_rib --data_dir /data/VinDr-RibCXR   # its official split
+    python segment.py --decoder linear ...             # the linear baseline: one 1x1 conv on the last layer
+    python segment.py --compare out/segment_a out/segment_b   # paired bootstrap over test images: A better than B?
+    torchrun --nproc_per_node 4 segment.py ...         # DDP over the decoder (SyncBN); every rank validates
+
+The encoder (encoders.load_encoder: the project's export or a published checkpoint) is frozen and runs under
+no_grad; only the decoder trains: UPerNet on a BEiT-style feature pyramid from blocks 4, 6, 8, 12 (39.3M
+parameters for a ViT-B, model.py) or a linear 1x1 conv. The paper's recipe ("paper" preset, the default with data
+flags): Adam lr 5e-4, cosine schedule, batch 80, 100 epochs, cross-entropy (+ --dice_loss); augmentations applied
+identically to image and mask: affine, elastic, brightness / contrast, gamma, and horizontal flips ONLY for tasks
+that do not tell left from right; 70/15/15 split by subject; the checkpoint with the lowest validation loss is
+evaluated on the test set. Without data flags the "demo" preset runs (vit_tiny at 112 px, 15 epochs, batch 8).
+
+Tasks (class 0 = background; lung-mask value 127 = "ignore": excluded from loss and Dice):
+  lungs  right_lung, left_lung from a lung mask image (0 background, >0 lung). Radiological convention: the
+         patient's RIGHT lung is on the image's LEFT; the two largest components are told apart by centroid x.
+  lung   both lungs as one class (no laterality: flips allowed)
+  zones  six lung zones (Chest ImaGenome bbox names) = per-image boxes intersected with the lung mask; --boxes is
+         a folder of scene-graph JSONs or a CSV path,zone,x1,y1,x2,y2 (see load_boxes, zones_label)
+  ribs   VinDr-RibCXR's R1..R10, L1..L10 (R = patient's right) from its polygon JSONs (see load_vindr_rib)
+
+Writes to --out_dir (default out/segment): results.json (Dice per class and mean, settings, encoder),
+per_image_dice.csv (what --compare reads), checkpoint.pt (best decoder), log.jsonl, overlays/*.png (truth | pred).
+"""
+import argparse
+import colorsys
+import csv
+import glob
+import json
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from tqdm import tqdm
+
+import common
+import data
+from common import UserError
+from encoders import add_encoder_args, load_encoder_from_args
+from model import LinearDecoder, SegModel, UPerNet, count_params
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_CSV = os.path.join(HERE, "sample_data", "lungseg", "manifest.csv")
+IGNORE = 255            # label value excluded from loss and Dice
+MASK_IGNORE_VALUE = 127  # what lung masks (the bundled lungseg, V7 Labs) use for "ignore"
+
+ZONES = ["right upper lung zone", "right mid lung zone", "right lower lung zone",
+         "left upper lung zone", "left mid lung zone", "left lower lung zone"]
+RIBS = [f"R{i}" for i in range(1, 11)] + [f"L{i}" for i in range(1, 11)]
+# foreground classes, and whether the task tells left from right (then a horizontal flip would swap the labels)
+TASKS = {"lungs": (["right_lung", "left_lung"], True), "lung": (["lung"], False),
+         "zones": ([z.replace(" lung zone", "").replace(" ", "_") for z in ZONES], True), "ribs": (RIBS, True)}
+
+PRESETS = {"paper": dict(model="vit_base", img_size=224, batch_size=80, epochs=100, lr=5e-4),
+           "demo": dict(model="vit_tiny", img_size=112, batch_size=8, epochs=15, lr=5e-4)}
+AUG = dict(rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, shear=0.05, elastic=0.02, elastic_grid=5,
+           brightness=0.1, contrast=(0.8, 1.2), gamma=(0.7, 1.5))
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data (default: the bundled lungseg sample, task lungs)")
+    g.add_argument("--task", default="lungs", choices=list(TASKS))
+    g.add_argument("--csv", default=None, help="table of samples: image path, mask path (lungs, lung, zones)")
+    g.add_argument("--image_root", default=None, help="folder the CSV's paths are relative to (default: its folder)")
+    g.add_argument("--path_col", default="path", help="image column (falls back to `image` if `path` is absent)")
+    g.add_argument("--mask_col", default="mask", help="mask image column (optional for --task zones)")
+    g.add_argument("--subject_col", default="subject", help="patient id column (absent: one subject per image)")
+    g.add_argument("--val_csv", default=None, help="fixed validation set in the same format")
+    g.add_argument("--test_csv", default=None, help="fixed test set in the same format")
+    g.add_argument("--boxes", default=None, help="--task zones: folder of scene-graph JSONs or a box CSV")
+    g.add_argument("--box_scale", type=float, default=1.0, help="multiply box coordinates (images were resized)")
+    g.add_argument("--dataset", default=None, choices=["vindr_rib"], help="a published layout under --data_dir")
+    g.add_argument("--data_dir", default=None, help="root of --dataset (holds the VinDr-RibCXR JSONs and images)")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--preset", default=None, choices=list(PRESETS), help="default: demo without data flags")
+    g.add_argument("--decoder", default="upernet", choices=["upernet", "linear"])
+    g.add_argument("--layers", default=None, help="decoder's blocks, 1-based (default UPerNet 4,6,8,12; linear 12)")
+    g.add_argument("--flip", default="auto", choices=["auto", "on", "off"], help="auto: only without left/right")
+    g.add_argument("--no_augment", action="store_true", help="no training augmentations at all")
+    g.add_argument("--dice_loss", type=float, default=0.0, help="weight of a soft Dice loss added to CE")
+    g.add_argument("--n_overlays", type=int, default=8, help="test images drawn to overlays/")
+    g.add_argument("--eval_batch_size", type=int, default=16)
+    g.add_argument("--name", default=None, help="the encoder's row label in the table")
+    g = p.add_argument_group("comparing two runs")
+    g.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
+                   help="two per_image_dice.csv (or run folders): paired bootstrap, one-tailed 'A better than B'")
+    g.add_argument("--n_boot", type=int, default=1000)
+    add_encoder_args(p)
+    common.add_common_args(p, "segment", batch_size=None, epochs=None, lr=None, model=None, img_size=None)
+    args = p.parse_args(argv)
+    args.img_size_given = args.img_size is not None  # else a loaded encoder's own resolution is used
+    args.preset = args.preset or ("paper" if (args.csv or args.dataset) else "demo")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.img_size % args.patch_size:
+        raise UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
+    lateral = TASKS[args.task][1]
+    if args.flip == "on" and lateral:
+        raise UserError(f"--flip on would swap left and right labels of --task {args.task}; drop --flip")
+    args.use_flip = args.flip == "on" or (args.flip == "auto" and not lateral)
+    if (args.dataset == "vindr_rib") != (args.task == "ribs"):
+        raise UserError("--task ribs and --dataset vindr_rib --data_dir ROOT (VinDr-RibCXR) go together")
+    if args.task == "zones" and not args.boxes:
+        raise UserError("--task zones needs --boxes (a folder of scene-graph JSONs or a CSV path,zone,x1,y1,x2,y2)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# labels from the published formats: every sample becomes an image path + what is needed to draw its label map
+# (uint8, original resolution: 0 background, 1..K classes, IGNORE)
+
+def read_mask(path):
+    """A mask image's raw pixel values as uint8 HxW (no intensity rescaling, unlike data.read_image)."""
+    try:
+        im = Image.open(path)
+        m = np.array(im if im.mode in ("L", "P", "1") else im.convert("L"))
+    except Exception as e:
+        raise UserError(f"cannot read mask {path}: {type(e).__name__}: {e}")
+    return (m.astype(np.uint8) * 255) if m.dtype == bool else m.astype(np.uint8)
+
+
+def lungs_label(mask, split=True):
+    """right_lung = 1, left_lung = 2 (radiological convention: the patient's right lung is on the image's LEFT);
+    split=False: one class. The two largest connected components are the lungs, ordered by centroid x (not by the
+    image midline: a patient off-centre in the image would be cut wrongly); other fragments go to the nearer lung.
+    A single large component holding both lungs is cut at its narrowest column in its middle 40%."""
+    lung, ignore = (mask > 0) & (mask != MASK_IGNORE_VALUE), mask == MASK_IGNORE_VALUE
+    out = np.zeros(mask.shape, np.uint8)
+    comps, n = ndimage.label(lung | ignore)  # an 'ignore' patch must not cut one lung into two components
+    sizes = np.bincount(comps.ravel())[1:]
+    cols = np.broadcast_to(np.arange(mask.shape[1]) + 0.5, mask.shape)  # pixel centres
+    cx = ndimage.mean(cols, comps, np.arange(1, n + 1)) if n else []
+    big = [k for k in np.argsort(-sizes)[:2] if sizes[k] >= 0.1 * sizes.max()] if n else []
+    if not split:
+        out[lung] = 1
+    elif len(big) == 2:
+        mid = (cx[big[0]] + cx[big[1]]) / 2
+        for k in range(n):
+            out[lung & (comps == k + 1)] = 1 if cx[k] < mid else 2
+    elif len(big) == 1:
+        sel = comps == big[0] + 1
+        share = float((cols[sel] < mask.shape[1] / 2).mean())
+        if 0.3 < share < 0.7:  # spans both halves: both lungs joined (e.g. through the retrocardiac lung)
+            width = sel.sum(0)
+            xs = np.flatnonzero(width)
+            a, b = int(xs[0] + 0.3 * (xs[-1] - xs[0])), int(xs[0] + 0.7 * (xs[-1] - xs[0]))
+            mid = a + int(np.argmin(width[a:b + 1])) + 0.5
+        else:  # one lung only: its side of the image decides
+            mid = mask.shape[1] / 2
+        out[lung & (cols < mid)], out[lung & (cols >= mid)] = 1, 2
+    out[ignore] = IGNORE
+    return out
+
+
+def zones_label(mask, boxes, shape):
+    """Zone k+1 = box of ZONES[k] (x1, y1, x2, y2 in pixels) intersected with the lung. A lung pixel in two boxes
+    goes to the box whose centre is nearer; lung pixels in no box are ignored. mask None: the boxes themselves."""
+    H, W = shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
+    zone, best = np.zeros((H, W), np.uint8), np.full((H, W), np.inf, np.float32)
+    for k, name in enumerate(ZONES, start=1):
+        if name not in boxes:
+            continue
+        x1, y1, x2, y2 = boxes[name]
+        inside = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
+        d = ((xx - (x1 + x2) / 2) / max(x2 - x1, 1)) ** 2 + ((yy - (y1 + y2) / 2) / max(y2 - y1, 1)) ** 2
+        take = inside & (d < best)
+        zone[take], best[take] = k, d[take]
+    if mask is None:
+        return zone
+    lung, ignore = (mask > 0) & (mask != MASK_IGNORE_VALUE), mask == MASK_IGNORE_VALUE
+    out = np.where(lung, zone, 0).astype(np.uint8)
+    out[(lung & (zone == 0)) | ignore] = IGNORE  # lung outside every box: its zone is unknown
+    return out
+
+
+def ribs_label(polys, shape):
+    """Rasterise rib polygons (dict rib -> [{'x', 'y'}, ...]) with PIL; overlaps between ribs are ignored."""
+    H, W = shape
+    out, count = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
+    for k, rib in enumerate(RIBS, start=1):
+        pts = polys.get(rib)
+        if not isinstance(pts, list) or len(pts) < 3:  # VinDr writes "None" for a rib that is not visible
+            continue
+        canvas = Image.new("L", (W, H), 0)
+        ImageDraw.Draw(canvas).polygon([(float(p["x"]), float(p["y"])) for p in pts], fill=1, outline=1)
+        m = np.array(canvas, bool)
+        out[m], count[m] = k, count[m] + 1
+    out[count > 1] = IGNORE
+    return out
+
+
+def make_label(s, task, shape):
+    mask = read_mask(s["mask"]) if s.get("mask") else None
+    if mask is not None and mask.shape != tuple(shape):
+        raise UserError(f"mask {s['mask']} is {mask.shape[1]}x{mask.shape[0]} but its image {s['path']} is "
+                        f"{shape[1]}x{shape[0]}")
+    if task in ("lungs", "lung"):
+        return lungs_label(mask, split=task == "lungs")
+    if task == "zones":
+        return zones_label(mask, s["boxes"], shape)
+    return ribs_label(s["polys"], shape)
+
+
+def load_boxes(path, scale):
+    """Zone boxes per image key (file stem): {key: {zone: (x1, y1, x2, y2)}} from a folder of Chest ImaGenome
+    scene-graph JSONs (original_* = pixels of the original image) or a CSV path,zone,x1,y1,x2,y2."""
+    out = {}
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+        if not files:
+            raise UserError(f"--boxes {path}: no .json scene graphs in it")
+        for f in files:
+            with open(f) as fh:
+                g = json.load(fh)
+            key = str(g.get("image_id") or os.path.basename(f).replace("_SceneGraph.json", "").replace(".json", ""))
+            for o in g.get("objects", []):
+                if o.get("bbox_name") in ZONES:
+                    out.setdefault(key, {})[o["bbox_name"]] = tuple(scale * float(o[f"original_{c}"])
+                                                                   for c in ("x1", "y1", "x2", "y2"))
+    else:
+        for r in data.read_csv(path, required=("path", "zone", "x1", "y1", "x2", "y2")):
+            zone = r["zone"].strip().replace("_", " ").lower()
+            if zone not in ZONES:
+                raise UserError(f"--boxes {path}: zone {r['zone']!r} is not one of {', '.join(ZONES)}")
+            key = os.path.splitext(os.path.basename(r["path"]))[0]
+            out.setdefault(key, {})[zone] = tuple(scale * float(r[c]) for c in ("x1", "y1", "x2", "y2"))
+    return out
+
+
+def load_csv(path, args, boxes=None):
+    """Samples of a manifest CSV (image, optional mask, optional subject)."""
+    rows = data.read_csv(path)
+    cols = rows[0].keys()
+    pc = args.path_col if args.path_col in cols else ("image" if args.path_col == "path" and "image" in cols else None)
+    if pc is None:
+        raise UserError(f"CSV {path} has no image column {args.path_col!r} (its columns: {', '.join(cols)}); "
+                        f"pick it with --path_col")
+    mc = args.mask_col if args.mask_col in cols else None
+    if mc is None and args.task != "zones":
+        raise UserError(f"CSV {path} has no mask column {args.mask_col!r}; pick it with --mask_col")
+    samples, missing = [], 0
+    for r in rows:
+        img = data.resolve(path, args.image_root, r[pc])
+        key = os.path.splitext(os.path.basename(img))[0]
+        s = {"path": img, "subject": r.get(args.subject_col) or key,
+             "mask": data.resolve(path, args.image_root, r[mc]) if mc else None}
+        if boxes is not None:
+            if key not in boxes:
+                missing += 1
+                continue
+            s["boxes"] = boxes[key]
+        samples.append(s)
+    if missing:
+        print(f"warning: {missing} image(s) of {path} have no zone boxes in --boxes and are left out")
+    if not samples:
+        raise UserError(f"no usable samples in {path}")
+    return samples
+
+
+def load_vindr_rib(root):
+    """VinDr-RibCXR: {split: samples} from every *<split>*.json under root (Annotations/train/
+    Vindr_RibCXR_train_mask.json, .../val/...), each in pandas' column layout: {"img": {"0": "data/train/img/
+    VinDr_RibCXR_train_000.png"}, "R1": {"0": [{"x": .., "y": ..}, ...]}, ..., "L10": {...}}; paths relative to
+    root. load_parts maps the official split: train -> train + validation, val -> test (with a test JSON too:
+    val -> validation)."""
+    splits = {}
+    for f in sorted(glob.glob(os.path.join(root, "**", "*.json"), recursive=True)):
+        name = os.path.basename(f).lower()
+        split = next((s for s in ("train", "val", "test") if s in name), None)
+        if split is None:
+            continue
+        with open(f) as fh:
+            j = json.load(fh)
+        if "img" not in j:
+            raise UserError(f"{f}: no 'img' key; is this a VinDr-RibCXR annotation JSON?")
+        for k, rel in j["img"].items():
+            cands = [os.path.join(root, rel), os.path.join(root, rel[:1].swapcase() + rel[1:])]
+            path = next((c for c in cands if os.path.exists(c)), cands[0])
+            splits.setdefault(split, []).append({"path": path, "subject": os.path.splitext(os.path.basename(rel))[0],
+                                                 "polys": {r: j.get(r, {}).get(k) for r in RIBS}})
+    if "train" not in splits or not ({"val", "test"} & set(splits)):
+        raise UserError(f"--data_dir {root}: expected VinDr-RibCXR JSONs for train and val (e.g. "
+                        f"Annotations/train/Vindr_RibCXR_train_mask.json); found splits {sorted(splits) or 'none'}")
+    return splits
+
+
+def load_parts(args):
+    """{'train', 'val', 'test'} -> samples, subjects kept apart (split_by_subject; fixed sets where given)."""
+    if args.dataset == "vindr_rib":
+        if not args.data_dir:
+            raise UserError("--dataset vindr_rib needs --data_dir (the VinDr-RibCXR root)")
+        sp = load_vindr_rib(args.data_dir)
+        fixed = {"test": sp["test"], "val": sp["val"]} if "test" in sp else {"test": sp["val"]}
+        pool = sp["train"]
+    else:
+        boxes = load_boxes(args.boxes, args.box_scale) if args.task == "zones" else None
+        if args.csv is None and (args.val_csv or args.test_csv):
+            raise UserError("--val_csv / --test_csv need --csv for the training data")
+        pool = load_csv(args.csv or DEMO_CSV, args, boxes)
+        fixed = {k: load_csv(f, args, boxes) for k, f in (("val", args.val_csv), ("test", args.test_csv)) if f}
+    want = [k for k in ("train", "val", "test") if k not in fixed]
+    fr = {"train": 0.7, "val": 0.15, "test": 0.15}
+    idx = data.split_by_subject([s["subject"] for s in pool], [fr[k] for k in want], seed=args.seed)
+    parts = {k: [pool[i] for i in ix] for k, ix in zip(want, idx)}
+    parts.update(fixed)
+    order = ["train", "val", "test"]
+    bounds = np.cumsum([0] + [len(parts[k]) for k in order])
+    data.check_disjoint([s["subject"] for k in order for s in parts[k]], *map(np.arange, bounds[:-1], bounds[1:]))
+    for k in order:
+        if not parts[k]:
+            raise UserError(f"the {k} part is empty: give more data or a --{k}_csv")
+    files = [f for k in order for s in parts[k] for f in (s["path"], s.get("mask")) if f]
+    bad = data.verify_images(files)  # upfront: a wrong --image_root fails here in one line, not in a worker
+    if bad:
+        raise UserError(f"{len(bad)} image / mask file(s) unreadable, e.g. {files[min(bad)]}: {bad[min(bad)]}")
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dataset and augmentations (on the device, one batch at a time, identical for image and label)
+
+class SegDataset(torch.utils.data.Dataset):
+    """(image (1, S, S) in [0, 1], label (S, S) long); the image squashed to S x S like data.Preprocess, the label
+    by nearest neighbour. full=True adds the label at the original resolution (Dice is measured there)."""
+
+    def __init__(self, samples, task, size, full=False):
+        self.samples, self.task, self.size, self.full = samples, task, size, full
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        try:
+            img = data.read_image(s["path"])
+        except data.ImageReadError as e:
+            raise UserError(str(e))
+        lab = torch.from_numpy(make_label(s, self.task, img.shape))
+        x = data.resize(img, self.size)[None]
+        y = F.interpolate(lab[None, None].float(), size=(self.size, self.size), mode="nearest-exact")[0, 0].long()
+        return (x, y, lab.long()) if self.full else (x, y)
+
+
+def collate(batch):  # full-resolution labels differ in size: they stay a list
+    out = [torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])]
+    return out + [[b[2] for b in batch]] if len(batch[0]) == 3 else out
+
+
+def augment(x, y, flip):
+    """Random affine (rotation, scale, shear, shift) + elastic warp as ONE sampling grid used for the image
+    (bilinear) and the label (nearest, so class ids stay exact; outside the image = background), then gamma,
+    contrast and brightness on the image. flip=True also mirrors half the batch (never for left/right tasks)."""
+    B, _, H, W = x.shape
+    dev, a = x.device, AUG
+    u = lambda lo, hi: torch.empty(B, device=dev).uniform_(lo, hi)
+    ang, sh = u(-1, 1) * math.radians(a["rotate_deg"]), u(-a["shear"], a["shear"])
+    s = torch.exp(u(math.log(a["scale"][0]), math.log(a["scale"][1])))
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(ang) / s, -torch.sin(ang) / s + sh
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(ang) / s, torch.cos(ang) / s
+    theta[:, :, 2] = torch.stack([u(-1, 1), u(-1, 1)], 1) * 2 * a["translate"]  # grid units: [-1, 1] = image
+    if flip:
+        theta[:, :, 0] *= torch.where(torch.rand(B, device=dev) < 0.5, -1.0, 1.0)[:, None]
+    grid = F.affine_grid(theta, (B, 1, H, W), align_corners=False)
+    # elastic: smooth random displacements (coarse noise upsampled bicubically), a few % of the image
+    noise = torch.randn(B, 2, a["elastic_grid"], a["elastic_grid"], device=dev) * a["elastic"]
+    grid = grid + F.interpolate(noise, size=(H, W), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0].long()
+    v = lambda lo, hi: u(lo, hi)[:, None, None, None]
+    x = x.clamp(0, 1) ** torch.exp(v(math.log(a["gamma"][0]), math.log(a["gamma"][1])))
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * v(*a["contrast"]) + mean + v(-a["brightness"], a["brightness"])
+    return x.clamp(0, 1), y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loss and Dice
+
+def seg_loss(logits, y, dice_weight=0.0):
+    loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
+    if dice_weight > 0:  # soft Dice over the foreground classes, ignore pixels masked out
+        valid = (y != IGNORE)[:, None].float()
+        prob = logits.float().softmax(1) * valid
+        onehot = F.one_hot(y.clamp(max=logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2).float() * valid
+        inter, denom = (prob * onehot).sum((0, 2, 3)), (prob + onehot).sum((0, 2, 3))
+        loss = loss + dice_weight * (1 - (2 * inter + 1) / (denom + 1))[1:].mean()
+    return loss
+
+
+def dice_per_class(pred, truth, n_fg):
+    """Dice of each foreground class 1..n_fg for one image (integer HxW arrays), IGNORE pixels of truth excluded;
+    NaN where the class is absent from both (no evidence either way: left out of the means)."""
+    pred, truth = np.asarray(pred).ravel(), np.asarray(truth).ravel()
+    valid = truth != IGNORE
+    count = lambda v: np.bincount(v, minlength=n_fg + 1)[1:n_fg + 1].astype(np.float64)
+    p, t, tp = count(pred[valid]), count(truth[valid]), count(truth[valid & (pred == truth)])
+    with np.errstate(invalid="ignore"):
+        return np.where(p + t > 0, 2 * tp / (p + t), np.nan)
+
+
+@torch.no_grad()
+def evaluate(model, loader, env, norm, n_fg, keep=0):
+    """Mean CE loss at training resolution, per-image Dice at the ORIGINAL resolution (logits upsampled
+    bilinearly), and up to `keep` (image, truth, prediction) triples for the overlays."""
+    model.eval()
+    loss_sum, n_pix, dice, kept = 0.0, 0, [], []
+    for x, y, full in loader:
+        x, y = x.to(env.device), y.to(env.device)
+        with env.autocast():
+            logits = model(norm(x))
+        loss_sum += F.cross_entropy(logits.float(), y, ignore_index=IGNORE, reduction="sum").item()
+        n_pix += int((y != IGNORE).sum())
+        for i, t in enumerate(full):
+            up = F.interpolate(logits[i:i + 1].float(), size=t.shape, mode="bilinear", align_corners=False)
+            pred, t = up.argmax(1)[0].cpu().numpy(), t.numpy()
+            dice.append(dice_per_class(pred, t, n_fg))
+            if len(kept) < keep:
+                kept.append((x[i, 0].cpu().numpy(), t, pred))
+    return loss_sum / max(1, n_pix), np.array(dice).reshape(-1, n_fg), kept
+
+
+def nanmean(a, axis=None):
+    with warnings.catch_warnings():  # an all-NaN slice (class absent everywhere) is NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.asarray(a, dtype=np.float64), axis=axis)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs: the paper's table, results.json, per_image_dice.csv, overlays
+
+PALETTE = np.array([[0, 0, 0]] + [[int(255 * c) for c in colorsys.hsv_to_rgb(k / 20, 0.9, 1.0)] for k in range(20)],
+                   np.uint8)  # background + 20 distinct hues (the ribs)
+
+
+def overlay(img, label, alpha=0.45):
+    """Grayscale image (any size) with a label map drawn over it (resized to the label's size)."""
+    g = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).resize(label.shape[::-1], Image.BILINEAR)
+    rgb = np.repeat(np.array(g)[..., None], 3, 2).astype(np.float32)
+    lab = np.where(label == IGNORE, 0, label)
+    col = PALETTE[np.where(lab > 0, (lab - 1) % 20 + 1, 0)].astype(np.float32)
+    return np.where((lab > 0)[..., None], (1 - alpha) * rgb + alpha * col, rgb).astype(np.uint8)
+
+
+def save_overlays(kept, samples, out_dir, dice):
+    os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
+    for k, (img, truth, pred) in enumerate(kept):
+        panel = np.concatenate([overlay(img, truth), np.full((truth.shape[0], 4, 3), 255, np.uint8),
+                                overlay(img, pred)], axis=1)
+        im = Image.fromarray(panel)
+        for xy, text in (((4, 4), "truth"), ((truth.shape[1] + 8, 4), f"prediction (Dice {nanmean(dice[k]):.3f})")):
+            ImageDraw.Draw(im).text(xy, text, fill=(255, 255, 0))
+        stem = os.path.splitext(os.path.basename(samples[k]["path"]))[0]
+        im.save(os.path.join(out_dir, "overlays", f"{k:02d}_{stem}.png"))
+
+
+def print_table(name, decoder, n_params, classes, per_class, mean_dice, ci):
+    """One row laid out like the paper's Table 4: encoder, decoder, its parameters, Dice x100 per class and mean."""
+    head = ["Encoder", "Decoder", "Params"] + classes + ["Mean Dice", "95% CI"]
+    vals = [name[:28], decoder, f"{n_params / 1e6:.1f}M" if n_params >= 1e5 else f"{n_params:,}"] + [
+        f"{v * 100:.1f}" for v in per_class] + [f"{mean_dice * 100:.1f}", f"[{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]"]
+    w = [max(len(h), len(v)) for h, v in zip(head, vals)]
+    for row in (head, ["-" * n for n in w], vals):
+        print("| " + " | ".join(c.ljust(n) for c, n in zip(row, w)) + " |")
+
+
+def write_per_image(path, samples, classes, dice):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "subject"] + classes + ["mean"]] + [
+            [s["path"], s["subject"]] + ["" if np.isnan(v) else f"{v:.6f}" for v in d] + [f"{nanmean(d):.6f}"]
+            for s, d in zip(samples, dice)])
+
+
+def load_per_image(p):
+    path = os.path.join(p, "per_image_dice.csv") if os.path.isdir(p) else p
+    rows = data.read_csv(path, required=("path", "mean"))
+    classes = [c for c in rows[0] if c not in ("path", "subject", "mean")]
+    rows.sort(key=lambda r: r["path"])
+    D = np.array([[float(r[c]) if r[c] != "" else np.nan for c in classes] for r in rows])
+    return path, [r["path"] for r in rows], classes, D
+
+
+def compare(args):
+    pa, paths, cls, A = load_per_image(args.compare[0])
+    pb, paths_b, cls_b, B = load_per_image(args.compare[1])
+    if cls != cls_b:
+        raise UserError(f"{pa} and {pb} segment different classes ({cls} vs {cls_b})")
+    if paths != paths_b:
+        raise UserError(f"{pa} and {pb} cover different test images ({len(set(paths) ^ set(paths_b))} not in both): "
+                        f"run both encoders on the same data and split (same --seed)")
+    out = {"a": pa, "b": pb, "n_images": len(paths), "n_boot": args.n_boot, "dice": {}}
+    print(f"A = {pa}\nB = {pb}\npaired bootstrap over {len(paths)} test images, {args.n_boot} resamples")
+    print(f"{'class':24s} {'A':>7s} {'B':>7s} {'A-B':>8s} {'95% CI of A-B':>18s} {'p(A>B)':>8s}")
+    for c, cname in list(enumerate(cls)) + [(None, "mean Dice")]:
+        # per class: mean over images; mean Dice: mean over classes of those (as in the table)
+        f = (lambda D, idx: nanmean(nanmean(D[idx], 0))) if c is None else (lambda D, idx, c=c: nanmean(D[idx, c]))
+        r = common.paired_bootstrap(lambda idx: (f(A, idx), f(B, idx)), len(paths), n_boot=args.n_boot, seed=args.seed)
+        out["dice"][cname] = r
+        print(f"{cname[:24]:24s} {r['a']:7.4f} {r['b']:7.4f} {r['delta']:+8.4f} "
+              f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] {r['p_one_tailed']:8.4f}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    common.write_json(out, os.path.join(args.out_dir, "compare.json"))
+    print(f"one-tailed p = share of resamples where A is not better; wrote {args.out_dir}/compare.json")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.compare:
+        return compare(args)
+    env, t0 = common.setup(args), time.time()
+    parts = load_parts(args)
+    classes = TASKS[args.task][0]
+    n_fg = len(classes)  # foreground classes; the decoder predicts n_fg + 1 with background
+    vit, info = load_encoder_from_args(args)
+    size = args.img_size if args.img_size_given else info["img_size"]
+    if size % vit.patch_size:
+        raise UserError(f"image size {size} is not a multiple of the encoder's patch size {vit.patch_size}")
+    depth = len(vit.blocks)
+    # UPerNet: blocks at 1/3, 1/2, 2/3 and all of the depth (4, 6, 8, 12 of 12; 8, 12, 16, 24 of 24 as BEiT)
+    layers = [depth // 3, depth // 2, 2 * depth // 3, depth] if args.decoder == "upernet" else [depth]
+    layers = [int(l) for l in args.layers.split(",")] if args.layers else layers
+    if any(not 1 <= l <= depth for l in layers) or (args.decoder == "upernet" and len(layers) != 4):
+        raise UserError(f"--layers {args.layers}: UPerNet takes 4 blocks, linear any; each within 1..{depth}")
+    decoder = (UPerNet if args.decoder == "upernet" else LinearDecoder)(vit.embed_dim, n_fg + 1)
+    n_params = count_params(decoder)
+    name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
+    env.print(f"encoder: {info['source']}")
+    env.print(f"task {args.task}: {', '.join(classes)} | train {len(parts['train'])}, val {len(parts['val'])}, "
+              f"test {len(parts['test'])} images | {args.decoder} decoder on blocks {layers}: {n_params:,} "
+              f"parameters | {size} px, flips {'on' if args.use_flip else 'off'}")
+
+    mean = torch.tensor(info["mean"], device=env.device).view(1, -1, 1, 1)
+    std = torch.tensor(info["std"], device=env.device).view(1, -1, 1, 1)
+    norm = lambda x: (x.expand(-1, mean.shape[1], -1, -1) - mean) / std  # gray -> the encoder's channels
+    vit.to(env.device)
+    decoder = train_decoder = decoder.to(env.device)
+    if env.distributed:
+        if env.device.type == "cuda":  # BEiT / mmseg use SyncBN across GPUs (PyTorch has it on GPU only)
+            decoder = nn.SyncBatchNorm.convert_sync_batchnorm(decoder)
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        train_decoder = nn.parallel.DistributedDataParallel(decoder, device_ids=ids)
+    model = SegModel(vit, train_decoder, layers)
+    eval_model = SegModel(vit, decoder, layers)  # no DDP wrapper: every rank validates the whole set alone
+
+    train_ds = SegDataset(parts["train"], args.task, size)
+    if args.decoder == "upernet" and min(args.batch_size, len(train_ds) // env.world) < 2:
+        raise UserError("UPerNet's BatchNorm needs at least 2 training images per batch and process")
+    sampler = (torch.utils.data.DistributedSampler(train_ds, env.world, env.rank, shuffle=True, seed=args.seed)
+               if env.distributed else None)
+    # BatchNorm cannot train on a last batch of one image (1x1 pooled map): drop a remainder when there are batches
+    train_dl = torch.utils.data.DataLoader(train_ds, args.batch_size, shuffle=sampler is None, sampler=sampler,
+                                           num_workers=args.num_workers, collate_fn=collate,
+                                           drop_last=len(train_ds) > args.batch_size * env.world,
+                                           persistent_workers=args.num_workers > 0)
+    val_dl, test_dl = (torch.utils.data.DataLoader(SegDataset(parts[k], args.task, size, full=True),
+                                                   args.eval_batch_size, num_workers=args.num_workers,
+                                                   collate_fn=collate) for k in ("val", "test"))
+
+    opt = torch.optim.Adam(decoder.parameters(), lr=args.lr)
+    total = args.max_steps or args.epochs * len(train_dl)
+    if total < 1:
+        raise UserError("nothing to train: --epochs / --max_steps must be at least 1")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
+    os.makedirs(args.out_dir, exist_ok=True)
+    logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
+    ckpt = os.path.join(args.out_dir, "checkpoint.pt")
+    best, best_epoch, step, epoch = float("inf"), -1, 0, 0
+    bar = tqdm(total=total, disable=not env.is_main, dynamic_ncols=True, desc="segment")
+    while step < total:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        for x, y in train_dl:
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            if not args.no_augment:
+                x, y = augment(x, y, args.use_flip)
+            with env.autocast():
+                logits = model(norm(x))
+            loss = seg_loss(logits, y, args.dice_loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            logger.log(step=step, epoch=epoch, loss=loss.item(), lr=sched.get_last_lr()[0])
+            if step >= total:
+                break
+        epoch += 1
+        val_loss, val_dice, _ = evaluate(eval_model, val_dl, env, norm, n_fg)
+        val_mean = float(nanmean(nanmean(val_dice, 0)))
+        logger.log(step=step, epoch=epoch, loss=val_loss, val_loss=val_loss, val_dice=val_mean)
+        if val_loss < best:  # model selection on validation loss only; the test set is never looked at here
+            best, best_epoch = val_loss, epoch
+            if env.is_main:
+                common.atomic_save({"decoder": decoder.state_dict(), "epoch": epoch, "step": step, "task": args.task,
+                                    "val_loss": val_loss, "classes": classes, "decoder_name": args.decoder,
+                                    "layers": layers, "encoder": info["source"]}, ckpt)
+        env.print(f"epoch {epoch}: val loss {val_loss:.4f}, val Dice {val_mean:.4f}{' (best)' * (best_epoch == epoch)}")
+    bar.close()
+    env.barrier()
+
+    if not env.is_main:
+        return None
+    state = torch.load(ckpt, map_location=env.device, weights_only=True)
+    decoder.load_state_dict(state["decoder"])
+    _, test_dice, kept = evaluate(eval_model, test_dl, env, norm, n_fg, keep=args.n_overlays)
+    per_class = nanmean(test_dice, 0)
+    mean_dice = nanmean(per_class)
+    ci = common.bootstrap_ci(lambda idx: nanmean(nanmean(test_dice[idx], 0)), len(test_dice))["ci95"]
+    print(f"\nSegmentation ({args.task}), Dice x100 on the test set ({len(test_dice)} images), best epoch "
+          f"{best_epoch} of {epoch} by validation loss; encoder: {info['source']}")
+    print_table(name, "UPerNet" if args.decoder == "upernet" else "Linear", n_params, classes, per_class, mean_dice, ci)
+    res = {"task": args.task, "encoder": info["source"], "encoder_format": info["format"], "name": name,
+           "decoder": args.decoder, "decoder_params": n_params, "layers": layers, "img_size": size,
+           "classes": classes, "test": {"n_images": len(test_dice), "mean_dice": mean_dice, "mean_dice_ci95": ci,
+                                        "dice": dict(zip(classes, map(float, per_class)))},
+           "best_epoch": best_epoch, "epochs_run": epoch, "steps": step, "best_val_loss": best, "settings": vars(args),
+           **{f"n_{k}": len(parts[k]) for k in parts}, "seconds": round(time.time() - t0, 1)}
+    common.write_json(res, os.path.join(args.out_dir, "results.json"))
+    write_per_image(os.path.join(args.out_dir, "per_image_dice.csv"), parts["test"], classes, test_dice)
+    save_overlays(kept, parts["test"], args.out_dir, test_dice)
+    print(f"wrote results.json, per_image_dice.csv, checkpoint.pt, overlays/ to {args.out_dir}")
+    return res
+
+
+if __name__ == "__main__":
+    common.run(main)
