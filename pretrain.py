@@ -271,8 +271,9 @@ def main(argv=None):
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(jepa, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                                     static_graph=True)
+    target_fwd = target  # the compiled wrapper only runs forwards; checkpoints and EMA use the plain modules
     if args.compile:
-        model, target = torch.compile(model), torch.compile(target)
+        model, target_fwd = torch.compile(model), torch.compile(target)
 
     if env.is_main and step == 0:  # show the user what the masking does on their own images
         imgs = torch.stack([dataset[(i, 0)][0] for i in range(min(4, len(dataset)))])
@@ -308,7 +309,7 @@ def main(argv=None):
             lr, wd, mom = schedule(step, total, warmup, args)
             set_hparams(opt, lr, wd)
             with env.autocast():
-                loss, tstd = jepa_loss(model, target, imgs, masks_enc, masks_pred, args.loss)
+                loss, tstd = jepa_loss(model, target_fwd, imgs, masks_enc, masks_pred, args.loss)
             bad = torch.tensor(float(not torch.isfinite(loss)), device=env.device)
             if env.distributed:  # every rank must agree to stop, or the others hang in the next all-reduce
                 torch.distributed.all_reduce(bad)
