@@ -16,7 +16,6 @@ The last line is `pretrain img/s: X` for this project's code (the first --attn g
 import argparse
 import importlib
 import os
-import resource
 import sys
 import time
 
@@ -31,12 +30,6 @@ from model import count_params
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def time_steps(step_fn, batches, device, warmup, steps):
@@ -156,7 +149,7 @@ def main():
     for name, make in impls:
         step, n_enc, n_pred = make()
         dt = time_steps(step, batches, device, args.warmup, args.steps)
-        rows.append((name, dt * 1e3, args.batch_size / dt, peak_mb(device), n_enc / 1e6, n_pred / 1e6))
+        rows.append((name, dt * 1e3, args.batch_size / dt, pretrain.memory_mb(device), n_enc / 1e6, n_pred / 1e6))
         del step
         if device.type == "cuda":
             torch.cuda.empty_cache()

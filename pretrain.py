@@ -23,7 +23,6 @@ import math
 import os
 import resource
 import sys
-import time
 
 import torch
 import torch.nn as nn

@@ -32,7 +32,6 @@ bf16 inputs the loaded tiles are upcast to fp32 right after tl.load there (UPCAS
 exact code path. Set RADJEPA_ATTN_POISON=1 (or kernels.attention.POISON = True) to fill every output and scratch
 buffer with NaN before the kernels run, so an element a kernel forgets to write shows up as NaN (the tests do).
 """
-import math
 import os
 
 import torch
