@@ -1,7 +1,9 @@
 """
-Plumbing every stage script shares, written once: the flags of ../shared/CONVENTIONS.md, clean one-line errors,
-device / dtype / DDP set-up, the JSON-lines log, atomic checkpoint writes and the paired one-tailed bootstrap test
-that probe.py, segment.py and report.py all use to compare two encoders.
+Plumbing every stage script shares, written once: the flags of docs/CONVENTIONS.md, clean one-line errors, checks
+of the shared flags, presets, device / dtype / DDP set-up, the JSON-lines log and JSON output, atomic checkpoint
+writes; and what the three evaluations (probe.py, segment.py, report.py) share: the frozen encoder (with a random
+encoder of the same architecture as the baseline), the image dataset with its centre crop, the split with fixed
+validation / test sets and the subject-leak check, the paired one-tailed bootstrap test and its compare driver.
 
 Nothing here knows about a particular stage; read pretrain.py (or any stage script) to see it used.
 """
@@ -22,7 +24,7 @@ class UserError(Exception):
 
 
 def run(main):
-    """Call main(); turn a UserError into `error: ...` on stderr and exit status 2 (CONVENTIONS.md)."""
+    """Call main(); turn a UserError into `error: ...` on stderr and exit status 2 (docs/CONVENTIONS.md)."""
     try:
         main()
     except UserError as e:
@@ -41,7 +43,7 @@ def run(main):
 
 def add_common_args(p, stage, batch_size=64, epochs=10, lr=1e-3, model="vit_base", img_size=224):
     """The flags every stage script has, with the stage's own defaults."""
-    g = p.add_argument_group("common (see ../shared/CONVENTIONS.md)")
+    g = p.add_argument_group("common (see docs/CONVENTIONS.md)")
     g.add_argument("--out_dir", default=os.path.join("out", stage), help="where everything this run writes goes")
     g.add_argument("--model", default=model, help="vit_tiny | vit_small | vit_base | vit_large | vit_huge")
     g.add_argument("--img_size", type=int, default=img_size, help="input resolution in pixels")
@@ -58,6 +60,36 @@ def add_common_args(p, stage, batch_size=64, epochs=10, lr=1e-3, model="vit_base
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     return g
+
+
+def add_preset_arg(p, presets):
+    p.add_argument("--preset", default=None, choices=list(presets),
+                   help="flag defaults: 'paper' with data flags, 'demo' without (a flag given explicitly wins)")
+
+
+def apply_preset(args, presets, has_data):
+    """The one preset mechanism: every flag the preset names and the user left unset (None) takes its value."""
+    args.preset = args.preset or ("paper" if has_data else "demo")
+    for k, v in presets[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+def check_args(args):
+    """One-line errors for shared flags with impossible values (instead of a traceback deep inside a run)."""
+    from model import VIT_CONFIGS  # here, not at the top: model.py must stay importable without this module's users
+    if getattr(args, "model", None) is not None and args.model not in VIT_CONFIGS:
+        raise UserError(f"--model {args.model!r} unknown: choose from {', '.join(VIT_CONFIGS)}")
+    for flag in ("batch_size", "epochs", "max_steps", "patch_size", "img_size"):
+        v = getattr(args, flag, None)
+        if v is not None and v < 1:
+            raise UserError(f"--{flag} {v}: must be at least 1")
+    if getattr(args, "lr", None) is not None and not args.lr > 0:
+        raise UserError(f"--lr {args.lr}: the learning rate must be positive")
+    if getattr(args, "num_workers", 0) < 0:
+        raise UserError("--num_workers must be 0 or more")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,10 +181,21 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def json_safe(o):
+    """NaN / inf (a metric undefined for a class without positives) as null: results.json stays strict JSON."""
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
+
+
 def write_json(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
+        json.dump(json_safe(obj), f, indent=2, default=float)
     os.replace(tmp, path)
 
 
@@ -201,3 +244,190 @@ def bootstrap_ci(stat, n_items, n_boot=500, seed=0):
     vals = np.array([stat(rng.integers(0, n_items, n_items)) for _ in range(n_boot)], dtype=float)
     vals = vals[np.isfinite(vals)]
     return {"median": float(np.median(vals)), "ci95": [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]}
+
+
+def nanmean(a, axis=None):
+    """Mean over the finite values (NaN = a metric undefined there); an all-NaN slice is NaN, without a warning."""
+    a = np.asarray(a, dtype=np.float64)
+    ok = np.isfinite(a)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, a, 0).sum(axis) / ok.sum(axis) if axis is not None else (
+            float(a[ok].mean()) if ok.any() else float("nan"))
+
+
+def mark(p):
+    """Table 6's significance marks for a one-tailed p-value: ** p < 0.01, * p < 0.05, else nothing."""
+    return "" if p is None or not np.isfinite(p) else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+def paired_compare(args, a, b, stats, n_items, unit="test images", digits=3):
+    """The compare driver of the three evaluations: a paired bootstrap per row of stats {row: stat(idx) -> (value of
+    A, value of B)} over the same n_items, printed as a table and written to out_dir/compare.json. A row named by a
+    tuple (metric, class) is filed as out['metrics'][metric][class], a plain name as out['metrics'][name]."""
+    out = {"a": a, "b": b, f"n_{unit.split()[-1]}": n_items, "n_boot": args.n_boot, "metrics": {}}
+    print(f"A = {a}\nB = {b}\npaired bootstrap over {n_items} {unit}, {args.n_boot} resamples")
+    print(f"{'':30s} {'A':>8s} {'B':>8s} {'A-B':>9s}   {'95% CI of A-B':21s} {'p(A>B)':>8s}")
+    for key, stat in stats.items():
+        r = paired_bootstrap(stat, n_items, n_boot=args.n_boot, seed=args.seed)
+        if isinstance(key, tuple):
+            out["metrics"].setdefault(key[0], {})[key[1]] = r
+        else:
+            out["metrics"][key] = r
+        name, d = " ".join(key) if isinstance(key, tuple) else key, digits
+        ci = f"[{r['ci95'][0]:+.{d}f}, {r['ci95'][1]:+.{d}f}]"
+        print(f"{name[:30]:30s} {r['a']:8.{d}f} {r['b']:8.{d}f} {r['delta']:+9.{d}f}   {ci:21s} "
+              f"{r['p_one_tailed']:8.4f}{mark(r['p_one_tailed'])}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(out, os.path.join(args.out_dir, "compare.json"))
+    print(f"one-tailed p = share of resamples where A is not better (* p < 0.05, ** p < 0.01); wrote "
+          f"{os.path.join(args.out_dir, 'compare.json')}")
+    return out
+
+
+def same_items(pa, keys_a, pb, keys_b, what="test images"):
+    if list(keys_a) != list(keys_b):
+        n = len(set(keys_a) ^ set(keys_b))
+        raise UserError(f"{pa} and {pb} cover different {what} ({n} not in both): run both encoders on the same data "
+                        f"and split (same --seed)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the frozen encoder of the three evaluations
+
+def add_eval_args(p):
+    """Encoder flags (encoders.py) plus what every evaluation adds: its row label and the random baseline."""
+    from encoders import add_encoder_args
+    add_encoder_args(p)
+    g = p.add_argument_group("baseline")
+    g.add_argument("--name", default=None, help="the encoder's row label in the table")
+    g.add_argument("--baseline", default="none", choices=["none", "random"],
+                   help="random: also run a randomly initialised encoder of the SAME architecture and preprocessing "
+                        "as --encoder, and test (paired, one-tailed) whether --encoder beats it")
+    g.add_argument("--random_like", action="store_true",
+                   help="evaluate a random init of --encoder's architecture instead of its weights (the baseline)")
+    g.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples (CIs and comparisons)")
+
+
+def load_frozen_encoder(args):
+    """(vit, info, name) by docs/CONVENTIONS.md's resolution rule: --img_size / --patch_size / --model build a
+    random encoder; a loaded one keeps its own resolution unless --enc_img_size says otherwise. --random_like
+    swaps the weights for a seeded random init of exactly the loaded architecture (same preprocessing)."""
+    from encoders import load_encoder_from_args
+    vit, info = load_encoder_from_args(args)
+    if args.random_like and info["format"] != "random-init":
+        vit, info = random_like(vit, info, getattr(args, "attn", None) or "sdpa")
+    name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
+    if args.random_like:
+        name = args.name or f"random {name}"
+    info["crop_frac"] = CROP_FRAC.get(info["format"], 1.0)
+    return vit, info, name
+
+
+def random_like(vit, info, attn="sdpa", seed=0):
+    """A randomly initialised ViT of vit's architecture (its config), frozen, with the same preprocessing."""
+    import model
+    torch.manual_seed(seed)
+    rand = model.VisionTransformer(attn=attn, **vit.config)
+    if hasattr(model, "init_weights"):  # the project's default init, where model.py defines one
+        model.init_weights(rand)
+    rand.eval().requires_grad_(False)
+    info = {**info, "format": "random-init", "source": f"random-init of the architecture of {info['source']}"}
+    return rand, info
+
+
+def run_baseline(main, args, argv):
+    """--baseline random: run the same evaluation with --random_like into out_dir/baseline_random, then the paired
+    comparison of the two runs (main(['--compare', A, B])). Returns the comparison."""
+    if args.baseline != "random" or args.random_like:
+        return None
+    base = os.path.join(args.out_dir, "baseline_random")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    print(f"\nbaseline: a random encoder of the same architecture, in {base}")
+    main(argv + ["--random_like", "--baseline", "none", "--out_dir", base])
+    return main(["--compare", args.out_dir, base, "--out_dir", args.out_dir, "--n_boot", str(args.n_boot),
+                 "--seed", str(args.seed)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images: centre crop + resize (the paper's preprocessing), loaded in DataLoader workers
+
+# Share of the shorter side the centre crop keeps, per encoder format, as each encoder's card documents its
+# evaluation: DINOv2 (and its HF port) resize the shorter side to 256 and crop 224; RAD-DINO resizes the shorter
+# side to 518 and crops 518 (the whole shorter side); RadJEPa (the paper) and I-JEPA crop the largest centred square.
+CROP_FRAC = {"dinov2": 224 / 256, "dinov2-hf": 224 / 256}
+
+
+def center_box(h, w, frac=1.0):
+    """(top, left, side) of the centred square covering frac of the shorter side."""
+    side = max(1, int(round(min(h, w) * frac)))
+    return (h - side) // 2, (w - side) // 2, side
+
+
+def center_crop(img, frac=1.0):
+    t, l, s = center_box(img.shape[0], img.shape[1], frac)
+    return img[t:t + s, l:l + s]
+
+
+class Images(torch.utils.data.Dataset):
+    """(image tensor, index, error) per path: centre crop, resize, normalise (info's img_size / mean / std). A bad
+    file yields a placeholder and its error, reported by the main process in one line (not a worker traceback)."""
+
+    def __init__(self, paths, info, crop=True):
+        import data
+        self.paths, self.data = paths, data
+        self.frac = info.get("crop_frac", 1.0) if crop else None
+        self.pre = data.Preprocess(info["img_size"], info["mean"], info["std"])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            img = self.data.read_image(self.paths[i])
+            return self.pre(center_crop(img, self.frac) if self.frac else img), i, ""
+        except self.data.ImageReadError as e:
+            return torch.zeros(len(self.pre.mean), self.pre.img_size, self.pre.img_size), i, str(e)
+
+
+def image_batches(paths, info, batch_size, num_workers, crop=True):
+    """Batches (x, indices) of Images(paths); the first unreadable file ends the run with its one-line error."""
+    for x, idx, err in torch.utils.data.DataLoader(Images(paths, info, crop), batch_size=batch_size,
+                                                   num_workers=num_workers):
+        if any(err):
+            raise UserError([e for e in err if e][0])
+        yield x, idx
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# splits: fixed validation / test sets where the data has them, subjects never in two parts
+
+def split_samples(samples, fractions=None, seed=0):
+    """{'train', 'val', 'test'} -> samples. A sample's 'part' (a published split, --val_csv / --test_csv) is kept;
+    the others are split by subject over the parts still missing, with fractions {part: share}. Then the leak
+    check: no subject in two parts (e.g. one patient in both --csv and --test_csv) and no empty part."""
+    import data
+    fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
+    parts = {k: [s for s in samples if s.get("part") == k] for k in ("train", "val", "test")}
+    pool = [s for s in samples if s.get("part") not in parts]
+    want = [k for k in ("train", "val", "test") if not parts[k] and fractions.get(k)]
+    if pool and want:
+        idx = data.split_by_subject([s["subject"] for s in pool], [fractions[k] for k in want], seed=seed)
+        for k, ix in zip(want, idx):
+            parts[k] = [pool[i] for i in ix]
+    elif pool:
+        parts["train"] += pool
+    check_leak(parts)
+    return parts
+
+
+def check_leak(parts):
+    order = [k for k in ("train", "val", "test") if k in parts]
+    seen = {}
+    for k in order:
+        if not parts[k]:
+            raise UserError(f"the {k} part is empty: give more data or a --{k}_csv")
+        for s in parts[k]:
+            other = seen.setdefault(str(s["subject"]), k)
+            if other != k:
+                raise UserError(f"subject leak: subject {s['subject']} has images in both the {other} and the {k} "
+                                f"part; images of one patient must stay in one part")

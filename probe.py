@@ -4,27 +4,34 @@ Linear probe: is a frozen encoder's global embedding linearly predictive of find
     python probe.py                                    # demo: bundled Kermany X-rays, pneumonia vs normal, CPU
     python probe.py --encoder out/pretrain/encoder.safetensors --csv /data/nih14/labels.csv \\
         --subject_col patient_id --label_cols Atelectasis,Cardiomegaly,Effusion    # 5-fold CV by patient
-    python probe.py --dataset vindr --data_dir /data/vindr-cxr/1.0.0   # official test set, the paper's six findings
-    python probe.py --dataset rsna --data_dir /data/rsna-pneumonia     # stage_2_train_* files, 5-fold CV by patient
+    python probe.py --dataset vindr --data_dir /data/vindr-cxr/1.0.0   # official split, six findings, 5 seeds
+    python probe.py --dataset rsna --data_dir /data/rsna-pneumonia     # 60/20/20 by patient (--protocol cv: 5-fold)
     python probe.py --csv train.csv --val_csv val.csv --test_csv test.csv --label_cols a,b   # fixed splits
+    python probe.py --csv t.csv --label_cols finding --task multiclass   # one column of class names
     python probe.py --augment --epochs 20 ...         # the paper's training-time augmentations, through the encoder
+    python probe.py --encoder A.safetensors --baseline random   # and a random encoder of A's architecture, compared
     python probe.py --compare out/probe_a out/probe_b # paired bootstrap over the test images: is A better than B?
     python probe.py --table out/probe_a out/probe_b   # the paper's Table 3: one row per encoder
     torchrun --nproc_per_node 4 probe.py ...          # images embedded by all ranks; rank 0 trains the heads
 
 The paper's protocol: the encoder is frozen; its global embedding (mean of the final patch tokens for JEPA
-encoders, CLS where the encoder has one; --last_layers N concatenates N final layers) feeds one linear layer:
-sigmoid + BCE for multi-label findings, softmax + CE for multi-class and binary ones; AdamW, lr 5e-5, cosine
-schedule, batch 96, 100 epochs (but at least --min_steps steps: small data sets would stop far from convergence).
-Images are split by subject, never by image: k-fold cross-validation (--folds) or a fixed --test_csv; inside each
-training part a subject-disjoint validation part (or --val_csv) picks the epoch.
+encoders, CLS where the encoder has one; --last_layers N concatenates N final layers) of the centre-cropped,
+resized image feeds one linear layer: sigmoid + BCE for multi-label findings, softmax + CE for multi-class and
+binary ones; AdamW, lr 5e-5, cosine schedule, batch 96, 100 epochs (but at least --min_steps steps: small data sets
+would stop far from convergence). Images are split by subject, never by image. Protocols (--protocol):
+  fixed  a published or given test set (VinDr-CXR's official 15,000 / 3,000 split, --test_csv): heads trained with
+         --repeats seeds (default 5), mean ± std over the seeds
+  split  --split train/val/test shares by subject (RSNA: 60/20/20, the paper), --repeats seeds
+  cv     --folds k-fold cross-validation by subject (the default for a plain --csv and the bundled demo)
+Inside each training part a subject-disjoint validation part (or --val_csv) picks the epoch.
 
-Embeddings are computed once and cached under --feature_cache (keyed by encoder, images and preprocessing): heads
-train in seconds, reruns skip the encoder. --augment sends augmented training images through it every epoch instead.
+Labels: several 0/1 columns = multi-label, one 0/1 column = binary; anything else in a label column (blank, -1,
+NaN, words) is an error unless --task multiclass says the column holds class names. Embeddings are cached under
+--feature_cache, keyed by the encoder, the images (path, size, modification time) and the preprocessing.
 
-Writes to --out_dir (default out/probe): results.json (per class and Agg. AUPRC / AUROC: mean, std, per fold;
-settings; encoder), results.csv, predictions.csv (per test image and fold: what --compare reads), pr_curves.png,
-log.jsonl; --compare writes compare.json.
+Writes to --out_dir (default out/probe): results.json (per class and Agg. AUPRC / AUROC: mean, std, per fold or
+seed; protocol and its deviations; settings; encoder), results.csv, predictions.csv (per test image and fold: what
+--compare reads), pr_curves.png, log.jsonl; --compare writes compare.json.
 """
 import argparse
 import csv
@@ -45,14 +52,13 @@ from tqdm import tqdm
 
 import common
 import data
-from common import UserError
-from encoders import DEFAULT_EXPORT, add_encoder_args, load_encoder_from_args
+import datasets
+from common import UserError, nanmean
+from encoders import DEFAULT_EXPORT
 
 DEMO_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data", "kermany", "labels.csv")
-
-# VinDr-CXR: the paper's six findings, spelled as in image_labels_{train,test}.csv (matched case-insensitively)
-VINDR_SIX = ["Lung Opacity", "Cardiomegaly", "Pleural thickening", "Aortic enlargement", "Pulmonary fibrosis",
-             "Pleural effusion"]
+VINDR_SIX = datasets.VINDR_SIX
+PRESETS = {"paper": dict(model="vit_base", img_size=224, batch_size=96, epochs=100, lr=5e-5)}  # demo = paper
 
 # --augment strengths: small, label-preserving changes of a chest X-ray
 AUG = dict(flip_p=0.5, rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, crop_area=(0.8, 1.0),
@@ -67,20 +73,23 @@ def get_args(argv=None):
     g.add_argument("--path_col", default="path")
     g.add_argument("--subject_col", default=None, help="subject / patient id column (default: subject)")
     g.add_argument("--label_cols", default=None, help="comma-separated: several 0/1 columns = multi-label, "
-                   "one 0/1 column = binary, one column of class names = multi-class")
+                   "one 0/1 column = binary, one column of class names = multi-class (with --task multiclass)")
     g.add_argument("--val_csv", default=None, help="fixed validation set (replaces the inner validation split)")
-    g.add_argument("--test_csv", default=None, help="fixed test set (replaces k-fold cross-validation)")
+    g.add_argument("--test_csv", default=None, help="fixed test set (replaces cross-validation)")
     g.add_argument("--dataset", default=None, choices=["vindr", "rsna"], help="a published layout under --data_dir")
     g.add_argument("--data_dir", default=None, help="root folder of --dataset (e.g. .../vindr-cxr/1.0.0)")
     g.add_argument("--vindr_consensus", default="majority", choices=["majority", "any"],
-                   help="how VinDr's three readers per training image are combined (see load_vindr)")
+                   help="how VinDr's three readers per training image are combined (see datasets.load_vindr)")
     g = p.add_argument_group("protocol")
     g.add_argument("--task", default="auto", choices=["auto", "multilabel", "multiclass", "binary"])
+    g.add_argument("--protocol", default="auto", choices=["auto", "fixed", "split", "cv"],
+                   help="auto: fixed with a test set, split for RSNA, cv otherwise (see above)")
+    g.add_argument("--split", default="0.6,0.2,0.2", help="--protocol split: train,val,test shares of the subjects")
     g.add_argument("--folds", type=int, default=5, help="k of k-fold cross-validation by subject")
-    g.add_argument("--val_frac", type=float, default=0.15, help="share of a training part's subjects for selection")
+    g.add_argument("--val_frac", type=float, default=0.15, help="cv / fixed: share of a training part's subjects "
+                   "for selection")
     g.add_argument("--select", default="loss", choices=["loss", "auprc"], help="best epoch by val loss or AUPRC")
-    g.add_argument("--repeats", type=int, default=1,
-                   help="fixed test set: heads with this many seeds (inner validation split, batch order)")
+    g.add_argument("--repeats", type=int, default=5, help="fixed / split: heads trained with this many seeds")
     g.add_argument("--weight_decay", type=float, default=0.01)
     g.add_argument("--min_steps", type=int, default=1000, help="train at least this many steps (0: off): small data "
                    "stops far from convergence after 100 epochs at lr 5e-5; the paper's data sets get >10k steps")
@@ -90,29 +99,35 @@ def get_args(argv=None):
     g.add_argument("--augment", action="store_true", help="training-time augmentations through the encoder")
     g.add_argument("--extract_batch_size", type=int, default=32)
     g.add_argument("--feature_cache", default=None, help="embedding cache folder (default: OUT_DIR/features)")
-    g.add_argument("--name", default=None, help="the encoder's row label in the table")
-    g = p.add_argument_group("comparing two runs")
+    g = p.add_argument_group("comparing runs")
     g.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
                    help="two predictions.csv (or run folders): paired bootstrap, one-tailed 'A better than B'")
-    g.add_argument("--n_boot", type=int, default=1000)
     g.add_argument("--table", nargs="+", default=None, metavar="RUN",
                    help="print one table (a row per run folder / results.json) for encoders probed on the same data")
-    add_encoder_args(p)
-    common.add_common_args(p, "probe", batch_size=96, epochs=100, lr=5e-5, model="vit_base", img_size=224)
-    args = p.parse_args(argv)
+    common.add_eval_args(p)
+    common.add_common_args(p, "probe", batch_size=None, epochs=None, lr=None, model=None, img_size=None)
+    common.add_preset_arg(p, PRESETS)
+    args = common.check_args(common.apply_preset(p.parse_args(argv), PRESETS, True))
     if args.folds < 2:
         raise UserError("--folds must be at least 2")
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1")
     if not 0 < args.val_frac < 1:
         raise UserError("--val_frac must be between 0 and 1")
+    try:
+        args.split_fracs = [float(v) for v in args.split.split(",")]
+        assert len(args.split_fracs) == 3 and min(args.split_fracs) > 0
+    except (ValueError, AssertionError):
+        raise UserError(f"--split {args.split!r}: three positive shares train,val,test (e.g. 0.6,0.2,0.2)")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: every source becomes image paths, subjects, a label matrix and index parts (pool / val / test)
+# data: every source gives generic samples (datasets.py); here they become paths, subjects, a label matrix, parts
 
 class Table:
     """labels: (N, C) float 0/1 (one-hot for multi-class; one column for binary). parts: index arrays 'pool'
-    (cross-validated, or the training part when a test set is fixed) and optional fixed 'val' and 'test'."""
+    (split or cross-validated, or the training part when a test set is fixed) and optional fixed 'val' and 'test'."""
 
     def __init__(self, paths, subjects, labels, classes, task, part_of, source):
         self.paths, self.subjects = list(paths), np.asarray(subjects, dtype=str)
@@ -121,97 +136,68 @@ class Table:
         self.parts = {k: np.flatnonzero(part_of == k) for k in ("pool", "val", "test") if (part_of == k).any()}
 
 
-def _as_01(value, where):
-    v = str(value).strip()
-    if v not in ("0", "1", "0.0", "1.0"):
-        raise UserError(f"{where}: label {value!r} is not 0 or 1 (multi-label and binary columns hold 0/1)")
-    return float(v)
+BINARY = {"0", "1", "0.0", "1.0"}
 
 
-def load_csvs(args):
-    """The generic CSV format of CONVENTIONS.md (and the bundled demo)."""
+def csv_samples(args):
+    """The generic CSV format of docs/CONVENTIONS.md (and the bundled demo): samples with 'labels' {column: text}."""
     if args.csv is None and (args.val_csv or args.test_csv):
         raise UserError("--val_csv / --test_csv need --csv for the training data")
     demo = args.csv is None
-    subject_col = args.subject_col or ("patient" if demo else "subject")
     if not args.label_cols and not demo:
         raise UserError("--csv needs --label_cols (the CSV's label columns, comma-separated)")
     cols = [c.strip() for c in args.label_cols.split(",") if c.strip()] if args.label_cols else ["pneumonia"]
-    where, values, paths, subjects, part_of = [], [], [], [], []
-    for part, path in (("pool", DEMO_CSV if demo else args.csv), ("val", args.val_csv), ("test", args.test_csv)):
-        for i, r in enumerate(data.read_csv(path, required=[args.path_col, subject_col] + cols) if path else []):
-            where.append(f"{path} row {i + 2}")
-            values.append([(r[c] or "").strip() for c in cols])
-            paths.append(data.resolve(path, args.image_root, r[args.path_col]))
-            subjects.append(r[subject_col])
-            part_of.append(part)
-    task = args.task
+    spec = {"path": args.path_col, "subject": args.subject_col or ("patient" if demo else "subject")}
+    out = []
+    for part, path in (("train", DEMO_CSV if demo else args.csv), ("val", args.val_csv), ("test", args.test_csv)):
+        if path:
+            rows, _ = datasets.read_csv_samples(path, args.image_root, {**spec, **{f"label:{c}": c for c in cols}},
+                                                part=None if part == "train" else part)
+            for i, s in enumerate(rows):
+                s["labels"], s["where"] = {c: s.pop(f"label:{c}") for c in cols}, f"{path} row {i + 2}"
+            out += rows
+    return out, f"bundled {DEMO_CSV}" if demo else args.csv
+
+
+def labels_of(samples, task):
+    """(task, classes, label matrix) from the samples' label texts. Only 0/1 is a binary / multi-label value: a blank,
+    -1, NaN or a word in a label column is an error naming the row, unless --task multiclass (class names)."""
+    cols = list(samples[0]["labels"])
+    values = [[str(s["labels"][c]).strip() for c in cols] for s in samples]
+    where = [s.get("where", s["path"]) for s in samples]
     if task == "auto":
-        binary = {v for vals in values for v in vals} <= {"0", "1", "0.0", "1.0"}
-        task = "multilabel" if len(cols) > 1 else ("binary" if binary else "multiclass")
+        task = "multilabel" if len(cols) > 1 else "binary"
     if task == "binary" and len(cols) != 1:
         raise UserError("--task binary needs exactly one 0/1 label column")
     if task == "multiclass" and len(cols) == 1:  # one column of class names
-        classes = sorted({vals[0] for vals in values})
-        labels = [[float(vals[0] == c) for c in classes] for vals in values]
-    else:
-        classes, labels = cols, [[_as_01(v, w) for v in vals] for w, vals in zip(where, values)]
-        if task == "multiclass" and any(sum(l) != 1 for l in labels):
-            raise UserError("--task multiclass with several columns needs exactly one 1 per row (one-hot columns)")
-    return Table(paths, subjects, labels, classes, task, part_of, f"bundled {DEMO_CSV}" if demo else args.csv)
-
-
-def load_vindr(args):
-    """VinDr-CXR as published on PhysioNet: ROOT/{train,test}/<image_id>.dicom and ROOT/annotations/
-    image_labels_{train,test}.csv with columns image_id, rad_id and one 0/1 column per finding.
-
-    The dataset's documentation: each training image was labelled independently by three radiologists (one row
-    each), each test image by the consensus of five (one row). It prescribes no rule for fusing the three training
-    reads, so we take the majority: a finding is positive when more than half of an image's readers marked it
-    (2 of 3); --vindr_consensus any makes one reader enough. VinDr has no patient id: subject = image_id."""
-    root = args.data_dir or args.image_root
-    if not root:
-        raise UserError("--dataset vindr needs --data_dir (the folder holding train/, test/ and annotations/)")
-    wanted = [c.strip() for c in args.label_cols.split(",")] if args.label_cols else VINDR_SIX
-    ids, labels, part_of = [], [], []
-    for part, split in (("pool", "train"), ("test", "test")):
-        f = os.path.join(root, "annotations", f"image_labels_{split}.csv")
-        rows = data.read_csv(f, required=["image_id"])
-        lower = {h.lower(): h for h in rows[0]}  # VinDr writes 'Pleural thickening', papers 'Pleural Thickening'
-        absent = [w for w in wanted if w.lower() not in lower]
-        if absent:
-            raise UserError(f"{f}: no column(s) {absent}; it has {sorted(rows[0])}")
-        votes = {}  # image_id -> one 0/1 vector per reader
-        for r in rows:
-            votes.setdefault(r["image_id"], []).append([_as_01(r[lower[w.lower()]], f) for w in wanted])
-        for image_id, v in votes.items():
-            n_pos = np.sum(v, axis=0)
-            labels.append(n_pos * 2 > len(v) if args.vindr_consensus == "majority" else n_pos >= 1)
-            ids.append((split, image_id))
-            part_of.append(part)
-    paths = [os.path.join(root, split, f"{i}.dicom") for split, i in ids]
-    return Table(paths, [i for _, i in ids], labels, wanted, "multilabel", part_of, f"VinDr-CXR {root}")
-
-
-def load_rsna(args):
-    """RSNA Pneumonia Detection Challenge: ROOT/stage_2_train_labels.csv (patientId, x, y, width, height, Target;
-    one row per box, so a patient with two opacities has two rows) and ROOT/stage_2_train_images/<patientId>.dcm.
-    One image per patientId, labelled Target (max over its rows). Only the training files carry labels: the
-    protocol is k-fold cross-validation by patient."""
-    root = args.data_dir or args.image_root
-    if not root:
-        raise UserError("--dataset rsna needs --data_dir (the folder holding stage_2_train_labels.csv)")
-    f = os.path.join(root, "stage_2_train_labels.csv")
-    target = {}
-    for r in data.read_csv(f, required=["patientId", "Target"]):
-        target[r["patientId"]] = max(target.get(r["patientId"], 0.0), _as_01(r["Target"], f))
-    paths = [os.path.join(root, "stage_2_train_images", f"{i}.dcm") for i in target]
-    return Table(paths, list(target), [[t] for t in target.values()], ["Pneumonia"], "binary", ["pool"] * len(paths),
-                 f"RSNA Pneumonia {root}")
+        blank = [w for w, v in zip(where, values) if v[0] in ("", "nan", "NaN")]
+        if blank:
+            raise UserError(f"{blank[0]}: blank / NaN label in {cols[0]!r} ({len(blank)} rows): not a class; "
+                            f"drop those rows")
+        classes = sorted({v[0] for v in values})
+        return task, classes, [[float(v[0] == c) for c in classes] for v in values]
+    bad = [(w, v) for w, vals in zip(where, values) for v in vals if v not in BINARY]
+    if bad:
+        hint = " (one column of class names? pass --task multiclass)" if len(cols) == 1 else ""
+        raise UserError(f"{bad[0][0]}: label {bad[0][1]!r} is not 0 or 1 ({len(bad)} such values): blanks, -1 "
+                        f"(uncertain), NaN and words are not binary labels{hint}")
+    labels = [[float(v) for v in vals] for vals in values]
+    if task == "multiclass" and any(sum(l) != 1 for l in labels):
+        raise UserError("--task multiclass with several columns needs exactly one 1 per row (one-hot columns)")
+    return task, cols, labels
 
 
 def load_table(args):
-    table = {"vindr": load_vindr, "rsna": load_rsna}.get(args.dataset, load_csvs)(args)
+    samples, source = datasets.load(args.dataset, args) if args.dataset else csv_samples(args)
+    task, classes, labels = labels_of(samples, args.task)
+    lab = np.asarray(labels)
+    for i, c in enumerate(classes):  # a class without positives (or negatives) has no AUPRC / AUROC anywhere
+        if task != "multiclass" and lab[:, i].min() == lab[:, i].max():
+            print(f"warning: label {c!r} is {int(lab[0, i])} for all {len(lab)} images: its AUPRC / AUROC are "
+                  f"undefined ('-') and Agg. leaves it out")
+    part_of = [{"val": "val", "test": "test"}.get(s["part"], "pool") for s in samples]
+    table = Table([s["path"] for s in samples], [s["subject"] for s in samples], labels, classes, task, part_of,
+                  source)
     missing = [p for p in table.paths if not os.path.exists(p)]
     if missing:
         raise UserError(f"{len(missing)} of {len(table.paths)} images not found, e.g. {missing[0]} "
@@ -219,10 +205,17 @@ def load_table(args):
     return table
 
 
+def protocol_of(table, args):
+    if args.protocol != "auto":
+        if args.protocol == "fixed" and "test" not in table.parts:
+            raise UserError("--protocol fixed needs a test set (--test_csv or a dataset with an official split)")
+        return args.protocol
+    return "fixed" if "test" in table.parts else "split" if args.dataset == "rsna" else "cv"
+
+
 def make_splits(table, args):
-    """(train, val, test) index arrays per fold, subject-disjoint (checked). Without a fixed test set: k-fold CV of
-    the pool by subject; each training part then gives --val_frac of its subjects to model selection."""
-    subj, pool = table.subjects, table.parts["pool"]
+    """(train, val, test) index arrays per fold or seed, subject-disjoint (checked); see the protocols above."""
+    subj, pool, proto = table.subjects, table.parts["pool"], protocol_of(table, args)
 
     def inner(train, seed):
         if "val" in table.parts:
@@ -230,8 +223,12 @@ def make_splits(table, args):
         tr, va = data.split_by_subject(subj[train], fractions=(1 - args.val_frac, args.val_frac), seed=seed)
         return train[tr], train[va]
 
-    if "test" in table.parts:
-        splits = [(*inner(pool, args.seed + r), table.parts["test"]) for r in range(args.repeats)]
+    if proto == "fixed":
+        test = table.parts["test"]
+        splits = [(*inner(pool, args.seed + r), test) for r in range(args.repeats)]
+    elif proto == "split":  # one subject split (the seed's); the heads then vary with the repeat's seed
+        tr, va, te = data.split_by_subject(subj[pool], args.split_fracs, seed=args.seed)
+        splits = [(pool[tr], pool[va] if "val" not in table.parts else table.parts["val"], pool[te])] * args.repeats
     else:
         folds = data.kfold_by_subject(subj[pool], k=args.folds, seed=args.seed)
         splits = [(*inner(pool[tr], args.seed + k), pool[te]) for k, (tr, te) in enumerate(folds)]
@@ -248,37 +245,17 @@ def make_splits(table, args):
 # ----------------------------------------------------------------------------------------------------------------
 # features: the frozen encoder's global embedding, once per image (cached) or per augmented batch
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, paths, preprocess):
-        self.paths, self.pre = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):  # a bad file is reported by the main process in one line, not as a worker traceback
-        try:
-            return self.pre(data.read_image(self.paths[i])), ""
-        except data.ImageReadError as e:  # a placeholder of the right shape, so the batch still collates
-            return torch.zeros(len(self.pre.mean), self.pre.img_size, self.pre.img_size), str(e)
-
-
-def image_batches(paths, preprocess, batch_size, args):
-    for x, err in torch.utils.data.DataLoader(Images(paths, preprocess), batch_size=batch_size,
-                                              num_workers=args.num_workers):
-        if any(err):
-            raise UserError([e for e in err if e][0])
-        yield x
-
-
 def cache_file(info, table, args, env):
     """Named by everything that changes an embedding: the encoder (file identity, or the random-init recipe), the
-    images, the preprocessing, the layers pooled and the precision."""
+    images (path, size and modification time: a file rewritten in place gets a new key), the preprocessing, the
+    layers pooled and the precision."""
     enc, path = info["source"], args.encoder or (DEFAULT_EXPORT if info["format"] != "random-init" else None)
     if path and os.path.exists(path):  # a retrained file (or folder of files) at the same path gets a new key
         files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
-        enc = [(os.path.realpath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+        enc = [info["format"]] + [(os.path.realpath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    images = sorted((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in table.paths)
     key = json.dumps([enc, args.model, args.patch_size, info["img_size"], info["mean"], info["std"],
-                      args.last_layers, str(env.dtype), sorted(table.paths)])
+                      info.get("crop_frac", 1.0), args.last_layers, str(env.dtype), images])
     return os.path.join(args.feature_cache or os.path.join(args.out_dir, "features"),
                         hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
 
@@ -294,14 +271,18 @@ def extract_features(vit, info, table, args, env):
     rank 0 gathers them (the other ranks get None)."""
     path = cache_file(info, table, args, env)
     if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        if cached["paths"] == table.paths:
+        try:
+            cached = torch.load(path, weights_only=True)
+            ok = cached["paths"] == table.paths and cached["feats"].shape[0] == len(table.paths)
+        except Exception as e:  # a truncated or foreign file: say so and recompute (the cache is only a shortcut)
+            env.print(f"warning: feature cache {path} is unreadable ({type(e).__name__}): recomputing it")
+            ok = False
+        if ok:
             env.print(f"features: reusing {path}")
             return cached["feats"]
-    pre = data.Preprocess(info["img_size"], info["mean"], info["std"])
     mine = list(range(env.rank, len(table.paths), env.world))
     feats, bar = [], tqdm(total=len(mine), desc="embedding images", disable=not env.is_main)
-    for x in image_batches([table.paths[i] for i in mine], pre, args.extract_batch_size, args):
+    for x, _ in common.image_batches([table.paths[i] for i in mine], info, args.extract_batch_size, args.num_workers):
         feats.append(embed(vit, x, env, args).cpu())
         bar.update(len(x))
     bar.close()
@@ -389,7 +370,7 @@ def train_head(batches, steps_per_epoch, Xva, Yva, n_classes, task, args, env, l
         with torch.no_grad():
             logits = head(Xva)
             val_loss = loss_fn(logits, Yva, task).item()
-            val_ap = _nanmean(fast_metrics(Yva.cpu().numpy(), probabilities(logits, task).cpu().numpy())[0])
+            val_ap = nanmean(fast_metrics(Yva.cpu().numpy(), probabilities(logits, task).cpu().numpy())[0])
         score = -val_loss if args.select == "loss" or not np.isfinite(val_ap) else val_ap
         if best is None or score > best[0]:
             best = (score, epoch, {k: v.clone() for k, v in head.state_dict().items()})
@@ -410,21 +391,7 @@ def metrics(Y, P):
     ok = [0 < Y[:, c].sum() < len(Y) for c in range(Y.shape[1])]
     ap = [float(average_precision_score(Y[:, c], P[:, c])) if ok[c] else math.nan for c in range(Y.shape[1])]
     auc = [float(roc_auc_score(Y[:, c], P[:, c])) if ok[c] else math.nan for c in range(Y.shape[1])]
-    return {"auprc": ap, "auroc": auc, "agg_auprc": _nanmean(ap), "agg_auroc": _nanmean(auc)}
-
-
-def json_safe(o):
-    """NaN (a metric undefined for a class without positives) as null: results.json stays strict JSON."""
-    if isinstance(o, dict):
-        return {k: json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [json_safe(v) for v in o]
-    return None if isinstance(o, float) and not math.isfinite(o) else o
-
-
-def _nanmean(v):
-    v = np.asarray(v, dtype=float)
-    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else math.nan
+    return {"auprc": ap, "auroc": auc, "agg_auprc": nanmean(ap), "agg_auroc": nanmean(auc)}
 
 
 def fast_metrics(Y, P):
@@ -488,7 +455,7 @@ def write_outputs(res, table, preds, out_dir):
             for i, p in zip(idx, P):
                 w.writerow([table.paths[i], table.subjects[i], fold] + [int(v) for v in table.labels[i]]
                            + [f"{v:.6g}" for v in p])
-    common.write_json(json_safe(res), os.path.join(out_dir, "results.json"))
+    common.write_json(res, os.path.join(out_dir, "results.json"))
 
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -548,9 +515,7 @@ def compare(args):
     pb, paths_b, cls_b, Yb, Pb = load_predictions(args.compare[1])
     if cls != cls_b:
         raise UserError(f"{pa} and {pb} predict different classes ({cls} vs {cls_b})")
-    if paths != paths_b:
-        raise UserError(f"{pa} and {pb} cover different test images ({len(set(paths) ^ set(paths_b))} not in both): "
-                        f"run both encoders on the same data and splits")
+    common.same_items(pa, paths, pb, paths_b)
     if not np.array_equal(Ya, Yb):
         raise UserError(f"{pa} and {pb} disagree on the labels of the same images")
     memo = {}
@@ -564,27 +529,32 @@ def compare(args):
     def stat_for(m, c):  # c None: Agg., the mean over classes
         def stat(idx):
             a, b = all_metrics(idx)
-            return (_nanmean(a[m]), _nanmean(b[m])) if c is None else (a[m][c], b[m][c])
+            return (nanmean(a[m]), nanmean(b[m])) if c is None else (a[m][c], b[m][c])
         return stat
 
-    out = {"a": pa, "b": pb, "n_images": len(paths), "n_boot": args.n_boot, "metrics": {}}
-    print(f"A = {pa}\nB = {pb}\npaired bootstrap over {len(paths)} test images, {args.n_boot} resamples")
-    print(f"{'metric':7s} {'class':22s} {'A':>7s} {'B':>7s} {'A-B':>8s} {'95% CI of A-B':>18s} {'p(A>B)':>8s}")
-    for m, name in enumerate(("auprc", "auroc")):
-        out["metrics"][name] = {}
-        for c, cname in list(enumerate(cls)) + [(None, "Agg.")]:
-            r = common.paired_bootstrap(stat_for(m, c), len(paths), n_boot=args.n_boot, seed=args.seed)
-            out["metrics"][name][cname] = r
-            print(f"{name.upper():7s} {cname[:22]:22s} {r['a']:7.3f} {r['b']:7.3f} {r['delta']:+8.3f} "
-                  f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] {r['p_one_tailed']:8.4f}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    common.write_json(json_safe(out), os.path.join(args.out_dir, "compare.json"))
-    print(f"one-tailed p = share of resamples where A is not better; wrote {args.out_dir}/compare.json")
-    return out
+    stats = {(m, cname): stat_for(i, c) for i, m in enumerate(("auprc", "auroc"))
+             for c, cname in list(enumerate(cls)) + [(None, "Agg.")]}
+    return common.paired_compare(args, pa, pb, stats, len(paths))
 
 
 def unit_of(protocol):
-    return "seed" if protocol == "fixed test set" else "fold"
+    return "fold" if "cross-validation" in protocol else "seed"
+
+
+def deviations(args, proto):
+    """What this run does differently from the paper's section 6 protocol (printed and in results.json)."""
+    out = []
+    if args.min_steps and args.max_steps is None:
+        out.append(f"at least {args.min_steps} head steps (the paper: 100 epochs however few steps that is)")
+    if args.feat_norm == "standardize":
+        out.append("features standardised with the training part's mean / std (a fixed affine map, still linear)")
+    if args.dataset == "vindr":
+        out.append(f"VinDr training labels: {args.vindr_consensus} of the three readers (the paper does not say)")
+    if args.dataset == "rsna" and proto != "split":
+        out.append(f"RSNA with --protocol {proto} (the paper: a 60/20/20 split by subject)")
+    if proto in ("fixed", "split") and args.repeats != 5:
+        out.append(f"{args.repeats} seed(s) (the paper: 5)")
+    return out
 
 
 def table_of_runs(runs):
@@ -600,7 +570,7 @@ def run_folds(feats, table, splits, vit, info, args, env, log):
     """Train, select and test one head per split; returns per-fold metrics and (fold, test indices, probabilities)."""
     X, Y = feats.to(env.device), torch.from_numpy(table.labels).to(env.device)
     # --augment works on [0, 1] images and normalises after augmenting, with the encoder's own statistics
-    raw = data.Preprocess(info["img_size"], [0.0] * len(info["mean"]), [1.0] * len(info["std"]))
+    raw = {**info, "mean": [0.0] * len(info["mean"]), "std": [1.0] * len(info["std"])}
     mean, std = (torch.tensor(info[k], device=env.device).view(1, -1, 1, 1) for k in ("mean", "std"))
     bs, per_fold, preds = args.batch_size, [], []
     for k, (tr, va, te) in enumerate(splits):
@@ -616,7 +586,8 @@ def run_folds(feats, table, splits, vit, info, args, env, log):
                 for i in range(0, len(order), bs):
                     yield Xs[order[i:i + bs]], Y[order[i:i + bs]]
                 return
-            for i, x in enumerate(image_batches([table.paths[j] for j in order], raw, bs, args)):
+            for i, (x, _) in enumerate(common.image_batches([table.paths[j] for j in order], raw, bs,
+                                                            args.num_workers)):
                 f = embed(vit, (augment(x.to(env.device), g) - mean) / std, env, args)
                 yield (f - mu) / sd, Y[order[i * bs:(i + 1) * bs]]
 
@@ -644,10 +615,11 @@ def main(argv=None):
     env = common.setup(args)
     t0 = time.time()
     table = load_table(args)
-    splits = make_splits(table, args)
-    vit, info = load_encoder_from_args(args)
+    splits, proto = make_splits(table, args), protocol_of(table, args)
+    protocol = {"fixed": f"fixed test set, {args.repeats} seed(s)", "cv": f"{args.folds}-fold cross-validation by "
+                "subject", "split": f"{args.split} split by subject, {args.repeats} seed(s)"}[proto]
+    vit, info, name = common.load_frozen_encoder(args)
     vit.to(env.device)
-    name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
     env.print(f"encoder: {info['source']}")
     env.print(f"data: {table.source}: {len(table.paths)} images, {len(set(table.subjects))} subjects, "
               f"{table.task} {table.classes}; {len(splits)} split(s); {info['img_size']} px, mean {info['mean']} "
@@ -666,18 +638,20 @@ def main(argv=None):
         torch.set_num_threads(threads)
     res = {"name": name, "encoder": info["source"], "encoder_format": info["format"], "task": table.task,
            "classes": table.classes, **summarise(per_fold, table.classes), "per_fold": per_fold,
-           "protocol": "fixed test set" if "test" in table.parts else f"{args.folds}-fold cross-validation by subject",
+           "protocol": protocol, "deviations": deviations(args, proto),
            "data": {"source": table.source, "n_images": len(table.paths), "n_subjects": len(set(table.subjects)),
                     "positives": {c: int(table.labels[:, i].sum()) for i, c in enumerate(table.classes)}},
-           "preprocess": {k: info[k] for k in ("img_size", "mean", "std")}, "feature_dim": int(feats.shape[1]),
+           "preprocess": {k: info[k] for k in ("img_size", "mean", "std", "crop_frac")}, "feature_dim": int(feats.shape[1]),
            "settings": vars(args), "time_s": round(time.time() - t0, 1)}
     for metric in ("auprc", "auroc"):
         print_table([res], table.classes, metric, len(splits), unit_of(res["protocol"]))
-    print(f"encoder: {info['source']}")
+    print(f"encoder: {info['source']}\nprotocol: {protocol}; deviations from the paper: "
+          f"{'; '.join(res['deviations']) or 'none'}")
     write_outputs(res, table, preds, args.out_dir)
     draw_pr_curves(np.concatenate([table.labels[te] for _, te, _ in preds]), np.concatenate([P for *_, P in preds]),
                    table.classes, f"{name}: {table.source}", os.path.join(args.out_dir, "pr_curves.png"))
     print(f"wrote results.json, results.csv, predictions.csv, pr_curves.png to {args.out_dir}")
+    res["baseline"] = common.run_baseline(main, args, argv)
     return res
 
 

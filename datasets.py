@@ -1,0 +1,315 @@
+"""
+Published dataset layouts, read once for all three evaluations (`--dataset NAME --data_dir ROOT`).
+
+    samples, source = datasets.load("vindr", args)   # args: the script's flags (data_dir, label_cols, seed, ...)
+
+Every loader returns the same generic sample list the CSV path returns (read_csv_samples): one dict per image,
+    {"path": image file, "subject": patient id, "part": "train" | "val" | "test" | None (None: split by subject),
+     ... what the task needs: "labels" {class: 0/1} (probe.py), "mask" / "polys" / "boxes" (segment.py),
+     "text" (report.py)}
+and a one-line description of where it came from. Nothing here trains or scores; the scripts do.
+
+  vindr        VinDr-CXR (PhysioNet 1.0.0): annotations/image_labels_{train,test}.csv, {train,test}/<id>.dicom;
+               the official split, 15,000 training and 3,000 test images                           (probe.py)
+  rsna         RSNA Pneumonia Detection Challenge: stage_2_train_labels.csv, stage_2_train_images/  (probe.py)
+  vindr_rib    VinDr-RibCXR: Annotations/{train,val}/*.json in pandas' column layout               (segment.py)
+  mimic_lungs  PhysioNet lung-segment-mimic-cxr: per CXR a pair of segmented images, lungs and the rest (segment.py)
+  mimic        MIMIC-CXR-JPG + MIMIC-CXR reports: official split, one frontal image per study      (report.py)
+  iu_xray      IU-Xray in R2Gen's layout: annotation.json + images/                                 (report.py)
+Chest ImaGenome's zone boxes (segment.py --task zones --boxes) are read by load_boxes.
+"""
+import csv
+import glob
+import gzip
+import json
+import os
+import re
+
+import numpy as np
+
+import data
+from common import UserError
+
+# VinDr-CXR: the paper's six findings, spelled as in image_labels_{train,test}.csv (matched case-insensitively)
+VINDR_SIX = ["Lung Opacity", "Cardiomegaly", "Pleural thickening", "Aortic enlargement", "Pulmonary fibrosis",
+             "Pleural effusion"]
+ZONES = ["right upper lung zone", "right mid lung zone", "right lower lung zone",
+         "left upper lung zone", "left mid lung zone", "left lower lung zone"]
+RIBS = [f"R{i}" for i in range(1, 11)] + [f"L{i}" for i in range(1, 11)]
+IMAGE_EXT = (".png", ".jpg", ".jpeg")
+
+
+def load(name, args):
+    """(samples, source) of the published layout `name` under args.data_dir; a clear error when it is not there."""
+    if name not in LAYOUTS:
+        raise UserError(f"--dataset {name!r} unknown: choose from {', '.join(LAYOUTS)}")
+    if not args.data_dir:
+        raise UserError(f"--dataset {name} needs --data_dir (the dataset's root folder)")
+    if not os.path.isdir(args.data_dir):
+        raise UserError(f"--data_dir {args.data_dir}: no such folder")
+    return LAYOUTS[name](args)
+
+
+def as_01(value, where):
+    v = str(value).strip()
+    if v not in ("0", "1", "0.0", "1.0"):
+        raise UserError(f"{where}: label {value!r} is not 0 or 1 (multi-label and binary columns hold 0/1)")
+    return float(v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the generic CSV format (docs/CONVENTIONS.md)
+
+def read_csv_samples(path, image_root, cols, part=None, path_keys=("path",), drop_blank=None):
+    """One sample per row of a CSV: cols {sample key: column} ('path' and 'subject' at least; a subject column
+    absent from the file makes every image its own subject); path_keys are resolved against --image_root (default:
+    the CSV's folder). drop_blank: a key whose blank rows are dropped, and counted (returned as the second value)."""
+    need = [c for k, c in cols.items() if k != "subject" and c]
+    rows = data.read_csv(path, required=need)
+    out, dropped = [], 0
+    for r in rows:
+        s = {k: (r.get(c) or "").strip() if c else "" for k, c in cols.items()}
+        if drop_blank and not s[drop_blank]:
+            dropped += 1
+            continue
+        for k in path_keys:
+            if s.get(k):
+                s[k] = data.resolve(path, image_root, s[k])
+        s["subject"] = s.get("subject") or os.path.splitext(os.path.basename(s["path"]))[0]
+        s["part"] = part
+        out.append(s)
+    return out, dropped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# classification (probe.py)
+
+def load_vindr(args):
+    """VinDr-CXR as published on PhysioNet: ROOT/{train,test}/<image_id>.dicom and ROOT/annotations/
+    image_labels_{train,test}.csv with columns image_id, rad_id and one 0/1 column per finding: the official split
+    (15,000 training images, 3,000 test images). Each training image was labelled independently by three
+    radiologists (one row each), each test image by the consensus of five (one row). The dataset prescribes no rule
+    for fusing the three training reads, so we take the majority (2 of 3); --vindr_consensus any makes one reader
+    enough. VinDr has no patient id: subject = image_id."""
+    root = args.data_dir
+    wanted = [c.strip() for c in args.label_cols.split(",")] if args.label_cols else VINDR_SIX
+    rule = getattr(args, "vindr_consensus", "majority")
+    out = []
+    for part, split in (("train", "train"), ("test", "test")):
+        f = os.path.join(root, "annotations", f"image_labels_{split}.csv")
+        rows = data.read_csv(f, required=["image_id"])
+        lower = {h.lower(): h for h in rows[0]}  # VinDr writes 'Pleural thickening', papers 'Pleural Thickening'
+        absent = [w for w in wanted if w.lower() not in lower]
+        if absent:
+            raise UserError(f"{f}: no column(s) {absent}; it has {sorted(rows[0])}")
+        votes = {}  # image_id -> one 0/1 vector per reader
+        for r in rows:
+            votes.setdefault(r["image_id"], []).append([as_01(r[lower[w.lower()]], f) for w in wanted])
+        for image_id, v in votes.items():
+            n_pos = np.sum(v, axis=0)
+            lab = n_pos * 2 > len(v) if rule == "majority" else n_pos >= 1
+            out.append({"path": os.path.join(root, split, f"{image_id}.dicom"), "subject": image_id, "part": part,
+                        "labels": dict(zip(wanted, map(float, lab)))})
+    return out, f"VinDr-CXR {root} (official split; training labels: {rule} of the readers)"
+
+
+def load_rsna(args):
+    """RSNA Pneumonia Detection Challenge: ROOT/stage_2_train_labels.csv (patientId, x, y, width, height, Target;
+    one row per box, so a patient with two opacities has two rows) and ROOT/stage_2_train_images/<patientId>.dcm.
+    One image per patientId, labelled Target (max over its rows). Only the training files carry labels, so the
+    split is made here: part None (probe.py: 60/20/20 by subject, or k-fold with --protocol cv)."""
+    root = args.data_dir
+    f = os.path.join(root, "stage_2_train_labels.csv")
+    target = {}
+    for r in data.read_csv(f, required=["patientId", "Target"]):
+        target[r["patientId"]] = max(target.get(r["patientId"], 0.0), as_01(r["Target"], f))
+    return [{"path": os.path.join(root, "stage_2_train_images", f"{i}.dcm"), "subject": i, "part": None,
+             "labels": {"Pneumonia": t}} for i, t in target.items()], f"RSNA Pneumonia {root}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segmentation (segment.py)
+
+def load_vindr_rib(args):
+    """VinDr-RibCXR: every *<split>*.json under root (Annotations/train/Vindr_RibCXR_train_mask.json,
+    .../val/...), each in pandas' column layout: {"img": {"0": "data/train/img/VinDr_RibCXR_train_000.png"},
+    "R1": {"0": [{"x": .., "y": ..}, ...]}, ..., "L10": {...}}; paths relative to root. The official split: train
+    is split into train + validation by segment.py, val is the test set (with a test JSON too: val = validation)."""
+    root, found = args.data_dir, {}
+    for f in sorted(glob.glob(os.path.join(root, "**", "*.json"), recursive=True)):
+        name = os.path.basename(f).lower()
+        split = next((s for s in ("train", "val", "test") if s in name), None)
+        if split is None:
+            continue
+        with open(f) as fh:
+            j = json.load(fh)
+        if "img" not in j:
+            raise UserError(f"{f}: no 'img' key; is this a VinDr-RibCXR annotation JSON?")
+        for k, rel in j["img"].items():
+            cands = [os.path.join(root, rel), os.path.join(root, rel[:1].swapcase() + rel[1:])]
+            found.setdefault(split, []).append({"path": next((c for c in cands if os.path.exists(c)), cands[0]),
+                                                "subject": os.path.splitext(os.path.basename(rel))[0],
+                                                "polys": {r: j.get(r, {}).get(k) for r in RIBS}})
+    if "train" not in found or not ({"val", "test"} & set(found)):
+        raise UserError(f"--data_dir {root}: expected VinDr-RibCXR JSONs for train and val (e.g. "
+                        f"Annotations/train/Vindr_RibCXR_train_mask.json); found splits {sorted(found) or 'none'}")
+    part_of = {"train": None, "val": "val", "test": "test"} if "test" in found else {"train": None, "val": "test"}
+    out = [{**s, "part": part_of[k]} for k, v in found.items() for s in v]
+    return out, f"VinDr-RibCXR {root} (official split)"
+
+
+def load_mimic_lungs(args):
+    """PhysioNet's lung-segment-mimic-cxr (Chen et al. 2022): 1,141 frontal MIMIC-CXR images, each "processed into
+    a pair of segmented images with the lung lobes and the rest parts" (its documentation): two image files per
+    CXR, named by the MIMIC dicom_id with 'lung' or 'rest' in the file name, in any folder structure under
+    --data_dir. The lungs' mask is the non-black part of the lung image (> 0); the X-ray is the sum of the two
+    segmented images (they partition it), or the MIMIC-CXR-JPG original when --image_root holds files/p*/.../
+    <dicom_id>.jpg. MIMIC's path (p<subject>/s<study>) gives the subject where present, else the dicom_id.
+    No official split: part None (segment.py splits by subject)."""
+    root, pairs = args.data_dir, {}
+    for f in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
+        stem, ext = os.path.splitext(os.path.basename(f))
+        if ext.lower() not in IMAGE_EXT:
+            continue
+        kind = "lung" if "lung" in stem.lower() else "rest" if "rest" in stem.lower() else None
+        if kind is None:
+            continue
+        key = re.sub(r"[_\-. ]*(lungs?|rest)[_\-. ]*", "", stem, flags=re.I) or stem
+        pairs.setdefault((os.path.dirname(f), key), {})[kind] = f
+    originals = {}
+    if args.image_root:
+        for f in glob.glob(os.path.join(args.image_root, "**", "*.jpg"), recursive=True):
+            originals[os.path.splitext(os.path.basename(f))[0]] = f
+    out, unpaired = [], 0
+    for (folder, key), files in sorted(pairs.items()):
+        if "lung" not in files:
+            unpaired += 1
+            continue
+        m = re.search(r"p(\d{8})", folder)
+        s = {"path": originals.get(key) or files["lung"], "subject": m.group(1) if m else key, "part": None,
+             "mask": files["lung"], "mask_rule": "nonzero"}
+        if key not in originals:
+            s["compose"] = [files["lung"], files.get("rest")]  # the X-ray = lungs + the rest
+        out.append(s)
+    if not out:
+        raise UserError(f"--data_dir {root}: no lung-segment-mimic-cxr image pairs (files named <dicom_id>_lung.png "
+                        f"and <dicom_id>_rest.png, or similar)")
+    note = f", {unpaired} 'rest' image(s) without a lung image skipped" if unpaired else ""
+    print(f"lung-segment-mimic-cxr: {len(out)} images{note}")
+    return out, f"lung-segment-mimic-cxr {root}"
+
+
+def load_boxes(path, scale=1.0):
+    """Zone boxes per image key (file stem): {key: {zone: (x1, y1, x2, y2)}} from a folder of Chest ImaGenome
+    scene-graph JSONs (original_* = pixels of the original image) or a CSV path,zone,x1,y1,x2,y2."""
+    out = {}
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+        if not files:
+            raise UserError(f"--boxes {path}: no .json scene graphs in it")
+        for f in files:
+            with open(f) as fh:
+                g = json.load(fh)
+            key = str(g.get("image_id") or os.path.basename(f).replace("_SceneGraph.json", "").replace(".json", ""))
+            for o in g.get("objects", []):
+                if o.get("bbox_name") in ZONES:
+                    out.setdefault(key, {})[o["bbox_name"]] = tuple(scale * float(o[f"original_{c}"])
+                                                                   for c in ("x1", "y1", "x2", "y2"))
+    else:
+        for r in data.read_csv(path, required=("path", "zone", "x1", "y1", "x2", "y2")):
+            zone = r["zone"].strip().replace("_", " ").lower()
+            if zone not in ZONES:
+                raise UserError(f"--boxes {path}: zone {r['zone']!r} is not one of {', '.join(ZONES)}")
+            key = os.path.splitext(os.path.basename(r["path"]))[0]
+            out.setdefault(key, {})[zone] = tuple(scale * float(r[c]) for c in ("x1", "y1", "x2", "y2"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report generation (report.py)
+
+SECTION = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*[A-Z)]):", re.M)
+
+
+def extract_findings(text):
+    """The FINDINGS section of a MIMIC-CXR free-text report, else its IMPRESSION, else None. Headers are upper-case
+    words ending in ':' at a line start (as in MIT-LCP's section_parser); names are normalised the same way:
+    'findings and impression' / 'conclusion' count as impression, any other name containing 'findings' as
+    findings. Whitespace is collapsed."""
+    heads = list(SECTION.finditer(text))
+    found = {}
+    for h, nxt in zip(heads, heads[1:] + [None]):
+        name = h.group(1).lower().strip()
+        if name in ("findings and impression", "findings/impression", "conclusion") or "impression" in name:
+            name = "impression"
+        elif "finding" in name:
+            name = "findings"
+        body = " ".join(text[h.end():nxt.start() if nxt else len(text)].split())
+        if body and name in ("findings", "impression"):
+            found.setdefault(name, body)  # the first non-empty one (reports with two findings headers: one is empty)
+    return found.get("findings") or found.get("impression")
+
+
+def _read_table(path):
+    """Rows of a .csv or .csv.gz (the MIMIC metadata files ship gzipped)."""
+    for p in (path, path + ".gz"):
+        if os.path.exists(p):
+            with (gzip.open(p, "rt", newline="") if p.endswith(".gz") else open(p, newline="")) as f:
+                return list(csv.DictReader(f))
+    raise UserError(f"{path}(.gz) not found: is --data_dir the MIMIC-CXR-JPG root?")
+
+
+def load_mimic(args):
+    """MIMIC-CXR-JPG: official split (train / validate / test), frontal views (ViewPosition PA or AP), one image
+    per study (PA preferred), the report's Findings section (Impression when there is none; studies with neither
+    are skipped, and counted)."""
+    root = args.data_dir
+    rep_root = getattr(args, "reports_dir", None) or root
+    split = {r["dicom_id"]: r for r in _read_table(os.path.join(root, "mimic-cxr-2.0.0-split.csv"))}
+    meta = _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"))
+    best = {}  # study -> (rank of view, dicom_id)
+    for m in meta:
+        view = (m.get("ViewPosition") or "").upper()
+        if view in ("PA", "AP") and m["dicom_id"] in split:
+            key = (0 if view == "PA" else 1, m["dicom_id"])
+            best[m["study_id"]] = min(best.get(m["study_id"], key), key)
+    out, skipped = [], 0
+    for study, (_, dicom) in sorted(best.items()):
+        r = split[dicom]
+        s = str(r["subject_id"])
+        rel = os.path.join("files", f"p{s[:2]}", f"p{s}", f"s{study}")
+        txt = os.path.join(rep_root, rel + ".txt")
+        text = extract_findings(open(txt).read()) if os.path.exists(txt) else None
+        if not text:
+            skipped += 1
+            continue
+        part = {"train": "train", "validate": "val", "test": "test"}[r["split"]]
+        out.append({"path": os.path.join(root, rel, dicom + ".jpg"), "subject": s, "text": text, "part": part})
+    if not any(s["part"] == "train" for s in out):
+        raise UserError(f"no MIMIC-CXR training study with a report under {rep_root}/files: set --reports_dir")
+    return out, f"MIMIC-CXR ({skipped} frontal studies without findings/impression or report skipped)"
+
+
+def load_iu_xray(args):
+    """IU-Xray in R2Gen's layout: annotation.json {"train"|"val"|"test": [{"id", "report", "image_path": [...]}]},
+    image paths relative to DATA_DIR/images; the first image (frontal) of each study; blank reports dropped and
+    counted."""
+    ann = os.path.join(args.data_dir, "annotation.json")
+    if not os.path.exists(ann):
+        raise UserError(f"{ann} not found: --data_dir must hold R2Gen's annotation.json and images/")
+    with open(ann) as f:
+        a = json.load(f)
+    img_root = args.image_root or os.path.join(args.data_dir, "images")
+    out, blank = [], 0
+    for part in ("train", "val", "test"):
+        for e in a.get(part, []):
+            if not (e.get("report") or "").strip():
+                blank += 1
+                continue
+            out.append({"path": os.path.join(img_root, e["image_path"][0]), "subject": str(e["id"]),
+                        "text": " ".join(e["report"].split()), "part": part})
+    return out, f"IU-Xray (R2Gen annotation.json; {blank} blank report(s) dropped)"
+
+
+LAYOUTS = {"vindr": load_vindr, "rsna": load_rsna, "vindr_rib": load_vindr_rib, "mimic_lungs": load_mimic_lungs,
+           "mimic": load_mimic, "iu_xray": load_iu_xray}
