@@ -294,7 +294,7 @@ def same_items(pa, keys_a, pb, keys_b, what="test images"):
 # ----------------------------------------------------------------------------------------------------------------
 # the frozen encoder of the three evaluations
 
-def add_eval_args(p):
+def add_eval_args(p, n_boot=1000):
     """Encoder flags (encoders.py) plus what every evaluation adds: its row label and the random baseline."""
     from encoders import add_encoder_args
     add_encoder_args(p)
@@ -305,7 +305,7 @@ def add_eval_args(p):
                         "as --encoder, and test (paired, one-tailed) whether --encoder beats it")
     g.add_argument("--random_like", action="store_true",
                    help="evaluate a random init of --encoder's architecture instead of its weights (the baseline)")
-    g.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples (CIs and comparisons)")
+    g.add_argument("--n_boot", type=int, default=n_boot, help="bootstrap resamples (CIs and comparisons)")
 
 
 def load_frozen_encoder(args):
@@ -401,7 +401,7 @@ def image_batches(paths, info, batch_size, num_workers, crop=True):
 # ----------------------------------------------------------------------------------------------------------------
 # splits: fixed validation / test sets where the data has them, subjects never in two parts
 
-def split_samples(samples, fractions=None, seed=0):
+def split_samples(samples, fractions=None, seed=0, need=("train", "val", "test")):
     """{'train', 'val', 'test'} -> samples. A sample's 'part' (a published split, --val_csv / --test_csv) is kept;
     the others are split by subject over the parts still missing, with fractions {part: share}. Then the leak
     check: no subject in two parts (e.g. one patient in both --csv and --test_csv) and no empty part."""
@@ -416,17 +416,16 @@ def split_samples(samples, fractions=None, seed=0):
             parts[k] = [pool[i] for i in ix]
     elif pool:
         parts["train"] += pool
-    check_leak(parts)
+    check_leak(parts, need)
     return parts
 
 
-def check_leak(parts):
-    order = [k for k in ("train", "val", "test") if k in parts]
+def check_leak(parts, need=("train", "val", "test")):
     seen = {}
-    for k in order:
-        if not parts[k]:
+    for k in ("train", "val", "test"):
+        if k in need and not parts.get(k):
             raise UserError(f"the {k} part is empty: give more data or a --{k}_csv")
-        for s in parts[k]:
+        for s in parts.get(k, []):
             other = seen.setdefault(str(s["subject"]), k)
             if other != k:
                 raise UserError(f"subject leak: subject {s['subject']} has images in both the {other} and the {k} "

@@ -199,6 +199,18 @@ def load_mimic_lungs(args):
     return out, f"lung-segment-mimic-cxr {root}"
 
 
+def read_composed(paths):
+    """One X-ray from segmented images that partition it (lung-segment-mimic-cxr's lungs + rest), in [0, 1]."""
+    from PIL import Image
+    try:
+        arrs = [np.asarray(Image.open(p).convert("L"), dtype=np.float32) for p in paths if p]
+        if len({a.shape for a in arrs}) != 1:
+            raise ValueError(f"the segmented images differ in size ({[a.shape for a in arrs]})")
+    except Exception as e:
+        raise data.ImageReadError(f"cannot read image {paths[0]}: {type(e).__name__}: {e}") from e
+    return np.clip(sum(arrs), 0, 255) / 255.0
+
+
 def load_boxes(path, scale=1.0):
     """Zone boxes per image key (file stem): {key: {zone: (x1, y1, x2, y2)}} from a folder of Chest ImaGenome
     scene-graph JSONs (original_* = pixels of the original image) or a CSV path,zone,x1,y1,x2,y2."""

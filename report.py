@@ -3,10 +3,11 @@ Radiology report generation, LLaVA-style (the paper's Table 5): frozen encoder p
 decoder, trained on image + report pairs and scored with BLEU-4, ROUGE-L and CheXpert-14 F1.
 
     python report.py                                   # demo: bundled image + text pairs, small LM from scratch, CPU
-    python report.py --csv /work/shared/data/reports/reports.csv --subject_col patientid --text_col text
+    python report.py --csv reports.csv --subject_col patientid --text_col text   # image path, patient, report
     python report.py --dataset mimic --data_dir /data/mimic-cxr-jpg/2.0.0 --reports_dir /data/mimic-cxr/2.0.0 \\
         --lm /models/vicuna-7b-v1.5 --train lora --lr 2e-5 --epochs 3 --batch_size 16 --grad_accum 8 --grad_ckpt
     python report.py --dataset iu_xray --data_dir /data/iu_xray   # R2Gen's annotation.json + images/
+    python report.py --encoder A.safetensors --baseline random   # and a random encoder of A's architecture
     python report.py --compare out/report_a out/report_b    # paired one-tailed bootstrap: is A better than B?
     python report.py --label_only --csv reports.csv --text_col report   # CheXpert-14 labels only -> labels.csv
     torchrun --nproc_per_node 8 report.py --lm ... # DDP: each rank a shard of every batch and of the generation
@@ -37,14 +38,10 @@ Writes to --out_dir (default out/report): results.json, predictions.csv (path, s
 """
 import argparse
 import csv
-import gzip
-import json
 import math
 import os
-import re
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -53,8 +50,8 @@ from tqdm import tqdm
 
 import common
 import data
+import datasets
 from common import UserError
-from encoders import add_encoder_args, load_encoder_from_args
 from labeler import METRICS, OBSERVATIONS, RADGRAPH_NOTE, Scorer, label_report, score
 from llama import Llama, LlamaConfig, apply_lora, count_params, generate, load_hf_llama
 
@@ -65,6 +62,9 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 INSTRUCTION = "Provide a description of the findings in the radiology image."
 PROMPT = f"{SYSTEM} USER: <image>\n{INSTRUCTION} ASSISTANT:"
 IMAGE_TOKEN = -200  # placeholder id of an image slot in input_ids (LLaVA's IMAGE_TOKEN_INDEX); never embedded
+# the paper's setting (Vicuna-7B v1.5, with --lm) and the small from-scratch LM's (the demo)
+PRESETS = {"paper": dict(lr=2e-5, epochs=3, train="lora", image_pool=1),
+           "demo": dict(lr=1e-3, epochs=30, train="full", image_pool=2)}
 
 
 def get_args(argv=None):
@@ -79,7 +79,8 @@ def get_args(argv=None):
     g.add_argument("--text_col", default="text", help="report text column")
     g.add_argument("--val_csv", default=None, help="fixed validation set (same columns)")
     g.add_argument("--test_csv", default=None, help="fixed test set (same columns)")
-    g.add_argument("--dataset", default=None, choices=["mimic", "iu_xray"], help="a published layout under --data_dir")
+    g.add_argument("--dataset", default=None, choices=["mimic", "iu_xray"],
+                   help="a published layout under --data_dir (datasets.py)")
     g.add_argument("--data_dir", default=None,
                    help="MIMIC-CXR-JPG root (files/, split and metadata CSVs) or IU-Xray folder (annotation.json)")
     g.add_argument("--reports_dir", default=None,
@@ -112,25 +113,18 @@ def get_args(argv=None):
     g.add_argument("--precompute", default="auto", choices=["auto", "yes", "no"],
                    help="encode every image once and keep the patch tokens in memory (auto: up to 20000 images)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--n_boot", type=int, default=500, help="bootstrap resamples for CIs and --compare")
     g.add_argument("--n_examples", type=int, default=3, help="generated reports printed")
-    g.add_argument("--name", default=None, help="row label of the table (default: from the encoder)")
     g.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
                    help="two predictions.csv files (or run folders): paired bootstrap, one-tailed 'A better than B'")
-    add_encoder_args(p)
+    common.add_eval_args(p, n_boot=500)
     common.add_common_args(p, "report", batch_size=8, epochs=None, lr=None, model="vit_base", img_size=224)
+    common.add_preset_arg(p, PRESETS)
     args = p.parse_args(argv)
-    paper = args.lm is not None
-    args.lr = args.lr if args.lr is not None else (2e-5 if paper else 1e-3)
-    args.epochs = args.epochs if args.epochs is not None else (3 if paper else 30)
-    args.train = args.train or ("lora" if paper else "full")
-    args.image_pool = args.image_pool or (1 if paper else 2)
+    args = common.check_args(common.apply_preset(args, PRESETS, args.lm is not None))  # paper: with --lm
     if args.image_pool < 1 or args.grad_accum < 1 or args.max_new_tokens < 1:
         raise UserError("--image_pool, --grad_accum and --max_new_tokens must be at least 1")
     if args.dataset and (args.csv or args.test_csv):
         raise UserError("give either --dataset (with --data_dir) or --csv, not both")
-    if args.dataset and not args.data_dir:
-        raise UserError(f"--dataset {args.dataset} needs --data_dir (the dataset's root folder)")
     if args.subject_col is None:
         args.subject_col = "patientid" if not args.csv or os.path.abspath(args.csv) == DEMO_CSV else "subject"
     args.csv = args.csv or (None if args.dataset else DEMO_CSV)
@@ -140,112 +134,24 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # data: every source becomes {"train"|"val"|"test": [{"path", "subject", "text"}, ...]}
 
-SECTION = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*[A-Z)]):", re.M)
-
-
-def extract_findings(text):
-    """The FINDINGS section of a MIMIC-CXR free-text report, else its IMPRESSION, else None. Headers are upper-case
-    words ending in ':' at a line start (as in MIT-LCP's section_parser); names are normalised the same way:
-    'findings and impression' / 'conclusion' count as impression, any other name containing 'findings' as
-    findings. Whitespace is collapsed."""
-    heads = list(SECTION.finditer(text))
-    found = {}
-    for h, nxt in zip(heads, heads[1:] + [None]):
-        name = h.group(1).lower().strip()
-        if name in ("findings and impression", "findings/impression", "conclusion") or "impression" in name:
-            name = "impression"
-        elif "finding" in name:
-            name = "findings"
-        body = " ".join(text[h.end():nxt.start() if nxt else len(text)].split())
-        if body and name in ("findings", "impression"):
-            found.setdefault(name, body)  # the first non-empty one (reports with two findings headers: one is empty)
-    return found.get("findings") or found.get("impression")
-
-
-def _read_table(path):
-    """Rows of a .csv or .csv.gz (the MIMIC metadata files ship gzipped)."""
-    for p in (path, path + ".gz"):
-        if os.path.exists(p):
-            with (gzip.open(p, "rt", newline="") if p.endswith(".gz") else open(p, newline="")) as f:
-                return list(csv.DictReader(f))
-    raise UserError(f"{path}(.gz) not found: is --data_dir the MIMIC-CXR-JPG root?")
-
-
-def load_mimic(args):
-    """MIMIC-CXR-JPG: official split (train / validate / test), frontal views (ViewPosition PA or AP), one image
-    per study (PA preferred), the report's Findings section (Impression when there is none; studies with neither
-    are skipped)."""
-    root, rep_root = args.data_dir, args.reports_dir or args.data_dir
-    split = {r["dicom_id"]: r for r in _read_table(os.path.join(root, "mimic-cxr-2.0.0-split.csv"))}
-    meta = _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"))
-    best = {}  # study -> (rank of view, dicom_id)
-    for m in meta:
-        view = (m.get("ViewPosition") or "").upper()
-        if view in ("PA", "AP") and m["dicom_id"] in split:
-            key = (0 if view == "PA" else 1, m["dicom_id"])
-            best[m["study_id"]] = min(best.get(m["study_id"], key), key)
-    out, skipped = {"train": [], "val": [], "test": []}, 0
-    for study, (_, dicom) in sorted(best.items()):
-        r = split[dicom]
-        s = str(r["subject_id"])
-        rel = os.path.join("files", f"p{s[:2]}", f"p{s}", f"s{study}")
-        txt = os.path.join(rep_root, rel + ".txt")
-        text = extract_findings(open(txt).read()) if os.path.exists(txt) else None
-        if not text:
-            skipped += 1
-            continue
-        part = {"train": "train", "validate": "val", "test": "test"}[r["split"]]
-        out[part].append({"path": os.path.join(root, rel, dicom + ".jpg"), "subject": s, "text": text})
-    if not out["train"]:
-        raise UserError(f"no MIMIC-CXR training study with a report under {rep_root}/files: set --reports_dir")
-    return out, f"MIMIC-CXR ({skipped} frontal studies without findings/impression or report skipped)"
-
-
-def load_iu_xray(args):
-    """IU-Xray in R2Gen's layout: annotation.json {"train"|"val"|"test": [{"id", "report", "image_path": [...]}]},
-    image paths relative to DATA_DIR/images; the first image (frontal) of each study."""
-    ann = os.path.join(args.data_dir, "annotation.json")
-    if not os.path.exists(ann):
-        raise UserError(f"{ann} not found: --data_dir must hold R2Gen's annotation.json and images/")
-    with open(ann) as f:
-        a = json.load(f)
-    img_root = args.image_root or os.path.join(args.data_dir, "images")
-    out = {}
-    for part in ("train", "val", "test"):
-        out[part] = [{"path": os.path.join(img_root, e["image_path"][0]), "subject": str(e["id"]),
-                      "text": " ".join(e["report"].split())} for e in a.get(part, []) if e.get("report", "").strip()]
-    return out, "IU-Xray (R2Gen annotation.json)"
-
-
-def _csv_samples(path, args):
-    rows = data.read_csv(path, required=(args.path_col, args.subject_col, args.text_col))
-    return [{"path": data.resolve(path, args.image_root, r[args.path_col]), "subject": str(r[args.subject_col]),
-             "text": " ".join(r[args.text_col].split())} for r in rows if r[args.text_col].strip()]
-
-
-def load_csv(args):
-    """Generic CSV: subject-disjoint 70/15/15 split, or --val_csv / --test_csv (then the CSV is split 85/15 by
-    subject into train / val if no --val_csv); subjects are checked to be in one part only."""
-    rows = _csv_samples(args.csv, args)
-    fixed = {k: _csv_samples(v, args) for k, v in (("val", args.val_csv), ("test", args.test_csv)) if v}
-    if "test" in fixed:
-        fr = (0.85, 0.15) if "val" not in fixed else (1.0,)
-        parts = data.split_by_subject([r["subject"] for r in rows], fr, seed=args.seed)
-        out = {"train": [rows[i] for i in parts[0]], "val": fixed.get("val") or [rows[i] for i in parts[1]],
-               "test": fixed["test"]}
-    else:
-        parts = data.split_by_subject([r["subject"] for r in rows], (0.7, 0.15, 0.15), seed=args.seed)
-        out = {k: [rows[i] for i in ix] for k, ix in zip(("train", "val", "test"), parts)}
-    allr = out["train"] + out["val"] + out["test"]
-    n = np.cumsum([0, len(out["train"]), len(out["val"]), len(out["test"])])
-    data.check_disjoint([r["subject"] for r in allr], *[np.arange(n[i], n[i + 1]) for i in range(3)])
-    return out, args.csv
-
-
 def load_samples(args):
-    out, source = {"mimic": load_mimic, "iu_xray": load_iu_xray}.get(args.dataset, load_csv)(args)
-    if not out["train"] or not out["test"]:
-        raise UserError(f"{source}: empty training or test split ({len(out['train'])} / {len(out['test'])} reports)")
+    """A published layout (datasets.py) or the generic CSV (blank reports dropped and counted); then the split:
+    official parts kept, the rest 70/15/15 by subject (85/15 train / val beside a --test_csv), no subject in two."""
+    if args.dataset:
+        samples, source = datasets.load(args.dataset, args)
+    else:
+        cols = {"path": args.path_col, "subject": args.subject_col, "text": args.text_col}
+        samples, blank = [], 0
+        for part, f in ((None, args.csv), ("val", args.val_csv), ("test", args.test_csv)):
+            rows, n = datasets.read_csv_samples(f, args.image_root, cols, part=part, drop_blank="text") if f else ([], 0)
+            samples, blank = samples + rows, blank + n
+        source = f"{args.csv} ({blank} row(s) with a blank report dropped)" if blank else args.csv
+        if blank:
+            print(f"warning: {blank} row(s) with a blank {args.text_col!r} dropped")
+    for s in samples:
+        s["text"] = " ".join(s["text"].split())
+    fr = {"train": 0.85, "val": 0.15} if any(s["part"] == "test" for s in samples) else None
+    out = common.split_samples(samples, fr, seed=args.seed, need=("train", "test"))  # val: unused (fixed schedule)
     return out, source
 
 
@@ -384,20 +290,6 @@ def set_trainable(model, args):
 # ----------------------------------------------------------------------------------------------------------------
 # encoder features
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, paths, preprocess):
-        self.paths, self.pre = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return self.pre(data.read_image(self.paths[i])), i
-        except data.ImageReadError as e:
-            raise UserError(str(e))
-
-
 def patch_tokens(vit, x, env, pool=1):
     """Final LayerNorm-ed patch tokens (B, N, D), CLS / registers dropped, optionally average-pooled pool x pool."""
     with env.autocast():
@@ -410,11 +302,11 @@ def patch_tokens(vit, x, env, pool=1):
 
 
 @torch.no_grad()
-def encode_all(vit, paths, pre, env, args):
+def encode_all(vit, paths, info, env, args):
     """Patch tokens of every image (N, T, D) in float16 on the CPU: the encoder is frozen, so once is enough."""
-    dl = torch.utils.data.DataLoader(Images(paths, pre), batch_size=32, num_workers=args.num_workers)
     out = None
-    for x, idx in tqdm(dl, desc="encoding images", disable=not env.is_main):
+    for x, idx in tqdm(common.image_batches(paths, info, 32, args.num_workers, crop=False), desc="encoding images",
+                       disable=not env.is_main):
         t = patch_tokens(vit, x, env, args.image_pool).to("cpu", torch.float16)
         out = torch.empty(len(paths), *t.shape[1:], dtype=torch.float16) if out is None else out
         out[idx] = t
@@ -525,27 +417,14 @@ def load_predictions(path):
 def compare(args):
     pa, A = load_predictions(args.compare[0])
     pb, B = load_predictions(args.compare[1])
-    if set(A) != set(B):
-        raise UserError(f"{pa} and {pb} cover different test images ({len(set(A) ^ set(B))} not in both): "
-                        "run both on the same split")
+    common.same_items(pa, sorted(A), pb, sorted(B))
     keys = sorted(A)
     if any(A[k]["reference"] != B[k]["reference"] for k in keys):
         raise UserError(f"{pa} and {pb} have different reference reports for the same images")
     refs = [A[k]["reference"] for k in keys]
     sa, sb = Scorer([A[k]["generated"] for k in keys], refs), Scorer([B[k]["generated"] for k in keys], refs)
-    out = {"a": pa, "b": pb, "n_reports": len(keys), "n_boot": args.n_boot, "metrics": {}}
-    print(f"A = {pa}\nB = {pb}\npaired bootstrap over {len(keys)} test reports, {args.n_boot} resamples")
-    print(f"{'metric':16s} {'A':>7s} {'B':>7s} {'A-B':>8s} {'95% CI':>19s} {'p(A>B)':>8s}")
-    for name, fn in METRICS:
-        fa, fb = getattr(sa, fn), getattr(sb, fn)
-        r = common.paired_bootstrap(lambda idx: (fa(idx), fb(idx)), len(keys), n_boot=args.n_boot, seed=args.seed)
-        out["metrics"][name] = r
-        print(f"{name:16s} {r['a']:7.2f} {r['b']:7.2f} {r['delta']:+8.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] "
-              f"{r['p_one_tailed']:8.4f}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    common.write_json(out, os.path.join(args.out_dir, "compare.json"))
-    print(f"wrote {os.path.join(args.out_dir, 'compare.json')}")
-    return out
+    stats = {name: (lambda idx, fa=getattr(sa, fn), fb=getattr(sb, fn): (fa(idx), fb(idx))) for name, fn in METRICS}
+    return common.paired_compare(args, pa, pb, stats, len(keys), unit="test reports", digits=2)
 
 
 def label_only(args):
@@ -584,7 +463,7 @@ def main(argv=None):
     splits, source = load_samples(args)
     env.print(f"data: {source}: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} "
               f"reports")
-    vit, info = load_encoder_from_args(args)
+    vit, info, name = common.load_frozen_encoder(args)
     vit.to(env.device)
     env.print(f"encoder: {info['source']}")
     lm, tok = build_lm(args, [s["text"] for s in splits["train"]], env)  # before encoding: fail early on a bad --lm
@@ -595,17 +474,19 @@ def main(argv=None):
         env.print("warning: --train projector leaves the from-scratch LM untrained: expect noise, not reports")
     env.print(f"LM: {'from scratch' if not args.lm else args.lm}, {count_params(lm):,} parameters, vocab "
               f"{lm.config.vocab_size}; projector {args.projector} {d_in} -> {lm.config.hidden_size}")
-    pre = data.Preprocess(info["img_size"], info["mean"], info["std"])
     samples = splits["train"] + splits["test"]  # val is not used for selection: a fixed schedule, as in LLaVA
     n_tr = len(splits["train"])
     if args.precompute == "yes" or (args.precompute == "auto" and len(samples) <= 20000):
-        cache = encode_all(vit, [s["path"] for s in samples], pre, env, args)
+        cache = encode_all(vit, [s["path"] for s in samples], info, env, args)
         feats_of = lambda idx, off=0: cache[[off + i for i in idx]].float()
     else:  # large data sets: encode each batch on the fly
-        images = Images([s["path"] for s in samples], pre)
+        images = common.Images([s["path"] for s in samples], info, crop=False)
 
         def feats_of(idx, off=0):
-            x = torch.stack([images[off + i][0] for i in idx])
+            got = [images[off + i] for i in idx]
+            if any(e for *_, e in got):
+                raise UserError(next(e for *_, e in got if e))
+            x = torch.stack([g[0] for g in got])
             with torch.no_grad():
                 return patch_tokens(vit, x, env, args.image_pool).float()
     log = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
@@ -616,7 +497,6 @@ def main(argv=None):
         return None
     refs = [s["text"] for s in test]
     metrics, _ = score(hyps, refs, args.n_boot, args.seed)
-    name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
     for i in range(min(args.n_examples, len(test))):
         print(f"\n--- example {i + 1}: {test[i]['path']}\nreference: {refs[i]}\ngenerated: {hyps[i]}")
     print_table([(name, metrics)], args.n_boot)
@@ -637,6 +517,7 @@ def main(argv=None):
            "time_s": round(time.time() - t0, 1)}
     common.write_json(res, os.path.join(args.out_dir, "results.json"))
     print(f"wrote results.json, predictions.csv, checkpoint.pt, log.jsonl to {args.out_dir}")
+    res["baseline"] = common.run_baseline(main, args, argv)
     return res
 
 

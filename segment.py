@@ -5,6 +5,8 @@ Semantic segmentation on a frozen encoder: how much anatomy do its patch feature
     python segment.py --encoder out/pretrain/encoder.safetensors --csv /data/lungs/manifest.csv   # image,mask
     python segment.py --task zones --csv manifest.csv --boxes /data/chest-imagenome/silver_dataset/scene_graph
     python segment.py --task ribs --dataset vindr_rib --data_dir /data/VinDr-RibCXR   # its official split
+    python segment.py --dataset mimic_lungs --data_dir /data/lung-segment-mimic-cxr/1.0.0   # PhysioNet's pairs
+    python segment.py --encoder A.safetensors --baseline random   # and a random encoder of A's architecture
     python segment.py --decoder linear ...             # the linear baseline: one 1x1 conv on the last layer
     python segment.py --compare out/segment_a out/segment_b   # paired bootstrap over test images: A better than B?
     torchrun --nproc_per_node 4 segment.py ...         # DDP over the decoder (SyncBN); every rank validates
@@ -16,6 +18,10 @@ flags): Adam lr 5e-4, cosine schedule, batch 80, 100 epochs, cross-entropy (+ --
 identically to image and mask: affine, elastic, brightness / contrast, gamma, and horizontal flips ONLY for tasks
 that do not tell left from right; 70/15/15 split by subject; the checkpoint with the lowest validation loss is
 evaluated on the test set. Without data flags the "demo" preset runs (vit_tiny at 112 px, 15 epochs, batch 8).
+Images and label maps are centre-cropped to a square and resized together (the paper's preprocessing; each
+published encoder keeps its own card's crop, see common.CROP_FRAC); Dice is measured on the crop at its original
+resolution. A loaded encoder runs at its own resolution (--enc_img_size overrides it; --img_size only shapes a
+random one).
 
 Tasks (class 0 = background; lung-mask value 127 = "ignore": excluded from loss and Dice):
   lungs  right_lung, left_lung from a lung mask image (0 background, >0 lung). Radiological convention: the
@@ -31,12 +37,9 @@ per_image_dice.csv (what --compare reads), checkpoint.pt (best decoder), log.jso
 import argparse
 import colorsys
 import csv
-import glob
-import json
 import math
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -48,8 +51,9 @@ from tqdm import tqdm
 
 import common
 import data
-from common import UserError
-from encoders import add_encoder_args, load_encoder_from_args
+import datasets
+from common import UserError, nanmean
+from datasets import RIBS, ZONES
 from model import LinearDecoder, SegModel, UPerNet, count_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,9 +61,6 @@ DEMO_CSV = os.path.join(HERE, "sample_data", "lungseg", "manifest.csv")
 IGNORE = 255            # label value excluded from loss and Dice
 MASK_IGNORE_VALUE = 127  # what lung masks (the bundled lungseg, V7 Labs) use for "ignore"
 
-ZONES = ["right upper lung zone", "right mid lung zone", "right lower lung zone",
-         "left upper lung zone", "left mid lung zone", "left lower lung zone"]
-RIBS = [f"R{i}" for i in range(1, 11)] + [f"L{i}" for i in range(1, 11)]
 # foreground classes, and whether the task tells left from right (then a horizontal flip would swap the labels)
 TASKS = {"lungs": (["right_lung", "left_lung"], True), "lung": (["lung"], False),
          "zones": ([z.replace(" lung zone", "").replace(" ", "_") for z in ZONES], True), "ribs": (RIBS, True)}
@@ -83,10 +84,10 @@ def get_args(argv=None):
     g.add_argument("--test_csv", default=None, help="fixed test set in the same format")
     g.add_argument("--boxes", default=None, help="--task zones: folder of scene-graph JSONs or a box CSV")
     g.add_argument("--box_scale", type=float, default=1.0, help="multiply box coordinates (images were resized)")
-    g.add_argument("--dataset", default=None, choices=["vindr_rib"], help="a published layout under --data_dir")
-    g.add_argument("--data_dir", default=None, help="root of --dataset (holds the VinDr-RibCXR JSONs and images)")
+    g.add_argument("--dataset", default=None, choices=["vindr_rib", "mimic_lungs"],
+                   help="a published layout under --data_dir (datasets.py)")
+    g.add_argument("--data_dir", default=None, help="root of --dataset (VinDr-RibCXR, lung-segment-mimic-cxr)")
     g = p.add_argument_group("protocol")
-    g.add_argument("--preset", default=None, choices=list(PRESETS), help="default: demo without data flags")
     g.add_argument("--decoder", default="upernet", choices=["upernet", "linear"])
     g.add_argument("--layers", default=None, help="decoder's blocks, 1-based (default UPerNet 4,6,8,12; linear 12)")
     g.add_argument("--flip", default="auto", choices=["auto", "on", "off"], help="auto: only without left/right")
@@ -94,25 +95,22 @@ def get_args(argv=None):
     g.add_argument("--dice_loss", type=float, default=0.0, help="weight of a soft Dice loss added to CE")
     g.add_argument("--n_overlays", type=int, default=8, help="test images drawn to overlays/")
     g.add_argument("--eval_batch_size", type=int, default=16)
-    g.add_argument("--name", default=None, help="the encoder's row label in the table")
     g = p.add_argument_group("comparing two runs")
     g.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
                    help="two per_image_dice.csv (or run folders): paired bootstrap, one-tailed 'A better than B'")
-    g.add_argument("--n_boot", type=int, default=1000)
-    add_encoder_args(p)
+    common.add_eval_args(p)
     common.add_common_args(p, "segment", batch_size=None, epochs=None, lr=None, model=None, img_size=None)
+    common.add_preset_arg(p, PRESETS)
     args = p.parse_args(argv)
-    args.img_size_given = args.img_size is not None  # else a loaded encoder's own resolution is used
-    args.preset = args.preset or ("paper" if (args.csv or args.dataset) else "demo")
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args = common.check_args(common.apply_preset(args, PRESETS, bool(args.csv or args.dataset)))
     if args.img_size % args.patch_size:
         raise UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
     lateral = TASKS[args.task][1]
     if args.flip == "on" and lateral:
         raise UserError(f"--flip on would swap left and right labels of --task {args.task}; drop --flip")
     args.use_flip = args.flip == "on" or (args.flip == "auto" and not lateral)
+    if args.dataset == "mimic_lungs" and args.task not in ("lungs", "lung"):
+        raise UserError("--dataset mimic_lungs has lung masks: --task lungs or lung")
     if (args.dataset == "vindr_rib") != (args.task == "ribs"):
         raise UserError("--task ribs and --dataset vindr_rib --data_dir ROOT (VinDr-RibCXR) go together")
     if args.task == "zones" and not args.boxes:
@@ -207,6 +205,8 @@ def ribs_label(polys, shape):
 
 def make_label(s, task, shape):
     mask = read_mask(s["mask"]) if s.get("mask") else None
+    if mask is not None and s.get("mask_rule") == "nonzero":  # a segmented image (lungs kept, the rest black)
+        mask = np.where(mask > 0, 255, 0).astype(np.uint8)
     if mask is not None and mask.shape != tuple(shape):
         raise UserError(f"mask {s['mask']} is {mask.shape[1]}x{mask.shape[0]} but its image {s['path']} is "
                         f"{shape[1]}x{shape[0]}")
@@ -215,32 +215,6 @@ def make_label(s, task, shape):
     if task == "zones":
         return zones_label(mask, s["boxes"], shape)
     return ribs_label(s["polys"], shape)
-
-
-def load_boxes(path, scale):
-    """Zone boxes per image key (file stem): {key: {zone: (x1, y1, x2, y2)}} from a folder of Chest ImaGenome
-    scene-graph JSONs (original_* = pixels of the original image) or a CSV path,zone,x1,y1,x2,y2."""
-    out = {}
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
-        if not files:
-            raise UserError(f"--boxes {path}: no .json scene graphs in it")
-        for f in files:
-            with open(f) as fh:
-                g = json.load(fh)
-            key = str(g.get("image_id") or os.path.basename(f).replace("_SceneGraph.json", "").replace(".json", ""))
-            for o in g.get("objects", []):
-                if o.get("bbox_name") in ZONES:
-                    out.setdefault(key, {})[o["bbox_name"]] = tuple(scale * float(o[f"original_{c}"])
-                                                                   for c in ("x1", "y1", "x2", "y2"))
-    else:
-        for r in data.read_csv(path, required=("path", "zone", "x1", "y1", "x2", "y2")):
-            zone = r["zone"].strip().replace("_", " ").lower()
-            if zone not in ZONES:
-                raise UserError(f"--boxes {path}: zone {r['zone']!r} is not one of {', '.join(ZONES)}")
-            key = os.path.splitext(os.path.basename(r["path"]))[0]
-            out.setdefault(key, {})[zone] = tuple(scale * float(r[c]) for c in ("x1", "y1", "x2", "y2"))
-    return out
 
 
 def load_csv(path, args, boxes=None):
@@ -254,12 +228,11 @@ def load_csv(path, args, boxes=None):
     mc = args.mask_col if args.mask_col in cols else None
     if mc is None and args.task != "zones":
         raise UserError(f"CSV {path} has no mask column {args.mask_col!r}; pick it with --mask_col")
+    sc = args.subject_col if args.subject_col in cols else None  # absent: one subject per image
     samples, missing = [], 0
-    for r in rows:
-        img = data.resolve(path, args.image_root, r[pc])
-        key = os.path.splitext(os.path.basename(img))[0]
-        s = {"path": img, "subject": r.get(args.subject_col) or key,
-             "mask": data.resolve(path, args.image_root, r[mc]) if mc else None}
+    for s in datasets.read_csv_samples(path, args.image_root, {"path": pc, "subject": sc, "mask": mc},
+                                       path_keys=("path", "mask"))[0]:
+        key = os.path.splitext(os.path.basename(s["path"]))[0]
         if boxes is not None:
             if key not in boxes:
                 missing += 1
@@ -273,59 +246,20 @@ def load_csv(path, args, boxes=None):
     return samples
 
 
-def load_vindr_rib(root):
-    """VinDr-RibCXR: {split: samples} from every *<split>*.json under root (Annotations/train/
-    Vindr_RibCXR_train_mask.json, .../val/...), each in pandas' column layout: {"img": {"0": "data/train/img/
-    VinDr_RibCXR_train_000.png"}, "R1": {"0": [{"x": .., "y": ..}, ...]}, ..., "L10": {...}}; paths relative to
-    root. load_parts maps the official split: train -> train + validation, val -> test (with a test JSON too:
-    val -> validation)."""
-    splits = {}
-    for f in sorted(glob.glob(os.path.join(root, "**", "*.json"), recursive=True)):
-        name = os.path.basename(f).lower()
-        split = next((s for s in ("train", "val", "test") if s in name), None)
-        if split is None:
-            continue
-        with open(f) as fh:
-            j = json.load(fh)
-        if "img" not in j:
-            raise UserError(f"{f}: no 'img' key; is this a VinDr-RibCXR annotation JSON?")
-        for k, rel in j["img"].items():
-            cands = [os.path.join(root, rel), os.path.join(root, rel[:1].swapcase() + rel[1:])]
-            path = next((c for c in cands if os.path.exists(c)), cands[0])
-            splits.setdefault(split, []).append({"path": path, "subject": os.path.splitext(os.path.basename(rel))[0],
-                                                 "polys": {r: j.get(r, {}).get(k) for r in RIBS}})
-    if "train" not in splits or not ({"val", "test"} & set(splits)):
-        raise UserError(f"--data_dir {root}: expected VinDr-RibCXR JSONs for train and val (e.g. "
-                        f"Annotations/train/Vindr_RibCXR_train_mask.json); found splits {sorted(splits) or 'none'}")
-    return splits
-
-
 def load_parts(args):
-    """{'train', 'val', 'test'} -> samples, subjects kept apart (split_by_subject; fixed sets where given)."""
-    if args.dataset == "vindr_rib":
-        if not args.data_dir:
-            raise UserError("--dataset vindr_rib needs --data_dir (the VinDr-RibCXR root)")
-        sp = load_vindr_rib(args.data_dir)
-        fixed = {"test": sp["test"], "val": sp["val"]} if "test" in sp else {"test": sp["val"]}
-        pool = sp["train"]
+    """{'train', 'val', 'test'} -> samples, subjects kept apart (common.split_samples: 70/15/15 by subject of what
+    has no fixed part; the official splits and --val_csv / --test_csv where given)."""
+    if args.dataset:
+        pool, _ = datasets.load(args.dataset, args)
     else:
-        boxes = load_boxes(args.boxes, args.box_scale) if args.task == "zones" else None
+        boxes = datasets.load_boxes(args.boxes, args.box_scale) if args.task == "zones" else None
         if args.csv is None and (args.val_csv or args.test_csv):
             raise UserError("--val_csv / --test_csv need --csv for the training data")
         pool = load_csv(args.csv or DEMO_CSV, args, boxes)
-        fixed = {k: load_csv(f, args, boxes) for k, f in (("val", args.val_csv), ("test", args.test_csv)) if f}
-    want = [k for k in ("train", "val", "test") if k not in fixed]
-    fr = {"train": 0.7, "val": 0.15, "test": 0.15}
-    idx = data.split_by_subject([s["subject"] for s in pool], [fr[k] for k in want], seed=args.seed)
-    parts = {k: [pool[i] for i in ix] for k, ix in zip(want, idx)}
-    parts.update(fixed)
-    order = ["train", "val", "test"]
-    bounds = np.cumsum([0] + [len(parts[k]) for k in order])
-    data.check_disjoint([s["subject"] for k in order for s in parts[k]], *map(np.arange, bounds[:-1], bounds[1:]))
-    for k in order:
-        if not parts[k]:
-            raise UserError(f"the {k} part is empty: give more data or a --{k}_csv")
-    files = [f for k in order for s in parts[k] for f in (s["path"], s.get("mask")) if f]
+        for k, f in (("val", args.val_csv), ("test", args.test_csv)):
+            pool += [{**s, "part": k} for s in load_csv(f, args, boxes)] if f else []
+    parts = common.split_samples(pool, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=args.seed)
+    files = [f for k in parts for s in parts[k] for f in (s["path"], s.get("mask")) if f]
     bad = data.verify_images(files)  # upfront: a wrong --image_root fails here in one line, not in a worker
     if bad:
         raise UserError(f"{len(bad)} image / mask file(s) unreadable, e.g. {files[min(bad)]}: {bad[min(bad)]}")
@@ -336,11 +270,12 @@ def load_parts(args):
 # dataset and augmentations (on the device, one batch at a time, identical for image and label)
 
 class SegDataset(torch.utils.data.Dataset):
-    """(image (1, S, S) in [0, 1], label (S, S) long); the image squashed to S x S like data.Preprocess, the label
-    by nearest neighbour. full=True adds the label at the original resolution (Dice is measured there)."""
+    """(image (1, S, S) in [0, 1], label (S, S) long): both centre-cropped to the same square (crop_frac of the
+    shorter side), the image resized bilinearly, the label by nearest neighbour. full=True adds the cropped label at
+    the original resolution (Dice is measured there)."""
 
-    def __init__(self, samples, task, size, full=False):
-        self.samples, self.task, self.size, self.full = samples, task, size, full
+    def __init__(self, samples, task, size, full=False, crop_frac=1.0):
+        self.samples, self.task, self.size, self.full, self.frac = samples, task, size, full, crop_frac
 
     def __len__(self):
         return len(self.samples)
@@ -348,11 +283,12 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         s = self.samples[i]
         try:
-            img = data.read_image(s["path"])
+            img = datasets.read_composed(s["compose"]) if s.get("compose") else data.read_image(s["path"])
         except data.ImageReadError as e:
             raise UserError(str(e))
-        lab = torch.from_numpy(make_label(s, self.task, img.shape))
-        x = data.resize(img, self.size)[None]
+        t, l, side = common.center_box(*img.shape, self.frac)
+        lab = torch.from_numpy(make_label(s, self.task, img.shape)[t:t + side, l:l + side].copy())
+        x = data.resize(img[t:t + side, l:l + side], self.size)[None]
         y = F.interpolate(lab[None, None].float(), size=(self.size, self.size), mode="nearest-exact")[0, 0].long()
         return (x, y, lab.long()) if self.full else (x, y)
 
@@ -436,12 +372,6 @@ def evaluate(model, loader, env, norm, n_fg, keep=0):
     return loss_sum / max(1, n_pix), np.array(dice).reshape(-1, n_fg), kept
 
 
-def nanmean(a, axis=None):
-    with warnings.catch_warnings():  # an all-NaN slice (class absent everywhere) is NaN, quietly
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(np.asarray(a, dtype=np.float64), axis=axis)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # outputs: the paper's table, results.json, per_image_dice.csv, overlays
 
@@ -501,26 +431,29 @@ def compare(args):
     pb, paths_b, cls_b, B = load_per_image(args.compare[1])
     if cls != cls_b:
         raise UserError(f"{pa} and {pb} segment different classes ({cls} vs {cls_b})")
-    if paths != paths_b:
-        raise UserError(f"{pa} and {pb} cover different test images ({len(set(paths) ^ set(paths_b))} not in both): "
-                        f"run both encoders on the same data and split (same --seed)")
-    out = {"a": pa, "b": pb, "n_images": len(paths), "n_boot": args.n_boot, "dice": {}}
-    print(f"A = {pa}\nB = {pb}\npaired bootstrap over {len(paths)} test images, {args.n_boot} resamples")
-    print(f"{'class':24s} {'A':>7s} {'B':>7s} {'A-B':>8s} {'95% CI of A-B':>18s} {'p(A>B)':>8s}")
+    common.same_items(pa, paths, pb, paths_b)
+    stats = {}
     for c, cname in list(enumerate(cls)) + [(None, "mean Dice")]:
         # per class: mean over images; mean Dice: mean over classes of those (as in the table)
         f = (lambda D, idx: nanmean(nanmean(D[idx], 0))) if c is None else (lambda D, idx, c=c: nanmean(D[idx, c]))
-        r = common.paired_bootstrap(lambda idx: (f(A, idx), f(B, idx)), len(paths), n_boot=args.n_boot, seed=args.seed)
-        out["dice"][cname] = r
-        print(f"{cname[:24]:24s} {r['a']:7.4f} {r['b']:7.4f} {r['delta']:+8.4f} "
-              f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] {r['p_one_tailed']:8.4f}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    common.write_json(out, os.path.join(args.out_dir, "compare.json"))
-    print(f"one-tailed p = share of resamples where A is not better; wrote {args.out_dir}/compare.json")
-    return out
+        stats[("dice", cname)] = lambda idx, f=f: (f(A, idx), f(B, idx))
+    return common.paired_compare(args, pa, pb, stats, len(paths), digits=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+def deviations(args):
+    """What this run does differently from the paper's section 6 protocol (printed and in results.json)."""
+    out = [f"--{k} {getattr(args, k)} (the paper: {PRESETS['paper'][k]})" for k in ("batch_size", "epochs", "lr")
+           if getattr(args, k) != PRESETS["paper"][k]]
+    if args.no_augment:
+        out.append("no training augmentations")
+    if args.dataset == "vindr_rib":
+        out.append("VinDr-RibCXR's official train split is split 82/18 by subject into train / validation")
+    if args.dataset == "mimic_lungs":
+        out.append("lung-segment-mimic-cxr has no official split: 70/15/15 by subject")
+    return out
+
 
 def main(argv=None):
     args = get_args(argv)
@@ -530,8 +463,8 @@ def main(argv=None):
     parts = load_parts(args)
     classes = TASKS[args.task][0]
     n_fg = len(classes)  # foreground classes; the decoder predicts n_fg + 1 with background
-    vit, info = load_encoder_from_args(args)
-    size = args.img_size if args.img_size_given else info["img_size"]
+    vit, info, name = common.load_frozen_encoder(args)
+    size = info["img_size"]  # a loaded encoder's own (or --enc_img_size); --img_size shaped a random one
     if size % vit.patch_size:
         raise UserError(f"image size {size} is not a multiple of the encoder's patch size {vit.patch_size}")
     depth = len(vit.blocks)
@@ -542,7 +475,6 @@ def main(argv=None):
         raise UserError(f"--layers {args.layers}: UPerNet takes 4 blocks, linear any; each within 1..{depth}")
     decoder = (UPerNet if args.decoder == "upernet" else LinearDecoder)(vit.embed_dim, n_fg + 1)
     n_params = count_params(decoder)
-    name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
     env.print(f"encoder: {info['source']}")
     env.print(f"task {args.task}: {', '.join(classes)} | train {len(parts['train'])}, val {len(parts['val'])}, "
               f"test {len(parts['test'])} images | {args.decoder} decoder on blocks {layers}: {n_params:,} "
@@ -561,7 +493,7 @@ def main(argv=None):
     model = SegModel(vit, train_decoder, layers)
     eval_model = SegModel(vit, decoder, layers)  # no DDP wrapper: every rank validates the whole set alone
 
-    train_ds = SegDataset(parts["train"], args.task, size)
+    train_ds = SegDataset(parts["train"], args.task, size, crop_frac=info["crop_frac"])
     if args.decoder == "upernet" and min(args.batch_size, len(train_ds) // env.world) < 2:
         raise UserError("UPerNet's BatchNorm needs at least 2 training images per batch and process")
     sampler = (torch.utils.data.DistributedSampler(train_ds, env.world, env.rank, shuffle=True, seed=args.seed)
@@ -571,14 +503,12 @@ def main(argv=None):
                                            num_workers=args.num_workers, collate_fn=collate,
                                            drop_last=len(train_ds) > args.batch_size * env.world,
                                            persistent_workers=args.num_workers > 0)
-    val_dl, test_dl = (torch.utils.data.DataLoader(SegDataset(parts[k], args.task, size, full=True),
+    val_dl, test_dl = (torch.utils.data.DataLoader(SegDataset(parts[k], args.task, size, True, info["crop_frac"]),
                                                    args.eval_batch_size, num_workers=args.num_workers,
                                                    collate_fn=collate) for k in ("val", "test"))
 
     opt = torch.optim.Adam(decoder.parameters(), lr=args.lr)
     total = args.max_steps or args.epochs * len(train_dl)
-    if total < 1:
-        raise UserError("nothing to train: --epochs / --max_steps must be at least 1")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
     os.makedirs(args.out_dir, exist_ok=True)
     logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
@@ -636,11 +566,16 @@ def main(argv=None):
            "classes": classes, "test": {"n_images": len(test_dice), "mean_dice": mean_dice, "mean_dice_ci95": ci,
                                         "dice": dict(zip(classes, map(float, per_class)))},
            "best_epoch": best_epoch, "epochs_run": epoch, "steps": step, "best_val_loss": best, "settings": vars(args),
-           **{f"n_{k}": len(parts[k]) for k in parts}, "seconds": round(time.time() - t0, 1)}
+           **{f"n_{k}": len(parts[k]) for k in parts}, "seconds": round(time.time() - t0, 1),
+           "protocol": "70/15/15 by subject" if not args.dataset else f"{args.dataset} (datasets.py)",
+           "preprocess": {k: info[k] for k in ("img_size", "mean", "std", "crop_frac")},
+           "deviations": deviations(args)}
     common.write_json(res, os.path.join(args.out_dir, "results.json"))
     write_per_image(os.path.join(args.out_dir, "per_image_dice.csv"), parts["test"], classes, test_dice)
     save_overlays(kept, parts["test"], args.out_dir, test_dice)
+    print(f"deviations from the paper: {'; '.join(res['deviations']) or 'none'}")
     print(f"wrote results.json, per_image_dice.csv, checkpoint.pt, overlays/ to {args.out_dir}")
+    res["baseline"] = common.run_baseline(main, args, argv)
     return res
 
 

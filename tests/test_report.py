@@ -1,8 +1,7 @@
 """report.py, llama.py, labeler.py: the Llama port against transformers, KV-cache decoding, the metrics against the
-libraries, the CheXpert labeler on hand-written sentences, the loss mask, the MIMIC / IU-Xray loaders, --label_only,
+libraries, the CheXpert labeler on hand-written sentences, the loss mask, --label_only,
 and a tiny end-to-end run on the bundled pairs."""
 import csv
-import gzip
 import json
 import os
 import shutil
@@ -225,90 +224,6 @@ def test_loss_mask_covers_only_report_tokens_and_eos(tok):
     assert torch.allclose(loss, F.cross_entropy(logits[:, :-1][sel], labels[:, 1:][sel]), atol=1e-6)
     with pytest.raises(UserError, match="residual"):
         report.Projector(16, 32, kind="residual")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# loaders
-
-MIMIC_REPORT = """                                 FINAL REPORT
- EXAMINATION:  CHEST (PA AND LAT)
-
- INDICATION:  ___F with cough
-
- COMPARISON:  None.
-
- FINDINGS:
- 
- There is no focal consolidation, pleural effusion or pneumothorax.  Bilateral
- nodular opacities that most likely represent nipple shadows.
- 
- IMPRESSION:
- 
- No acute cardiopulmonary process.
-"""
-
-
-def _write_gz(path, header, rows):
-    with gzip.open(path, "wt", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def test_extract_findings():
-    assert report.extract_findings(MIMIC_REPORT) == ("There is no focal consolidation, pleural effusion or "
-                                                     "pneumothorax. Bilateral nodular opacities that most likely "
-                                                     "represent nipple shadows.")
-    only_imp = " INDICATION: cough\n\n IMPRESSION:\n Mild cardiomegaly.\n"
-    assert report.extract_findings(only_imp) == "Mild cardiomegaly."
-    assert report.extract_findings(" INDICATION: cough\n\n COMPARISON: none\n") is None
-
-
-def test_mimic_loader(tmp_path):
-    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
-    studies = [("10000032", "50414267", "train", MIMIC_REPORT), ("10000033", "50414268", "test",
-                                                                 " IMPRESSION:\n Mild cardiomegaly.\n"),
-               ("10000034", "50414269", "validate", " INDICATION: none\n")]
-    split, meta = [], []
-    for subj, study, part, text in studies:
-        d = tmp_path / "files" / f"p{subj[:2]}" / f"p{subj}"
-        (d / f"s{study}").mkdir(parents=True)
-        (d / f"s{study}.txt").write_text(text)
-        for dicom, view in ((f"{study}-ap", "AP"), (f"{study}-pa", "PA"), (f"{study}-lat", "LATERAL")):
-            shutil.copy(img, d / f"s{study}" / f"{dicom}.jpg")
-            split.append([dicom, study, subj, part])
-            meta.append([dicom, subj, study, view])
-    _write_gz(tmp_path / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
-    _write_gz(tmp_path / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
-              meta)
-    args = report.get_args(["--dataset", "mimic", "--data_dir", str(tmp_path)])
-    out, source = report.load_mimic(args)
-    assert [len(out[k]) for k in ("train", "val", "test")] == [1, 0, 1]  # the study without findings is skipped
-    tr = out["train"][0]
-    assert tr["path"].endswith("files/p10/p10000032/s50414267/50414267-pa.jpg")  # frontal, PA preferred
-    assert os.path.exists(tr["path"]) and tr["subject"] == "10000032"
-    assert tr["text"].startswith("There is no focal consolidation")
-    assert out["test"][0]["text"] == "Mild cardiomegaly."
-
-
-def test_iu_xray_loader(tmp_path):
-    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
-    ann = {}
-    for part, n in (("train", 3), ("val", 1), ("test", 2)):
-        ann[part] = []
-        for i in range(n):
-            sid = f"CXR{part}{i}_IM-00{i}"
-            (tmp_path / "images" / sid).mkdir(parents=True)
-            for k in (0, 1):
-                shutil.copy(img, tmp_path / "images" / sid / f"{k}.png")
-            ann[part].append({"id": sid, "report": f"The heart is normal in size.  No effusion {i}.",
-                              "image_path": [f"{sid}/0.png", f"{sid}/1.png"], "split": part})
-    (tmp_path / "annotation.json").write_text(json.dumps(ann))
-    out, _ = report.load_iu_xray(report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path)]))
-    assert [len(out[k]) for k in ("train", "val", "test")] == [3, 1, 2]
-    e = out["test"][1]
-    assert e["path"] == str(tmp_path / "images" / "CXRtest1_IM-001" / "0.png") and os.path.exists(e["path"])
-    assert e["text"] == "The heart is normal in size. No effusion 1." and e["subject"] == "CXRtest1_IM-001"
 
 
 # ----------------------------------------------------------------------------------------------------------------

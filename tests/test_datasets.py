@@ -1,0 +1,192 @@
+"""datasets.py: every published layout, written from real X-rays in that layout, read back as generic samples;
+the MIMIC-CXR report parser; the shared split and leak check (common.split_samples)."""
+import csv
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import common
+import datasets
+import report
+import segment
+from common import UserError
+from conftest import SAMPLE
+
+LUNGSEG = SAMPLE / "lungseg"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report layouts: MIMIC-CXR and IU-Xray (moved from test_report.py with the loaders)
+
+MIMIC_REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___F with cough
+
+ COMPARISON:  None.
+
+ FINDINGS:
+ 
+ There is no focal consolidation, pleural effusion or pneumothorax.  Bilateral
+ nodular opacities that most likely represent nipple shadows.
+ 
+ IMPRESSION:
+ 
+ No acute cardiopulmonary process.
+"""
+
+
+def _write_gz(path, header, rows):
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_extract_findings():
+    assert datasets.extract_findings(MIMIC_REPORT) == ("There is no focal consolidation, pleural effusion or "
+                                                     "pneumothorax. Bilateral nodular opacities that most likely "
+                                                     "represent nipple shadows.")
+    only_imp = " INDICATION: cough\n\n IMPRESSION:\n Mild cardiomegaly.\n"
+    assert datasets.extract_findings(only_imp) == "Mild cardiomegaly."
+    assert datasets.extract_findings(" INDICATION: cough\n\n COMPARISON: none\n") is None
+
+
+def test_mimic_loader(tmp_path):
+    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
+    studies = [("10000032", "50414267", "train", MIMIC_REPORT), ("10000033", "50414268", "test",
+                                                                 " IMPRESSION:\n Mild cardiomegaly.\n"),
+               ("10000034", "50414269", "validate", " INDICATION: none\n")]
+    split, meta = [], []
+    for subj, study, part, text in studies:
+        d = tmp_path / "files" / f"p{subj[:2]}" / f"p{subj}"
+        (d / f"s{study}").mkdir(parents=True)
+        (d / f"s{study}.txt").write_text(text)
+        for dicom, view in ((f"{study}-ap", "AP"), (f"{study}-pa", "PA"), (f"{study}-lat", "LATERAL")):
+            shutil.copy(img, d / f"s{study}" / f"{dicom}.jpg")
+            split.append([dicom, study, subj, part])
+            meta.append([dicom, subj, study, view])
+    _write_gz(tmp_path / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
+    _write_gz(tmp_path / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+              meta)
+    args = report.get_args(["--dataset", "mimic", "--data_dir", str(tmp_path)])
+    samples, source = datasets.load_mimic(args)
+    out = {k: [s for s in samples if s["part"] == k] for k in ("train", "val", "test")}
+    assert [len(out[k]) for k in ("train", "val", "test")] == [1, 0, 1]  # the study without findings is skipped
+    assert "1 frontal studies without" in source
+    parts, _ = report.load_samples(args)  # the official split kept as it is
+    assert [s["path"] for s in parts["test"]] == [s["path"] for s in out["test"]]
+    tr = out["train"][0]
+    assert tr["path"].endswith("files/p10/p10000032/s50414267/50414267-pa.jpg")  # frontal, PA preferred
+    assert os.path.exists(tr["path"]) and tr["subject"] == "10000032"
+    assert tr["text"].startswith("There is no focal consolidation")
+    assert out["test"][0]["text"] == "Mild cardiomegaly."
+
+
+def test_iu_xray_loader(tmp_path):
+    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
+    ann = {}
+    for part, n in (("train", 3), ("val", 1), ("test", 2)):
+        ann[part] = []
+        for i in range(n):
+            sid = f"CXR{part}{i}_IM-00{i}"
+            (tmp_path / "images" / sid).mkdir(parents=True)
+            for k in (0, 1):
+                shutil.copy(img, tmp_path / "images" / sid / f"{k}.png")
+            ann[part].append({"id": sid, "report": f"The heart is normal in size.  No effusion {i}.",
+                              "image_path": [f"{sid}/0.png", f"{sid}/1.png"], "split": part})
+    (tmp_path / "annotation.json").write_text(json.dumps(ann))
+    ann["train"].append({"id": "CXRblank", "report": "  ", "image_path": ["x/0.png"], "split": "train"})
+    (tmp_path / "annotation.json").write_text(json.dumps(ann))
+    out, source = report.load_samples(report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path)]))
+    assert [len(out[k]) for k in ("train", "val", "test")] == [3, 1, 2] and "1 blank report(s) dropped" in source
+    e = out["test"][1]
+    assert e["path"] == str(tmp_path / "images" / "CXRtest1_IM-001" / "0.png") and os.path.exists(e["path"])
+    assert e["text"] == "The heart is normal in size. No effusion 1." and e["subject"] == "CXRtest1_IM-001"
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PhysioNet lung-segment-mimic-cxr: per CXR a pair of segmented images, the lungs and the rest
+
+def make_lung_segment_mimic(root, n=12):
+    """n bundled X-rays with their lung masks, written the way lung-segment-mimic-cxr ships them: the X-ray's
+    pixels inside the lungs (the rest black) and outside them (the lungs black), under MIMIC's p<subject>/s<study>
+    folders, named by a dicom_id. Returns {dicom_id: (image, mask)} as uint8 arrays."""
+    rows = list(csv.DictReader(open(LUNGSEG / "manifest.csv")))[:n]
+    truth = {}
+    for k, r in enumerate(rows):
+        img = np.asarray(Image.open(LUNGSEG / r["image"]).convert("L"))
+        mask = np.asarray(Image.open(LUNGSEG / r["mask"]))
+        lung = (mask > 0) & (mask != 127) & (img > 0)  # a black pixel cannot be told from the background
+        subj = f"1{k // 2:07d}"  # two images per patient: the split must keep them together
+        d = root / "files" / f"p{subj[:2]}" / f"p{subj}" / f"s5{k:07d}"
+        d.mkdir(parents=True)
+        dicom = f"{k:08x}-2f1c3a4b-9d8e7f60-1a2b3c4d-5e6f7a8b"
+        Image.fromarray(np.where(lung, img, 0).astype(np.uint8)).save(d / f"{dicom}_lung.png")
+        Image.fromarray(np.where(lung, 0, img).astype(np.uint8)).save(d / f"{dicom}_rest.png")
+        truth[dicom] = (img, lung, subj)
+    return truth
+
+
+def test_lung_segment_mimic_cxr_layout(tmp_path, monkeypatch):
+    root = tmp_path / "lung-segment-mimic-cxr" / "1.0.0"
+    truth = make_lung_segment_mimic(root)
+    args = segment.get_args(["--dataset", "mimic_lungs", "--data_dir", str(root)])
+    samples, source = datasets.load_mimic_lungs(args)
+    assert len(samples) == 12 and "lung-segment-mimic-cxr" in source
+    for s in samples:
+        dicom = os.path.basename(s["mask"]).replace("_lung.png", "")
+        img, lung, subj = truth[dicom]
+        assert s["subject"] == subj
+        # the X-ray is the two segmented images together, exactly; the mask is the lung image's non-black part
+        np.testing.assert_allclose(datasets.read_composed(s["compose"]), img / 255.0, atol=1e-6)
+        lab = segment.make_label(s, "lungs", img.shape)
+        assert ((lab == 1) | (lab == 2)).sum() == lung.sum() and not ((lab > 0) & ~lung).any()
+        xs1, xs2 = np.nonzero(lab == 1)[1], np.nonzero(lab == 2)[1]
+        assert xs1.mean() < xs2.mean()  # right lung on the image's left
+    parts = segment.load_parts(args)
+    assert sum(len(v) for v in parts.values()) == 12
+    subj = {k: {s["subject"] for s in v} for k, v in parts.items()}
+    assert not (subj["train"] & subj["val"] or subj["train"] & subj["test"] or subj["val"] & subj["test"])
+    # the whole run on it: a random vit_tiny, linear decoder, two epochs
+    monkeypatch.chdir(tmp_path)
+    res = segment.main(["--dataset", "mimic_lungs", "--data_dir", str(root), "--decoder", "linear", "--model",
+                        "vit_tiny", "--img_size", "56", "--batch_size", "4", "--epochs", "2", "--num_workers", "0",
+                        "--n_overlays", "0", "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+    assert res["n_train"] + res["n_val"] + res["n_test"] == 12 and 0 <= res["test"]["mean_dice"] <= 1
+    assert any("no official split" in d for d in res["deviations"])
+    with pytest.raises(UserError, match="no lung-segment-mimic-cxr image pairs"):
+        datasets.load_mimic_lungs(segment.get_args(["--dataset", "mimic_lungs", "--data_dir", str(tmp_path / "out")]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the shared split
+
+def test_split_keeps_fixed_parts_and_refuses_a_leak():
+    pool = [{"path": f"{i}.png", "subject": f"s{i // 2}", "part": None} for i in range(40)]
+    fixed = [{"path": f"t{i}.png", "subject": f"t{i}", "part": "test"} for i in range(5)]
+    parts = common.split_samples(pool + fixed, {"train": 0.8, "val": 0.2, "test": 0.2}, seed=3)
+    assert parts["test"] == fixed and len(parts["train"]) + len(parts["val"]) == 40
+    assert len({s["subject"] for s in parts["val"]}) == 4  # 20% of the 20 subjects, both images of each
+    assert not {s["subject"] for s in parts["train"]} & {s["subject"] for s in parts["val"]}
+    leak = fixed + [{"path": "x.png", "subject": "t0", "part": None}] + pool
+    with pytest.raises(UserError, match="subject leak: subject t0"):
+        common.split_samples(leak, {"train": 0.8, "val": 0.2}, seed=3)
+    with pytest.raises(UserError, match="the val part is empty"):
+        common.split_samples(fixed + [{**s, "part": "train"} for s in pool])
+
+
+def test_unknown_layout_and_missing_root_are_one_line(tmp_path):
+    args = segment.get_args([])
+    for name, root, msg in (("nope", str(tmp_path), "unknown"), ("vindr", None, "needs --data_dir"),
+                            ("rsna", str(tmp_path / "absent"), "no such folder")):
+        args.data_dir = root
+        with pytest.raises(UserError, match=msg):
+            datasets.load(name, args)
