@@ -147,6 +147,8 @@ def csv_samples(args):
     if not args.label_cols and not demo:
         raise UserError("--csv needs --label_cols (the CSV's label columns, comma-separated)")
     cols = [c.strip() for c in args.label_cols.split(",") if c.strip()] if args.label_cols else ["pneumonia"]
+    if len(set(cols)) != len(cols):
+        raise UserError(f"--label_cols {args.label_cols!r} names a column twice")
     spec = {"path": args.path_col, "subject": args.subject_col or ("patient" if demo else "subject")}
     out = []
     for part, path in (("train", DEMO_CSV if demo else args.csv), ("val", args.val_csv), ("test", args.test_csv)):
