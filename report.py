@@ -510,7 +510,11 @@ def main(argv=None):
     plain = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
     common.atomic_save({"model": trained, "lm_config": lm.config.to_dict(), "step": steps, "settings": plain},
                        os.path.join(args.out_dir, "checkpoint.pt"))
+    deviations = ([] if args.lm else ["a small Llama trained from scratch instead of Vicuna-7B v1.5 (--lm)"]) + (
+        [f"--max_steps {args.max_steps} instead of {args.epochs} epochs"] if args.max_steps else []) + [
+        "RadGraph F1 not computed (its model's weights are not available)"]
     res = {"name": name, "encoder": info["source"], "encoder_format": info["format"], "metrics": metrics,
+           "deviations": deviations,
            "n_test": len(test), "n_train": n_tr, "data": source, "lm": args.lm or "small Llama from scratch",
            "lm_params": count_params(lm), "train_mode": args.train, "steps": steps,
            "preprocess": {k: info[k] for k in ("img_size", "mean", "std")}, "settings": vars(args),

@@ -1,0 +1,202 @@
+"""
+One command for a whole comparison: the three evaluations (probe.py, segment.py, report.py) for each encoder on
+the same data, printed as the paper's Tables 3, 4 and 5 side by side, with Table 6's significance marks from
+one-tailed paired bootstrap tests against a baseline, and one results.json.
+
+    python evaluate.py --encoders random out/pretrain/encoder.safetensors     # bundled data, CPU, minutes
+    python evaluate.py --encoders A.safetensors B.pth.tar --baseline random   # each against a random encoder of
+                                                                              # its own architecture (the default)
+    python evaluate.py --encoders A B C --baseline C                          # every encoder against encoder C
+    python evaluate.py --encoders A B --probe "--dataset vindr --data_dir /data/vindr-cxr/1.0.0" \\
+        --segment "--csv /data/lungs/manifest.csv" --report "--dataset mimic --data_dir ... --lm /models/vicuna"
+    python evaluate.py --encoders A --stages probe segment                   # a subset of the evaluations
+
+An encoder is a checkpoint path (any format encoders.py reads) or `random` (a random init of --model at
+--img_size). --probe / --segment / --report pass flags to that script as they are; without data flags each runs
+on its bundled sample with the light settings below (--quick, on by default there; --no_quick for the scripts' own
+presets). Baselines (--baseline): `random` runs each encoder's script again with --random_like (same architecture,
+same preprocessing, random weights); a name or path from --encoders compares every other encoder with that one;
+`none` skips the tests. Marks: ** p < 0.01, * p < 0.05 (one-tailed: "this encoder is better than the baseline").
+
+Writes to --out_dir (default out/evaluate): <encoder>/<stage>/ (each script's own outputs), compare/ (the paired
+tests), results.json (every table's numbers, the tests, the protocols and their deviations, the settings).
+"""
+import argparse
+import os
+import re
+import shlex
+import time
+
+import common
+import probe
+import report
+import segment
+from common import UserError, mark
+
+STAGES = {"probe": probe, "segment": segment, "report": report}
+# bundled data on a CPU in minutes: fewer head steps, a linear decoder for a few epochs, a short LM run
+QUICK = {"probe": ["--min_steps", "200", "--folds", "3"],
+         "segment": ["--decoder", "linear", "--epochs", "6", "--batch_size", "10", "--lr", "3e-2"],
+         "report": ["--max_steps", "40", "--lm_layers", "2", "--lm_dim", "128", "--max_new_tokens", "40"]}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoders", nargs="+", required=True, help="checkpoint paths, or `random`")
+    p.add_argument("--names", nargs="+", default=None, help="row labels (default: from the paths)")
+    p.add_argument("--baseline", default="random", help="random | none | one of --encoders (name or path)")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    for s in STAGES:
+        p.add_argument(f"--{s}", default="", help=f"flags passed to {s}.py as they are (quote them)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
+                   help="light settings (default: on for a stage without data flags)")
+    p.add_argument("--model", default="vit_tiny", help="architecture of a `random` encoder")
+    p.add_argument("--img_size", type=int, default=112, help="resolution of a `random` encoder")
+    p.add_argument("--n_boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--out_dir", default=os.path.join("out", "evaluate"))
+    args = p.parse_args(argv)
+    names = args.names or [e if e == "random" else os.path.splitext(os.path.basename(e.rstrip("/")))[0]
+                           for e in args.encoders]
+    if len(names) != len(args.encoders) or len(set(names)) != len(names):
+        raise UserError("--names: one distinct name per encoder (two encoders share a file name: give --names)")
+    for e in args.encoders:
+        if e != "random" and not os.path.exists(e):
+            raise UserError(f"--encoders {e}: no such file or folder")
+    args.names = [re.sub(r"[^\w.+-]", "_", n) for n in names]
+    if args.baseline not in ("random", "none"):
+        hit = [n for n, e in zip(args.names, args.encoders) if args.baseline in (n, e)]
+        if not hit:
+            raise UserError(f"--baseline {args.baseline!r} is none of random, none, {', '.join(args.names)}")
+        args.baseline = hit[0]
+    return args
+
+
+def stage_argv(args, stage, encoder, out_dir):
+    """The flags one script gets: the shared ones, the encoder, the user's --<stage> flags, the quick settings."""
+    own = shlex.split(getattr(args, stage))
+    has_data = any(f in own for f in ("--csv", "--dataset", "--data_dir"))
+    quick = args.quick if args.quick is not None else not has_data
+    argv = ["--out_dir", out_dir, "--seed", str(args.seed), "--num_workers", str(args.num_workers),
+            "--n_boot", str(args.n_boot), "--model", args.model, "--img_size", str(args.img_size)]
+    argv += ["--device", args.device] if args.device else []
+    argv += [] if encoder == "random" else ["--encoder", encoder]
+    return argv + (QUICK[stage] if quick else []) + own
+
+
+def run_all(args):
+    """{stage: {row name: results}}, {stage: {row name: comparison with the baseline}}."""
+    res, cmp = {s: {} for s in args.stages}, {s: {} for s in args.stages}
+    for stage in args.stages:
+        main = STAGES[stage].main
+        for name, enc in zip(args.names, args.encoders):
+            print(f"\n=== {stage}: {name} ===", flush=True)
+            d = os.path.join(args.out_dir, name, stage)
+            res[stage][name] = main(stage_argv(args, stage, enc, d))
+            if args.baseline == "random" and enc != "random":
+                b = os.path.join(args.out_dir, name, f"{stage}_random")
+                print(f"\n=== {stage}: random init of {name}'s architecture ===", flush=True)
+                res[stage][f"random {name}"] = main(stage_argv(args, stage, enc, b) + ["--random_like"])
+                cmp[stage][name] = compare(main, d, b, os.path.join(args.out_dir, "compare", f"{name}_{stage}"), args)
+        if args.baseline not in ("random", "none"):
+            base = os.path.join(args.out_dir, args.baseline, stage)
+            for name in args.names:
+                if name != args.baseline:
+                    cmp[stage][name] = compare(main, os.path.join(args.out_dir, name, stage), base,
+                                               os.path.join(args.out_dir, "compare", f"{name}_{stage}"), args)
+    return res, cmp
+
+
+def compare(main, a, b, out_dir, args):
+    return main(["--compare", a, b, "--out_dir", out_dir, "--n_boot", str(args.n_boot), "--seed", str(args.seed)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the tables: a row per encoder (and per baseline), the mark of its test against the baseline after each cell
+
+def print_rows(title, head, rows):
+    w = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    print(f"\n{title}")
+    for r in [head, ["-" * k for k in w]] + rows:
+        print("| " + " | ".join(str(c).ljust(k) for c, k in zip(r, w)) + " |")
+
+
+def p_of(cmp, *keys):
+    try:
+        for k in keys:
+            cmp = cmp[k]
+        return cmp["p_one_tailed"]
+    except (KeyError, TypeError):
+        return None
+
+
+def probe_table(res, cmp, metric):
+    classes = next(iter(res.values()))["classes"]
+    fmt = lambda s: "-" if s["mean"] is None or s["mean"] != s["mean"] else f"{s['mean']:.3f}±{s['std']:.3f}"
+    rows = []
+    for name, r in res.items():
+        c = cmp.get(name, {}).get("metrics", {}).get(metric, {})
+        rows.append([name] + [fmt(r[metric][k]) + mark(p_of(c, k)) for k in classes]
+                    + [fmt(r["agg"][metric]) + mark(p_of(c, "Agg."))])
+    unit = probe.unit_of(next(iter(res.values()))["protocol"])
+    print_rows(f"Table 3 (linear probe): {metric.upper()}, mean ± std over {unit}s", ["Encoder"] + classes + ["Agg."],
+               rows)
+
+
+def segment_table(res, cmp):
+    classes = next(iter(res.values()))["classes"]
+    rows = []
+    for name, r in res.items():
+        c = cmp.get(name, {}).get("metrics", {}).get("dice", {})
+        n = r["decoder_params"]
+        rows.append([name, r["decoder"], f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"]
+                    + [f"{r['test']['dice'][k] * 100:.1f}{mark(p_of(c, k))}" for k in classes]
+                    + [f"{r['test']['mean_dice'] * 100:.1f}{mark(p_of(c, 'mean Dice'))}"])
+    print_rows(f"Table 4 (segmentation, {next(iter(res.values()))['task']}): Dice x100 on the test set",
+               ["Encoder", "Decoder", "Params"] + classes + ["Mean Dice"], rows)
+
+
+def report_table(res, cmp):
+    metrics = ["BLEU-4", "ROUGE-L", "CheXpert-14 F1"]
+    rows = []
+    for name, r in res.items():
+        c = cmp.get(name, {}).get("metrics", {})
+        rows.append([name] + [f"{r['metrics'][m]['median']:.2f} [{r['metrics'][m]['ci95'][0]:.2f}, "
+                              f"{r['metrics'][m]['ci95'][1]:.2f}]{mark(p_of(c, m))}" for m in metrics])
+    print_rows("Table 5 (report generation): median [95% CI] of bootstrap resamples, 0-100", ["Encoder"] + metrics,
+               rows)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t0 = time.time()
+    os.makedirs(args.out_dir, exist_ok=True)
+    res, cmp = run_all(args)
+    print("\n" + "=" * 100)
+    if "probe" in res:
+        for metric in ("auprc", "auroc"):
+            probe_table(res["probe"], cmp["probe"], metric)
+    if "segment" in res:
+        segment_table(res["segment"], cmp["segment"])
+    if "report" in res:
+        report_table(res["report"], cmp["report"])
+    against = {"random": "a random encoder of the same architecture", "none": "nothing (--baseline none)"}
+    print(f"\nmarks: one-tailed paired bootstrap ({args.n_boot} resamples of the test items) of each encoder against "
+          f"{against.get(args.baseline, args.baseline)}: ** p < 0.01, * p < 0.05")
+    for stage, rows in res.items():
+        devs = sorted({d for r in rows.values() for d in r.get("deviations", [])})
+        print(f"{stage} deviations from the paper: {'; '.join(devs) or 'none'}")
+    keep = ("name", "encoder", "encoder_format", "classes", "auprc", "auroc", "agg", "protocol", "deviations",
+            "task", "test", "decoder", "decoder_params", "metrics", "data", "preprocess", "n_test")
+    out = {"encoders": dict(zip(args.names, args.encoders)), "baseline": args.baseline,
+           "results": {s: {n: {k: r[k] for k in keep if k in r} for n, r in rows.items()} for s, rows in res.items()},
+           "tests": cmp, "settings": vars(args), "time_s": round(time.time() - t0, 1)}
+    common.write_json(out, os.path.join(args.out_dir, "results.json"))
+    print(f"wrote {os.path.join(args.out_dir, 'results.json')} ({out['time_s']:.0f} s)")
+    return out
+
+
+if __name__ == "__main__":
+    common.run(main)

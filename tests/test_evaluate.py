@@ -1,0 +1,55 @@
+"""evaluate.py: the three evaluations for two encoders on the bundled data, tiny settings, the tables with the
+significance marks of the paired tests against each encoder's same-architecture random baseline, results.json."""
+import json
+
+import numpy as np
+import torch
+
+import data
+import evaluate
+from conftest import SAMPLE
+from encoders import save_encoder
+from model import build_vit
+
+LIGHT = {"probe": "--min_steps 0 --epochs 2 --folds 2 --extract_batch_size 64",
+         "segment": "--decoder linear --epochs 1 --batch_size 8 --n_overlays 0",
+         "report": "--max_steps 2 --lm_layers 1 --lm_dim 64 --lm_heads 2 --vocab_size 300 --max_new_tokens 4"}
+
+
+def test_evaluate_two_encoders_tables_and_marks(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vit = build_vit("vit_tiny", img_size=56, patch_size=14)
+    x = torch.stack([data.Preprocess(56)(data.read_image(p)) for p in sorted((SAMPLE / "lungseg" / "images").glob("*"))[:8]])
+    opt = torch.optim.AdamW(vit.parameters(), lr=1e-3)
+    for _ in range(2):  # a briefly trained encoder: two steps of a toy objective on real X-rays
+        loss = -vit(x).std(0).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_encoder(vit, str(tmp_path / "tiny.safetensors"), step=2)
+    argv = ["--encoders", "random", str(tmp_path / "tiny.safetensors"), "--model", "vit_tiny", "--img_size", "56",
+            "--n_boot", "30", "--device", "cpu", "--out_dir", str(tmp_path / "ev")]
+    argv += [f"--{k}={v}" for k, v in LIGHT.items()]
+    out = evaluate.main(argv)
+    text = capsys.readouterr().out
+    for title in ("Table 3 (linear probe): AUPRC", "Table 3 (linear probe): AUROC", "Table 4 (segmentation",
+                  "Table 5 (report generation)"):
+        assert title in text
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert saved["baseline"] == "random" and set(saved["results"]) == {"probe", "segment", "report"}
+    # rows: the two encoders and the random init of the trained one's architecture (the `random` one is its own)
+    for stage in ("probe", "segment", "report"):
+        assert set(saved["results"][stage]) == {"random", "tiny", "random tiny"}
+        assert set(saved["tests"][stage]) == {"tiny"}
+    assert saved["results"]["probe"]["random tiny"]["encoder"].startswith("random-init of the architecture")
+    # the mark in the table is the one of the test's p-value
+    p = saved["tests"]["probe"]["tiny"]["metrics"]["auroc"]["Agg."]["p_one_tailed"]
+    agg = saved["results"]["probe"]["tiny"]["agg"]["auroc"]
+    want = "**" if p < 0.01 else "*" if p < 0.05 else ""
+    row = next(l for l in text.split("Table 3 (linear probe): AUROC")[1].splitlines() if l.startswith("| tiny "))
+    assert row.rstrip(" |").endswith(f"{agg['mean']:.3f}±{agg['std']:.3f}{want}")
+    assert 0 <= saved["tests"]["segment"]["tiny"]["metrics"]["dice"]["mean Dice"]["p_one_tailed"] <= 1
+    assert np.isfinite(out["results"]["report"]["tiny"]["metrics"]["ROUGE-L"]["median"])
+    assert any("small Llama" in d for d in saved["results"]["report"]["tiny"]["deviations"])
