@@ -62,6 +62,22 @@ def add_common_args(p, stage, batch_size=64, epochs=10, lr=1e-3, model="vit_base
     return g
 
 
+def add_data_args(p, title, layouts, what, subject_default="subject"):
+    """The data flags of the three evaluations (docs/CONVENTIONS.md): a generic CSV with fixed val / test sets, or
+    a published layout (datasets.py). `what`: the CSV's columns, for the help."""
+    g = p.add_argument_group(title)
+    g.add_argument("--csv", default=None, help=f"table of samples: {what}")
+    g.add_argument("--image_root", default=None, help="folder the CSV's paths are relative to (default: its folder)")
+    g.add_argument("--path_col", default="path", help="image path column")
+    g.add_argument("--subject_col", default=None, help=f"subject / patient id column (default: {subject_default})")
+    g.add_argument("--val_csv", default=None, help="fixed validation set, same columns (replaces the inner split)")
+    g.add_argument("--test_csv", default=None, help="fixed test set, same columns (replaces the split / CV)")
+    g.add_argument("--dataset", default=None, choices=layouts, help="a published layout under --data_dir "
+                   "(datasets.py)")
+    g.add_argument("--data_dir", default=None, help="root folder of --dataset")
+    return g
+
+
 def add_preset_arg(p, presets):
     p.add_argument("--preset", default=None, choices=list(presets),
                    help="flag defaults: 'paper' with data flags, 'demo' without (a flag given explicitly wins)")
@@ -396,6 +412,49 @@ def image_batches(paths, info, batch_size, num_workers, crop=True):
         if any(err):
             raise UserError([e for e in err if e][0])
         yield x, idx
+
+
+def file_identity(paths):
+    """[real path, size, modification time] per file: a file rewritten in place gets a new identity."""
+    return [[os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+
+
+@torch.no_grad()
+def encode_images(paths, info, fn, env, batch_size, num_workers, cache=None):
+    """fn(x) (a frozen encoder's features of a batch) for every image, in order, as one CPU tensor; cached in the
+    file `cache` when given (a cache that does not load is recomputed, with a warning: it is only a shortcut).
+    Under torchrun each rank encodes every world-th image and rank 0 gathers them (the other ranks get None)."""
+    from tqdm import tqdm
+    if cache and os.path.exists(cache):
+        try:
+            got = torch.load(cache, weights_only=True)
+            ok = got["paths"] == list(paths) and got["feats"].shape[0] == len(paths)
+        except Exception as e:  # truncated, or not ours
+            env.print(f"warning: feature cache {cache} is unreadable ({type(e).__name__}): recomputing it")
+            ok = False
+        if ok:
+            env.print(f"features: reusing {cache}")
+            return got["feats"]
+    mine = list(range(env.rank, len(paths), env.world))
+    feats, bar = [], tqdm(total=len(mine), desc="embedding images", disable=not env.is_main)
+    for x, _ in image_batches([paths[i] for i in mine], info, batch_size, num_workers):
+        feats.append(fn(x).cpu())
+        bar.update(len(x))
+    bar.close()
+    feats = torch.cat(feats)
+    if env.distributed:
+        gathered = [None] * env.world
+        dist.all_gather_object(gathered, (mine, feats.numpy()))
+        if not env.is_main:
+            return None
+        feats = torch.empty(len(paths), *feats.shape[1:], dtype=feats.dtype)
+        for idx, f in gathered:
+            feats[idx] = torch.from_numpy(f)
+    if cache:
+        os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+        atomic_save({"paths": list(paths), "feats": feats, "source": info["source"]}, cache)
+        env.print(f"features: {tuple(feats.shape)} cached in {cache}")
+    return feats
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -84,6 +84,39 @@ def read_csv_samples(path, image_root, cols, part=None, path_keys=("path",), dro
 # ----------------------------------------------------------------------------------------------------------------
 # classification (probe.py)
 
+def label_matrix(samples, task="auto"):
+    """(task, classes, label matrix) from the samples' 'labels' {column: text}. Only 0/1 is a binary / multi-label
+    value: a blank, -1, NaN or a word in a label column is an error naming the row, unless task is multiclass (one
+    column of class names). A class that is the same for every image is kept, with a warning: it has no AUPRC."""
+    cols = list(samples[0]["labels"])
+    values = [[str(s["labels"][c]).strip() for c in cols] for s in samples]
+    where = [s.get("where", s["path"]) for s in samples]
+    if task == "auto":
+        task = "multilabel" if len(cols) > 1 else "binary"
+    if task == "binary" and len(cols) != 1:
+        raise UserError("--task binary needs exactly one 0/1 label column")
+    if task == "multiclass" and len(cols) == 1:  # one column of class names
+        blank = [w for w, v in zip(where, values) if v[0] in ("", "nan", "NaN")]
+        if blank:
+            raise UserError(f"{blank[0]}: blank / NaN label in {cols[0]!r} ({len(blank)} rows): not a class; "
+                            f"drop those rows")
+        classes = sorted({v[0] for v in values})
+        return task, classes, [[float(v[0] == c) for c in classes] for v in values]
+    bad = [(w, v) for w, vals in zip(where, values) for v in vals if v not in ("0", "1", "0.0", "1.0")]
+    if bad:
+        hint = " (one column of class names? pass --task multiclass)" if len(cols) == 1 else ""
+        raise UserError(f"{bad[0][0]}: label {bad[0][1]!r} is not 0 or 1 ({len(bad)} such values): blanks, -1 "
+                        f"(uncertain), NaN and words are not binary labels{hint}")
+    labels = [[float(v) for v in vals] for vals in values]
+    if task == "multiclass" and any(sum(l) != 1 for l in labels):
+        raise UserError("--task multiclass with several columns needs exactly one 1 per row (one-hot columns)")
+    for i, c in enumerate(cols):
+        if len({l[i] for l in labels}) == 1:
+            print(f"warning: label {c!r} is {int(labels[0][i])} for all {len(labels)} images: its AUPRC / AUROC are "
+                  f"undefined ('-') and Agg. leaves it out")
+    return task, cols, labels
+
+
 def load_vindr(args):
     """VinDr-CXR as published on PhysioNet: ROOT/{train,test}/<image_id>.dicom and ROOT/annotations/
     image_labels_{train,test}.csv with columns image_id, rad_id and one 0/1 column per finding: the official split

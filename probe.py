@@ -45,19 +45,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from scipy.stats import rankdata
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
-from tqdm import tqdm
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 import common
 import data
 import datasets
+import figures
 from common import UserError, nanmean
 from encoders import DEFAULT_EXPORT
 
 DEMO_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data", "kermany", "labels.csv")
-VINDR_SIX = datasets.VINDR_SIX
 PRESETS = {"paper": dict(model="vit_base", img_size=224, batch_size=96, epochs=100, lr=5e-5)}  # demo = paper
 
 # --augment strengths: small, label-preserving changes of a chest X-ray
@@ -67,17 +65,10 @@ AUG = dict(flip_p=0.5, rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, crop_a
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data (default: the bundled Kermany sample, label `pneumonia`, subject `patient`)")
-    g.add_argument("--csv", default=None, help="table of samples: image path, subject, label columns")
-    g.add_argument("--image_root", default=None, help="folder the CSV's image paths are relative to")
-    g.add_argument("--path_col", default="path")
-    g.add_argument("--subject_col", default=None, help="subject / patient id column (default: subject)")
+    g = common.add_data_args(p, "data (default: the bundled Kermany sample, label `pneumonia`, subject `patient`)",
+                             ["vindr", "rsna"], "image path, subject, label columns")
     g.add_argument("--label_cols", default=None, help="comma-separated: several 0/1 columns = multi-label, "
                    "one 0/1 column = binary, one column of class names = multi-class (with --task multiclass)")
-    g.add_argument("--val_csv", default=None, help="fixed validation set (replaces the inner validation split)")
-    g.add_argument("--test_csv", default=None, help="fixed test set (replaces cross-validation)")
-    g.add_argument("--dataset", default=None, choices=["vindr", "rsna"], help="a published layout under --data_dir")
-    g.add_argument("--data_dir", default=None, help="root folder of --dataset (e.g. .../vindr-cxr/1.0.0)")
     g.add_argument("--vindr_consensus", default="majority", choices=["majority", "any"],
                    help="how VinDr's three readers per training image are combined (see datasets.load_vindr)")
     g = p.add_argument_group("protocol")
@@ -136,9 +127,6 @@ class Table:
         self.parts = {k: np.flatnonzero(part_of == k) for k in ("pool", "val", "test") if (part_of == k).any()}
 
 
-BINARY = {"0", "1", "0.0", "1.0"}
-
-
 def csv_samples(args):
     """The generic CSV format of docs/CONVENTIONS.md (and the bundled demo): samples with 'labels' {column: text}."""
     if args.csv is None and (args.val_csv or args.test_csv):
@@ -161,42 +149,9 @@ def csv_samples(args):
     return out, f"bundled {DEMO_CSV}" if demo else args.csv
 
 
-def labels_of(samples, task):
-    """(task, classes, label matrix) from the samples' label texts. Only 0/1 is a binary / multi-label value: a blank,
-    -1, NaN or a word in a label column is an error naming the row, unless --task multiclass (class names)."""
-    cols = list(samples[0]["labels"])
-    values = [[str(s["labels"][c]).strip() for c in cols] for s in samples]
-    where = [s.get("where", s["path"]) for s in samples]
-    if task == "auto":
-        task = "multilabel" if len(cols) > 1 else "binary"
-    if task == "binary" and len(cols) != 1:
-        raise UserError("--task binary needs exactly one 0/1 label column")
-    if task == "multiclass" and len(cols) == 1:  # one column of class names
-        blank = [w for w, v in zip(where, values) if v[0] in ("", "nan", "NaN")]
-        if blank:
-            raise UserError(f"{blank[0]}: blank / NaN label in {cols[0]!r} ({len(blank)} rows): not a class; "
-                            f"drop those rows")
-        classes = sorted({v[0] for v in values})
-        return task, classes, [[float(v[0] == c) for c in classes] for v in values]
-    bad = [(w, v) for w, vals in zip(where, values) for v in vals if v not in BINARY]
-    if bad:
-        hint = " (one column of class names? pass --task multiclass)" if len(cols) == 1 else ""
-        raise UserError(f"{bad[0][0]}: label {bad[0][1]!r} is not 0 or 1 ({len(bad)} such values): blanks, -1 "
-                        f"(uncertain), NaN and words are not binary labels{hint}")
-    labels = [[float(v) for v in vals] for vals in values]
-    if task == "multiclass" and any(sum(l) != 1 for l in labels):
-        raise UserError("--task multiclass with several columns needs exactly one 1 per row (one-hot columns)")
-    return task, cols, labels
-
-
 def load_table(args):
     samples, source = datasets.load(args.dataset, args) if args.dataset else csv_samples(args)
-    task, classes, labels = labels_of(samples, args.task)
-    lab = np.asarray(labels)
-    for i, c in enumerate(classes):  # a class without positives (or negatives) has no AUPRC / AUROC anywhere
-        if task != "multiclass" and lab[:, i].min() == lab[:, i].max():
-            print(f"warning: label {c!r} is {int(lab[0, i])} for all {len(lab)} images: its AUPRC / AUROC are "
-                  f"undefined ('-') and Agg. leaves it out")
+    task, classes, labels = datasets.label_matrix(samples, args.task)
     part_of = [{"val": "val", "test": "test"}.get(s["part"], "pool") for s in samples]
     table = Table([s["path"] for s in samples], [s["subject"] for s in samples], labels, classes, task, part_of,
                   source)
@@ -254,10 +209,10 @@ def cache_file(info, table, args, env):
     enc, path = info["source"], args.encoder or (DEFAULT_EXPORT if info["format"] != "random-init" else None)
     if path and os.path.exists(path):  # a retrained file (or folder of files) at the same path gets a new key
         files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
-        enc = [info["format"]] + [(os.path.realpath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    images = sorted((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in table.paths)
+        enc = [info["format"]] + common.file_identity(files)
     key = json.dumps([enc, args.model, args.patch_size, info["img_size"], info["mean"], info["std"],
-                      info.get("crop_frac", 1.0), args.last_layers, str(env.dtype), images])
+                      info.get("crop_frac", 1.0), args.last_layers, str(env.dtype),
+                      sorted(common.file_identity(table.paths))])
     return os.path.join(args.feature_cache or os.path.join(args.out_dir, "features"),
                         hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
 
@@ -269,38 +224,9 @@ def embed(vit, x, env, args):
 
 
 def extract_features(vit, info, table, args, env):
-    """(N, D) embeddings of table.paths in order, cached. Under torchrun each rank embeds every world-th image and
-    rank 0 gathers them (the other ranks get None)."""
-    path = cache_file(info, table, args, env)
-    if os.path.exists(path):
-        try:
-            cached = torch.load(path, weights_only=True)
-            ok = cached["paths"] == table.paths and cached["feats"].shape[0] == len(table.paths)
-        except Exception as e:  # a truncated or foreign file: say so and recompute (the cache is only a shortcut)
-            env.print(f"warning: feature cache {path} is unreadable ({type(e).__name__}): recomputing it")
-            ok = False
-        if ok:
-            env.print(f"features: reusing {path}")
-            return cached["feats"]
-    mine = list(range(env.rank, len(table.paths), env.world))
-    feats, bar = [], tqdm(total=len(mine), desc="embedding images", disable=not env.is_main)
-    for x, _ in common.image_batches([table.paths[i] for i in mine], info, args.extract_batch_size, args.num_workers):
-        feats.append(embed(vit, x, env, args).cpu())
-        bar.update(len(x))
-    bar.close()
-    feats = torch.cat(feats)
-    if env.distributed:
-        gathered = [None] * env.world
-        torch.distributed.all_gather_object(gathered, (mine, feats.numpy()))
-        if not env.is_main:
-            return None
-        feats = torch.empty(len(table.paths), feats.shape[1])
-        for idx, f in gathered:
-            feats[idx] = torch.from_numpy(f)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    common.atomic_save({"paths": table.paths, "feats": feats, "source": info["source"]}, path)
-    env.print(f"features: {tuple(feats.shape)} cached in {path}")
-    return feats
+    """(N, D) embeddings of table.paths in order, cached (common.encode_images); None on ranks other than 0."""
+    return common.encode_images(table.paths, info, lambda x: embed(vit, x, env, args), env, args.extract_batch_size,
+                                args.num_workers, cache=cache_file(info, table, args, env))
 
 
 def augment(x, g):
@@ -460,40 +386,6 @@ def write_outputs(res, table, preds, out_dir):
     common.write_json(res, os.path.join(out_dir, "results.json"))
 
 
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf", "#393b79", "#ad494a", "#637939", "#de9ed6", "#843c39", "#5254a3"]
-
-
-def draw_pr_curves(Y, P, classes, title, path, W=760, H=560):
-    """Precision-recall curves, one per class (test predictions pooled over folds), drawn with PIL."""
-    L, R, T, B = 70, 230, 40, 60  # margins; the legend sits in the right one
-    img = Image.new("RGB", (W, H), "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
-    xy = lambda r, p: (L + r * (W - L - R), T + (1 - p) * (H - T - B))
-    for t in np.linspace(0, 1, 6):  # grid, ticks and their labels
-        d.line([xy(t, 0), xy(t, 1)], fill="#e8e8e8")
-        d.line([xy(0, t), xy(1, t)], fill="#e8e8e8")
-        d.text((xy(t, 0)[0] - 10, H - B + 8), f"{t:.1f}", fill="black", font=font)
-        d.text((L - 35, xy(0, t)[1] - 7), f"{t:.1f}", fill="black", font=font)
-    d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
-    d.text((L + (W - L - R) / 2 - 20, H - 25), "Recall", fill="black", font=font)
-    d.text((8, T - 22), "Precision", fill="black", font=font)
-    d.text((L + 60, 8), title[:90], fill="black", font=font)
-    for c, name in enumerate(classes):
-        y, p = Y[:, c], P[:, c]
-        if not 0 < y.sum() < len(y):
-            continue
-        prec, rec, _ = precision_recall_curve(y, p)
-        pts = [xy(rec[0], prec[0])]
-        for k in range(1, len(rec)):  # steps, like scikit-learn's PrecisionRecallDisplay
-            pts += [xy(rec[k], prec[k - 1]), xy(rec[k], prec[k])]
-        color, ly = PALETTE[c % len(PALETTE)], T + 18 * c
-        d.line(pts, fill=color, width=2)
-        d.line([W - R + 15, ly + 7, W - R + 35, ly + 7], fill=color, width=3)
-        d.text((W - R + 40, ly), f"{name[:18]} (AP {average_precision_score(y, p):.2f})", fill="black", font=font)
-    img.save(path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # comparing two encoders: a paired bootstrap over the same test images (the paper's Table 6)
 
@@ -650,7 +542,7 @@ def main(argv=None):
     print(f"encoder: {info['source']}\nprotocol: {protocol}; deviations from the paper: "
           f"{'; '.join(res['deviations']) or 'none'}")
     write_outputs(res, table, preds, args.out_dir)
-    draw_pr_curves(np.concatenate([table.labels[te] for _, te, _ in preds]), np.concatenate([P for *_, P in preds]),
+    figures.draw_pr_curves(np.concatenate([table.labels[te] for _, te, _ in preds]), np.concatenate([P for *_, P in preds]),
                    table.classes, f"{name}: {table.source}", os.path.join(args.out_dir, "pr_curves.png"))
     print(f"wrote results.json, results.csv, predictions.csv, pr_curves.png to {args.out_dir}")
     res["baseline"] = common.run_baseline(main, args, argv)

@@ -69,20 +69,9 @@ PRESETS = {"paper": dict(lr=2e-5, epochs=3, train="lora", image_pool=1),
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data (default: the bundled image + report pairs)")
-    g.add_argument("--csv", default=None, help="table of samples: image path, subject, report text")
-    g.add_argument("--image_root", default=None,
-                   help="folder the CSV's image paths are relative to (default: its folder)")
-    g.add_argument("--path_col", default="path")
-    g.add_argument("--subject_col", default=None,
-                   help="subject column (default: subject; patientid for the bundled CSV)")
+    g = common.add_data_args(p, "data (default: the bundled image + report pairs)", ["mimic", "iu_xray"],
+                             "image path, subject, report text", subject_default="subject; patientid for the bundled CSV")
     g.add_argument("--text_col", default="text", help="report text column")
-    g.add_argument("--val_csv", default=None, help="fixed validation set (same columns)")
-    g.add_argument("--test_csv", default=None, help="fixed test set (same columns)")
-    g.add_argument("--dataset", default=None, choices=["mimic", "iu_xray"],
-                   help="a published layout under --data_dir (datasets.py)")
-    g.add_argument("--data_dir", default=None,
-                   help="MIMIC-CXR-JPG root (files/, split and metadata CSVs) or IU-Xray folder (annotation.json)")
     g.add_argument("--reports_dir", default=None,
                    help="MIMIC-CXR reports root holding files/pXX/pY/sZ.txt (default: --data_dir)")
     g.add_argument("--label_only", action="store_true", help="only label --csv's --text_col with the CheXpert labeler")

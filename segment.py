@@ -35,7 +35,6 @@ Writes to --out_dir (default out/segment): results.json (Dice per class and mean
 per_image_dice.csv (what --compare reads), checkpoint.pt (best decoder), log.jsonl, overlays/*.png (truth | pred).
 """
 import argparse
-import colorsys
 import csv
 import math
 import os
@@ -52,6 +51,7 @@ from tqdm import tqdm
 import common
 import data
 import datasets
+import figures
 from common import UserError, nanmean
 from datasets import RIBS, ZONES
 from model import LinearDecoder, SegModel, UPerNet, count_params
@@ -73,20 +73,12 @@ AUG = dict(rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, shear=0.05, elasti
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data (default: the bundled lungseg sample, task lungs)")
+    g = common.add_data_args(p, "data (default: the bundled lungseg sample, task lungs)", ["vindr_rib", "mimic_lungs"],
+                             "image path (or `image`), mask path, subject (absent: one subject per image)")
     g.add_argument("--task", default="lungs", choices=list(TASKS))
-    g.add_argument("--csv", default=None, help="table of samples: image path, mask path (lungs, lung, zones)")
-    g.add_argument("--image_root", default=None, help="folder the CSV's paths are relative to (default: its folder)")
-    g.add_argument("--path_col", default="path", help="image column (falls back to `image` if `path` is absent)")
     g.add_argument("--mask_col", default="mask", help="mask image column (optional for --task zones)")
-    g.add_argument("--subject_col", default="subject", help="patient id column (absent: one subject per image)")
-    g.add_argument("--val_csv", default=None, help="fixed validation set in the same format")
-    g.add_argument("--test_csv", default=None, help="fixed test set in the same format")
     g.add_argument("--boxes", default=None, help="--task zones: folder of scene-graph JSONs or a box CSV")
     g.add_argument("--box_scale", type=float, default=1.0, help="multiply box coordinates (images were resized)")
-    g.add_argument("--dataset", default=None, choices=["vindr_rib", "mimic_lungs"],
-                   help="a published layout under --data_dir (datasets.py)")
-    g.add_argument("--data_dir", default=None, help="root of --dataset (VinDr-RibCXR, lung-segment-mimic-cxr)")
     g = p.add_argument_group("protocol")
     g.add_argument("--decoder", default="upernet", choices=["upernet", "linear"])
     g.add_argument("--layers", default=None, help="decoder's blocks, 1-based (default UPerNet 4,6,8,12; linear 12)")
@@ -228,7 +220,7 @@ def load_csv(path, args, boxes=None):
     mc = args.mask_col if args.mask_col in cols else None
     if mc is None and args.task != "zones":
         raise UserError(f"CSV {path} has no mask column {args.mask_col!r}; pick it with --mask_col")
-    sc = args.subject_col if args.subject_col in cols else None  # absent: one subject per image
+    sc = (args.subject_col or "subject") if (args.subject_col or "subject") in cols else None  # absent: 1 per image
     samples, missing = [], 0
     for s in datasets.read_csv_samples(path, args.image_root, {"path": pc, "subject": sc, "mask": mc},
                                        path_keys=("path", "mask"))[0]:
@@ -373,32 +365,7 @@ def evaluate(model, loader, env, norm, n_fg, keep=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# outputs: the paper's table, results.json, per_image_dice.csv, overlays
-
-PALETTE = np.array([[0, 0, 0]] + [[int(255 * c) for c in colorsys.hsv_to_rgb(k / 20, 0.9, 1.0)] for k in range(20)],
-                   np.uint8)  # background + 20 distinct hues (the ribs)
-
-
-def overlay(img, label, alpha=0.45):
-    """Grayscale image (any size) with a label map drawn over it (resized to the label's size)."""
-    g = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).resize(label.shape[::-1], Image.BILINEAR)
-    rgb = np.repeat(np.array(g)[..., None], 3, 2).astype(np.float32)
-    lab = np.where(label == IGNORE, 0, label)
-    col = PALETTE[np.where(lab > 0, (lab - 1) % 20 + 1, 0)].astype(np.float32)
-    return np.where((lab > 0)[..., None], (1 - alpha) * rgb + alpha * col, rgb).astype(np.uint8)
-
-
-def save_overlays(kept, samples, out_dir, dice):
-    os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
-    for k, (img, truth, pred) in enumerate(kept):
-        panel = np.concatenate([overlay(img, truth), np.full((truth.shape[0], 4, 3), 255, np.uint8),
-                                overlay(img, pred)], axis=1)
-        im = Image.fromarray(panel)
-        for xy, text in (((4, 4), "truth"), ((truth.shape[1] + 8, 4), f"prediction (Dice {nanmean(dice[k]):.3f})")):
-            ImageDraw.Draw(im).text(xy, text, fill=(255, 255, 0))
-        stem = os.path.splitext(os.path.basename(samples[k]["path"]))[0]
-        im.save(os.path.join(out_dir, "overlays", f"{k:02d}_{stem}.png"))
-
+# outputs: the paper's table, results.json, per_image_dice.csv (overlays: figures.py)
 
 def print_table(name, decoder, n_params, classes, per_class, mean_dice, ci):
     """One row laid out like the paper's Table 4: encoder, decoder, its parameters, Dice x100 per class and mean."""
@@ -572,7 +539,7 @@ def main(argv=None):
            "deviations": deviations(args)}
     common.write_json(res, os.path.join(args.out_dir, "results.json"))
     write_per_image(os.path.join(args.out_dir, "per_image_dice.csv"), parts["test"], classes, test_dice)
-    save_overlays(kept, parts["test"], args.out_dir, test_dice)
+    figures.save_overlays(kept, parts["test"], args.out_dir, test_dice)
     print(f"deviations from the paper: {'; '.join(res['deviations']) or 'none'}")
     print(f"wrote results.json, per_image_dice.csv, checkpoint.pt, overlays/ to {args.out_dir}")
     res["baseline"] = common.run_baseline(main, args, argv)
