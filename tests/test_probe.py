@@ -336,6 +336,14 @@ def test_rsna_layout(tmp_path):
     assert list(table.subjects) == list(patients)  # one image per patient, however many boxes
     assert table.labels[:, 0].tolist() == [float(bool(b)) for b in patients.values()]
     assert all(os.path.basename(p) == f"{s}.dcm" for p, s in zip(table.paths, table.subjects))
+    # the paper's protocol by default: one 60/20/20 split by patient (here 4 / 1 / 1), the head trained with 5 seeds
+    args = probe.get_args(["--dataset", "rsna", "--data_dir", str(root)])
+    splits = probe.make_splits(table, args)
+    assert probe.protocol_of(table, args) == "split" and len(splits) == 5
+    assert all([len(s) for s in sp] == [4, 1, 1] for sp in splits)
+    assert all(all(np.array_equal(a, b) for a, b in zip(sp, splits[0])) for sp in splits)  # the seeds share it
+    tr, va, te = splits[0]
+    assert not set(table.subjects[tr]) & set(table.subjects[te]) and not set(table.subjects[va]) & set(table.subjects[te])
     res = probe.main(TINY + ["--dataset", "rsna", "--data_dir", str(root), "--protocol", "cv", "--folds", "2",
                              "--epochs", "2", "--out_dir", str(tmp_path / "out")])
     assert res["protocol"].startswith("2-fold") and sum(f["n_test"] for f in res["per_fold"]) == 6

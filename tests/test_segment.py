@@ -295,3 +295,34 @@ def test_short_training_run_and_compare(tmp_path, monkeypatch):
     r = cmp["metrics"]["dice"]["mean Dice"]
     assert r["delta"] == pytest.approx(0.05, abs=1e-5) and r["p_one_tailed"] < 0.01
     assert (tmp_path / "cmp" / "compare.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preprocessing: centre crop of image and label together; a loaded encoder keeps its own resolution
+
+def test_centre_crop_takes_image_and_label_together(tmp_path):
+    from PIL import Image
+    src = sorted((LUNGSEG / "images").glob("*.png"))[0]
+    img, mask = np.asarray(Image.open(src).convert("L")), segment.read_mask(LUNGSEG / "masks" / src.name)
+    assert img.shape == mask.shape == (256, 256)
+    pad = lambda a: np.pad(a, ((0, 0), (40, 40)))  # a wider picture: the centre square is the original
+    Image.fromarray(pad(img)).save(tmp_path / "wide.png")
+    Image.fromarray(pad(mask)).save(tmp_path / "wide_mask.png")
+    wide = {"path": str(tmp_path / "wide.png"), "mask": str(tmp_path / "wide_mask.png"), "subject": "a"}
+    orig = {"path": str(src), "mask": str(LUNGSEG / "masks" / src.name), "subject": "a"}
+    xw, yw, fw = segment.SegDataset([wide], "lungs", 112, full=True)[0]
+    xo, yo, fo = segment.SegDataset([orig], "lungs", 112, full=True)[0]
+    assert xw.shape == (1, 112, 112) and torch.allclose(xw, xo) and torch.equal(yw, yo) and torch.equal(fw, fo)
+    assert fw.shape == (256, 256)  # Dice is measured on the crop at its own resolution
+
+
+def test_a_loaded_encoder_keeps_its_resolution(tmp_path, monkeypatch):
+    from encoders import save_encoder
+    from model import build_vit
+    monkeypatch.chdir(tmp_path)
+    save_encoder(build_vit("vit_tiny", img_size=56, patch_size=14), str(tmp_path / "e.safetensors"))
+    run = lambda *f: segment.main(["--encoder", str(tmp_path / "e.safetensors"), "--decoder", "linear", "--epochs",
+                                   "1", "--batch_size", "8", "--num_workers", "0", "--n_overlays", "0", "--device",
+                                   "cpu", "--out_dir", str(tmp_path / "o"), *f])
+    assert run("--img_size", "112")["img_size"] == 56  # --img_size shapes a random encoder only
+    assert run("--enc_img_size", "84")["img_size"] == 84  # the one override of a loaded encoder
