@@ -164,8 +164,9 @@ def load_table(args):
 
 def protocol_of(table, args):
     if args.protocol != "auto":
-        if args.protocol == "fixed" and "test" not in table.parts:
-            raise UserError("--protocol fixed needs a test set (--test_csv or a dataset with an official split)")
+        if (args.protocol == "fixed") != ("test" in table.parts):
+            raise UserError(f"--protocol {args.protocol} and the data disagree: 'fixed' is for a test set (--test_csv "
+                            f"or an official split), 'split' / 'cv' make one (and would leave a given one unused)")
         return args.protocol
     return "fixed" if "test" in table.parts else "split" if args.dataset == "rsna" else "cv"
 

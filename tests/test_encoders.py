@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import common
 import encoders
 from common import UserError
 from conftest import SAMPLE
@@ -356,12 +357,14 @@ def test_probe_with_hf_dinov2_registers(tmp_path, monkeypatch):
                       "patient", "--folds", "2", "--max_steps", "20", "--num_workers", "0", "--encoder",
                       str(tmp_path / "hf"), "--out_dir", str(tmp_path / "probe")])
     assert res["encoder_format"] == "dinov2-hf" and str(tmp_path / "hf") in res["encoder"]
-    assert res["preprocess"] == {"img_size": 224, "mean": encoders.IMAGENET_MEAN, "std": encoders.IMAGENET_STD}
+    # DINOv2's card: shorter side 256, centre crop 224 (common.CROP_FRAC)
+    assert res["preprocess"] == {"img_size": 224, "mean": encoders.IMAGENET_MEAN, "std": encoders.IMAGENET_STD,
+                                 "crop_frac": 224 / 256}
     assert res["feature_dim"] == 64 and np.isfinite(res["agg"]["auroc"]["mean"])
     # the probe's embedding of an image is transformers' pooler output (CLS after the final layernorm)
     cached = torch.load(next((tmp_path / "probe" / "features").glob("*.pt")), weights_only=True)
     pre = data.Preprocess(224, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
-    x = torch.stack([pre(data.read_image(p)) for p in cached["paths"][:3]])
+    x = torch.stack([pre(common.center_crop(data.read_image(p), 224 / 256)) for p in cached["paths"][:3]])
     torch.testing.assert_close(cached["feats"][:3], hf_forward(m, x).pooler_output, atol=1e-4, rtol=0)
 
 
