@@ -53,3 +53,20 @@ def test_evaluate_two_encoders_tables_and_marks(tmp_path, monkeypatch, capsys):
     assert 0 <= saved["tests"]["segment"]["tiny"]["metrics"]["dice"]["mean Dice"]["p_one_tailed"] <= 1
     assert np.isfinite(out["results"]["report"]["tiny"]["metrics"]["ROUGE-L"]["median"])
     assert any("small Llama" in d for d in saved["results"]["report"]["tiny"]["deviations"])
+
+
+def test_evaluate_flags(tmp_path):
+    import pytest
+    from common import UserError
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    a = str(tmp_path / "a.safetensors")
+    assert evaluate.get_args(["--encoders", "random", a, "--baseline", "a"]).baseline == "a"  # by name
+    assert evaluate.get_args(["--encoders", "random", a, "--baseline", a]).baseline == "a"  # or by path
+    for argv, msg in ((["--encoders", "nope.pt"], "no such file"), (["--encoders", a, a], "one distinct name"),
+                      (["--encoders", a, "--baseline", "b"], "none of random, none, a")):
+        with pytest.raises(UserError, match=msg):
+            evaluate.get_args(argv)
+    flags = evaluate.stage_argv(evaluate.get_args(["--encoders", a, "--probe", "--csv x.csv --folds 3"]), "probe", a,
+                                "o")
+    assert flags[-3:] == ["x.csv", "--folds", "3"] and "--min_steps" not in flags  # data given: no quick settings
+    assert "--min_steps" in evaluate.stage_argv(evaluate.get_args(["--encoders", a]), "probe", a, "o")
