@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import common
 import data
+import encoders
 from common import UserError
 from encoders import DEFAULT_EXPORT, add_encoder_args, load_encoder_from_args
 
@@ -298,7 +299,7 @@ def extract_features(vit, info, table, args, env):
         if cached["paths"] == table.paths:
             env.print(f"features: reusing {path}")
             return cached["feats"]
-    pre = data.Preprocess(info["img_size"], info["mean"], info["std"])
+    pre = encoders.preprocessor(info)  # the encoder's own resize (square, or shortest edge + centre crop)
     mine = list(range(env.rank, len(table.paths), env.world))
     feats, bar = [], tqdm(total=len(mine), desc="embedding images", disable=not env.is_main)
     for x in image_batches([table.paths[i] for i in mine], pre, args.extract_batch_size, args):
@@ -600,7 +601,7 @@ def run_folds(feats, table, splits, vit, info, args, env, log):
     """Train, select and test one head per split; returns per-fold metrics and (fold, test indices, probabilities)."""
     X, Y = feats.to(env.device), torch.from_numpy(table.labels).to(env.device)
     # --augment works on [0, 1] images and normalises after augmenting, with the encoder's own statistics
-    raw = data.Preprocess(info["img_size"], [0.0] * len(info["mean"]), [1.0] * len(info["std"]))
+    raw = encoders.preprocessor(info, normalise=False)
     mean, std = (torch.tensor(info[k], device=env.device).view(1, -1, 1, 1) for k in ("mean", "std"))
     bs, per_fold, preds = args.batch_size, [], []
     for k, (tr, va, te) in enumerate(splits):

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 import common
 import data
+import encoders
 from common import UserError
 from encoders import add_encoder_args, load_encoder_from_args
 from labeler import METRICS, OBSERVATIONS, RADGRAPH_NOTE, Scorer, label_report, score
@@ -595,7 +596,7 @@ def main(argv=None):
         env.print("warning: --train projector leaves the from-scratch LM untrained: expect noise, not reports")
     env.print(f"LM: {'from scratch' if not args.lm else args.lm}, {count_params(lm):,} parameters, vocab "
               f"{lm.config.vocab_size}; projector {args.projector} {d_in} -> {lm.config.hidden_size}")
-    pre = data.Preprocess(info["img_size"], info["mean"], info["std"])
+    pre = encoders.preprocessor(info)  # the encoder's own resize (square, or shortest edge + centre crop)
     samples = splits["train"] + splits["test"]  # val is not used for selection: a fixed schedule, as in LLaVA
     n_tr = len(splits["train"])
     if args.precompute == "yes" or (args.precompute == "auto" and len(samples) <= 20000):
