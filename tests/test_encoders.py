@@ -774,3 +774,58 @@ def test_unknown_layout_names_closest_format(tmp_path):
     with pytest.raises(UserError, match=r"unknown checkpoint layout .*closest format: clip;"):
         load_encoder(str(tmp_path / "x.pt"))
     assert sd  # (the keys above share CLIP's words but not its layout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# every baseline runs the three evaluations end to end on the bundled data (tiny checkpoints, a few steps)
+
+def baseline_checkpoint(kind, tmp):
+    """A tiny randomly initialised checkpoint in the published layout of `kind`; returns its path."""
+    if kind == "clip-hf":
+        make_clip(tmp / "clip-vit-large-patch14")
+        return tmp / "clip-vit-large-patch14"
+    if kind in ("clip", "chexzero"):
+        make_clip(tmp / "c", width=128, heads=2)
+        torch.save(to_openai_clip(load_file(str(tmp / "c" / "model.safetensors")), 2, pre=""), tmp / f"{kind}.pt")
+        return tmp / f"{kind}.pt"
+    if kind == "biomedclip":
+        write_biomedclip(tmp / "BiomedCLIP", timm_vit_state())
+        return tmp / "BiomedCLIP"
+    if kind == "mrm":
+        torch.save({"model": {**timm_vit_state(), "decoder_embed.weight": torch.randn(8, 64)}}, tmp / "MRM.pth")
+        return tmp / "MRM.pth"
+    if kind == "biovil-t":
+        torch.save(biovil_checkpoint(resnet_state()), tmp / "biovil_t.pt")
+        return tmp / "biovil_t.pt"
+    if kind == "dinov2-swiglu":
+        make_hf("dinov2", tmp / "dinov2-giant", hidden_size=128, num_attention_heads=2, use_swiglu_ffn=True)
+        return tmp / "dinov2-giant"
+    if kind == "ijepa-hf":
+        encoders.export_hf(tiny_jepa(), str(tmp / "hf"), mean=encoders.IMAGENET_MEAN, std=encoders.IMAGENET_STD)
+        return tmp / "hf"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["clip-hf", "clip", "chexzero", "biomedclip", "mrm", "biovil-t", "dinov2-swiglu",
+                                  "ijepa-hf"])
+def test_baseline_runs_probe_segment_report(tmp_path, monkeypatch, kind):
+    probe, segment, report = (pytest.importorskip(m) for m in ("probe", "segment", "report"))
+    monkeypatch.chdir(tmp_path)
+    ck = str(baseline_checkpoint(kind, tmp_path))
+    fmt = ["--encoder_format", kind] if kind == "chexzero" else []
+    res = probe.main(["--csv", str(small_kermany_csv(tmp_path, n=4)), "--label_cols", "pneumonia", "--subject_col",
+                      "patient", "--folds", "2", "--max_steps", "5", "--min_steps", "5", "--num_workers", "0",
+                      "--encoder", ck, "--out_dir", str(tmp_path / "probe"), *fmt])
+    assert np.isfinite(res["agg"]["auroc"]["mean"]) and res["encoder_format"] == (kind if kind != "dinov2-swiglu"
+                                                                                 else "dinov2-hf")
+    # UPerNet on four feature maps of the encoder (blocks 1, 1, 2, 2 of these two-block ViTs; ResNet blocks 1-4)
+    seg = segment.main(["--encoder", ck, "--layers", "1,2,3,4" if kind == "biovil-t" else "1,1,2,2", "--max_steps",
+                        "1", "--batch_size", "2", "--num_workers", "0", "--n_overlays", "1", "--n_boot", "10",
+                        *(["--img_size", "64", "--patch_size", "32" if kind == "biovil-t" else "16"]
+                          if kind in ("biovil-t", "biomedclip", "mrm") else ["--img_size", "56"]),  # stride 32 / 16 / 14
+                        "--out_dir", str(tmp_path / "seg"), *fmt])
+    assert 0 <= seg["test"]["mean_dice"] <= 1
+    rep = report.main(["--encoder", ck, "--max_steps", "1", "--num_workers", "0", "--lm_layers", "1", "--lm_dim", "32",
+                       "--lm_heads", "2", "--max_new_tokens", "2", "--n_boot", "10", "--out_dir", str(tmp_path / "rep"),
+                       *fmt])
+    assert rep["n_test"] > 0 and (tmp_path / "rep" / "predictions.csv").exists()
