@@ -46,7 +46,11 @@ class ViTVariant(VisionTransformer):
     (CLIP's ln_post) is applied to every token, so the CLS token equals CLIP's pooled output before projection."""
 
     def __init__(self, pre_norm=False, act="gelu", ffn="mlp", patch_bias=True, **kw):
+        if ffn == "swiglu":  # build the plain MLPs one unit wide: they are replaced (ViT-g's would take 3 GB)
+            ratio, kw["mlp_ratio"] = kw.get("mlp_ratio", 4.0), 1 / kw.get("embed_dim", 768)
         super().__init__(**kw)
+        if ffn == "swiglu":
+            self.config["mlp_ratio"] = ratio
         self.config.update(variant="vit", pre_norm=pre_norm, act=act, ffn=ffn, patch_bias=patch_bias)
         dim, eps = self.embed_dim, self.config["eps"]
         if not patch_bias:

@@ -1,37 +1,38 @@
 """
 Frozen encoders for the downstream scripts (probe.py, segment.py, report.py): the project's own export and the
-published encoders the paper compares against, each rebuilt as model.py's VisionTransformer.
+published encoders the paper compares against, each rebuilt as model.py's VisionTransformer or one of
+backbones.py's (CLIP's ViT, DINOv2 ViT-g's SwiGLU, BioViL-T's ResNet-50), all with the same interface.
 
     from encoders import save_encoder, load_encoder
     save_encoder(vit, "out/pretrain/encoder.safetensors", step=1000)
     vit, info = load_encoder("out/pretrain/encoder.safetensors")  # info: source, format, img_size, mean, std, in_chans
     vit, info = load_encoder("rad-dino/", fmt="rad-dino")         # a Hugging Face snapshot folder
+    export_hf(vit, "out/pretrain/hf")                             # an IJepaModel folder transformers loads
+    pre = preprocessor(info)                                      # image -> tensor, as the encoder's processor
     vit, info = load_encoder(None, model="vit_small")             # default export if present, else random init
     vit, info = load_encoder_from_args(args)                      # the flags add_encoder_args() defines
 
-Formats (--encoder_format; `auto` tells them apart by their contents and says what it picked in info['source']):
-  radjepa-encoder  the project's export: safetensors with the ViT config in its metadata (pretrain.py writes it)
-  radjepa          the released RadJEPa weights (jepa_encoder.pth.tar) and pretrain.py's checkpoint.pt: a torch
-                   file with the state dict under 'target_encoder' (preferred) or 'encoder'
-  ijepa            Meta's I-JEPA checkpoints (IN1K-vit.h.14-300e.pth.tar, ...): that layout plus 'predictor',
-                   'opt', 'scaler', ...; module.patch_embed.proj.weight, module.pos_embed, module.blocks.N.attn.qkv...
-  dinov2-hf        DINOv2 in Hugging Face format (Dinov2Model / Dinov2WithRegistersModel): a folder, or a weights
-                   file, with config.json beside it
-  rad-dino         microsoft/rad-dino: the same Hugging Face format, with RAD-DINO's preprocessing
-  dinov2           Meta's original DINOv2 naming (dinov2_vitb14_pretrain.pth, dinov2_vitb14_reg4_pretrain.pth, ...)
+Formats (--encoder_format; `auto` tells them apart by their contents and says what it picked in info['source']).
+LOADERS below lists each with what it reads; in short:
+  radjepa-encoder  the project's export (pretrain.py writes it; export_hf writes the same as a HF IJepaModel)
+  radjepa          RadJEPa's jepa_encoder.pth.tar or hub snapshot folder; pretrain.py's checkpoint.pt
+  ijepa, ijepa-hf  Meta's I-JEPA .pth.tar; Hugging Face IJepaModel folders (facebook/ijepa_*, out_dir/hf)
+  dinov2, dinov2-hf, rad-dino   DINOv2 (ViT-g's SwiGLU included) in Meta's or Hugging Face's layout; RAD-DINO
+  clip-hf, clip, chexzero       CLIP ViT: HF CLIPVisionModel / CLIPModel; OpenAI's state dict; CheXzero's ViT-B/32
+  biomedclip, mrm  timm-named ViTs: open_clip's visual.trunk.* (BiomedCLIP), MAE's (MRM)
+  biovil-t         hi-ml-multimodal's ResNet-50 image encoder (backbones.ResNet50Encoder)
 
-Preprocessing preset per format (info img_size / mean / std; --enc_img_size, --enc_mean, --enc_std override):
-  radjepa-encoder, radjepa  grayscale, CXR intensity statistics (data.CXR_MEAN / CXR_STD), the resolution the
-                            checkpoint's position embeddings were made for (the paper's 224)
-  ijepa     ImageNet mean / std on 3 channels (the gray image replicated), the checkpoint's resolution
-  dinov2, dinov2-hf  ImageNet mean / std, 3 channels, 224 px: DINOv2's own linear evaluation and facebook/dinov2-*'s
-            preprocessor_config.json (crop 224) use 224, although the position embeddings cover 518 px (37 x 37,
-            from DINOv2's last high-resolution training phase); they are resized to 16 x 16 exactly as Hugging Face
-            (dinov2-hf) or Meta's code (dinov2) does. A preprocessor_config.json beside config.json wins.
-  rad-dino  518 px, mean 0.5307 and std 0.2583 on 3 channels (microsoft/rad-dino's preprocessor_config.json)
+Preprocessing preset per format (info img_size / mean / std / resize / resize_to; --enc_img_size, --enc_mean,
+--enc_std override): each encoder is fed as its own release feeds it (README, "Encoders", has the table), e.g.
+  radjepa-encoder, pretrain.py's checkpoint.pt   grayscale, CXR intensity statistics (data.CXR_MEAN / CXR_STD)
+  radjepa, ijepa   ImageNet mean / std on RGB (Meta's I-JEPA transforms, which RadJEPa was trained with)
+  rad-dino         shortest edge 518, centre crop 518, mean 0.5307, std 0.2583 (its preprocessor_config.json)
+  clip, biomedclip, dinov2, biovil-t   shortest-edge resize + centre crop, each with its own statistics
+A preprocessor_config.json beside a Hugging Face config.json wins. preprocessor(info) builds the transform.
 
 Loading never unpickles code: safetensors, or torch.load(weights_only=True). Every parameter must be filled and
-every tensor of the checkpoint used (mask tokens and training heads aside): a missing or unknown key is an error
+every tensor of the checkpoint used (mask tokens, training heads, a CLIP model's text tower, MAE's decoder
+and BioViL-T's temporal pooler aside): a missing or unknown key is an error
 that names it, never a partial load.
 """
 import difflib

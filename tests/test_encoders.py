@@ -471,9 +471,14 @@ def test_radjepa_hub_snapshot_folder_never_runs_its_code(tmp_path):
 def test_pretrain_writes_hf_folder(tmp_path, monkeypatch):
     pretrain, transformers = pytest.importorskip("pretrain"), pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
-    import inspect
-    src = inspect.getsource(pretrain.main)  # the hook sits beside the encoder.safetensors export
-    assert 'export_hf(target, os.path.join(args.out_dir, "hf"))' in src
+    pretrain.main(["--model", "vit_tiny", "--img_size", "56", "--batch_size", "4", "--pred_depth", "1", "--pred_dim",
+                   "32", "--num_workers", "0", "--min_keep", "2", "--max_steps", "1", "--out_dir", str(tmp_path / "run"),
+                   "--data_dir", str(SAMPLE / "nih14")])
+    vit, info = load_encoder(str(tmp_path / "run" / "encoder.safetensors"))
+    m = transformers.IJepaModel.from_pretrained(str(tmp_path / "run" / "hf")).eval()
+    x = xray(56, info["mean"], info["std"])
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), m(pixel_values=x.expand(-1, 3, -1, -1)).last_hidden_state, atol=TOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -531,7 +536,14 @@ def test_clip_hf_same_features(tmp_path, full):
     vm = make_clip(tmp_path / "clip", full)
     vit, info = load_encoder(str(tmp_path / "clip"))
     assert info["format"] == "clip-hf" and (info["img_size"], info["mean"]) == (56, encoders.CLIP_MEAN)
-    assert info["resize"] == "shortest_edge+center_crop"
+    assert (info["resize"], info["resize_to"]) == ("shortest_edge+center_crop", 56)
+    if full:  # openai/clip-vit-large-patch14-336's processor file (the older integer sizes)
+        (tmp_path / "clip" / "preprocessor_config.json").write_text(
+            '{"crop_size": 336, "do_center_crop": true, "do_normalize": true, "do_resize": true, "image_mean": '
+            '[0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, '
+            '"size": 336}')
+        info = load_encoder(str(tmp_path / "clip"))[1]
+        assert (info["img_size"], info["resize_to"], info["preset"]) == (336, 336, "preprocessor_config.json")
     x = xray(56, encoders.CLIP_MEAN, encoders.CLIP_STD)
     tokens, pooled = clip_ref(vm, x)
     with torch.no_grad():
