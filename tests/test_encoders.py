@@ -472,7 +472,7 @@ def test_pretrain_writes_hf_folder(tmp_path, monkeypatch):
     pretrain, transformers = pytest.importorskip("pretrain"), pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
     pretrain.main(["--model", "vit_tiny", "--img_size", "56", "--batch_size", "4", "--pred_depth", "1", "--pred_dim",
-                   "32", "--num_workers", "0", "--min_keep", "2", "--max_steps", "1", "--out_dir", str(tmp_path / "run"),
+                   "48", "--num_workers", "0", "--min_keep", "2", "--max_steps", "1", "--out_dir", str(tmp_path / "run"),
                    "--data_dir", str(SAMPLE / "nih14")])
     vit, info = load_encoder(str(tmp_path / "run" / "encoder.safetensors"))
     m = transformers.IJepaModel.from_pretrained(str(tmp_path / "run" / "hf")).eval()
@@ -780,12 +780,11 @@ def test_pickle_with_code_refused_in_new_formats(tmp_path, fmt):
 
 
 def test_unknown_layout_names_closest_format(tmp_path):
-    sd = {f"visual.transformer.resblocks.0.attn.{k}": torch.zeros(2) for k in ("in_proj_weight", "out_proj.weight")}
+    # CLIP's words under a prefix no loader knows: one line that names the nearest format
     torch.save({"weird.prefix.visual.ln_post.weight": torch.zeros(2), "visual_tower.conv1.weight": torch.zeros(2),
                 "visual_tower.positional_embedding": torch.zeros(2)}, tmp_path / "x.pt")
     with pytest.raises(UserError, match=r"unknown checkpoint layout .*closest format: clip;"):
         load_encoder(str(tmp_path / "x.pt"))
-    assert sd  # (the keys above share CLIP's words but not its layout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
