@@ -611,7 +611,7 @@ def _load_hf(ck, attn, fmt):
         return vit, pp
     if ijepa:
         return vit, preset(cfg["img_size"], IMAGENET_MEAN, IMAGENET_STD, source="I-JEPA (ImageNet mean / std)")
-    return vit, preset(224, IMAGENET_MEAN, IMAGENET_STD)
+    return vit, preset(224, IMAGENET_MEAN, IMAGENET_STD, resize_to=256, source="DINOv2 linear evaluation")
 
 
 def _clip_cfg(state, width_key, path, n_blocks, fc1_key, pos_key):

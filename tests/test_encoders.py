@@ -366,7 +366,8 @@ def test_probe_with_hf_dinov2_registers(tmp_path, monkeypatch):
     assert res["feature_dim"] == 64 and np.isfinite(res["agg"]["auroc"]["mean"])
     # the probe's embedding of an image is transformers' pooler output (CLS after the final layernorm)
     cached = torch.load(next((tmp_path / "probe" / "features").glob("*.pt")), weights_only=True)
-    pre = data.Preprocess(224, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
+    # DINOv2's evaluation transform: shortest edge 256, centre crop 224
+    pre = encoders.preprocessor(encoders.preset(224, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD, resize_to=256))
     x = torch.stack([pre(data.read_image(p)) for p in cached["paths"][:3]])
     torch.testing.assert_close(cached["feats"][:3], hf_forward(m, x).pooler_output, atol=1e-4, rtol=0)
 
