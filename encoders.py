@@ -540,8 +540,9 @@ def _load_timm_vit(ck, attn, fmt):
         size = vc.get("image_size", cfg["img_size"])
         return vit, preset(size, pc.get("mean", CLIP_MEAN), pc.get("std", CLIP_STD), resize_to=size,
                            source="open_clip_config.json" if ck.open_clip else "open_clip defaults")
-    if fmt == "mrm":  # MAE's evaluation transforms: ImageNet statistics at the pretraining resolution
-        return vit, preset(cfg["img_size"], IMAGENET_MEAN, IMAGENET_STD, source="MAE transforms")
+    if fmt == "mrm":  # MRM's fine-tuning test transform: Resize + CenterCrop, gray to 3 channels, 0.4978 / 0.2449
+        return vit, preset(cfg["img_size"], [0.4978] * 3, [0.2449] * 3, resize_to=cfg["img_size"],
+                           source="MRM's evaluation transform")
     return vit, preset(224, IMAGENET_MEAN, IMAGENET_STD, resize_to=256, source="DINOv2 linear evaluation")
 
 

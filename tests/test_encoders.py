@@ -646,10 +646,12 @@ def test_biomedclip_and_mrm_against_float64(tmp_path):
         torch.testing.assert_close(vit(x).double(), ref, atol=TOL, rtol=0)
         torch.testing.assert_close(vit.global_embedding(x).double(), ref[:, 0], atol=TOL, rtol=0)
     mrm = {"model": {**sd, "mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.randn(32, 64),
-                     "decoder_blocks.0.norm1.weight": torch.ones(32), "decoder_pred.weight": torch.randn(768, 32)}}
+                     "decoder_blocks.0.norm1.weight": torch.ones(32), "decoder_pred.weight": torch.randn(768, 32),
+                     "bert_encoder.model.embeddings.word_embeddings.weight": torch.randn(9, 8),
+                     "bert_mlp.weight": torch.randn(384, 64)}}  # model_mrm.py's MRM: MAE + the report branch
     torch.save(mrm, tmp_path / "MRM.pth")
     vit, info = load_encoder(str(tmp_path / "MRM.pth"))
-    assert info["format"] == "mrm" and (info["img_size"], info["mean"]) == (64, encoders.IMAGENET_MEAN)
+    assert info["format"] == "mrm" and (info["img_size"], info["mean"], info["resize_to"]) == (64, [0.4978] * 3, 64)
     with torch.no_grad():
         torch.testing.assert_close(vit(x).double(), ref, atol=TOL, rtol=0)
 
