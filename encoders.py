@@ -717,7 +717,7 @@ LOADERS = {  # name: (loader, what it reads); --help lists them in this order
     "biomedclip": (functools.partial(_load_timm_vit, fmt="biomedclip"),
                    "BiomedCLIP: open_clip folder (open_clip_pytorch_model.bin + open_clip_config.json)"),
     "mrm": (functools.partial(_load_timm_vit, fmt="mrm"), "MRM: ViT-B/16 in MAE / timm naming (MRM.pth)"),
-    "biovil-t": (lambda ck, attn: _load_biovil(ck, attn),
+    "biovil-t": (_load_biovil,
                  "BioViL / BioViL-T image model (hi-ml-multimodal ResNet-50, biovil_t_image_model_*.pt)"),
 }
 FORMAT_OF_MODEL_TYPE = {"ijepa": "ijepa-hf", "dinov2": "dinov2-hf", "dinov2_with_registers": "dinov2-hf",

@@ -449,6 +449,13 @@ def test_hf_ijepa_folder_same_features(tmp_path):
         x2 = xray(84, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)  # off the native grid: HF's bicubic resize
         torch.testing.assert_close(vit(x2), m(pixel_values=x2, interpolate_pos_encoding=True).last_hidden_state,
                                    atol=TOL, rtol=0)
+    # transformers 5's in-memory names (layers.N.attention.q_proj, ...), as a user's own save_file would write them
+    (tmp_path / "mem").mkdir()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "mem" / "model.safetensors"))
+    (tmp_path / "mem" / "config.json").write_text((tmp_path / "ijepa" / "config.json").read_text())
+    vit3, _ = load_encoder(str(tmp_path / "mem"))
+    assert any(".attention.q_proj." in k for k in m.state_dict())
+    assert all(torch.equal(vit3.state_dict()[k], v) for k, v in vit.state_dict().items())
 
 
 def test_radjepa_hub_snapshot_folder_never_runs_its_code(tmp_path):
