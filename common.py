@@ -335,7 +335,7 @@ def load_frozen_encoder(args):
     name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
     if args.random_like:
         name = args.name or f"random {name}"
-    info["crop_frac"] = CROP_FRAC.get(info["format"], 1.0)
+    info["crop_frac"] = crop_frac(info)
     return vit, info, name
 
 
@@ -367,10 +367,12 @@ def run_baseline(main, args, argv):
 # ----------------------------------------------------------------------------------------------------------------
 # images: centre crop + resize (the paper's preprocessing), loaded in DataLoader workers
 
-# Share of the shorter side the centre crop keeps, per encoder format, as each encoder's card documents its
-# evaluation: DINOv2 (and its HF port) resize the shorter side to 256 and crop 224; RAD-DINO resizes the shorter
-# side to 518 and crops 518 (the whole shorter side); RadJEPa (the paper) and I-JEPA crop the largest centred square.
-CROP_FRAC = {"dinov2": 224 / 256, "dinov2-hf": 224 / 256}
+# Share of the shorter side the centre crop keeps, from the encoder's own preset (encoders.preset): an encoder whose
+# card resizes the shorter side to resize_to and crops img_size keeps img_size / resize_to of it (DINOv2 224 / 256,
+# CLIP and RAD-DINO 1, BioViL-T 448 / 512); one without (RadJEPa, I-JEPA, this project's) keeps the largest centred
+# square, as the paper's "centre crop and resize" says. Cropping first and resizing after is the same geometry.
+def crop_frac(info):
+    return min(1.0, info["img_size"] / info["resize_to"]) if info.get("resize_to") else 1.0
 
 
 def center_box(h, w, frac=1.0):

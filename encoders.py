@@ -1,39 +1,41 @@
 """
 Frozen encoders for the downstream scripts (probe.py, segment.py, report.py): the project's own export and the
-published encoders the paper compares against, each rebuilt as model.py's VisionTransformer.
+published encoders the paper compares against, each rebuilt as model.py's VisionTransformer or one of
+backbones.py's (CLIP's ViT, DINOv2 ViT-g's SwiGLU, BioViL-T's ResNet-50), all with the same interface.
 
     from encoders import save_encoder, load_encoder
     save_encoder(vit, "out/pretrain/encoder.safetensors", step=1000)
     vit, info = load_encoder("out/pretrain/encoder.safetensors")  # info: source, format, img_size, mean, std, in_chans
     vit, info = load_encoder("rad-dino/", fmt="rad-dino")         # a Hugging Face snapshot folder
+    export_hf(vit, "out/pretrain/hf")                             # an IJepaModel folder transformers loads
+    pre = preprocessor(info)                                      # image -> tensor, as the encoder's processor
     vit, info = load_encoder(None, model="vit_small")             # default export if present, else random init
     vit, info = load_encoder_from_args(args)                      # the flags add_encoder_args() defines
 
-Formats (--encoder_format; `auto` tells them apart by their contents and says what it picked in info['source']):
-  radjepa-encoder  the project's export: safetensors with the ViT config in its metadata (pretrain.py writes it)
-  radjepa          the released RadJEPa weights (jepa_encoder.pth.tar) and pretrain.py's checkpoint.pt: a torch
-                   file with the state dict under 'target_encoder' (preferred) or 'encoder'
-  ijepa            Meta's I-JEPA checkpoints (IN1K-vit.h.14-300e.pth.tar, ...): that layout plus 'predictor',
-                   'opt', 'scaler', ...; module.patch_embed.proj.weight, module.pos_embed, module.blocks.N.attn.qkv...
-  dinov2-hf        DINOv2 in Hugging Face format (Dinov2Model / Dinov2WithRegistersModel): a folder, or a weights
-                   file, with config.json beside it
-  rad-dino         microsoft/rad-dino: the same Hugging Face format, with RAD-DINO's preprocessing
-  dinov2           Meta's original DINOv2 naming (dinov2_vitb14_pretrain.pth, dinov2_vitb14_reg4_pretrain.pth, ...)
+Formats (--encoder_format; `auto` tells them apart by their contents and says what it picked in info['source']).
+LOADERS below lists each with what it reads; in short:
+  radjepa-encoder  the project's export (pretrain.py writes it; export_hf writes the same as a HF IJepaModel)
+  radjepa          RadJEPa's jepa_encoder.pth.tar or hub snapshot folder; pretrain.py's checkpoint.pt
+  ijepa, ijepa-hf  Meta's I-JEPA .pth.tar; Hugging Face IJepaModel folders (facebook/ijepa_*, out_dir/hf)
+  dinov2, dinov2-hf, rad-dino   DINOv2 (ViT-g's SwiGLU included) in Meta's or Hugging Face's layout; RAD-DINO
+  clip-hf, clip, chexzero       CLIP ViT: HF CLIPVisionModel / CLIPModel; OpenAI's state dict; CheXzero's ViT-B/32
+  biomedclip, mrm  timm-named ViTs: open_clip's visual.trunk.* (BiomedCLIP), MAE's (MRM)
+  biovil-t         hi-ml-multimodal's ResNet-50 image encoder (backbones.ResNet50Encoder)
 
-Preprocessing preset per format (info img_size / mean / std; --enc_img_size, --enc_mean, --enc_std override):
-  radjepa-encoder, radjepa  grayscale, CXR intensity statistics (data.CXR_MEAN / CXR_STD), the resolution the
-                            checkpoint's position embeddings were made for (the paper's 224)
-  ijepa     ImageNet mean / std on 3 channels (the gray image replicated), the checkpoint's resolution
-  dinov2, dinov2-hf  ImageNet mean / std, 3 channels, 224 px: DINOv2's own linear evaluation and facebook/dinov2-*'s
-            preprocessor_config.json (crop 224) use 224, although the position embeddings cover 518 px (37 x 37,
-            from DINOv2's last high-resolution training phase); they are resized to 16 x 16 exactly as Hugging Face
-            (dinov2-hf) or Meta's code (dinov2) does. A preprocessor_config.json beside config.json wins.
-  rad-dino  518 px, mean 0.5307 and std 0.2583 on 3 channels (microsoft/rad-dino's preprocessor_config.json)
+Preprocessing preset per format (info img_size / mean / std / resize / resize_to; --enc_img_size, --enc_mean,
+--enc_std override): each encoder is fed as its own release feeds it (README, "Encoders", has the table), e.g.
+  radjepa-encoder, pretrain.py's checkpoint.pt   grayscale, CXR intensity statistics (data.CXR_MEAN / CXR_STD)
+  radjepa, ijepa   ImageNet mean / std on RGB (Meta's I-JEPA transforms, which RadJEPa was trained with)
+  rad-dino         shortest edge 518, centre crop 518, mean 0.5307, std 0.2583 (its preprocessor_config.json)
+  clip, biomedclip, dinov2, biovil-t   shortest-edge resize + centre crop, each with its own statistics
+A preprocessor_config.json beside a Hugging Face config.json wins. preprocessor(info) builds the transform.
 
 Loading never unpickles code: safetensors, or torch.load(weights_only=True). Every parameter must be filled and
-every tensor of the checkpoint used (mask tokens and training heads aside): a missing or unknown key is an error
+every tensor of the checkpoint used (mask tokens, training heads, a CLIP model's text tower, MAE's decoder
+and BioViL-T's temporal pooler aside): a missing or unknown key is an error
 that names it, never a partial load.
 """
+import difflib
 import functools
 import json
 import math
@@ -43,20 +45,33 @@ import re
 import warnings
 import zipfile
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import UserError
 from data import CXR_MEAN, CXR_STD
+import data
+from backbones import ResNet50Encoder, ViTVariant, build_encoder
 from model import VIT_CONFIGS, VisionTransformer, build_vit, set_attn
 
 DEFAULT_EXPORT = os.path.join("out", "pretrain", "encoder.safetensors")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 RAD_DINO_MEAN, RAD_DINO_STD = [0.5307] * 3, [0.2583] * 3
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP's
 # Checkpoints in I-JEPA / DINOv2 naming do not store the head count; every published ViT uses 64-d heads except
 # these widths (I-JEPA's and DINOv2's own tables), so the width decides it.
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
+
+
+def _publish(tmp, path):
+    """Rename a finished temporary file into place, readable like any file the user writes: safetensors creates
+    files 0600, so the mode is set from the umask (0o666 & ~umask, 0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
 
 
 def save_encoder(vit, path, **meta):
@@ -67,7 +82,67 @@ def save_encoder(vit, path, **meta):
     md.update({k: json.dumps(v) for k, v in meta.items()})
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(state, tmp, metadata=md)
-    os.replace(tmp, path)
+    _publish(tmp, path)
+
+
+def _write_json(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    _publish(tmp, path)
+
+
+def export_hf(vit, folder, img_size=None, mean=None, std=None):
+    """Write `folder` as a Hugging Face IJepaModel: config.json (model_type ijepa), model.safetensors (the hub's
+    key names, as transformers' save_pretrained writes them) and preprocessor_config.json (a ViTImageProcessor:
+    square resize to the encoder's resolution, this encoder's mean / std). transformers.IJepaModel.from_pretrained
+    (folder) then gives the same patch tokens with no code from this project, and push_to_hub uploads it as it is.
+    Only plain JEPA encoders (no CLS, registers or layer scale) have this layout. A 1-channel stem is widened to
+    RGB with the kernel split over the three copies of the gray image (HF processors always give RGB): exact."""
+    c = vit.config
+    if type(vit) is not VisionTransformer or c["cls_token"] or c["num_register_tokens"] or c["layer_scale"]:
+        raise UserError("export_hf: only plain JEPA ViTs (no CLS token, registers or layer scale) are IJepaModels")
+    img_size = img_size or c["img_size"]
+    if mean is None:
+        mean, std = [CXR_MEAN], [CXR_STD]
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    mean, std = (mean * 3 if len(mean) == 1 else mean), (std * 3 if len(std) == 1 else std)
+    sd = {k: v.detach().float().cpu() for k, v in vit.state_dict().items()}
+    w = sd["patch_embed.proj.weight"]
+    if w.shape[1] == 1:
+        w = w.repeat(1, 3, 1, 1) / 3
+    out = {"embeddings.patch_embeddings.projection.weight": w,
+           "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+           "embeddings.position_embeddings": sd["pos_embed"],
+           "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
+    dim = c["embed_dim"]
+    for i in range(c["depth"]):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for wb in ("weight", "bias"):
+            if wb == "weight" or c["qkv_bias"]:
+                q, k, v = sd[f"{src}attn.qkv.{wb}"].split(dim, 0)
+                for n, t in zip(("query", "key", "value"), (q, k, v)):
+                    out[f"{dst}attention.attention.{n}.{wb}"] = t
+            for ours, theirs in (("attn.proj", "attention.output.dense"), ("norm1", "layernorm_before"),
+                                 ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"),
+                                 ("mlp.fc2", "output.dense")):
+                out[f"{dst}{theirs}.{wb}"] = sd[f"{src}{ours}.{wb}"]
+    config = {"architectures": ["IJepaModel"], "model_type": "ijepa", "hidden_size": dim,
+              "num_hidden_layers": c["depth"], "num_attention_heads": c["num_heads"],
+              "intermediate_size": int(dim * c["mlp_ratio"]), "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+              "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": c["eps"],
+              "image_size": c["img_size"], "patch_size": c["patch_size"], "num_channels": 3,
+              "qkv_bias": c["qkv_bias"], "torch_dtype": "float32"}
+    pre = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": img_size, "width": img_size},
+           "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean,
+           "image_std": std, "do_convert_rgb": True}
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"model.safetensors.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"format": "pt"})
+    _publish(tmp, os.path.join(folder, "model.safetensors"))
+    _write_json(pre, os.path.join(folder, "preprocessor_config.json"))
+    _write_json(config, os.path.join(folder, "config.json"))  # last: a folder with config.json is complete
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,6 +151,12 @@ def save_encoder(vit, path, **meta):
 def _torch_load(path):
     """torch.load that only rebuilds tensors and plain containers. A pickle that asks for anything else (a function
     such as os.system, a class) is refused before any of it runs."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist()):
+                raise UserError(f"{path}: a TorchScript archive (OpenAI's clip.load files are), which holds code; it is "
+                                "not run. If you trust it, save its weights once: torch.save(torch.jit.load(path, "
+                                "map_location='cpu').state_dict(), 'ViT-L-14.state_dict.pt') and pass that file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "pickle protocol 4 detected" noise on hand-made pickles
@@ -112,12 +193,14 @@ def _read_json(path):
 
 class Checkpoint:
     """One --encoder path, read once: a torch file, a safetensors file, or a folder (a Hugging Face snapshot with
-    config.json, or a pretraining run's out_dir holding encoder.safetensors)."""
+    config.json, RadJEPa's hub snapshot, an open_clip hub folder, or a pretraining run's out_dir holding
+    encoder.safetensors). A modeling_*.py beside the weights is never imported: only the weights are read."""
 
     def __init__(self, path):
         self.path, folder = path, path if os.path.isdir(path) else os.path.dirname(path) or "."
         self.hf_config = _read_json(os.path.join(folder, "config.json"))
         self.hf_preprocess = _read_json(os.path.join(folder, "preprocessor_config.json"))
+        self.open_clip = _read_json(os.path.join(folder, "open_clip_config.json"))
         self.file = path if not os.path.isdir(path) else self._pick_file(path)
         self.meta = {}
         if self.file.endswith(".index.json"):  # a sharded Hugging Face checkpoint
@@ -131,13 +214,14 @@ class Checkpoint:
             self.obj = _torch_load(self.file)
 
     def _pick_file(self, folder):
-        names = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"] if self.hf_config else \
-                ["encoder.safetensors"]
+        names = ["encoder.safetensors", "jepa_encoder.pth.tar", "open_clip_model.safetensors",
+                 "open_clip_pytorch_model.bin", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
         for n in names:
             if os.path.exists(os.path.join(folder, n)):
                 return os.path.join(folder, n)
-        raise UserError(f"--encoder {folder}: a folder must hold config.json + model.safetensors (Hugging Face) or "
-                        f"encoder.safetensors (a pretraining run); found neither")
+        raise UserError(f"--encoder {folder}: a folder must hold config.json + model.safetensors (Hugging Face), "
+                        "jepa_encoder.pth.tar (RadJEPa's hub snapshot), open_clip_pytorch_model.bin (open_clip) or "
+                        "encoder.safetensors (a pretraining run); found none")
 
 
 def _tensor_dict(obj, path):
@@ -217,23 +301,31 @@ def _same(k):
     return [k], None
 
 
+def _split_cls_pos(key):
+    """Checkpoints that keep the CLS position in slot 0 of one position table (DINOv2, timm, MAE, CLIP); ours
+    keeps it apart in cls_pos_embed. Handles (1, 1 + N, D) and CLIP's (1 + N, D)."""
+    lead = lambda p: p if p.ndim == 3 else p[None]  # noqa: E731
+    return {"cls_pos_embed": ([key], lambda p: lead(p)[:, :1]), "pos_embed": ([key], lambda p: lead(p)[:, 1:])}
+
+
 def _dinov2_source(k):
-    """Meta's DINOv2 keeps the CLS position in slot 0 of pos_embed; ours keeps it apart in cls_pos_embed."""
-    if k == "cls_pos_embed":
-        return ["pos_embed"], lambda p: p[:, :1]
-    if k == "pos_embed":
-        return ["pos_embed"], lambda p: p[:, 1:]
-    return [k], None
+    """Meta's DINOv2 / timm / MAE naming is ours, but for the CLS position (slot 0 of pos_embed)."""
+    return _split_cls_pos("pos_embed").get(k) or ([k], None)
 
 
-def _hf_source(k, new_names=False):
-    """Our key -> Hugging Face Dinov2 key(s). Legacy checkpoints on the Hub (attention.attention.query/key/value,
-    attention.output.dense) and transformers 5's in-memory names (attention.q_proj, ..., attention.o_proj) both
-    work; q, k and v are concatenated in that order into our fused qkv (heads-major inside each, as HF splits)."""
-    if k == "cls_pos_embed":
-        return ["embeddings.position_embeddings"], lambda p: p[:, :1]
+def _qkv(names):
+    return names, lambda q, kk, v: torch.cat([q, kk, v], 0)
+
+
+def _hf_source(k, new_names=False, ijepa=False):
+    """Our key -> Hugging Face Dinov2 / IJepa key(s). Checkpoints on the Hub (attention.attention.query/key/value,
+    attention.output.dense, mlp.weights_in) and transformers 5's in-memory names (attention.q_proj, ...,
+    attention.o_proj, mlp.gate_proj / up_proj / down_proj, and IJepa's layers.N without encoder.) both work; q, k
+    and v are concatenated in that order into our fused qkv (heads-major inside each, as HF splits)."""
+    if k in ("cls_pos_embed", "pos_embed") and not ijepa:
+        return _split_cls_pos("embeddings.position_embeddings")[k]
     if k == "pos_embed":
-        return ["embeddings.position_embeddings"], lambda p: p[:, 1:]
+        return ["embeddings.position_embeddings"], None
     if k in ("cls_token", "register_tokens"):
         return [f"embeddings.{k}"], None
     if k.startswith("patch_embed.proj."):
@@ -243,20 +335,65 @@ def _hf_source(k, new_names=False):
     m = re.match(r"blocks\.(\d+)\.(.+)$", k)
     if not m:
         return [k], None
-    pre, rest = f"encoder.layer.{m.group(1)}.", m.group(2)
+    i, rest = m.group(1), m.group(2)
+    pre, wb = (f"layers.{i}." if ijepa and new_names else f"encoder.layer.{i}."), rest.split(".")[-1]
     if rest.startswith("attn.qkv."):
-        wb = rest.split(".")[-1]
         qkv = ["q_proj", "k_proj", "v_proj"] if new_names else ["attention.query", "attention.key", "attention.value"]
-        return [f"{pre}attention.{n}.{wb}" for n in qkv], lambda q, kk, v: torch.cat([q, kk, v], 0)
+        return _qkv([f"{pre}attention.{n}.{wb}" for n in qkv])
     if rest.startswith("attn.proj."):
-        return [pre + ("attention.o_proj." if new_names else "attention.output.dense.") + rest.split(".")[-1]], None
+        return [pre + ("attention.o_proj." if new_names else "attention.output.dense.") + wb], None
     if rest in ("ls1.gamma", "ls2.gamma"):
         return [f"{pre}layer_scale{rest[2]}.lambda1"], None
-    return [pre + rest], None  # norm1, norm2, mlp.fc1, mlp.fc2 have the same names
+    if rest.startswith("mlp.w12."):  # SwiGLU: [gate, value] fused, as the hub stores it
+        return ([f"{pre}mlp.gate_proj.{wb}", f"{pre}mlp.up_proj.{wb}"], lambda a, b: torch.cat([a, b], 0)) \
+            if new_names else ([f"{pre}mlp.weights_in.{wb}"], None)
+    if rest.startswith("mlp.w3."):
+        return [pre + ("mlp.down_proj." if new_names else "mlp.weights_out.") + wb], None
+    if ijepa:  # ViT naming: layernorm_before / after, intermediate.dense, output.dense
+        if not new_names:
+            rest = {"mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}.get(rest.rsplit(".", 1)[0],
+                                                                                    rest.rsplit(".", 1)[0]) + "." + wb
+        rest = rest.replace("norm1.", "layernorm_before.").replace("norm2.", "layernorm_after.")
+    return [pre + rest], None  # Dinov2: norm1, norm2, mlp.fc1, mlp.fc2 have the same names
+
+
+def _clip_hf_source(k):
+    """Our key -> transformers CLIPVisionModel key (CLIPModel's vision_model.* once that prefix is stripped)."""
+    e = "embeddings."
+    fixed = {"cls_token": ([e + "class_embedding"], lambda t: t.reshape(1, 1, -1)),
+             "patch_embed.proj.weight": ([e + "patch_embedding.weight"], None),
+             **_split_cls_pos(e + "position_embedding.weight")}
+    if k in fixed:
+        return fixed[k]
+    if k.startswith(("norm_pre.", "norm.")):
+        return [("pre_layrnorm." if k.startswith("norm_pre.") else "post_layernorm.") + k.split(".")[-1]], None
+    i, rest = re.match(r"blocks\.(\d+)\.(.+)$", k).groups()
+    pre, wb = f"encoder.layers.{i}.", rest.split(".")[-1]
+    if rest.startswith("attn.qkv."):
+        return _qkv([f"{pre}self_attn.{n}_proj.{wb}" for n in "qkv"])
+    rest = rest.replace("attn.proj.", "self_attn.out_proj.").replace("norm1.", "layer_norm1.")
+    return [pre + rest.replace("norm2.", "layer_norm2.")], None
+
+
+def _openai_clip_source(k):
+    """Our key -> OpenAI CLIP's state dict key (visual.*: conv1, class_embedding, positional_embedding, ln_pre,
+    transformer.resblocks.N.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_post)."""
+    v = "visual."
+    fixed = {"cls_token": ([v + "class_embedding"], lambda t: t.reshape(1, 1, -1)),
+             "patch_embed.proj.weight": ([v + "conv1.weight"], None), **_split_cls_pos(v + "positional_embedding")}
+    if k in fixed:
+        return fixed[k]
+    if k.startswith(("norm_pre.", "norm.")):
+        return [v + ("ln_pre." if k.startswith("norm_pre.") else "ln_post.") + k.split(".")[-1]], None
+    i, rest = re.match(r"blocks\.(\d+)\.(.+)$", k).groups()
+    pre, wb = f"{v}transformer.resblocks.{i}.", rest.split(".")[-1]
+    part = {"attn.qkv": f"attn.in_proj_{wb}", "attn.proj": f"attn.out_proj.{wb}", "norm1": f"ln_1.{wb}",
+            "norm2": f"ln_2.{wb}", "mlp.fc1": f"mlp.c_fc.{wb}", "mlp.fc2": f"mlp.c_proj.{wb}"}[rest.rsplit(".", 1)[0]]
+    return [pre + part], None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the loaders: build the right ViT, fill it, and give the preprocessing preset
+# the loaders: build the right encoder, fill it, and give the preprocessing preset
 
 def _heads(width, path):
     if width in HEADS_BY_WIDTH:
@@ -267,40 +404,70 @@ def _heads(width, path):
     return width // 64
 
 
+def _swiglu_ratio(dim, hidden, path):
+    """The mlp_ratio whose SwiGLU hidden width (2/3 of it, rounded up to 8) is `hidden` (4 for ViT-g's 4096)."""
+    for r in (4.0, hidden * 1.5 / dim, hidden / dim):
+        if (int(int(dim * r) * 2 / 3) + 7) // 8 * 8 == hidden:
+            return r
+    raise UserError(f"{path}: SwiGLU width {hidden} for width {dim} matches no mlp_ratio")
+
+
 def _infer_vit(state, path, cls_slot, heads=None):
-    """ViT constructor arguments from the tensor shapes of an I-JEPA / DINOv2-named state dict."""
-    for k in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
+    """ViT constructor arguments from the tensor shapes of an I-JEPA / DINOv2 / timm / MAE-named state dict."""
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    for k in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"):
         if k not in state:
-            if k == "blocks.0.mlp.fc1.weight" and "blocks.0.mlp.w12.weight" in state:
-                raise UserError(f"{path}: a SwiGLU feed-forward (DINOv2 ViT-g) is not supported by model.py's ViT")
             raise UserError(f"{path}: missing key {k} (keys look like {sorted(state)[:4]})")
     dim, in_chans, p, _ = state["patch_embed.proj.weight"].shape
     n = state["pos_embed"].shape[1] - int(cls_slot)
     grid = math.isqrt(n)
     if grid * grid != n:
         raise UserError(f"{path}: pos_embed holds {n} patch positions, not a square grid")
-    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    if int(dim * (hidden / dim)) != hidden:  # model.py's MLP takes int(dim * mlp_ratio) hidden units
-        raise UserError(f"{path}: MLP width {hidden} for width {dim} cannot be expressed as an mlp_ratio")
+    if swiglu:
+        ratio = _swiglu_ratio(dim, state["blocks.0.mlp.w12.weight"].shape[0] // 2, path)
+    else:
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        if int(dim * (hidden / dim)) != hidden:  # model.py's MLP takes int(dim * mlp_ratio) hidden units
+            raise UserError(f"{path}: MLP width {hidden} for width {dim} cannot be expressed as an mlp_ratio")
+        ratio = hidden / dim
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     regs = state["register_tokens"].shape[1] if "register_tokens" in state else 0
-    return dict(img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=dim, depth=depth,
-                num_heads=heads or _heads(dim, path), mlp_ratio=hidden / dim,
-                qkv_bias="blocks.0.attn.qkv.bias" in state,
-                cls_token="cls_token" in state, num_register_tokens=regs, learned_pos=cls_slot,
-                layer_scale=1.0 if "blocks.0.ls1.gamma" in state else None)
+    cfg = dict(img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=dim, depth=depth,
+               num_heads=heads or _heads(dim, path), mlp_ratio=ratio, qkv_bias="blocks.0.attn.qkv.bias" in state,
+               cls_token="cls_token" in state, num_register_tokens=regs, learned_pos=cls_slot,
+               layer_scale=1.0 if "blocks.0.ls1.gamma" in state else None)
+    return cfg, swiglu
+
+
+def _build(cfg, attn, **variant):
+    """model.py's ViT, or a backbones.ViTVariant when the checkpoint needs CLIP's / DINOv2 ViT-g's options."""
+    if not any(variant.values()):
+        return VisionTransformer(attn=attn, **cfg)
+    return ViTVariant(attn=attn, **variant, **cfg)
+
+
+def preset(img_size, mean, std, resize_to=None, source=None):
+    """A preprocessing preset. resize_to None: the whole image squashed to img_size x img_size (data.Preprocess;
+    no anatomy is cut off). resize_to N: the shortest edge resized to N, then the centre img_size x img_size crop,
+    as the encoder's own processor does (CLIP, RAD-DINO, DINOv2, BioViL-T)."""
+    out = {"img_size": int(img_size), "mean": list(mean), "std": list(std), "resize": "square"}
+    if resize_to:
+        out.update(resize="shortest_edge+center_crop", resize_to=int(resize_to))
+    if source:
+        out["preset"] = source
+    return out
 
 
 def cxr_preset(img_size):
-    """Preprocessing for the project's own encoders: grayscale, CXR intensity statistics."""
-    return {"img_size": img_size, "mean": [CXR_MEAN], "std": [CXR_STD]}
+    """Preprocessing for the encoders this project trains: grayscale, CXR intensity statistics."""
+    return preset(img_size, [CXR_MEAN], [CXR_STD])
 
 
 def _load_own(ck, attn):
     if ck.meta.get("format") != "radjepa-encoder" or "config" not in ck.meta:
         raise UserError(f"{ck.path}: not a radjepa-encoder export (no config in its safetensors metadata)")
     cfg = json.loads(ck.meta["config"])
-    vit = VisionTransformer(attn=attn, **cfg)
+    vit = build_encoder(cfg, attn=attn)
     _load_mapped(vit, _tensor_dict(ck.obj, ck.path), _same, ck.path)
     meta = {}
     for k, v in ck.meta.items():
@@ -309,121 +476,305 @@ def _load_own(ck, attn):
                 meta[k] = json.loads(v)
             except ValueError:
                 meta[k] = v
-    preset = cxr_preset(cfg["img_size"])
-    preset.update({k: meta[k] for k in ("img_size", "mean", "std") if k in meta})
-    return vit, {**preset, "meta": meta}
+    info = cxr_preset(cfg["img_size"])
+    info.update({k: meta[k] for k in ("img_size", "mean", "std", "resize", "resize_to") if k in meta})
+    return vit, {**info, "meta": meta}
 
 
 def _load_jepa(ck, attn, fmt):
-    """RadJEPa / I-JEPA / pretrain.py checkpoint.pt: a JEPA target encoder (no CLS, fixed sin-cos positions)."""
+    """RadJEPa / I-JEPA / pretrain.py checkpoint.pt: a JEPA target encoder (no CLS, fixed sin-cos positions).
+    Preset: pretrain.py's own checkpoint (it records its flags under 'args') is fed as it was trained, grayscale
+    with CXR statistics; Meta's I-JEPA and the RadJEPa release (trained with Meta's I-JEPA code, whose transforms
+    normalise RGB with ImageNet mean / std, and fed that way by its users) get ImageNet mean / std on 3 channels,
+    at the resolution of RadJEPa's config.json (image_size) or of the position embeddings."""
     state = backbone_state(ck.obj, ck.path)
     args = ck.obj.get("args") if isinstance(ck.obj, dict) else None  # pretrain.py's checkpoint records its flags
     heads = VIT_CONFIGS[args["model"]][2] if isinstance(args, dict) and args.get("model") in VIT_CONFIGS else None
-    cfg = _infer_vit(state, ck.path, cls_slot=False, heads=heads)
+    cfg, swiglu = _infer_vit(state, ck.path, cls_slot=False, heads=heads)
     if cfg["cls_token"] or cfg["num_register_tokens"]:
         raise UserError(f"{ck.path}: has a CLS token / registers, so it is not a JEPA encoder: try --encoder_format dinov2")
-    vit = VisionTransformer(attn=attn, **cfg)
+    hub = ck.hf_config or {}
+    if isinstance(hub.get("num_attention_heads"), int) and not heads:
+        cfg["num_heads"] = hub["num_attention_heads"]
+    vit = _build(cfg, attn, ffn="swiglu" if swiglu else None)
     _load_mapped(vit, state, _same, ck.path)
-    if fmt == "ijepa":  # Meta trained I-JEPA on ImageNet with its RGB statistics
-        return vit, {"img_size": cfg["img_size"], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    return vit, cxr_preset(cfg["img_size"])
+    if isinstance(args, dict):
+        return vit, cxr_preset(cfg["img_size"])
+    size = hub.get("image_size") if isinstance(hub.get("image_size"), int) else cfg["img_size"]
+    return vit, preset(size, IMAGENET_MEAN, IMAGENET_STD, source="Meta's I-JEPA transforms (ImageNet mean / std)")
 
 
-def _load_dinov2(ck, attn):
-    """Meta's original naming. Blocks may be chunked for FSDP (blocks.<chunk>.<index>.*: same index, one level
-    deeper). Position resizing as Meta's hub models: register models antialias with no offset, the others use the
-    historical scale factor (new + 0.1) / old."""
-    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in backbone_state(ck.obj, ck.path).items()}
+def _load_timm_vit(ck, attn, fmt):
+    """Meta's DINOv2 naming, and timm / MAE ViTs (the same names: cls_token, pos_embed with the CLS slot, blocks.N.
+    {norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm): DINOv2 (ViT-g's SwiGLU mlp.w12 / w3 too), MRM
+    (MAE ViT-B/16), BiomedCLIP (open_clip: visual.trunk.* is timm's vit_base_patch16_224). DINOv2 blocks may be
+    chunked for FSDP (blocks.<chunk>.<index>.*). Position resizing as each one's code: Meta's DINOv2 register
+    models antialias with no offset, the others the historical scale factor (new + 0.1) / old; timm antialiases;
+    MAE resizes by size."""
+    obj = ck.obj
+    ignore = {"mask_token"}
+    if fmt == "biomedclip":
+        obj = _tensor_dict(obj.get("state_dict", obj) if isinstance(obj, dict) else obj, ck.path)
+        obj = _strip(obj, ("module.",), ck.path)
+        if not any(k.startswith("visual.trunk.") for k in obj):
+            raise UserError(f"{ck.path}: no visual.trunk.* keys: not an open_clip timm-ViT checkpoint (BiomedCLIP)")
+        ignore |= {k for k in obj if not k.startswith("visual.trunk.")}  # the text tower, head.proj, logit_scale
+        obj = {k[len("visual.trunk."):]: v for k, v in obj.items() if k.startswith("visual.trunk.")}
+        state = obj
+    else:
+        state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in backbone_state(obj, ck.path).items()}
+    if fmt == "mrm":  # MRM's pretraining file also holds the MAE decoder and the report branch
+        ignore |= {k for k in state if k.startswith(("decoder", "bert", "text", "head", "fc_norm", "mlm", "cls."))}
+        state = {k: v for k, v in state.items() if k not in ignore}
     if "cls_token" not in state:
-        raise UserError(f"{ck.path}: no cls_token, so not DINOv2: try --encoder_format radjepa or ijepa")
-    cfg = _infer_vit(state, ck.path, cls_slot=True)
+        raise UserError(f"{ck.path}: no cls_token, so not DINOv2 / timm / MAE: try --encoder_format radjepa or ijepa")
+    cfg, swiglu = _infer_vit(state, ck.path, cls_slot=True)
     reg = cfg["num_register_tokens"] > 0
-    vit = VisionTransformer(attn=attn, interp_antialias=reg, interp_offset=0.0 if reg else 0.1, **cfg)
-    _load_mapped(vit, state, _dinov2_source, ck.path, ignore={"mask_token"})
-    return vit, {"img_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    interp = {"dinov2": dict(interp_antialias=reg, interp_offset=0.0 if reg else 0.1),
+              "biomedclip": dict(interp_antialias=True), "mrm": {}}[fmt]
+    vit = _build({**cfg, **interp}, attn, ffn="swiglu" if swiglu else None)
+    _load_mapped(vit, state, _dinov2_source, ck.path, ignore=ignore)
+    if fmt == "biomedclip":
+        pc = (ck.open_clip or {}).get("preprocess_cfg", {})
+        vc = (ck.open_clip or {}).get("model_cfg", {}).get("vision_cfg", {})
+        size = vc.get("image_size", cfg["img_size"])
+        return vit, preset(size, pc.get("mean", CLIP_MEAN), pc.get("std", CLIP_STD), resize_to=size,
+                           source="open_clip_config.json" if ck.open_clip else "open_clip defaults")
+    if fmt == "mrm":  # MRM's fine-tuning test transform: Resize + CenterCrop, gray to 3 channels, 0.4978 / 0.2449
+        return vit, preset(cfg["img_size"], [0.4978] * 3, [0.2449] * 3, resize_to=cfg["img_size"],
+                           source="MRM's evaluation transform")
+    return vit, preset(224, IMAGENET_MEAN, IMAGENET_STD, resize_to=256, source="DINOv2 linear evaluation")
 
 
 def _hf_preset(pp):
-    """img_size / mean / std from a Hugging Face preprocessor_config.json (crop size if it center-crops)."""
-    size = pp.get("crop_size") if pp.get("do_center_crop", True) and pp.get("crop_size") else pp.get("size")
-    size = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
-    if not isinstance(size, int) or "image_mean" not in pp or "image_std" not in pp:
+    """A preset from a Hugging Face preprocessor_config.json: shortest-edge resize + centre crop, or a square
+    resize (size height / width), with its mean / std."""
+    if not isinstance(pp, dict) or "image_mean" not in pp or "image_std" not in pp:
         return None
-    return {"img_size": size, "mean": list(pp["image_mean"]), "std": list(pp["image_std"])}
+    size, crop = pp.get("size"), pp.get("crop_size") if pp.get("do_center_crop", True) else None
+    one = lambda v: v.get("height", v.get("shortest_edge")) if isinstance(v, dict) else v  # noqa: E731
+    short = size.get("shortest_edge") if isinstance(size, dict) else (size if isinstance(size, int) else None)
+    if crop and one(crop):
+        return preset(one(crop), pp["image_mean"], pp["image_std"], resize_to=short or one(crop),
+                      source="preprocessor_config.json")
+    if isinstance(one(size), int):
+        return preset(one(size), pp["image_mean"], pp["image_std"], resize_to=short,
+                      source="preprocessor_config.json")
+    return None
+
+
+def _one(v):
+    return v if isinstance(v, int) else v[0]  # image_size / patch_size may be pairs
+
+
+def _hf_state(ck, prefixes):
+    state = _tensor_dict(ck.obj, ck.path)
+    for pre in prefixes:  # a task model (Dinov2ForImageClassification, CLIPModel): keep the backbone
+        if any(k.startswith(pre) for k in state):
+            return _strip(state, ("module.", "_orig_mod."), ck.path), pre
+    return _strip(state, ("module.", "_orig_mod."), ck.path), ""
 
 
 def _load_hf(ck, attn, fmt):
-    """Hugging Face Dinov2Model / Dinov2WithRegistersModel: architecture from config.json. HF adds the position
-    embedding to [CLS, patches], then inserts the registers after CLS without one: our embed() builds exactly
-    [CLS + cls_pos, registers, patches + pos]. Positions are resized as HF does (antialias for the registers class)."""
+    """Hugging Face Dinov2Model / Dinov2WithRegistersModel (SwiGLU too: ViT-g) / IJepaModel: architecture from
+    config.json. HF adds the position embedding to [CLS, patches], then inserts the registers after CLS without
+    one: our embed() builds exactly [CLS + cls_pos, registers, patches + pos]. Positions are resized as HF does
+    (antialias for the registers class)."""
     c = ck.hf_config
     if c is None:
         raise UserError(f"{ck.path}: Hugging Face weights need a readable config.json in the same folder")
     mt = c.get("model_type")
-    if mt not in ("dinov2", "dinov2_with_registers"):
-        raise UserError(f"{ck.path}: config.json has model_type {mt!r}; only dinov2 / dinov2_with_registers load")
-    if c.get("use_swiglu_ffn"):
-        raise UserError(f"{ck.path}: a SwiGLU feed-forward (DINOv2 ViT-g) is not supported by model.py's ViT")
+    want = ("ijepa",) if fmt == "ijepa-hf" else ("dinov2", "dinov2_with_registers")
+    if mt not in want:
+        raise UserError(f"{ck.path}: config.json has model_type {mt!r}; --encoder_format {fmt} loads {' / '.join(want)}"
+                        + ("" if mt not in FORMAT_OF_MODEL_TYPE else f": try --encoder_format {FORMAT_OF_MODEL_TYPE[mt]}"))
     if c.get("hidden_act", "gelu") != "gelu":
         raise UserError(f"{ck.path}: hidden_act {c['hidden_act']!r} is not supported (only gelu)")
-    state = _tensor_dict(ck.obj, ck.path)
-    if any(k.startswith("dinov2.") for k in state):  # Dinov2ForImageClassification: drop the classifier head
-        state = {k[len("dinov2."):]: v for k, v in state.items() if k.startswith("dinov2.")}
-    state = _strip(state, ("module.", "_orig_mod."), ck.path)
-    one = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731 (image_size / patch_size may be pairs)
-    dim = c.get("hidden_size", 768)
-    vit = VisionTransformer(img_size=one(c.get("image_size", 224)), patch_size=one(c.get("patch_size", 14)),
-                            in_chans=c.get("num_channels", 3), embed_dim=dim, depth=c.get("num_hidden_layers", 12),
-                            num_heads=c.get("num_attention_heads", 12), mlp_ratio=c.get("mlp_ratio", 4),
-                            qkv_bias=c.get("qkv_bias", True), cls_token=True,
-                            num_register_tokens=c.get("num_register_tokens", 4) if mt == "dinov2_with_registers" else 0,
-                            learned_pos=True, layer_scale=1.0, eps=c.get("layer_norm_eps", 1e-6),
-                            interp_antialias=mt == "dinov2_with_registers", attn=attn)
+    state, pre = _hf_state(ck, ("dinov2.", "ijepa."))
+    if pre:  # a task model: its classifier head is set aside
+        state = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
+    dim, ijepa = c.get("hidden_size", 768), mt == "ijepa"
+    ratio = c["intermediate_size"] / dim if ijepa and "intermediate_size" in c else c.get("mlp_ratio", 4)
+    cfg = dict(img_size=_one(c.get("image_size", 224)), patch_size=_one(c.get("patch_size", 14)),
+               in_chans=c.get("num_channels", 3), embed_dim=dim, depth=c.get("num_hidden_layers", 12),
+               num_heads=c.get("num_attention_heads", 12), mlp_ratio=ratio, qkv_bias=c.get("qkv_bias", True),
+               cls_token=not ijepa, learned_pos=True, layer_scale=None if ijepa else 1.0,
+               num_register_tokens=c.get("num_register_tokens", 4) if mt == "dinov2_with_registers" else 0,
+               eps=c.get("layer_norm_eps", 1e-12 if ijepa else 1e-6), interp_antialias=mt == "dinov2_with_registers")
+    vit = _build(cfg, attn, ffn="swiglu" if c.get("use_swiglu_ffn") else None)
     new = any(".attention.q_proj." in k for k in state)
-    _load_mapped(vit, state, functools.partial(_hf_source, new_names=new), ck.path, ignore={"embeddings.mask_token"})
-    if fmt == "rad-dino":
-        return vit, {"img_size": 518, "mean": list(RAD_DINO_MEAN), "std": list(RAD_DINO_STD)}
-    preset = _hf_preset(ck.hf_preprocess) if ck.hf_preprocess else None
-    if preset:
-        return vit, {**preset, "preset": "preprocessor_config.json"}
-    return vit, {"img_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    _load_mapped(vit, state, functools.partial(_hf_source, new_names=new, ijepa=ijepa), ck.path,
+                 ignore={"embeddings.mask_token"})
+    pp = _hf_preset(ck.hf_preprocess)
+    if fmt == "rad-dino":  # microsoft/rad-dino's processor: shortest edge 518, centre crop 518
+        return vit, pp or preset(518, RAD_DINO_MEAN, RAD_DINO_STD, resize_to=518, source="RAD-DINO's processor")
+    if pp:
+        return vit, pp
+    if ijepa:
+        return vit, preset(cfg["img_size"], IMAGENET_MEAN, IMAGENET_STD, source="I-JEPA (ImageNet mean / std)")
+    return vit, preset(224, IMAGENET_MEAN, IMAGENET_STD, resize_to=256, source="DINOv2 linear evaluation")
 
 
-LOADERS = {
-    "radjepa-encoder": _load_own,
-    "radjepa": functools.partial(_load_jepa, fmt="radjepa"),
-    "ijepa": functools.partial(_load_jepa, fmt="ijepa"),
-    "dinov2-hf": functools.partial(_load_hf, fmt="dinov2-hf"),
-    "rad-dino": functools.partial(_load_hf, fmt="rad-dino"),
-    "dinov2": _load_dinov2,
+def _clip_cfg(state, width_key, path, n_blocks, fc1_key, pos_key):
+    dim = state[width_key].shape[0]
+    npos = state[pos_key].shape[-2]
+    grid = math.isqrt(npos - 1)
+    if grid * grid != npos - 1:
+        raise UserError(f"{path}: {pos_key} holds {npos - 1} patch positions, not a square grid")
+    return dict(embed_dim=dim, depth=n_blocks, num_heads=_heads(dim, path), mlp_ratio=state[fc1_key].shape[0] / dim,
+                qkv_bias=True, cls_token=True, learned_pos=True, eps=1e-5), grid
+
+
+def _load_clip(ck, attn, fmt):
+    """CLIP's ViT: Hugging Face CLIPVisionModel / CLIPModel folders (clip-hf), or OpenAI's state dict (clip: ViT-L/14,
+    ViT-L/14@336px; chexzero: CheXzero's fine-tuned ViT-B/32). A LayerNorm before the blocks (ln_pre), QuickGELU,
+    no patch bias; the global embedding is ln_post(CLS), the 1024-d (ViT-L) feature before CLIP's projection."""
+    if fmt == "clip-hf":
+        c = ck.hf_config or {}
+        c = c.get("vision_config", c) if c.get("model_type") == "clip" else c
+        if c.get("model_type", "clip_vision_model") not in ("clip_vision_model",):
+            raise UserError(f"{ck.path}: config.json is not CLIP's: --encoder_format clip-hf loads CLIPVisionModel / "
+                            "CLIPModel folders")
+        state, pre = _hf_state(ck, ("vision_model.",))
+        state = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}  # the text tower is set aside
+        ignore = {"embeddings.position_ids"}  # a buffer older transformers saved
+        n = 1 + max([int(m.group(1)) for k in state if (m := re.match(r"encoder\.layers\.(\d+)\.", k))], default=-1)
+        need = "embeddings.patch_embedding.weight"
+        if need not in state:
+            raise UserError(f"{ck.path}: missing key {pre}{need}: not a CLIP vision model")
+        cfg, grid = _clip_cfg(state, "embeddings.class_embedding", ck.path, n, "encoder.layers.0.mlp.fc1.weight",
+                              "embeddings.position_embedding.weight")
+        cfg["num_heads"] = c.get("num_attention_heads", cfg["num_heads"])
+        cfg["eps"] = c.get("layer_norm_eps", 1e-5)
+        act, w, source_of = c.get("hidden_act", "quick_gelu"), state[need], _clip_hf_source
+    else:
+        state = _strip(_tensor_dict(ck.obj.get("state_dict", ck.obj) if isinstance(ck.obj, dict) else ck.obj,
+                                    ck.path), ("module.",), ck.path)
+        if "visual.conv1.weight" not in state:
+            raise UserError(f"{ck.path}: no visual.conv1.weight: not an OpenAI CLIP ViT state dict"
+                            + (" (a ResNet CLIP? only the ViT ones load)" if "visual.layer1.0.conv1.weight" in state else ""))
+        ignore = {k for k in state if not k.startswith("visual.")} | {"visual.proj"}
+        n = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k)))
+        cfg, grid = _clip_cfg(state, "visual.class_embedding", ck.path, n,
+                              "visual.transformer.resblocks.0.mlp.c_fc.weight", "visual.positional_embedding")
+        act, w, source_of = "quick_gelu", state["visual.conv1.weight"], _openai_clip_source
+    if act not in ("quick_gelu", "gelu"):
+        raise UserError(f"{ck.path}: hidden_act {act!r} is not supported (quick_gelu or gelu)")
+    p = w.shape[-1]
+    cfg.update(img_size=grid * p, patch_size=p, in_chans=w.shape[1])
+    vit = _build(cfg, attn, pre_norm=True, act=act, patch_bias=False)
+    _load_mapped(vit, state, source_of, ck.path, ignore=ignore)
+    size = cfg["img_size"]
+    if fmt == "chexzero":  # CheXzero's zero_shot.py: Normalize(101.48761, 83.43944) on 0-255 pixels, 224 px
+        return vit, preset(size, [101.48761 / 255] * 3, [83.43944 / 255] * 3, source="CheXzero's transforms")
+    pp = _hf_preset(ck.hf_preprocess) if fmt == "clip-hf" else None
+    return vit, pp or preset(size, CLIP_MEAN, CLIP_STD, resize_to=size, source="CLIP's preprocessing")
+
+
+def _load_biovil(ck, attn):
+    """BioViL / BioViL-T's image encoder (hi-ml-multimodal ImageModel): the ResNet-50 trunk under
+    encoder.encoder.* in torchvision naming; its final map is the patch embedding and its average the image
+    embedding, as ImageEncoder returns them. BioViL-T's temporal ViT pooler (encoder.backbone_to_vit,
+    encoder.vit_pooler, encoder.missing_previous_emb: only meaningful with a prior image) and the projector /
+    classifier heads are set aside. Preprocessing: BioViL-T's inference transform (shortest edge 512, centre crop
+    448, [0, 1] pixels with no normalisation, the gray channel replicated)."""
+    state = _strip(_tensor_dict(ck.obj.get("state_dict", ck.obj) if isinstance(ck.obj, dict) else ck.obj, ck.path),
+                   ("module.",), ck.path)
+    pre = next((p for p in ("encoder.encoder.", "image_model.encoder.encoder.", "encoder.", "") if
+                p + "layer4.0.conv1.weight" in state), None)
+    if pre is None:
+        raise UserError(f"{ck.path}: no layer4.0.conv1.weight under encoder.encoder.: not a ResNet-50 image encoder")
+    ignore = {k for k in state if not k.startswith(pre) or k[len(pre):].startswith("fc.")}
+    trunk = {k[len(pre):]: v for k, v in state.items() if k not in ignore}
+    n = [1 + max([int(m.group(1)) for k in trunk if (m := re.match(rf"layer{s}\.(\d+)\.", k))], default=-1)
+         for s in (1, 2, 3, 4)]
+    if "conv1.weight" not in trunk or "layer1.0.conv3.weight" not in trunk or min(n) < 1:
+        raise UserError(f"{ck.path}: not a ResNet with bottleneck blocks (stages of {n} blocks)")
+    w = trunk["conv1.weight"]
+    vit = ResNet50Encoder(layers=n, width=w.shape[0], in_chans=w.shape[1], img_size=448)
+    _load_mapped(vit, trunk, _same, ck.path, ignore=())
+    return vit, preset(448, [0.0] * 3, [1.0] * 3, resize_to=512, source="BioViL-T's inference transform")
+
+
+LOADERS = {  # name: (loader, what it reads); --help lists them in this order
+    "radjepa-encoder": (_load_own, "this project's export: encoder.safetensors (pretrain.py writes it)"),
+    "radjepa": (functools.partial(_load_jepa, fmt="radjepa"),
+                "RadJEPa: jepa_encoder.pth.tar, or its Hugging Face snapshot folder (config.json, modeling file "
+                "never imported); also pretrain.py's checkpoint.pt"),
+    "ijepa": (functools.partial(_load_jepa, fmt="ijepa"), "Meta's I-JEPA .pth.tar (IN1K-vit.h.14-300e.pth.tar, ...)"),
+    "ijepa-hf": (functools.partial(_load_hf, fmt="ijepa-hf"),
+                 "Hugging Face IJepaModel folder (facebook/ijepa_*, and this project's out_dir/hf)"),
+    "dinov2-hf": (functools.partial(_load_hf, fmt="dinov2-hf"),
+                  "Hugging Face Dinov2Model / Dinov2WithRegistersModel folder (ViT-g's SwiGLU too)"),
+    "rad-dino": (functools.partial(_load_hf, fmt="rad-dino"), "microsoft/rad-dino (Hugging Face Dinov2 folder)"),
+    "dinov2": (functools.partial(_load_timm_vit, fmt="dinov2"),
+               "Meta's original DINOv2 .pth (dinov2_vitg14_pretrain.pth, ..._reg4_...)"),
+    "clip-hf": (functools.partial(_load_clip, fmt="clip-hf"),
+                "Hugging Face CLIPVisionModel / CLIPModel folder (openai/clip-vit-large-patch14[-336])"),
+    "clip": (functools.partial(_load_clip, fmt="clip"),
+             "OpenAI CLIP ViT state dict (visual.*; a TorchScript ViT-L-14.pt must be re-saved as a state dict)"),
+    "chexzero": (functools.partial(_load_clip, fmt="chexzero"), "CheXzero: OpenAI CLIP ViT-B/32 state dict"),
+    "biomedclip": (functools.partial(_load_timm_vit, fmt="biomedclip"),
+                   "BiomedCLIP: open_clip folder (open_clip_pytorch_model.bin + open_clip_config.json)"),
+    "mrm": (functools.partial(_load_timm_vit, fmt="mrm"), "MRM: ViT-B/16 in MAE / timm naming (MRM.pth)"),
+    "biovil-t": (_load_biovil,
+                 "BioViL / BioViL-T image model (hi-ml-multimodal ResNet-50, biovil_t_image_model_*.pt)"),
 }
+FORMAT_OF_MODEL_TYPE = {"ijepa": "ijepa-hf", "dinov2": "dinov2-hf", "dinov2_with_registers": "dinov2-hf",
+                        "clip": "clip-hf", "clip_vision_model": "clip-hf"}
 
 
 def detect_format(path):
-    """The format name (a LOADERS key) of a checkpoint path or Checkpoint, and why: (fmt, reason)."""
+    """The format name (a LOADERS key) of a checkpoint path or Checkpoint, and why: (fmt, reason). An unknown
+    layout is a UserError that names the closest format."""
     ck = path if isinstance(path, Checkpoint) else Checkpoint(path)
     obj = ck.obj
     if ck.meta.get("format") == "radjepa-encoder":
         return "radjepa-encoder", "project export"
-    if ck.hf_config is not None and ck.hf_config.get("model_type", "").startswith("dinov2") and \
-            any(k.endswith("patch_embeddings.projection.weight") for k in obj):
-        return "dinov2-hf", ("Hugging Face Dinov2 config.json; pass --encoder_format rad-dino for RAD-DINO's "
-                             "preprocessing" + (" (used here: preprocessor_config.json)" if ck.hf_preprocess else ""))
+    keys = list(obj) if isinstance(obj, dict) else []
+    mt = (ck.hf_config or {}).get("model_type", "")
+    if mt in FORMAT_OF_MODEL_TYPE and ck.file.endswith((".safetensors", ".bin", ".index.json")):
+        fmt = FORMAT_OF_MODEL_TYPE[mt]
+        extra = "; pass --encoder_format rad-dino for RAD-DINO's preprocessing" if fmt == "dinov2-hf" else ""
+        return fmt, f"Hugging Face config.json model_type {mt}{extra}"
+    if ck.open_clip is not None or any(k.startswith("visual.trunk.") for k in keys):
+        return "biomedclip", "open_clip timm ViT (visual.trunk.*)"
+    if any(k.startswith("visual.transformer.resblocks.") for k in keys):
+        return "clip", "OpenAI CLIP state dict; pass --encoder_format chexzero for CheXzero's preprocessing"
+    if any(k.endswith("layer4.0.conv1.weight") for k in keys):
+        return "biovil-t", "ResNet trunk (torchvision naming)"
     if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("target_encoder", "encoder")):
         # Meta's files (IN1K-vit.h.14-300e.pth.tar, ...) are whole training states; the RadJEPa release is named
-        if "predictor" in obj and "opt" in obj and "jepa_encoder" not in os.path.basename(ck.path):
-            return "ijepa", ("I-JEPA training checkpoint (predictor + opt); pass --encoder_format radjepa for CXR "
-                             "preprocessing")
-        return "radjepa", "JEPA encoder state dict; pass --encoder_format ijepa for ImageNet preprocessing"
-    if isinstance(obj, dict) and any(k.endswith("patch_embeddings.projection.weight") for k in obj):
+        if "predictor" in obj and "opt" in obj and "jepa_encoder" not in os.path.basename(ck.file):
+            return "ijepa", "I-JEPA training checkpoint (predictor + opt)"
+        return "radjepa", "JEPA encoder state dict"
+    if any(k.endswith("patch_embeddings.projection.weight") for k in keys):
         return "dinov2-hf", "Hugging Face Dinov2 key names"
     state = backbone_state(obj, ck.path)
     if "cls_token" in state and any(k.startswith("blocks.") for k in state):
-        return "dinov2", "original DINOv2 key names"
+        if any(k.startswith("decoder") for k in state):
+            return "mrm", "MAE naming with a decoder (MRM)"
+        return "dinov2", "original DINOv2 / timm key names; pass --encoder_format mrm for MRM's preprocessing"
     if "patch_embed.proj.weight" in state:
-        return "radjepa", "ViT state dict without CLS token; pass --encoder_format ijepa for ImageNet preprocessing"
-    raise UserError(f"{ck.path}: cannot tell the checkpoint format (keys like {sorted(state)[:4]}); "
-                    f"pass --encoder_format ({', '.join(LOADERS)})")
+        return "radjepa", "ViT state dict without CLS token; pass --encoder_format ijepa for Meta's I-JEPA"
+    raise UserError(f"{ck.path}: unknown checkpoint layout (keys like {sorted(state)[:4]}); closest format: "
+                    f"{_closest(state)}; choose with --encoder_format ({', '.join(LOADERS)})")
+
+
+def _closest(state):
+    """The format whose key names share the most words with the checkpoint's (for the one-line error)."""
+    words = {w for k in state for w in re.split(r"[._]", k) if w and not w.isdigit()}
+    vocab = {"radjepa": "patch embed proj pos blocks attn qkv norm1 norm2 mlp fc1 fc2 norm",
+             "dinov2": "cls token patch embed proj pos blocks attn qkv ls1 ls2 gamma norm mlp fc1 fc2 w12 w3",
+             "dinov2-hf": "embeddings patch projection position encoder layer attention query key value output dense",
+             "ijepa-hf": "embeddings patch projection position encoder layer layernorm before after intermediate",
+             "clip-hf": "vision model embeddings class embedding patch position encoder layers self attn proj pre "
+                        "layrnorm post",
+             "clip": "visual conv1 class embedding positional transformer resblocks ln pre post in proj out c fc",
+             "biomedclip": "visual trunk cls token blocks head proj text",
+             "mrm": "cls token pos embed decoder blocks mask",
+             "biovil-t": "encoder conv1 bn1 layer1 layer2 layer3 layer4 downsample running mean var"}
+    return max(vocab, key=lambda f: len(words & set(vocab[f].split())))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,6 +783,8 @@ def detect_format(path):
 def _override(info, vit, img_size, mean, std):
     """Apply --enc_img_size / --enc_mean / --enc_std; one value of mean or std is repeated to the other's length."""
     if img_size:
+        if info.get("resize_to"):  # keep the processor's resize / crop proportion (RAD-DINO 1, DINOv2 256 / 224)
+            info["resize_to"] = int(round(info["resize_to"] * int(img_size) / info["img_size"]))
         info["img_size"] = int(img_size)
     mean = [float(v) for v in mean] if mean else info["mean"]
     std = [float(v) for v in std] if std else info["std"]
@@ -440,7 +793,7 @@ def _override(info, vit, img_size, mean, std):
             raise UserError(f"--enc_mean has {len(mean)} values and --enc_std {len(std)}: give the same number (1 or 3)")
         n = max(len(mean), len(std))
         mean, std = mean * (n // len(mean)), std * (n // len(std))
-    stem = vit.patch_embed.proj.in_channels
+    stem = vit.config["in_chans"]
     if len(mean) not in (1, stem):
         raise UserError(f"--enc_mean / --enc_std: {len(mean)} channels, but the encoder takes 1 or {stem}")
     if min(std) <= 0:
@@ -467,19 +820,23 @@ def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_si
         if not os.path.exists(path):
             raise UserError(f"--encoder {path}: no such file or folder")
         if fmt not in (None, "auto") and fmt not in LOADERS:
-            raise UserError(f"--encoder_format {fmt!r} unknown: choose from auto, {', '.join(LOADERS)}")
+            near = difflib.get_close_matches(str(fmt), LOADERS, n=1, cutoff=0)
+            raise UserError(f"--encoder_format {fmt!r} unknown: closest is {near[0]} (formats: auto, {', '.join(LOADERS)})")
         ck = Checkpoint(path)
         why = None
         if fmt in (None, "auto"):
             fmt, why = detect_format(ck)
-        vit, info = LOADERS[fmt](ck, attn)
+        vit, info = LOADERS[fmt][0](ck, attn)
         info["format"] = fmt
         info["source"] = f"{path} ({fmt}{', auto-detected: ' + why if why else ''})"
         c = vit.config
-        info["arch"] = (f"ViT {c['embed_dim']}-d x {c['depth']} blocks, {c['num_heads']} heads, patch {c['patch_size']}, "
+        info["arch"] = f"ResNet, stages of {c['layers']} bottleneck blocks, {vit.embed_dim}-d, stride 32" \
+            if c.get("variant") == "resnet50" else (
+                        f"ViT {c['embed_dim']}-d x {c['depth']} blocks, {c['num_heads']} heads, patch {c['patch_size']}, "
                         f"{vit.grid[0]}x{vit.grid[1]} positions" + (", CLS" if c["cls_token"] else "")
                         + (f", {c['num_register_tokens']} registers" if c["num_register_tokens"] else "")
-                        + (", layer scale" if c["layer_scale"] else ""))
+                        + (", layer scale" if c["layer_scale"] else "")
+                        + (", SwiGLU" if c.get("ffn") == "swiglu" else "") + (", CLIP ln_pre" if c.get("pre_norm") else ""))
         del ck
     set_attn(vit, attn)
     vit.eval().requires_grad_(False)
@@ -491,8 +848,9 @@ def add_encoder_args(p):
     g.add_argument("--encoder", default=None,
                    help=f"frozen encoder: a checkpoint file or Hugging Face folder (default: {DEFAULT_EXPORT} if "
                         "present, else random init)")
-    g.add_argument("--encoder_format", default="auto", choices=["auto", *LOADERS],
-                   help="checkpoint format (default: detected from its contents)")
+    g.add_argument("--encoder_format", default="auto", choices=["auto", *LOADERS], metavar="FORMAT",
+                   help="checkpoint format, each with its own preprocessing preset: auto (default: detected from "
+                        "the contents); " + "; ".join(f"{k}: {v[1]}" for k, v in LOADERS.items()))
     g.add_argument("--enc_img_size", type=int, default=None,
                    help="input resolution for the encoder (default: its format's preset, e.g. 518 for RAD-DINO)")
     g.add_argument("--enc_mean", type=float, nargs="+", default=None,
@@ -508,3 +866,36 @@ def load_encoder_from_args(args):
                         getattr(args, "attn", None) or "sdpa",
                         enc_img_size=getattr(args, "enc_img_size", None), enc_mean=getattr(args, "enc_mean", None),
                         enc_std=getattr(args, "enc_std", None))
+
+
+class CropPreprocess:
+    """The processors of CLIP, RAD-DINO, DINOv2 and BioViL-T: shortest edge resized to resize_to (bilinear,
+    antialiased, as data.resize), then the centre img_size x img_size crop, normalised. train=True first takes
+    data.Preprocess's mild random resized crop, so --augment-style training sees the same kind of jitter."""
+
+    def __init__(self, img_size, resize_to, mean, std, train=False, train_scale=(0.8, 1.0)):
+        self.img_size, self.resize_to, self.train, self.train_scale = int(img_size), int(resize_to), train, train_scale
+        self.norm = data.Preprocess(img_size, mean, std)  # only its mean / std tensors and checks are used
+
+    def __call__(self, img):
+        x = data.resize(img, tuple(img.shape))  # same size: only the uint8 / float -> [0, 1] float conversion
+        if self.train:
+            rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
+            t, l, h, w = data.crop_box(rng, *x.shape, scale=self.train_scale)
+            x = x[t:t + h, l:l + w]
+        h, w = x.shape
+        s = self.resize_to / min(h, w)
+        x = data.resize(x, (max(self.img_size, round(h * s)), max(self.img_size, round(w * s))))
+        top, left = (x.shape[0] - self.img_size) // 2, (x.shape[1] - self.img_size) // 2
+        x = x[top:top + self.img_size, left:left + self.img_size]
+        return (x[None] - self.norm.mean) / self.norm.std
+
+
+def preprocessor(info, train=False, normalise=True):
+    """The image -> tensor transform of an encoder's preset (info from load_encoder): data.Preprocess's square
+    resize, or CropPreprocess where the encoder's processor crops. normalise=False keeps [0, 1] pixels (probe.py's
+    --augment normalises after augmenting)."""
+    mean, std = (info["mean"], info["std"]) if normalise else ([0.0] * len(info["mean"]), [1.0] * len(info["std"]))
+    if info.get("resize") == "shortest_edge+center_crop":
+        return CropPreprocess(info["img_size"], info["resize_to"], mean, std, train=train)
+    return data.Preprocess(info["img_size"], mean, std, train=train)

@@ -33,7 +33,7 @@ import common
 import data
 import masks as masks_lib
 from common import UserError
-from encoders import save_encoder
+from encoders import export_hf, save_encoder
 from model import VIT_CONFIGS, Predictor, apply_masks, build_vit, repeat_interleave_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -287,6 +287,7 @@ def main(argv=None):
                             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))},
                             "world": env.world, "rng": {"torch": torch.get_rng_state()}}, ckpt_path)
         save_encoder(target, os.path.join(args.out_dir, "encoder.safetensors"), step=step, model=args.model)
+        export_hf(target, os.path.join(args.out_dir, "hf"))  # the same encoder as a Hugging Face IJepaModel folder
 
     bar = tqdm(total=total, initial=step, disable=not env.is_main, dynamic_ncols=True, desc="pretrain")
     jepa.train()

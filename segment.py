@@ -19,7 +19,7 @@ identically to image and mask: affine, elastic, brightness / contrast, gamma, an
 that do not tell left from right; 70/15/15 split by subject; the checkpoint with the lowest validation loss is
 evaluated on the test set. Without data flags the "demo" preset runs (vit_tiny at 112 px, 15 epochs, batch 8).
 Images and label maps are centre-cropped to a square and resized together (the paper's preprocessing; each
-published encoder keeps its own card's crop, see common.CROP_FRAC); Dice is measured on the crop at its original
+published encoder keeps its own card's crop, see common.crop_frac); Dice is measured on the crop at its original
 resolution. A loaded encoder runs at its own resolution (--enc_img_size overrides it; --img_size only shapes a
 random one).
 
