@@ -36,6 +36,7 @@ Writes to --out_dir (default out/report): results.json, predictions.csv (path, s
 --compare reads), log.jsonl, checkpoint.pt (trained weights), tokenizer.model (small LM), compare.json, labels.csv.
 """
 import argparse
+import contextlib
 import csv
 import gzip
 import json
@@ -56,7 +57,8 @@ import data
 from common import UserError
 from encoders import add_encoder_args, load_encoder_from_args
 from labeler import METRICS, OBSERVATIONS, RADGRAPH_NOTE, Scorer, label_report, score
-from llama import Llama, LlamaConfig, apply_lora, count_params, generate, load_hf_llama
+from llama import (Llama, LlamaConfig, apply_lora, count_params, full_state, generate, load_hf_llama, load_sharded,
+                   memory_per_rank, save_peft_adapter, save_sharded, shard_fsdp)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CSV = os.path.join(HERE, "sample_data", "reports", "reports.csv")
@@ -84,6 +86,13 @@ def get_args(argv=None):
                    help="MIMIC-CXR-JPG root (files/, split and metadata CSVs) or IU-Xray folder (annotation.json)")
     g.add_argument("--reports_dir", default=None,
                    help="MIMIC-CXR reports root holding files/pXX/pY/sZ.txt (default: --data_dir)")
+    g.add_argument("--mimic_rule", default="paper", choices=["paper", "study"],
+                   help="paper: every frontal (PA/AP) image whose report has a Findings section (the paper's "
+                        "146,909 / 7,250 / 2,461); study: one frontal image per study, PA preferred, Findings "
+                        "else Impression")
+    g.add_argument("--iu_split", default="test", choices=["test", "r2gen"],
+                   help="test: every IU-Xray study is test data (the paper's out-of-distribution test, with "
+                        "--eval_only); r2gen: R2Gen's train / val / test split")
     g.add_argument("--label_only", action="store_true", help="only label --csv's --text_col with the CheXpert labeler")
     g = p.add_argument_group("model")
     g.add_argument("--lm", default=None, help="local Hugging Face Llama/Vicuna folder (default: small LM from scratch)")
@@ -98,8 +107,15 @@ def get_args(argv=None):
                    help="what learns besides the projector (default: full for the small LM, lora with --lm)")
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=float, default=16.0)
-    g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the LM (memory for compute)")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimiser step")
+    g.add_argument("--grad_ckpt", action="store_true",
+                   help="activation checkpointing per decoder layer (memory for compute; default on with --fsdp)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and AdamW state over the ranks with FSDP2 (torchrun); "
+                        "needed to fully fine-tune a 7B LM on 80 GB GPUs")
+    g.add_argument("--global_batch", type=int, default=None,
+                   help="reports per optimiser step = --batch_size x --grad_accum x world size; --grad_accum is "
+                        "computed from it (default 128 with --lm, the paper's; else --batch_size x world)")
+    g.add_argument("--grad_accum", type=int, default=None, help="micro-batches per optimiser step (see --global_batch)")
     g.add_argument("--warmup", type=float, default=0.03, help="share of the steps with linear warm-up")
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--max_report_tokens", type=int, default=150,
@@ -109,9 +125,22 @@ def get_args(argv=None):
     g.add_argument("--image_pool", type=int, default=None,
                    help="average-pool the patch grid k x k before the projector (default: 1, all tokens as in LLaVA, "
                         "with --lm; 2 for the small CPU model: a 4x shorter sequence)")
+    g.add_argument("--gen_dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="decoding precision (the paper decodes in fp32; bf16 is faster on GPU)")
+    g.add_argument("--save_every", type=int, default=None,
+                   help="save the sharded training state (torch.distributed.checkpoint) every N steps to "
+                        "OUT_DIR/train_state (always at the end with --fsdp)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/train_state")
+    g.add_argument("--stop_at", type=int, default=None,
+                   help="stop after this many steps of the schedule, save the training state and exit (continue "
+                        "with --resume: for jobs shorter than the run)")
+    g.add_argument("--log_every", type=int, default=10, help="optimiser steps between log.jsonl lines")
     g.add_argument("--precompute", default="auto", choices=["auto", "yes", "no"],
                    help="encode every image once and keep the patch tokens in memory (auto: up to 20000 images)")
     g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_only", action="store_true",
+                   help="no training: evaluate the report model saved in --checkpoint on the test set given")
+    g.add_argument("--checkpoint", default=None, help="a report.py out_dir (checkpoint.pt, tokenizer) for --eval_only")
     g.add_argument("--n_boot", type=int, default=500, help="bootstrap resamples for CIs and --compare")
     g.add_argument("--n_examples", type=int, default=3, help="generated reports printed")
     g.add_argument("--name", default=None, help="row label of the table (default: from the encoder)")
@@ -120,21 +149,60 @@ def get_args(argv=None):
     add_encoder_args(p)
     common.add_common_args(p, "report", batch_size=8, epochs=None, lr=None, model="vit_base", img_size=224)
     args = p.parse_args(argv)
+    if args.eval_only:
+        restore_settings(args)
     paper = args.lm is not None
     args.lr = args.lr if args.lr is not None else (2e-5 if paper else 1e-3)
     args.epochs = args.epochs if args.epochs is not None else (3 if paper else 30)
-    args.train = args.train or ("lora" if paper else "full")
+    args.train = args.train or "full"  # the paper trains projector and LM jointly; --train lora is the cheap option
     args.image_pool = args.image_pool or (1 if paper else 2)
+    args.grad_ckpt = args.grad_ckpt or args.fsdp
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    per_step = args.batch_size * world
+    if args.global_batch is None:
+        args.global_batch = 128 if paper and not args.grad_accum else per_step * (args.grad_accum or 1)
+    if args.grad_accum is None:
+        if args.global_batch % per_step:
+            raise UserError(f"--global_batch {args.global_batch} is not a multiple of --batch_size {args.batch_size} "
+                            f"x {world} ranks: choose --batch_size so that it divides")
+        args.grad_accum = args.global_batch // per_step
+    if args.grad_accum * per_step != args.global_batch:
+        raise UserError(f"--global_batch {args.global_batch} != --batch_size {args.batch_size} x --grad_accum "
+                        f"{args.grad_accum} x {world} ranks: give one of --global_batch / --grad_accum")
     if args.image_pool < 1 or args.grad_accum < 1 or args.max_new_tokens < 1:
         raise UserError("--image_pool, --grad_accum and --max_new_tokens must be at least 1")
     if args.dataset and (args.csv or args.test_csv):
         raise UserError("give either --dataset (with --data_dir) or --csv, not both")
     if args.dataset and not args.data_dir:
         raise UserError(f"--dataset {args.dataset} needs --data_dir (the dataset's root folder)")
+    if args.dataset == "iu_xray" and args.iu_split == "test" and not args.eval_only and not args.label_only:
+        raise UserError("IU-Xray is the paper's out-of-distribution test set: evaluate a trained model on it with "
+                        "--eval_only --checkpoint DIR, or train on R2Gen's split with --iu_split r2gen")
     if args.subject_col is None:
         args.subject_col = "patientid" if not args.csv or os.path.abspath(args.csv) == DEMO_CSV else "subject"
     args.csv = args.csv or (None if args.dataset else DEMO_CSV)
     return args
+
+
+# what a trained report model is made of: --eval_only takes these from the checkpoint, not from the command line
+MODEL_SETTINGS = ("lm", "lm_layers", "lm_dim", "lm_heads", "vocab_size", "projector", "res_lambda", "train", "lora_r",
+                  "lora_alpha", "image_pool", "encoder", "encoder_format", "model", "img_size", "patch_size",
+                  "enc_img_size", "enc_mean", "enc_std", "seed")
+
+
+def restore_settings(args):
+    """--eval_only: the model's settings (LM, projector, encoder, pooling, seed of a random-init encoder) from
+    --checkpoint's checkpoint.pt, so the evaluated model is exactly the one trained."""
+    if not args.checkpoint:
+        raise UserError("--eval_only needs --checkpoint DIR (the out_dir of a report.py training run)")
+    path = os.path.join(args.checkpoint, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise UserError(f"--checkpoint {args.checkpoint}: no checkpoint.pt (is it a report.py out_dir?)")
+    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for k in MODEL_SETTINGS:
+        if k in ck["settings"]:
+            setattr(args, k, ck["settings"][k])
+    args.fsdp = False  # evaluation runs on one unsharded copy per rank
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,11 +211,12 @@ def get_args(argv=None):
 SECTION = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*[A-Z)]):", re.M)
 
 
-def extract_findings(text):
-    """The FINDINGS section of a MIMIC-CXR free-text report, else its IMPRESSION, else None. Headers are upper-case
-    words ending in ':' at a line start (as in MIT-LCP's section_parser); names are normalised the same way:
-    'findings and impression' / 'conclusion' count as impression, any other name containing 'findings' as
-    findings. Whitespace is collapsed."""
+def report_sections(text):
+    """{"findings": ..., "impression": ...} of a MIMIC-CXR free-text report (whichever it has). Headers are
+    upper-case words ending in ':' at a line start (as in MIT-LCP's section_parser); names are normalised the same
+    way: 'findings and impression' / 'conclusion' count as impression, any other name containing 'findings' as
+    findings. Whitespace is collapsed; the first non-empty section of a kind wins (some reports have an empty
+    FINDINGS header and a second one with the text)."""
     heads = list(SECTION.finditer(text))
     found = {}
     for h, nxt in zip(heads, heads[1:] + [None]):
@@ -158,7 +227,13 @@ def extract_findings(text):
             name = "findings"
         body = " ".join(text[h.end():nxt.start() if nxt else len(text)].split())
         if body and name in ("findings", "impression"):
-            found.setdefault(name, body)  # the first non-empty one (reports with two findings headers: one is empty)
+            found.setdefault(name, body)
+    return found
+
+
+def extract_findings(text):
+    """The FINDINGS section of a MIMIC-CXR report, else its IMPRESSION, else None (--mimic_rule study)."""
+    found = report_sections(text)
     return found.get("findings") or found.get("impression")
 
 
@@ -172,38 +247,54 @@ def _read_table(path):
 
 
 def load_mimic(args):
-    """MIMIC-CXR-JPG: official split (train / validate / test), frontal views (ViewPosition PA or AP), one image
-    per study (PA preferred), the report's Findings section (Impression when there is none; studies with neither
-    are skipped)."""
+    """MIMIC-CXR-JPG with the official split (train / validate / test). --mimic_rule paper (default): every frontal
+    image (ViewPosition PA or AP) whose report has a non-empty Findings section, as the paper states it (146,909 /
+    7,250 / 2,461 image-report pairs); --mimic_rule study: one frontal image per study (PA preferred) with its
+    Findings, else its Impression. The counts kept and dropped per split are printed."""
     root, rep_root = args.data_dir, args.reports_dir or args.data_dir
     split = {r["dicom_id"]: r for r in _read_table(os.path.join(root, "mimic-cxr-2.0.0-split.csv"))}
     meta = _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"))
-    best = {}  # study -> (rank of view, dicom_id)
+    frontal = {}  # study -> [(rank of view, dicom_id)] of its frontal images
     for m in meta:
         view = (m.get("ViewPosition") or "").upper()
         if view in ("PA", "AP") and m["dicom_id"] in split:
-            key = (0 if view == "PA" else 1, m["dicom_id"])
-            best[m["study_id"]] = min(best.get(m["study_id"], key), key)
-    out, skipped = {"train": [], "val": [], "test": []}, 0
-    for study, (_, dicom) in sorted(best.items()):
-        r = split[dicom]
-        s = str(r["subject_id"])
-        rel = os.path.join("files", f"p{s[:2]}", f"p{s}", f"s{study}")
-        txt = os.path.join(rep_root, rel + ".txt")
-        text = extract_findings(open(txt).read()) if os.path.exists(txt) else None
-        if not text:
-            skipped += 1
-            continue
-        part = {"train": "train", "validate": "val", "test": "test"}[r["split"]]
-        out[part].append({"path": os.path.join(root, rel, dicom + ".jpg"), "subject": s, "text": text})
-    if not out["train"]:
-        raise UserError(f"no MIMIC-CXR training study with a report under {rep_root}/files: set --reports_dir")
-    return out, f"MIMIC-CXR ({skipped} frontal studies without findings/impression or report skipped)"
+            frontal.setdefault(m["study_id"], []).append((0 if view == "PA" else 1, m["dicom_id"]))
+    parts = {"train": "train", "validate": "val", "test": "test"}
+    out = {"train": [], "val": [], "test": []}
+    dropped = {k: {"no report": 0, "no findings": 0} for k in out}
+    sections_cache = {}
+    for study, views in sorted(frontal.items()):
+        views = sorted(views) if args.mimic_rule == "paper" else [min(views)]
+        for _, dicom in views:
+            r = split[dicom]
+            s, part = str(r["subject_id"]), parts[r["split"]]
+            rel = os.path.join("files", f"p{s[:2]}", f"p{s}", f"s{study}")
+            if study not in sections_cache:
+                txt = os.path.join(rep_root, rel + ".txt")
+                sections_cache[study] = report_sections(open(txt).read()) if os.path.exists(txt) else None
+            sec = sections_cache[study]
+            text = None if sec is None else sec.get("findings") if args.mimic_rule == "paper" else \
+                sec.get("findings") or sec.get("impression")
+            if not text:
+                dropped[part]["no report" if sec is None else "no findings"] += 1
+                continue
+            out[part].append({"path": os.path.join(root, rel, dicom + ".jpg"), "subject": s, "text": text})
+    if not out["train"] and not out["test"]:
+        raise UserError(f"no MIMIC-CXR frontal image with a report under {rep_root}/files: set --reports_dir")
+    what = "frontal images" if args.mimic_rule == "paper" else "studies (one frontal image each)"
+    print(f"MIMIC-CXR --mimic_rule {args.mimic_rule}: " + "; ".join(
+        f"{k} {len(out[k])} {what} kept, {dropped[k]['no findings']} without "
+        f"{'findings' if args.mimic_rule == 'paper' else 'findings/impression'}, {dropped[k]['no report']} "
+        f"without a report file" for k in out))
+    return out, f"MIMIC-CXR (--mimic_rule {args.mimic_rule})"
 
 
 def load_iu_xray(args):
     """IU-Xray in R2Gen's layout: annotation.json {"train"|"val"|"test": [{"id", "report", "image_path": [...]}]},
-    image paths relative to DATA_DIR/images; the first image (frontal) of each study."""
+    image paths relative to DATA_DIR/images; the first image (frontal) of each study. Reports are lower-cased, as
+    R2Gen's IU cleaning and the papers scoring on it do (the references are lower case, so generated reports are
+    scored lower-cased too). --iu_split test (default): every study is test data, the paper's out-of-distribution
+    test; --iu_split r2gen keeps R2Gen's train / val / test."""
     ann = os.path.join(args.data_dir, "annotation.json")
     if not os.path.exists(ann):
         raise UserError(f"{ann} not found: --data_dir must hold R2Gen's annotation.json and images/")
@@ -213,8 +304,11 @@ def load_iu_xray(args):
     out = {}
     for part in ("train", "val", "test"):
         out[part] = [{"path": os.path.join(img_root, e["image_path"][0]), "subject": str(e["id"]),
-                      "text": " ".join(e["report"].split())} for e in a.get(part, []) if e.get("report", "").strip()]
-    return out, "IU-Xray (R2Gen annotation.json)"
+                      "text": " ".join(e["report"].split()).lower()}
+                     for e in a.get(part, []) if e.get("report", "").strip()]
+    if getattr(args, "iu_split", "r2gen") == "test":
+        out = {"train": [], "val": [], "test": out["train"] + out["val"] + out["test"]}
+    return out, f"IU-Xray (R2Gen annotation.json, --iu_split {getattr(args, 'iu_split', 'r2gen')}, lower-cased)"
 
 
 def _csv_samples(path, args):
@@ -243,7 +337,15 @@ def load_csv(args):
 
 
 def load_samples(args):
-    out, source = {"mimic": load_mimic, "iu_xray": load_iu_xray}.get(args.dataset, load_csv)(args)
+    if args.eval_only and not args.dataset:  # any table is a test set: all of --test_csv, else all of --csv
+        test = _csv_samples(args.test_csv or args.csv, args)
+        out, source = {"train": [], "val": [], "test": test}, f"CSV {args.test_csv or args.csv} (all rows as test)"
+    else:
+        out, source = {"mimic": load_mimic, "iu_xray": load_iu_xray}.get(args.dataset, load_csv)(args)
+    if args.eval_only:
+        if not out["test"]:
+            raise UserError(f"{source}: empty test split")
+        return out, source
     if not out["train"] or not out["test"]:
         raise UserError(f"{source}: empty training or test split ({len(out['train'])} / {len(out['test'])} reports)")
     return out, source
@@ -269,12 +371,17 @@ class Tokenizer:
 
 def train_tokenizer(texts, path, vocab_size):
     """Train a sentencepiece unigram model on the training reports (plus the prompt, so it has pieces for it) from
-    an in-memory iterator; hard_vocab_limit=False lets a small corpus end with fewer pieces than asked for."""
+    an in-memory iterator; hard_vocab_limit=False lets a small corpus end with fewer pieces than asked for.
+    byte_fallback=True (as Llama's own tokenizer): a character never seen in training becomes its UTF-8 bytes
+    instead of <unk>, so test reports with unseen characters round-trip exactly; it costs 256 byte pieces."""
     import sentencepiece as spm
+    if vocab_size < 300:
+        raise UserError(f"--vocab_size {vocab_size}: the byte-fallback tokenizer needs at least 300 "
+                        "(256 byte pieces + specials + words)")
     prefix = path[:-len(".model")]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(list(texts) + [PROMPT.replace("<image>", "")] * 20),
                                    model_prefix=prefix, vocab_size=vocab_size, hard_vocab_limit=False,
-                                   character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                                    num_threads=1, minloglevel=2)
     return Tokenizer(path)
 
@@ -333,12 +440,15 @@ class ReportModel(nn.Module):
         v = self.projector(feats.to(self.projector.fc1.weight.dtype)).to(e.dtype)
         return e.masked_scatter(slots[..., None], v)  # row-major fill: row b's slots get feats[b] in patch order
 
-    def forward(self, ids, feats, labels, mask):
+    def forward(self, ids, feats, labels, mask, n_tokens=None):
+        """Mean cross-entropy over the labelled tokens; with n_tokens, their summed CE / n_tokens (the training
+        loop passes the token count of the whole global batch, so micro-batches and ranks add up to its mean)."""
         h = self.lm(inputs_embeds=self.embed(ids, feats), attention_mask=mask, hidden_only=True)
         # token t is predicted at position t - 1; only report tokens and EOS carry a label, so the vocabulary
         # projection runs on those positions alone (with a 32000-word vocabulary it is most of the activations)
         sel = labels[:, 1:] != -100
-        return F.cross_entropy(self.lm.lm_head(h[:, :-1][sel]).float(), labels[:, 1:][sel])
+        ce = F.cross_entropy(self.lm.lm_head(h[:, :-1][sel]).float(), labels[:, 1:][sel], reduction="sum")
+        return ce / (sel.sum() if n_tokens is None else n_tokens)
 
     @torch.no_grad()
     def generate(self, feats, tok, max_new_tokens):
@@ -349,14 +459,23 @@ class ReportModel(nn.Module):
 
 
 def build_lm(args, train_texts, env):
-    """(lm, tokenizer): a local HF checkpoint, or a small Llama + a sentencepiece model trained on the reports."""
+    """(lm, tokenizer): a local HF checkpoint, or a small Llama + a sentencepiece model trained on the reports
+    (--eval_only: the small LM's config and tokenizer from --checkpoint, on the meta device: its weights follow)."""
     if args.lm:
         tp = os.path.join(args.lm, "tokenizer.model")
         if not os.path.exists(tp):
             raise UserError(f"--lm {args.lm}: no tokenizer.model (the sentencepiece file of Llama / Vicuna)")
+        if args.fsdp:  # the checkpoint's dtype on the CPU: fully_shard moves each rank's shard to its GPU
+            return load_hf_llama(args.lm), Tokenizer(tp)
         # trained weights in float32 (full), frozen ones in the run's dtype: bf16 halves a 7B model's memory
         dt = torch.float32 if args.train == "full" or env.device.type == "cpu" else env.dtype
         return load_hf_llama(args.lm, dtype=dt, device=env.device), Tokenizer(tp)
+    if args.eval_only:
+        ck = torch.load(os.path.join(args.checkpoint, "checkpoint.pt"), map_location="cpu", weights_only=True,
+                        mmap=True)
+        with torch.device("meta"):
+            lm = Llama(LlamaConfig(**ck["lm_config"]))
+        return lm, Tokenizer(os.path.join(args.checkpoint, "tokenizer.model"))
     path = os.path.join(args.out_dir, "tokenizer.model")
     if env.is_main:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -369,7 +488,8 @@ def build_lm(args, train_texts, env):
                       num_hidden_layers=args.lm_layers, num_attention_heads=h, max_position_embeddings=2048,
                       bos_token_id=tok.bos, eos_token_id=tok.eos)
     torch.manual_seed(args.seed)
-    return Llama(cfg).to(env.device), tok
+    lm = Llama(cfg)
+    return (lm if args.fsdp else lm.to(env.device)), tok
 
 
 def set_trainable(model, args):
@@ -379,6 +499,28 @@ def set_trainable(model, args):
     model.projector.requires_grad_(True)
     model.lm.gradient_checkpointing = args.grad_ckpt
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def trained_state(model, args, state=None):
+    """The tensors a run learnt (projector, plus the LM with --train full or its adapters with lora) on the CPU."""
+    state = state if state is not None else model.state_dict()
+    return {k: v.detach().cpu() for k, v in state.items()
+            if k.startswith("projector.") or args.train == "full" or "lora_" in k}
+
+
+def load_trained(model, ck, args):
+    """--eval_only: put checkpoint.pt's trained tensors into the freshly built model (meta-device parts included),
+    checking that every tensor the run trained is there."""
+    state = ck["model"]
+    own = model.state_dict()
+    want = set(trained_state(model, args, own))
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"--checkpoint: checkpoint.pt does not match the model its settings describe: missing "
+                        f"{missing[:4]}, unexpected {unexpected[:4]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if any(p.is_meta for p in model.parameters()):
+        raise UserError("--checkpoint: checkpoint.pt lacks weights the model needs (a --train full LM?)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,65 +573,98 @@ def cosine_lr(step, total, warmup_frac):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
+def step_batches(n, step, per_epoch, args, env):
+    """This rank's micro-batches (lists of sample indices) for optimiser step `step`. Every epoch is one seeded
+    permutation of all n samples cut into global batches of --global_batch (the last partial one dropped); rank r
+    takes its r-th slice of each and cuts it into --grad_accum micro-batches. The batch of a step depends only on
+    (seed, step), not on the world size or on a restart, so 1 process x 4 and 2 processes x 2 see the same
+    reports, and a resumed run continues exactly where it stopped."""
+    G = min(args.global_batch, n // (env.world * args.grad_accum) * env.world * args.grad_accum)
+    epoch, j = divmod(step, per_epoch)
+    perm = np.random.default_rng([args.seed, epoch]).permutation(n)
+    glob = perm[j * G:(j + 1) * G]
+    mine = np.array_split(glob, env.world)[env.rank]
+    return [m.tolist() for m in np.array_split(mine, args.grad_accum)], epoch
+
+
 def train(model, params, samples, feats_of, tok, args, env, log):
-    """AdamW + warm-up + cosine. Under torchrun the trainable model is wrapped in DDP and a DistributedSampler gives
-    each rank its share of every epoch. Returns the number of optimiser steps."""
+    """AdamW + warm-up + cosine over global batches of --global_batch reports (step_batches). The loss of a step is
+    the mean cross-entropy over all report tokens of its global batch, however it is split over micro-batches and
+    ranks (each micro-batch's summed CE is divided by the global token count; DDP / FSDP average gradients over
+    ranks, hence the x world). Under torchrun the model is wrapped in DDP, or sharded with FSDP2 (--fsdp, done by
+    the caller). Returns (steps done, the memory this rank holds after its first step as llama.memory_per_rank
+    counts it, steps of the schedule)."""
     n = len(samples)
-    sampler = torch.utils.data.DistributedSampler(range(n), env.world, env.rank, shuffle=True, seed=args.seed) \
-        if env.distributed else None
-    dl = torch.utils.data.DataLoader(range(n), batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                                     drop_last=n >= args.batch_size * env.world, collate_fn=lambda b: b)
-    per_epoch = max(1, len(dl) // args.grad_accum)
+    if n < env.world * args.grad_accum:
+        raise UserError(f"{n} training reports cannot fill {args.grad_accum} micro-batches on {env.world} ranks")
+    G = min(args.global_batch, n // (env.world * args.grad_accum) * env.world * args.grad_accum)
+    per_epoch = max(1, n // G)
     total = args.max_steps or args.epochs * per_epoch
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else model
+    wrap = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.distributed and not args.fsdp else model
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, args.warmup))
-    env.print(f"training {args.train}: {sum(p.numel() for p in params):,} trainable parameters, {total} steps "
-              f"(batch {args.batch_size} x accum {args.grad_accum} x {env.world} ranks), lr {args.lr}")
+    state_dir = os.path.join(args.out_dir, "train_state")
+    step = 0
+    if args.resume:
+        step = load_sharded(state_dir, model, opt)["step"]
+        env.print(f"resumed from {state_dir} at step {step}")
+    env.print(f"training {args.train}: {sum(p.numel() for p in params):,} trainable parameters, {total} steps of "
+              f"{G} reports (batch {args.batch_size} x accum {args.grad_accum} x {env.world} ranks"
+              f"{', FSDP' if args.fsdp else ''}), lr {args.lr}")
     model.train()
-    step, micro, epoch = 0, 0, 0
-    bar = tqdm(total=total, desc="train", disable=not env.is_main)
-    while step < total:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for b in dl:
-            feats = feats_of(b).to(env.device)
-            texts = [samples[i]["text"] for i in b]
-            ids, labels, mask = build_batch(tok, texts, feats.shape[1], args.max_report_tokens)
-            sync = (micro + 1) % args.grad_accum == 0
-            ctx = ddp.no_sync() if env.distributed and not sync else torch.enable_grad()
-            with ctx, env.autocast():
-                loss = ddp(ids.to(env.device), feats, labels.to(env.device), mask.to(env.device))
-                (loss / args.grad_accum).backward()
-            micro += 1
-            if not sync:
-                continue
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if env.is_main and (step % 10 == 0 or step == total):
-                log.log(step=step, loss=round(loss.item(), 4), lr=sched.get_last_lr()[0], epoch=epoch)
-            if step >= total:
-                break
-        epoch += 1
+    mem = None
+    end = min(total, args.stop_at or total)
+    bar = tqdm(total=total, initial=step, desc="train", disable=not env.is_main)
+    while step < end:
+        micro, epoch = step_batches(n, step, per_epoch, args, env)
+        feats = [feats_of(b).to(env.device) for b in micro]
+        batches = [build_batch(tok, [samples[i]["text"] for i in b], f.shape[1], args.max_report_tokens)
+                   for b, f in zip(micro, feats)]
+        n_tok = torch.tensor(float(sum(int((l[:, 1:] != -100).sum()) for _, l, _ in batches)))
+        if env.distributed:
+            dist.all_reduce(n_tok)
+        step_loss = torch.zeros(())
+        for k, ((ids, labels, mask), f) in enumerate(zip(batches, feats)):
+            sync = k == len(micro) - 1
+            ctx = wrap.no_sync() if env.distributed and not args.fsdp and not sync else contextlib.nullcontext()
+            with ctx, (contextlib.nullcontext() if args.fsdp else env.autocast()):
+                loss = wrap(ids.to(env.device), f, labels.to(env.device), mask.to(env.device),
+                            n_tokens=n_tok.to(env.device))
+                (loss * env.world).backward()
+            step_loss += loss.detach().float().cpu()
+        if env.distributed:
+            dist.all_reduce(step_loss)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * cosine_lr(step, total, args.warmup)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if mem is None:
+            mem = memory_per_rank(model, opt)
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss.item():.3f}")
+        if env.is_main and (step % args.log_every == 0 or step == total):
+            log.log(step=step, loss=round(step_loss.item(), 6), lr=opt.param_groups[0]["lr"], epoch=epoch)
+        if args.save_every and step % args.save_every == 0 or step == end and (args.fsdp or args.save_every or
+                                                                            end < total):
+            save_sharded(state_dir, model, opt, {"step": step})
     bar.close()
     model.eval()
-    return step
+    return step, mem, total
 
 
 @torch.no_grad()
 def generate_all(model, samples, feats_of, tok, args, env):
-    """Generated report per sample; under torchrun each rank decodes a strided shard and rank 0 gathers them."""
+    """Generated report per sample; under torchrun each rank decodes a strided shard (with its own unsharded copy
+    of the model) and rank 0 gathers them."""
     mine = list(range(env.rank, len(samples), env.world))
     out = {}
     for i in tqdm(range(0, len(mine), args.gen_batch_size), desc="generating", disable=not env.is_main):
         b = mine[i:i + args.gen_batch_size]
-        with env.autocast():
+        # fp32 decoding by default (the paper's); --gen_dtype bf16 autocasts like training
+        with env.autocast() if args.gen_dtype == "bf16" else contextlib.nullcontext():
             texts = model.generate(feats_of(b).to(env.device), tok, args.max_new_tokens)
         out.update(zip(b, texts))
     if env.distributed:
@@ -572,6 +747,19 @@ def label_only(args):
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def unsharded_copy(model, args):
+    """After FSDP training: the whole model rebuilt unsharded on this rank (generation calls the LM a different
+    number of times per rank, which sharded layers, each forward a collective, cannot do)."""
+    full = full_state(model)
+    with torch.device("meta"):
+        plain = ReportModel(Projector(model.projector.fc1.in_features, model.lm.config.hidden_size, args.projector,
+                                      args.res_lambda), Llama(model.lm.config))
+    if args.train == "lora":
+        apply_lora(plain.lm, r=args.lora_r, alpha=args.lora_alpha)
+    plain.load_state_dict(full, assign=True)
+    return plain, full
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.compare:
@@ -584,14 +772,26 @@ def main(argv=None):
     splits, source = load_samples(args)
     env.print(f"data: {source}: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} "
               f"reports")
+    torch.manual_seed(args.seed)  # one random-init encoder on every rank, and again in --eval_only
     vit, info = load_encoder_from_args(args)
     vit.to(env.device)
     env.print(f"encoder: {info['source']}")
     lm, tok = build_lm(args, [s["text"] for s in splits["train"]], env)  # before encoding: fail early on a bad --lm
     d_in = vit.embed_dim
-    model = ReportModel(Projector(d_in, lm.config.hidden_size, args.projector, args.res_lambda), lm).to(env.device)
+    torch.manual_seed(args.seed)  # the same projector on every rank: FSDP shards it and nothing broadcasts it
+    model = ReportModel(Projector(d_in, lm.config.hidden_size, args.projector, args.res_lambda), lm)
     params = set_trainable(model, args)
-    if args.train == "projector" and not args.lm:
+    if args.eval_only:
+        ck = torch.load(os.path.join(args.checkpoint, "checkpoint.pt"), map_location="cpu", weights_only=True)
+        load_trained(model, ck, args)
+        env.print(f"evaluating {args.checkpoint} (trained {ck['step']} steps, --train {args.train})")
+    if args.fsdp:
+        shard_fsdp(model, model.lm.model.layers, env.device,
+                   param_dtype=None if env.dtype == torch.float32 else env.dtype)
+        params = [p for p in model.parameters() if p.requires_grad]  # fully_shard made them sharded DTensors
+    else:
+        model.to(env.device)
+    if args.train == "projector" and not args.lm and not args.eval_only:
         env.print("warning: --train projector leaves the from-scratch LM untrained: expect noise, not reports")
     env.print(f"LM: {'from scratch' if not args.lm else args.lm}, {count_params(lm):,} parameters, vocab "
               f"{lm.config.vocab_size}; projector {args.projector} {d_in} -> {lm.config.hidden_size}")
@@ -608,13 +808,38 @@ def main(argv=None):
             x = torch.stack([images[off + i][0] for i in idx])
             with torch.no_grad():
                 return patch_tokens(vit, x, env, args.image_pool).float()
-    log = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
-    steps = train(model, params, splits["train"], feats_of, tok, args, env, log)
+    steps, mem, full = 0, None, None
+    if not args.eval_only:
+        state_json = os.path.join(args.out_dir, "train_state", "train_state.json")
+        if args.resume and not os.path.exists(state_json):
+            raise UserError(f"--resume: no complete training state in {os.path.dirname(state_json)}")
+        # on resume the log keeps the lines up to the step the training state was saved at
+        log = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main,
+                                 truncate_after_step=json.load(open(state_json))["step"] if args.resume else None)
+        steps, mem, total = train(model, params, splits["train"], feats_of, tok, args, env, log)
+        if steps < total:
+            env.print(f"--stop_at {args.stop_at}: training state saved to {args.out_dir}/train_state; continue "
+                      f"with the same command and --resume instead of --stop_at")
+            return {"stopped_at": steps, "total_steps": total}
+        if args.fsdp:
+            model, full = unsharded_copy(model, args)
+            model.to(env.device)
+        if env.distributed:
+            gathered = [None] * env.world
+            dist.all_gather_object(gathered, mem)
+            mem = gathered
+        else:
+            mem = [mem]
+    if args.gen_dtype == "fp32":
+        model.float()
+    model.eval()
     test = splits["test"]
     hyps = generate_all(model, test, lambda idx: feats_of(idx, n_tr), tok, args, env)
     if not env.is_main:
         return None
     refs = [s["text"] for s in test]
+    if args.dataset == "iu_xray":  # lower-case references (R2Gen's IU cleaning): score lower-cased reports
+        hyps = [h.lower() for h in hyps]
     metrics, _ = score(hyps, refs, args.n_boot, args.seed)
     name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
     for i in range(min(args.n_examples, len(test))):
@@ -625,18 +850,24 @@ def main(argv=None):
         w = csv.writer(f)
         w.writerow(["path", "subject", "reference", "generated"])
         w.writerows([s["path"], s["subject"], r, h] for s, r, h in zip(test, refs, hyps))
-    trained = {k: v.detach().cpu() for k, v in model.state_dict().items()
-               if k.startswith("projector.") or args.train == "full" or "lora_" in k}
-    plain = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
-    common.atomic_save({"model": trained, "lm_config": lm.config.to_dict(), "step": steps, "settings": plain},
-                       os.path.join(args.out_dir, "checkpoint.pt"))
+    wrote = ["results.json", "predictions.csv"]
+    if not args.eval_only:
+        plain = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool)) or
+                 (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))}
+        common.atomic_save({"model": trained_state(model, args, full), "lm_config": lm.config.to_dict(),
+                            "step": steps, "settings": plain}, os.path.join(args.out_dir, "checkpoint.pt"))
+        wrote += ["checkpoint.pt", "log.jsonl"]
+        if args.train == "lora":
+            save_peft_adapter(model.lm, os.path.join(args.out_dir, "adapter"), base=args.lm)
+            wrote.append("adapter/ (peft)")
     res = {"name": name, "encoder": info["source"], "encoder_format": info["format"], "metrics": metrics,
            "n_test": len(test), "n_train": n_tr, "data": source, "lm": args.lm or "small Llama from scratch",
-           "lm_params": count_params(lm), "train_mode": args.train, "steps": steps,
-           "preprocess": {k: info[k] for k in ("img_size", "mean", "std")}, "settings": vars(args),
-           "time_s": round(time.time() - t0, 1)}
+           "lm_params": count_params(lm), "train_mode": args.train, "steps": steps, "fsdp": args.fsdp,
+           "eval_only": args.eval_only, "checkpoint": args.checkpoint, "world_size": env.world,
+           "memory_per_rank": mem, "preprocess": {k: info[k] for k in ("img_size", "mean", "std")},
+           "settings": vars(args), "time_s": round(time.time() - t0, 1)}
     common.write_json(res, os.path.join(args.out_dir, "results.json"))
-    print(f"wrote results.json, predictions.csv, checkpoint.pt, log.jsonl to {args.out_dir}")
+    print(f"wrote {', '.join(wrote)} to {args.out_dir}")
     return res
 
 

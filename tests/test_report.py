@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ REPORTS_CSV = SAMPLE / "reports" / "reports.csv"
 def hf_model(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0,
                                    max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
     m = transformers.LlamaForCausalLM(cfg).eval()
@@ -56,7 +57,7 @@ def hf_model(tmp_path_factory):
 def test_llama_matches_transformers_logits(hf_model):
     m, root = hf_model
     assert len(list((root / "sharded").glob("*.safetensors"))) > 1  # really sharded
-    ids = torch.randint(0, 97, (3, 19), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 400, (3, 19), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(3, 19, dtype=torch.long)
     mask[1, :4], mask[2, :11] = 0, 0  # left padding
     with torch.no_grad():
@@ -89,7 +90,7 @@ def test_greedy_cached_equals_uncached_and_one_by_one(hf_model):
     m, root = hf_model
     ours = load_hf_llama(str(root / "single")).eval()
     lens = [7, 12, 4]
-    prompts = [torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in lens]
+    prompts = [torch.randint(3, 400, (n,), generator=torch.Generator().manual_seed(n)) for n in lens]
     T = max(lens)
     ids = torch.zeros(3, T, dtype=torch.long)
     mask = torch.zeros(3, T, dtype=torch.long)
@@ -195,9 +196,9 @@ def test_labeler_sentences(text, want):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     rows = list(csv.DictReader(open(REPORTS_CSV)))
-    # 97 pieces at most: the same tokenizer serves the tiny HF checkpoint (vocabulary 97) in the --lm test
+    # 400 pieces at most: the same tokenizer serves the tiny HF checkpoint (vocabulary 400) in the --lm test
     return report.train_tokenizer([r["text"] for r in rows], str(tmp_path_factory.mktemp("tok") / "tokenizer.model"),
-                                  97)
+                                  400)
 
 
 def test_loss_mask_covers_only_report_tokens_and_eos(tok):
@@ -264,31 +265,60 @@ def test_extract_findings():
     assert report.extract_findings(" INDICATION: cough\n\n COMPARISON: none\n") is None
 
 
-def test_mimic_loader(tmp_path):
-    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
-    studies = [("10000032", "50414267", "train", MIMIC_REPORT), ("10000033", "50414268", "test",
-                                                                 " IMPRESSION:\n Mild cardiomegaly.\n"),
-               ("10000034", "50414269", "validate", " INDICATION: none\n")]
+EMPTY_FINDINGS = " FINDINGS:\n\n IMPRESSION:\n Mild cardiomegaly.\n"  # a header without text: no findings
+
+
+def make_mimic(root, img):
+    """A MIMIC-CXR-JPG tree in the real layout (gzipped split / metadata CSVs, files/pXX/pXXXXXXXX/sYYYYYYYY/*.jpg,
+    reports files/pXX/pXXXXXXXX/sYYYYYYYY.txt). Per study: subject, study, split, report text (None: no file),
+    views. Returns the pairs the paper's rule keeps per split, counted here by hand from the table."""
+    studies = [  # subject, study, split, report, views
+        ("10000032", "50414267", "train", MIMIC_REPORT, ["PA", "AP", "LATERAL"]),    # 2 frontal with findings
+        ("10000032", "50414270", "train", MIMIC_REPORT, ["AP", "AP", "AP"]),         # 3 (several AP images)
+        ("10000033", "50414268", "train", " IMPRESSION:\n Mild cardiomegaly.\n", ["PA", "LL"]),  # 0: impression only
+        ("10000035", "50414271", "train", EMPTY_FINDINGS, ["AP"]),                   # 0: empty findings header
+        ("10000036", "50414272", "train", None, ["PA"]),                             # 0: no report file
+        ("10000037", "50414273", "validate", MIMIC_REPORT, ["PA", "LATERAL"]),       # 1
+        ("10000038", "50414274", "test", MIMIC_REPORT, ["AP", "PA"]),                # 2
+        ("10000034", "50414269", "test", " INDICATION: none\n", ["PA", "AP"]),       # 0: no sections at all
+        ("11000039", "50414275", "test", MIMIC_REPORT, ["LATERAL", ""]),            # 0: no frontal view
+    ]
     split, meta = [], []
-    for subj, study, part, text in studies:
-        d = tmp_path / "files" / f"p{subj[:2]}" / f"p{subj}"
+    for subj, study, part, text, views in studies:
+        d = root / "files" / f"p{subj[:2]}" / f"p{subj}"
         (d / f"s{study}").mkdir(parents=True)
-        (d / f"s{study}.txt").write_text(text)
-        for dicom, view in ((f"{study}-ap", "AP"), (f"{study}-pa", "PA"), (f"{study}-lat", "LATERAL")):
+        if text is not None:
+            (d / f"s{study}.txt").write_text(text)
+        for k, view in enumerate(views):
+            dicom = f"{study}-{k}-{view.lower() or 'none'}"
             shutil.copy(img, d / f"s{study}" / f"{dicom}.jpg")
             split.append([dicom, study, subj, part])
-            meta.append([dicom, subj, study, view])
-    _write_gz(tmp_path / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
-    _write_gz(tmp_path / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
-              meta)
+            meta.append([dicom, subj, study, "CHEST (PA AND LAT)", view])
+    _write_gz(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
+    _write_gz(root / "mimic-cxr-2.0.0-metadata.csv.gz",
+              ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition"], meta)
+    return {"train": 5, "val": 1, "test": 2}, {"train": 4, "val": 1, "test": 1}
+
+
+def test_mimic_loader_paper_rule_and_study_rule(tmp_path, capsys):
+    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
+    paper, per_study = make_mimic(tmp_path, img)
     args = report.get_args(["--dataset", "mimic", "--data_dir", str(tmp_path)])
+    assert args.mimic_rule == "paper"  # the default
     out, source = report.load_mimic(args)
-    assert [len(out[k]) for k in ("train", "val", "test")] == [1, 0, 1]  # the study without findings is skipped
-    tr = out["train"][0]
-    assert tr["path"].endswith("files/p10/p10000032/s50414267/50414267-pa.jpg")  # frontal, PA preferred
-    assert os.path.exists(tr["path"]) and tr["subject"] == "10000032"
-    assert tr["text"].startswith("There is no focal consolidation")
-    assert out["test"][0]["text"] == "Mild cardiomegaly."
+    assert {k: len(v) for k, v in out.items()} == paper
+    printed = capsys.readouterr().out
+    assert "train 5 frontal images kept, 2 without findings" in printed and "1 without a report file" in printed
+    tr = out["train"]
+    assert sorted(os.path.basename(e["path"]) for e in tr[:2]) == ["50414267-0-pa.jpg", "50414267-1-ap.jpg"]
+    assert all(os.path.exists(e["path"]) and e["text"].startswith("There is no focal consolidation") for e in tr)
+    assert tr[0]["path"].endswith("files/p10/p10000032/s50414267/" + os.path.basename(tr[0]["path"]))
+    # the old rule behind the flag: one frontal image per study, PA preferred, impression when there is no findings
+    out, _ = report.load_mimic(report.get_args(["--dataset", "mimic", "--data_dir", str(tmp_path),
+                                                "--mimic_rule", "study"]))
+    assert {k: len(v) for k, v in out.items()} == per_study
+    assert out["train"][0]["path"].endswith("50414267-0-pa.jpg")
+    assert {e["text"] for e in out["train"]} >= {"Mild cardiomegaly."}
 
 
 def test_iu_xray_loader(tmp_path):
@@ -304,11 +334,17 @@ def test_iu_xray_loader(tmp_path):
             ann[part].append({"id": sid, "report": f"The heart is normal in size.  No effusion {i}.",
                               "image_path": [f"{sid}/0.png", f"{sid}/1.png"], "split": part})
     (tmp_path / "annotation.json").write_text(json.dumps(ann))
-    out, _ = report.load_iu_xray(report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path)]))
+    # default: IU-Xray is out-of-distribution test data only, and training on it is refused with a clear error
+    with pytest.raises(UserError, match="out-of-distribution"):
+        report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path)])
+    out, _ = report.load_iu_xray(SimpleNamespace(data_dir=str(tmp_path), image_root=None, iu_split="test"))
+    assert [len(out[k]) for k in ("train", "val", "test")] == [0, 0, 6]
+    out, _ = report.load_iu_xray(report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path),
+                                                  "--iu_split", "r2gen"]))
     assert [len(out[k]) for k in ("train", "val", "test")] == [3, 1, 2]
     e = out["test"][1]
     assert e["path"] == str(tmp_path / "images" / "CXRtest1_IM-001" / "0.png") and os.path.exists(e["path"])
-    assert e["text"] == "The heart is normal in size. No effusion 1." and e["subject"] == "CXRtest1_IM-001"
+    assert e["text"] == "the heart is normal in size. no effusion 1." and e["subject"] == "CXRtest1_IM-001"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,7 +369,7 @@ def test_label_only_writes_input_columns_then_the_14(tmp_path):
 def test_end_to_end_tiny_run_and_compare(tmp_path):
     out = tmp_path / "run"
     res = report.main(["--model", "vit_tiny", "--img_size", "112", "--max_steps", "3", "--lm_layers", "1",
-                       "--lm_dim", "64", "--lm_heads", "2", "--vocab_size", "300", "--max_new_tokens", "8",
+                       "--lm_dim", "64", "--lm_heads", "2", "--vocab_size", "400", "--max_new_tokens", "8",
                        "--n_boot", "20", "--num_workers", "0", "--out_dir", str(out), "--device", "cpu"])
     saved = json.loads((out / "results.json").read_text())
     assert saved["encoder"].startswith("random-init vit_tiny")
@@ -358,7 +394,7 @@ def test_end_to_end_with_a_hf_checkpoint_and_lora(hf_model, tok, tmp_path):
     lm_dir = tmp_path / "lm"
     shutil.copytree(root / "sharded", lm_dir)
     shutil.copy(tok.path, lm_dir / "tokenizer.model")
-    assert tok.sp.get_piece_size() <= 97  # ids fit the checkpoint's embedding
+    assert tok.sp.get_piece_size() <= 400  # ids fit the checkpoint's embedding
     out = tmp_path / "run"
     res = report.main(["--lm", str(lm_dir), "--train", "lora", "--grad_ckpt", "--model", "vit_tiny", "--img_size", "56",
                        "--max_steps", "2", "--lr", "1e-3", "--max_new_tokens", "5", "--n_boot", "10",
