@@ -27,10 +27,13 @@ The paper's setting (Vicuna-7B v1.5): lr 2e-5, cosine schedule, 3% warm-up, 3 ep
 --grad_accum x GPUs); those are the defaults with --lm. The demo defaults (lr 1e-3, 30 epochs, batch 8) suit the
 small model.
 
-Metrics on the test split: BLEU-4 (sacrebleu corpus BLEU), ROUGE-L (rouge-score F-measure, mean over reports) and
-CheXpert-14 macro F1 from labeler.py (uncertain counts as positive), each as the median and 95% CI of 500 bootstrap
-resamples of the test reports. RadGraph F1 is reported as not available: it needs the RadGraph model's weights,
-which cannot be obtained here, and it is never estimated some other way. All scores are on a 0-100 scale.
+Metrics on the test split, as LLaVA-Rad's evaluation computes them: BLEU-4 (sacrebleu corpus BLEU), ROUGE-L
+(rouge-score F-measure without a stemmer, mean over reports), and CheXpert F1 from labeler.py's CheXpert-14 labels:
+Macro-F1-14 with uncertain as negative (the headline), Macro-F1-14+ with uncertain as positive, Micro-F1-5 over
+Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion; each as the median and 95% CI of 500 bootstrap
+resamples of the test reports. CheXbert F1 and RadGraph F1 come from the f1chexbert / radgraph packages when they
+and their weights are already on the machine (nothing is downloaded), else they are reported as "not available"
+and never estimated some other way. All scores are on a 0-100 scale. Decoding runs in fp32 (--gen_dtype).
 
 Writes to --out_dir (default out/report): results.json, predictions.csv (path, subject, reference, generated: what
 --compare reads), log.jsonl, checkpoint.pt (trained weights), tokenizer.model (small LM), compare.json, labels.csv.
@@ -56,7 +59,7 @@ import common
 import data
 from common import UserError
 from encoders import add_encoder_args, load_encoder_from_args
-from labeler import METRICS, OBSERVATIONS, RADGRAPH_NOTE, Scorer, label_report, score
+from labeler import METRICS, OBSERVATIONS, Scorer, label_report, score
 from llama import (Llama, LlamaConfig, apply_lora, count_params, full_state, generate, load_hf_llama, load_sharded,
                    memory_per_rank, save_peft_adapter, save_sharded, shard_fsdp)
 
@@ -678,14 +681,23 @@ def generate_all(model, samples, feats_of, tok, args, env):
 # the results table
 
 def print_table(rows, n_boot):
-    """The paper's Table 5 layout: one row per encoder, median [95% CI] per metric."""
-    cols = [m for m, _ in METRICS] + ["RadGraph F1"]
-    print("\n" + f"{'encoder':28s}" + "".join(f"{c:>24s}" for c in cols))
+    """The paper's Table 5 layout: one row per encoder, median [95% CI] per metric, then the model-based metrics."""
+    cols = [m for m, _ in METRICS] + ["CheXbert F1", "RadGraph F1"]
+    print("\n" + f"{'encoder':28s}" + "".join(f"{c:>22s}" for c in cols))
+    notes = {}
     for name, res in rows:
         cells = [f"{res[c]['median']:.2f} [{res[c]['ci95'][0]:.2f}, {res[c]['ci95'][1]:.2f}]" for c, _ in METRICS]
-        print(f"{name[:28]:28s}" + "".join(f"{c:>24s}" for c in cells + ["n/a*"]))
-    print(f"(0-100; median and 95% CI of {n_boot} bootstrap resamples of the test reports)\n"
-          f"* RadGraph F1 {RADGRAPH_NOTE}")
+        for c in ("CheXbert F1", "RadGraph F1"):
+            v = res[c]["value"]
+            cells.append("n/a*" if v is None else f"{v['macro_f1_14'] if isinstance(v, dict) else v:.2f}")
+            if v is None:
+                notes[c] = res[c]["note"]
+        print(f"{name[:28]:28s}" + "".join(f"{c:>22s}" for c in cells))
+    print(f"(0-100; median and 95% CI of {n_boot} bootstrap resamples of the test reports. Macro-F1-14: CheXpert-14 "
+          f"labels of labeler.py, uncertain as negative (the headline); Macro-F1-14+: uncertain as positive; "
+          f"Micro-F1-5: the five competition observations)")
+    for c, why in notes.items():
+        print(f"* {c} {why}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_bleu_rouge_agree_with_the_libraries():
     idx = np.array([0, 0, 2, 4, 4])  # a bootstrap resample with repeats
     want = sacrebleu.corpus_bleu([HYPS[i] for i in idx], [[REFS[i] for i in idx]]).score
     assert s.bleu4(idx) == pytest.approx(want, abs=1e-9)
-    rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)  # LLaVA-Rad's call: no stemmer
     want = 100 * np.mean([rs.score(REFS[i], HYPS[i])["rougeL"].fmeasure for i in idx])
     assert s.rouge_l(idx) == pytest.approx(want, abs=1e-9)
 
@@ -148,10 +148,43 @@ def test_chexpert_f1_matches_sklearn():
     from sklearn.metrics import f1_score
     gen = [label_report(h) for h in HYPS]
     ref = [label_report(r) for r in REFS]
-    to01 = lambda labs: np.array([[1 if l[o] in (1, -1) else 0 for o in OBSERVATIONS] for l in labs])
-    got = chexpert_f1(gen, ref)
-    assert got["macro_f1"] == pytest.approx(f1_score(to01(ref), to01(gen), average="macro", zero_division=0))
-    assert got["micro_f1"] == pytest.approx(f1_score(to01(ref), to01(gen), average="micro", zero_division=0))
+    for u in (0, 1):
+        to01 = lambda labs: np.array([[1 if l[o] == 1 or (u and l[o] == -1) else 0 for o in OBSERVATIONS]
+                                      for l in labs])
+        got = chexpert_f1(gen, ref, uncertain_as=u)
+        assert got["macro_f1"] == pytest.approx(f1_score(to01(ref), to01(gen), average="macro", zero_division=0))
+        assert got["micro_f1"] == pytest.approx(f1_score(to01(ref), to01(gen), average="micro", zero_division=0))
+
+
+def test_f1_variants_against_hand_computed_values():
+    """Four reports' labels written out, every count done by hand:
+    uncertain as negative: Edema TP 1 (report 0), FN 1 (report 1) -> F1 2/3; Pneumonia FN, Cardiomegaly FP + FN,
+    Pleural Effusion FP (its reference is uncertain), Atelectasis FN -> 0: Macro-F1-14 = (2/3) / 14;
+    the five: TP 1, FP 2, FN 3 -> Micro-F1-5 = 2 / 7. Uncertain as positive: Edema, Pneumonia and Pleural
+    Effusion F1 1, Cardiomegaly and Atelectasis 0 -> Macro-F1-14+ = 3 / 14."""
+    from labeler import FIVE
+    gen = [{"Edema": 1, "Pneumonia": -1}, {"Edema": -1, "Cardiomegaly": 1}, {"Pleural Effusion": 1}, {}]
+    ref = [{"Edema": 1, "Pneumonia": 1}, {"Edema": 1}, {"Pleural Effusion": -1, "Cardiomegaly": 1},
+           {"Atelectasis": 1}]
+    s = Scorer(["a"] * 4, ["b"] * 4)
+    s.gen_labels, s.ref_labels = gen, ref
+    idx = np.arange(4)
+    assert s.macro14(idx) == pytest.approx(100 * (2 / 3) / 14)
+    assert s.macro14_upos(idx) == pytest.approx(100 * 3 / 14)
+    assert s.micro5(idx) == pytest.approx(100 * 2 / 7)
+    assert chexpert_f1(gen, ref)["micro_f1"] == pytest.approx(2 / 8)  # 14 pooled: TP 1, FP 2, FN 4
+    assert chexpert_f1(gen, ref, 0, observations=FIVE)["per_class"]["Edema"] == pytest.approx(2 / 3)
+
+
+def test_model_based_metrics_say_not_available_without_their_weights(monkeypatch):
+    import importlib.util
+    import labeler
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n in ("f1chexbert", "radgraph") else real(n, *a))
+    for fn, pkg in ((labeler.chexbert_f1, "f1chexbert"), (labeler.radgraph_f1, "radgraph")):
+        val, why = fn(["no effusion"], ["no effusion"])
+        assert val is None and why.startswith("not available") and pkg in why
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,10 +406,11 @@ def test_end_to_end_tiny_run_and_compare(tmp_path):
                        "--n_boot", "20", "--num_workers", "0", "--out_dir", str(out), "--device", "cpu"])
     saved = json.loads((out / "results.json").read_text())
     assert saved["encoder"].startswith("random-init vit_tiny")
-    for m in ("BLEU-4", "ROUGE-L", "CheXpert-14 F1"):
+    for m in ("BLEU-4", "ROUGE-L", "Macro-F1-14", "Macro-F1-14+", "Micro-F1-5"):
         v = saved["metrics"][m]
         assert v["ci95"][0] <= v["median"] <= v["ci95"][1]
-    assert saved["metrics"]["RadGraph F1"]["value"] is None and "weights" in saved["metrics"]["RadGraph F1"]["note"]
+    for m in ("CheXbert F1", "RadGraph F1"):  # neither package (nor weights) is installed here
+        assert saved["metrics"][m]["value"] is None and "not available" in saved["metrics"][m]["note"]
     preds = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(preds) == saved["n_test"] == res["n_test"] > 0
     assert set(preds[0]) == {"path", "subject", "reference", "generated"}
