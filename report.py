@@ -504,11 +504,15 @@ def set_trainable(model, args):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def is_trained(key, args):
+    """Whether a state-dict key is learnt by the run: the projector, plus the LM (--train full) or its adapters."""
+    return key.startswith("projector.") or args.train == "full" or "lora_" in key
+
+
 def trained_state(model, args, state=None):
-    """The tensors a run learnt (projector, plus the LM with --train full or its adapters with lora) on the CPU."""
+    """The tensors a run learnt, on the CPU (state: an already gathered full state dict)."""
     state = state if state is not None else model.state_dict()
-    return {k: v.detach().cpu() for k, v in state.items()
-            if k.startswith("projector.") or args.train == "full" or "lora_" in k}
+    return {k: v.detach().cpu() for k, v in state.items() if is_trained(k, args)}
 
 
 def load_trained(model, ck, args):
@@ -516,7 +520,7 @@ def load_trained(model, ck, args):
     checking that every tensor the run trained is there."""
     state = ck["model"]
     own = model.state_dict()
-    want = set(trained_state(model, args, own))
+    want = {k for k in own if is_trained(k, args)}
     missing, unexpected = sorted(want - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise UserError(f"--checkpoint: checkpoint.pt does not match the model its settings describe: missing "

@@ -420,10 +420,28 @@ def test_end_to_end_tiny_run_and_compare(tmp_path):
     cmp = report.main(["--compare", str(out), str(out), "--n_boot", "20", "--out_dir", str(tmp_path / "cmp")])
     assert all(r["delta"] == 0 for r in cmp["metrics"].values())
     assert (tmp_path / "cmp" / "compare.json").exists()
+    # --eval_only on a second data set (a table of the training run's own test pairs): the same reports, the same
+    # metrics; the model's settings come from the checkpoint, not from this command line
+    second = tmp_path / "second.csv"
+    with open(second, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "subject", "text"])
+        w.writerows([p["path"], p["subject"], p["reference"]] for p in preds)
+    ev = report.main(["--eval_only", "--checkpoint", str(out), "--csv", str(second), "--max_new_tokens", "8",
+                      "--n_boot", "20", "--num_workers", "0", "--out_dir", str(tmp_path / "eval"), "--device", "cpu"])
+    assert ev["eval_only"] and ev["steps"] == 0 and ev["n_test"] == saved["n_test"]
+    assert list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv"))) == preds
+    for m in ("BLEU-4", "ROUGE-L", "Macro-F1-14", "Macro-F1-14+", "Micro-F1-5"):
+        assert ev["metrics"][m]["value"] == pytest.approx(saved["metrics"][m]["value"], abs=1e-9), m
+    assert not (tmp_path / "eval" / "checkpoint.pt").exists()
+    with pytest.raises(UserError, match="checkpoint.pt"):
+        report.main(["--eval_only", "--checkpoint", str(tmp_path / "cmp"), "--csv", str(second)])
 
 
 def test_end_to_end_with_a_hf_checkpoint_and_lora(hf_model, tok, tmp_path):
-    """--lm DIR: a HF-format folder (config.json + safetensors + tokenizer.model) through the whole pipeline."""
+    """--lm DIR: a HF-format folder (config.json + safetensors + tokenizer.model) through the whole pipeline with
+    LoRA; the adapters it saves load into transformers with peft and give the same logits as report.py's model;
+    --eval_only on IU-Xray (R2Gen layout, test only) with that checkpoint is one command."""
     _, root = hf_model
     lm_dir = tmp_path / "lm"
     shutil.copytree(root / "sharded", lm_dir)
@@ -437,3 +455,29 @@ def test_end_to_end_with_a_hf_checkpoint_and_lora(hf_model, tok, tmp_path):
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert any("lora_A" in k for k in ck["model"]) and not any(k.endswith("q_proj.weight") for k in ck["model"])
     assert len(list(csv.DictReader(open(out / "predictions.csv")))) == res["n_test"]
+    # peft reads the adapters: same logits as our LoRA model with the trained adapters
+    peft = pytest.importorskip("peft")
+    hf, _ = hf_model
+    adapted = peft.PeftModel.from_pretrained(hf, str(out / "adapter")).eval()
+    ours = load_hf_llama(str(lm_dir))
+    apply_lora(ours, r=8, alpha=16)
+    ours.load_state_dict({k[3:]: v for k, v in ck["model"].items() if k.startswith("lm.")}, strict=False)
+    assert any(v.abs().sum() > 0 for k, v in ck["model"].items() if "lora_B" in k)  # the adapters moved
+    ids = torch.randint(3, 400, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (adapted(ids).logits - ours.eval()(ids)).abs().max() < 1e-4
+    # train on one set, test on IU-Xray: --eval_only with the checkpoint on an R2Gen-layout folder
+    iu = tmp_path / "iu"
+    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
+    (iu / "images" / "s1").mkdir(parents=True)
+    shutil.copy(img, iu / "images" / "s1" / "0.png")
+    ann = {"train": [{"id": "s1", "report": "The Heart is normal.", "image_path": ["s1/0.png"]}],
+           "test": [{"id": "s1", "report": "No Effusion.", "image_path": ["s1/0.png"]}]}
+    (iu / "annotation.json").write_text(json.dumps(ann))
+    ev = report.main(["--eval_only", "--checkpoint", str(out), "--dataset", "iu_xray", "--data_dir", str(iu),
+                      "--max_new_tokens", "5", "--n_boot", "10", "--num_workers", "0", "--device", "cpu",
+                      "--out_dir", str(tmp_path / "iu_eval"), "--n_examples", "0"])
+    assert ev["n_test"] == 2 and ev["train_mode"] == "lora" and ev["lm"] == str(lm_dir)
+    rows = list(csv.DictReader(open(tmp_path / "iu_eval" / "predictions.csv")))
+    assert [r["reference"] for r in rows] == ["the heart is normal.", "no effusion."]
+    assert all(r["generated"] == r["generated"].lower() for r in rows)
