@@ -52,7 +52,7 @@ MENTIONS = {
     ],
     "Cardiomegaly": [
         ("finding", r"cardiomegaly|cardiac enlargement|enlarged (heart|cardiac silhouette)"),
-        ("anatomy", r"heart size|cardiac (size|shadow|contours?|silhouette)|(the )?heart\b"),
+        ("anatomy", r"(the )?heart( size)?\b|cardiac (size|shadow|contours?|silhouette)"),
     ],
     "Lung Lesion": [("finding", r"mass(es)?\b|nodul(e|es)\b|nodular (densit|opacit|opacification)\w*|lump\b|"
                                 r"cavitary lesion|cavitation|carcinoma|neoplasm|tumou?r|malignan\w*|metasta\w*")],
@@ -87,6 +87,10 @@ MENTIONS = {
 }
 UNMENTIONS = {
     "Pleural Effusion": r"pericardial effusions?",
+    # healed granulomatous disease (calcified granulomas, "sequelae of old granulomatous infection") is not a
+    # pneumonia; CheXpert's own lists would count the word "infection" here, the one place this labeler departs
+    "Pneumonia": r"(granulomatous|fungal|tuberculous|mycobacterial) (infection|disease)\w*|"
+                 r"(old|prior|remote|healed|previous|past) (granulomatous |tuberculous )?infection\w*",
     "Lung Lesion": r"calcified nodul\w*|massive",
     "Lung Opacity": r"pleural scar\w*",
     "Cardiomegaly": r"(over|overlying|in|behind|projecting over|through) the( left| right)? heart|"
@@ -111,28 +115,35 @@ PRE_UNCERTAIN_STRONG = [  # negation words inside, uncertain meaning: matched be
 PRE_NEGATION = [
     (r"\bno\b|\bnot\b|without|negative for|free of|clear of|absence of|\babsent\b|resolution of|resolved|"
      r"rule[sd]? out|exclude[sd]?|removal of|rather than|\bnor\b|neither|never|den(y|ies|ied)|"
-     r"clearing of|cleared|interval clearing", 15),
+     r"clearing of|cleared|interval clearing|history of|disappearance of|drainage of", 15),
     (r"\bnormal\b|unremarkable|\bclear\b", 3),
 ]
+# CheXpert's uncertainty cues (patterns/pre_negation_uncertainty.txt and post_negation_uncertainty.txt): "possible",
+# "probable", "may / might / could / would", "suspect", "question", "concern for", "versus", ... Its rules attach a
+# cue to the word it governs in a dependency parse; a short reach in words stands in for that. Words CheXpert does
+# not list ("likely", "suggestive of", "indeterminate", "evaluate for") leave a finding positive, as there.
 PRE_UNCERTAIN = [
-    (r"\bmay\b|\bmight\b|\bcould\b|possibl[ey]|probabl[ey]|likely|suspect\w*|suspicio\w*|concern(ing)? for|"
-     r"worrisome for|suggest\w*|question(able)?|differential|versus|\bvs\b|equivocal|borderline|presum\w*|"
-     r"consider\w*|uncertain|indeterminate|cannot be assessed|perhaps|potential|raises? the possibility|"
-     r"correlate (clinically )?for|evaluate for|assess for|"
-     r"not (well )?(seen|visualized|evaluated|assessed)|obscur\w*|atypical", 15),
+    (r"\bmay\b|\bmight\b|\bcould\b|\bwould\b|\bmaybe\b|possibl[ey]|probabl[ey]|presum\w*|suspect\w*|"
+     r"suspicio\w*|concern(ing)? for|worrisome for|suggestion of|question(able|ed)?|differential|versus|\bvs\b|"
+     r"consider\w*|favou?r\w*|less likely|secondary to|(be|is|are) compatible with|"
+     r"correlat\w* (clinically )?for|not (well |clearly )?(seen|visualized|evaluated|assessed|appreciated)|"
+     r"(poorly|incompletely) (seen|visualized|evaluated|assessed)|obscur\w*", 8),
 ]
 POST_UNCERTAIN_STRONG = r"(is|are|was|were)? ?(can ?not|could not|not) (be )?(excluded|ruled out)"
 POST_NEGATION = (r"\b(is|are|appears?|remains?|otherwise|now|has|have|been|within|seems?|looks?|\s)*"
                  r"(normal|unremarkable|within normal limits|resolved|cleared|removed|no longer|absent|negative|"
-                 r"not (seen|identified|present|enlarged|demonstrated|visuali[sz]ed|appreciated|evident|detected))")
-POST_UNCERTAIN = (r"\b(is|are|was|were|could|may|might|also|be|\s)*(suspected|possible|possibly|likely|"
-                  r"questionable|versus|vs\b|or\b)")
+                 r"not (seen|identified|present|enlarged|widened|dilated|demonstrated|visuali[sz]ed|appreciated|evident|"
+                 r"detected))")
+POST_UNCERTAIN = (r"\b(is|are|was|were|could|may|might|also|be|\s)*(suspected|possible|possibly|less likely|"
+                  r"questionable|versus|vs\b|or\b|(not|poorly|incompletely) (well |clearly )?(seen|visuali[sz]ed|"
+                  r"evaluated|appreciated)|obscured)")
 POST_AFFIRM = r"(is|are) (again |still |now |also |newly )?(seen|present|noted|identified|demonstrated|visible)"
 POST_WINDOW = 5  # words after a mention searched for post cues (up to the next comma)
 
 CLAUSE_BREAK = re.compile(r";|:|\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bexcept\b|\baside from\b|"
                           r"\bapart from\b|\bwhereas\b|\bwhile\b|\bwhich\b|\bwho\b|\bsince\b|\bbecause\b|"
-                          r"\bthere (is|are|was|were)\b|\band (there|the)\b|\bwith (a|an)\b")
+                          r"\bthere (is|are|was|were)\b|\band (there|the)\b|\bwith (a|an)\b|"
+                          r"\band (?=([a-z]+ ){1,3}(is|are|was|were|has|have)\b)")  # "..., and edema is present"
 SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=\s*(?:\d+[.)]|[-*]))")
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -193,7 +204,10 @@ def _cue_spans(clause):
 
 
 def _mentions(clause):
-    """(observation, kind, start, end, text) of every mention not inside an unmention phrase."""
+    """(observation, kind, start, end, text) of every mention not inside an unmention phrase (a mention that
+    strictly contains the unmention, "widening of the mediastinum" around "of the mediastinum", still counts).
+    Mentions of one observation separated only by spaces ("nasogastric tube") are one mention, so a cue after
+    the last word ("... tube has been removed") reaches the whole phrase."""
     out = []
     for obs, lst in _MENTIONS.items():
         un = [m.span() for m in _UNMENTIONS[obs].finditer(clause)] if obs in _UNMENTIONS else []
@@ -201,11 +215,22 @@ def _mentions(clause):
         for kind, rx in lst:
             for m in rx.finditer(clause):
                 s, e = m.span()
-                if any(s < ue and e > us for us, ue in un) or any(s < te and e > ts for ts, te in taken):
+                inside = any(s < ue and e > us and not (s <= us and e >= ue and e - s > ue - us) for us, ue in un)
+                if inside or any(s < te and e > ts for ts, te in taken):
                     continue  # an unmention, or a shorter phrase inside a longer mention of the same observation
                 taken.append((s, e))
                 out.append((obs, kind, s, e, m.group(0)))
-    return sorted(out, key=lambda x: x[2])
+    out.sort(key=lambda x: x[2])
+    merged = []
+    for m in out:
+        j = next((k for k in range(len(merged) - 1, -1, -1) if merged[k][0] == m[0]), None)
+        if j is not None and not clause[merged[j][3]:m[2]].strip(" -"):
+            p = merged[j]
+            kind = "finding" if "finding" in (p[1], m[1]) else p[1]
+            merged[j] = (p[0], kind, p[2], m[3], clause[p[2]:m[3]])
+        else:
+            merged.append(m)
+    return merged
 
 
 def _classify(clause, cues, mention, mentions):
