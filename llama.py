@@ -566,7 +566,8 @@ def load_sharded(path, model, opt):
 
 
 def full_state(model):
-    """The whole (unsharded) state dict of a possibly FSDP-sharded model on every rank, as plain CPU tensors."""
+    """The whole (unsharded) state dict of a possibly FSDP-sharded model on every rank, as plain tensors on the
+    model's device (not the CPU: eight ranks each holding a float32 7B copy in host memory would need 216 GB)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().cpu() for k, v in sd.items()}
+    return {k: v.detach() for k, v in sd.items()}

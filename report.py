@@ -1,31 +1,43 @@
 """
 Radiology report generation, LLaVA-style (the paper's Table 5): frozen encoder patch tokens -> projector -> Llama
-decoder, trained on image + report pairs and scored with BLEU-4, ROUGE-L and CheXpert-14 F1.
+decoder, trained on image + report pairs and scored with BLEU-4, ROUGE-L and CheXpert F1.
 
     python report.py                                   # demo: bundled image + text pairs, small LM from scratch, CPU
-    python report.py --csv /work/shared/data/reports/reports.csv --subject_col patientid --text_col text
-    python report.py --dataset mimic --data_dir /data/mimic-cxr-jpg/2.0.0 --reports_dir /data/mimic-cxr/2.0.0 \\
-        --lm /models/vicuna-7b-v1.5 --train lora --lr 2e-5 --epochs 3 --batch_size 16 --grad_accum 8 --grad_ckpt
-    python report.py --dataset iu_xray --data_dir /data/iu_xray   # R2Gen's annotation.json + images/
+    python report.py --csv /data/reports.csv --subject_col patientid --text_col text
+    # the paper's setting: Vicuna-7B + projector fully fine-tuned with FSDP on 8 GPUs (per node), MIMIC-CXR
+    torchrun --nnodes 1 --nproc_per_node 8 report.py --dataset mimic --data_dir /data/mimic-cxr-jpg/2.0.0 \
+        --reports_dir /data/mimic-cxr/2.0.0 --lm /models/vicuna-7b-v1.5 --fsdp --batch_size 8 --out_dir out/mimic
+    # ... and the paper's out-of-distribution test: that checkpoint on IU-Xray (R2Gen layout), no training
+    python report.py --eval_only --checkpoint out/mimic --dataset iu_xray --data_dir /data/iu_xray --out_dir out/iu
+    python report.py --lm /models/vicuna-7b-v1.5 --train lora ...    # LoRA instead: adapters saved for peft
     python report.py --compare out/report_a out/report_b    # paired one-tailed bootstrap: is A better than B?
     python report.py --label_only --csv reports.csv --text_col report   # CheXpert-14 labels only -> labels.csv
-    torchrun --nproc_per_node 8 report.py --lm ... # DDP: each rank a shard of every batch and of the generation
 
 The model: patch tokens of the frozen encoder (--encoder, preprocessed as its info says) go through LLaVA-1.5's
 projector (Linear, GELU, Linear; or --projector residual: v + lambda * W2 gelu(W1 v), where the encoder and LM widths
 match) and replace the <image> placeholder of the Vicuna v1 prompt:
-    "A chat between a curious user and an artificial intelligence assistant. ... USER: <image>\\nProvide a
+    "A chat between a curious user and an artificial intelligence assistant. ... USER: <image>\nProvide a
      description of the findings in the radiology image. ASSISTANT: {report}</s>"
-The loss covers only the report tokens and the end-of-sequence token. Decoding is greedy with a KV cache, up to
---max_new_tokens (150).
+The loss is the mean cross-entropy over the report tokens and the end-of-sequence token of each global batch.
+Decoding is greedy with a KV cache, in fp32 (--gen_dtype), up to --max_new_tokens (150).
 
 Language model: by default a small Llama (4 layers, 256 wide) trained from scratch together with the projector,
-and a sentencepiece tokenizer trained on the training reports (saved in out_dir), so everything runs offline on a
-CPU. --lm DIR loads a local Hugging Face Llama / Vicuna folder (config.json, safetensors or .bin shards, and
-tokenizer.model) into llama.py. --train projector | lora | full says what learns (the encoder never does).
-The paper's setting (Vicuna-7B v1.5): lr 2e-5, cosine schedule, 3% warm-up, 3 epochs, batch 128 (= --batch_size x
---grad_accum x GPUs); those are the defaults with --lm. The demo defaults (lr 1e-3, 30 epochs, batch 8) suit the
-small model.
+and a byte-fallback sentencepiece tokenizer trained on the training reports (saved in out_dir), so everything runs
+offline on a CPU. --lm DIR loads a local Hugging Face Llama / Vicuna folder (config.json, safetensors or .bin
+shards, and tokenizer.model) into llama.py. --train full (default) | lora | projector says what learns besides the
+projector (the encoder never does). The paper's recipe is the default with --lm: projector + LM trained jointly,
+lr 2e-5, cosine schedule, 3% warm-up, 3 epochs, global batch 128 = --batch_size x --grad_accum x GPUs (--grad_accum
+is computed from --global_batch). A 7B LM fully fine-tuned needs --fsdp: FSDP2 shards float32 parameters, gradients
+and AdamW state over the GPUs (16 bytes per parameter / world size: 13.5 GB per GPU on 8 for Vicuna-7B, instead of
+108 GB), computes in bf16 with float32 gradient reduction and recomputes each decoder layer in the backward pass;
+its training state is saved with torch.distributed.checkpoint to OUT_DIR/train_state (--save_every, at the end,
+--stop_at) and continued with --resume. The demo defaults (lr 1e-3, 30 epochs, batch 8) suit the small model.
+
+Data: --dataset mimic keeps, as the paper states it, every frontal (PA / AP) image whose report has a Findings
+section (--mimic_rule study: one image per study, Impression when Findings is missing); --dataset iu_xray is test
+data only by default (--iu_split r2gen to train on R2Gen's split), lower-cased as in R2Gen, and generated reports
+are lower-cased before scoring against it. --eval_only --checkpoint DIR evaluates a trained run (projector + LM or
+adapters, its encoder and settings) on the test split of any source given (a --csv: all of its rows).
 
 Metrics on the test split, as LLaVA-Rad's evaluation computes them: BLEU-4 (sacrebleu corpus BLEU), ROUGE-L
 (rouge-score F-measure without a stemmer, mean over reports), and CheXpert F1 from labeler.py's CheXpert-14 labels:
@@ -35,8 +47,10 @@ resamples of the test reports. CheXbert F1 and RadGraph F1 come from the f1chexb
 and their weights are already on the machine (nothing is downloaded), else they are reported as "not available"
 and never estimated some other way. All scores are on a 0-100 scale. Decoding runs in fp32 (--gen_dtype).
 
-Writes to --out_dir (default out/report): results.json, predictions.csv (path, subject, reference, generated: what
---compare reads), log.jsonl, checkpoint.pt (trained weights), tokenizer.model (small LM), compare.json, labels.csv.
+Writes to --out_dir (default out/report): results.json (metrics, settings, memory per rank), predictions.csv (path,
+subject, reference, generated: what --compare reads), log.jsonl, checkpoint.pt (trained weights + settings: what
+--eval_only reads), tokenizer.model (small LM), adapter/ (LoRA, peft format), train_state/ (sharded training state),
+compare.json, labels.csv.
 """
 import argparse
 import contextlib
@@ -107,7 +121,8 @@ def get_args(argv=None):
     g.add_argument("--projector", default="mlp", choices=["mlp", "residual"])
     g.add_argument("--res_lambda", type=float, default=1.0, help="lambda of the residual projector")
     g.add_argument("--train", default=None, choices=["projector", "lora", "full"],
-                   help="what learns besides the projector (default: full for the small LM, lora with --lm)")
+                   help="what learns besides the projector (default: full, the paper's; lora: adapters only, saved "
+                        "for peft in OUT_DIR/adapter)")
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=float, default=16.0)
     g.add_argument("--grad_ckpt", action="store_true",
@@ -773,7 +788,7 @@ def unsharded_copy(model, args):
     if args.train == "lora":
         apply_lora(plain.lm, r=args.lora_r, alpha=args.lora_alpha)
     plain.load_state_dict(full, assign=True)
-    return plain, full
+    return plain
 
 
 def main(argv=None):
@@ -824,7 +839,7 @@ def main(argv=None):
             x = torch.stack([images[off + i][0] for i in idx])
             with torch.no_grad():
                 return patch_tokens(vit, x, env, args.image_pool).float()
-    steps, mem, full = 0, None, None
+    steps, mem = 0, None
     if not args.eval_only:
         state_json = os.path.join(args.out_dir, "train_state", "train_state.json")
         if args.resume and not os.path.exists(state_json):
@@ -838,8 +853,8 @@ def main(argv=None):
                       f"with the same command and --resume instead of --stop_at")
             return {"stopped_at": steps, "total_steps": total}
         if args.fsdp:
-            model, full = unsharded_copy(model, args)
-            model.to(env.device)
+            model = unsharded_copy(model, args).to(env.device)
+            lm, params = model.lm, None  # drop the last references to the shards
         if env.distributed:
             gathered = [None] * env.world
             dist.all_gather_object(gathered, mem)
@@ -870,7 +885,7 @@ def main(argv=None):
     if not args.eval_only:
         plain = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool)) or
                  (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))}
-        common.atomic_save({"model": trained_state(model, args, full), "lm_config": lm.config.to_dict(),
+        common.atomic_save({"model": trained_state(model, args), "lm_config": lm.config.to_dict(),
                             "step": steps, "settings": plain}, os.path.join(args.out_dir, "checkpoint.pt"))
         wrote += ["checkpoint.pt", "log.jsonl"]
         if args.train == "lora":
