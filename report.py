@@ -391,7 +391,8 @@ def train_tokenizer(texts, path, vocab_size):
     """Train a sentencepiece unigram model on the training reports (plus the prompt, so it has pieces for it) from
     an in-memory iterator; hard_vocab_limit=False lets a small corpus end with fewer pieces than asked for.
     byte_fallback=True (as Llama's own tokenizer): a character never seen in training becomes its UTF-8 bytes
-    instead of <unk>, so test reports with unseen characters round-trip exactly; it costs 256 byte pieces."""
+    instead of <unk>, so test reports with unseen characters round-trip exactly; it costs 256 byte pieces. No
+    Unicode normalisation either (Llama's tokenizer has none): NFKC would turn "SpO₂" into "SpO2"."""
     import sentencepiece as spm
     if vocab_size < 300:
         raise UserError(f"--vocab_size {vocab_size}: the byte-fallback tokenizer needs at least 300 "
@@ -399,7 +400,7 @@ def train_tokenizer(texts, path, vocab_size):
     prefix = path[:-len(".model")]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(list(texts) + [PROMPT.replace("<image>", "")] * 20),
                                    model_prefix=prefix, vocab_size=vocab_size, hard_vocab_limit=False,
-                                   character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                                    num_threads=1, minloglevel=2)
     return Tokenizer(path)
 

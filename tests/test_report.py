@@ -261,6 +261,13 @@ def tok(tmp_path_factory):
                                   400)
 
 
+def test_tokenizer_round_trips_characters_it_never_saw(tok):
+    text = "Temp 38.1°C, SpO₂ 92% — naïve ≥ 5 mm; Ærø 中文 ✓"
+    assert not any(ch in open(REPORTS_CSV, encoding="utf-8").read() for ch in "₂≥Æ中✓")  # unseen in training
+    ids = tok.encode(text)
+    assert tok.sp.unk_id() not in ids and tok.decode(ids) == text
+
+
 def test_loss_mask_covers_only_report_tokens_and_eos(tok):
     reps = ["Small left pleural effusion.", "No pneumothorax. The heart size is normal and the lungs are clear."]
     n_img = 6
