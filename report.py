@@ -823,6 +823,11 @@ def main(argv=None):
         params = [p for p in model.parameters() if p.requires_grad]  # fully_shard made them sharded DTensors
     else:
         model.to(env.device)
+    if args.train == "full" and not args.fsdp and not args.eval_only and env.device.type == "cuda":
+        need = 16 * count_params(model) / 2**30  # float32 weights + gradients + AdamW's two moments
+        if need > 0.8 * torch.cuda.get_device_properties(env.device).total_memory / 2**30:
+            env.print(f"warning: full fine-tuning without --fsdp keeps ~{need:.0f} GiB of weights, gradients and AdamW "
+                      f"state on every GPU: add --fsdp (it divides that by the number of GPUs) or use --train lora")
     if args.train == "projector" and not args.lm and not args.eval_only:
         env.print("warning: --train projector leaves the from-scratch LM untrained: expect noise, not reports")
     env.print(f"LM: {'from scratch' if not args.lm else args.lm}, {count_params(lm):,} parameters, vocab "
