@@ -644,18 +644,18 @@ def train(model, params, samples, feats_of, tok, args, env, log):
         feats = [feats_of(b).to(env.device) for b in micro]
         batches = [build_batch(tok, [samples[i]["text"] for i in b], f.shape[1], args.max_report_tokens)
                    for b, f in zip(micro, feats)]
-        n_tok = torch.tensor(float(sum(int((l[:, 1:] != -100).sum()) for _, l, _ in batches)))
+        # on the device: NCCL reduces GPU tensors only
+        n_tok = torch.tensor(float(sum(int((l[:, 1:] != -100).sum()) for _, l, _ in batches)), device=env.device)
         if env.distributed:
             dist.all_reduce(n_tok)
-        step_loss = torch.zeros(())
+        step_loss = torch.zeros((), device=env.device)
         for k, ((ids, labels, mask), f) in enumerate(zip(batches, feats)):
             sync = k == len(micro) - 1
             ctx = wrap.no_sync() if env.distributed and not args.fsdp and not sync else contextlib.nullcontext()
             with ctx, (contextlib.nullcontext() if args.fsdp else env.autocast()):
-                loss = wrap(ids.to(env.device), f, labels.to(env.device), mask.to(env.device),
-                            n_tokens=n_tok.to(env.device))
+                loss = wrap(ids.to(env.device), f, labels.to(env.device), mask.to(env.device), n_tokens=n_tok)
                 (loss * env.world).backward()
-            step_loss += loss.detach().float().cpu()
+            step_loss += loss.detach().float()
         if env.distributed:
             dist.all_reduce(step_loss)
         for g in opt.param_groups:
