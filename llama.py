@@ -10,7 +10,7 @@ local Hugging Face Llama / Vicuna checkpoint (the paper's Vicuna-7B v1.5) loaded
     out = generate(lm, inputs_embeds=e, attention_mask=m, max_new_tokens=150, eos_token_id=2)  # list of id lists
     apply_lora(lm, r=8, alpha=16)                 # q/k/v/o get low-rank adapters; everything else frozen
     save_peft_adapter(lm, "out/adapter", base="/models/vicuna-7b-v1.5")  # adapter_config.json + safetensors
-    shard_fsdp(model, lm.model.layers, param_dtype=torch.bfloat16)      # FSDP2 under torchrun (report.py --fsdp)
+    shard_fsdp(model, lm.model.layers, "cuda", param_dtype=torch.bfloat16)  # FSDP2 under torchrun (report.py --fsdp)
 
 Parameter names are Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., model.norm, lm_head),
 so a checkpoint's state dict loads by name with a strict key check. The numerics follow transformers'
@@ -472,31 +472,47 @@ def save_peft_adapter(lm, out_dir, base=None, dropout=0.0):
 # ----------------------------------------------------------------------------------------------------------------
 # FSDP2: sharded parameters, gradients and optimizer state
 
-def shard_fsdp(model, layers, device, param_dtype=None, reduce_dtype=torch.float32):
+def shard_fsdp(model, layers, device, param_dtype=None, reduce_dtype=torch.float32, from_rank0=False):
     """Shard `model` in place with FSDP2 over all ranks: each module of `layers` (the decoder layers) is its own
     unit, the root holds what is left. Each unit is moved to `device` in float32 just before it is sharded, so a
     rank never holds more than one float32 layer unsharded (a checkpoint loaded in bf16 on the CPU becomes float32
     shards on the GPU). param_dtype: the compute dtype the shards are all-gathered in (bf16 on GPU; None keeps
     float32); the stored shards, their gradients and AdamW's state stay float32, and gradients are
-    reduce-scattered in reduce_dtype. Activation checkpointing stays Llama.gradient_checkpointing: it recomputes
-    each (sharded) layer in the backward pass, which all-gathers that layer once more."""
+    reduce-scattered in reduce_dtype. from_rank0: only rank 0 holds real weights (the others built the model on
+    the meta device); after sharding every rank receives its shards of rank 0's weights. Activation checkpointing
+    stays Llama.gradient_checkpointing: it recomputes each (sharded) layer in the backward pass, which all-gathers
+    that layer once more."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}  # references, no copy
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+    def place(t):  # float32 on the device; meta tensors get (uninitialised) storage, filled from rank 0 below
+        if t.is_meta:
+            return torch.empty(t.shape, device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+        return t.detach().to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+
+    moved = {}  # parameter by parameter: tied weights stay tied
+
+    def move(module):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and not hasattr(p, "to_local"):
+                    if id(p) not in moved:
+                        moved[id(p)] = nn.Parameter(place(p), requires_grad=p.requires_grad)
+                    m._parameters[name] = moved[id(p)]
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = place(b)
+
     for layer in layers:
-        layer.to(device=device, dtype=torch.float32)
+        move(layer)
         fully_shard(layer, mp_policy=mp)
-    moved = {}  # the rest (embedding, norm, lm_head, projector), parameter by parameter: tied weights stay tied
-    for m in model.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and not hasattr(p, "to_local"):
-                if id(p) not in moved:
-                    moved[id(p)] = nn.Parameter(p.detach().to(device=device, dtype=torch.float32),
-                                                requires_grad=p.requires_grad)
-                m._parameters[name] = moved[id(p)]
-        for name, b in list(m._buffers.items()):
-            if b is not None:
-                m._buffers[name] = b.to(device)
+    move(model)
     fully_shard(model, mp_policy=mp)
+    if from_rank0:
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 

@@ -484,8 +484,12 @@ def build_lm(args, train_texts, env):
         tp = os.path.join(args.lm, "tokenizer.model")
         if not os.path.exists(tp):
             raise UserError(f"--lm {args.lm}: no tokenizer.model (the sentencepiece file of Llama / Vicuna)")
-        if args.fsdp:  # the checkpoint's dtype on the CPU: fully_shard moves each rank's shard to its GPU
-            return load_hf_llama(args.lm), Tokenizer(tp)
+        if args.fsdp:  # rank 0 reads the checkpoint (its dtype, CPU); the others build it on the meta device and
+            # receive their shards from rank 0 after sharding (shard_fsdp): one copy in host memory per node
+            if env.is_main:
+                return load_hf_llama(args.lm), Tokenizer(tp)
+            with torch.device("meta"):
+                return Llama(LlamaConfig.from_json(os.path.join(args.lm, "config.json"))), Tokenizer(tp)
         # trained weights in float32 (full), frozen ones in the run's dtype: bf16 halves a 7B model's memory
         dt = torch.float32 if args.train == "full" or env.device.type == "cpu" else env.dtype
         return load_hf_llama(args.lm, dtype=dt, device=env.device), Tokenizer(tp)
@@ -819,7 +823,7 @@ def main(argv=None):
         env.print(f"evaluating {args.checkpoint} (trained {ck['step']} steps, --train {args.train})")
     if args.fsdp:
         shard_fsdp(model, model.lm.model.layers, env.device,
-                   param_dtype=None if env.dtype == torch.float32 else env.dtype)
+                   param_dtype=None if env.dtype == torch.float32 else env.dtype, from_rank0=args.lm is not None)
         params = [p for p in model.parameters() if p.requires_grad]  # fully_shard made them sharded DTensors
     else:
         model.to(env.device)
