@@ -276,11 +276,12 @@ def load_boxes(path, scale=1.0):
 SECTION = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*[A-Z)]):", re.M)
 
 
-def extract_findings(text):
-    """The FINDINGS section of a MIMIC-CXR free-text report, else its IMPRESSION, else None. Headers are upper-case
-    words ending in ':' at a line start (as in MIT-LCP's section_parser); names are normalised the same way:
-    'findings and impression' / 'conclusion' count as impression, any other name containing 'findings' as
-    findings. Whitespace is collapsed."""
+def report_sections(text):
+    """{"findings": ..., "impression": ...} of a MIMIC-CXR free-text report (whichever it has). Headers are
+    upper-case words ending in ':' at a line start (as in MIT-LCP's section_parser); names are normalised the same
+    way: 'findings and impression' / 'conclusion' count as impression, any other name containing 'findings' as
+    findings. Whitespace is collapsed; the first non-empty section of a kind wins (some reports have an empty
+    FINDINGS header and a second one with the text)."""
     heads = list(SECTION.finditer(text))
     found = {}
     for h, nxt in zip(heads, heads[1:] + [None]):
@@ -291,7 +292,13 @@ def extract_findings(text):
             name = "findings"
         body = " ".join(text[h.end():nxt.start() if nxt else len(text)].split())
         if body and name in ("findings", "impression"):
-            found.setdefault(name, body)  # the first non-empty one (reports with two findings headers: one is empty)
+            found.setdefault(name, body)
+    return found
+
+
+def extract_findings(text):
+    """The FINDINGS section of a MIMIC-CXR report, else its IMPRESSION, else None (--mimic_rule study)."""
+    found = report_sections(text)
     return found.get("findings") or found.get("impression")
 
 
@@ -305,46 +312,61 @@ def _read_table(path):
 
 
 def load_mimic(args):
-    """MIMIC-CXR-JPG: official split (train / validate / test), frontal views (ViewPosition PA or AP), one image
-    per study (PA preferred), the report's Findings section (Impression when there is none; studies with neither
-    are skipped, and counted)."""
+    """MIMIC-CXR-JPG with the official split (train / validate / test). --mimic_rule paper (default): every frontal
+    image (ViewPosition PA or AP) whose report has a non-empty Findings section, as the paper states it (146,909 /
+    7,250 / 2,461 image-report pairs); --mimic_rule study: one frontal image per study (PA preferred) with its
+    Findings, else its Impression. The counts kept and dropped per split are printed."""
     root = args.data_dir
     rep_root = getattr(args, "reports_dir", None) or root
+    rule = getattr(args, "mimic_rule", "paper")
     split = {r["dicom_id"]: r for r in _read_table(os.path.join(root, "mimic-cxr-2.0.0-split.csv"))}
     meta = _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"))
-    best = {}  # study -> (rank of view, dicom_id)
+    frontal = {}  # study -> [(rank of view, dicom_id)] of its frontal images
     for m in meta:
         view = (m.get("ViewPosition") or "").upper()
         if view in ("PA", "AP") and m["dicom_id"] in split:
-            key = (0 if view == "PA" else 1, m["dicom_id"])
-            best[m["study_id"]] = min(best.get(m["study_id"], key), key)
-    out, skipped = [], 0
-    for study, (_, dicom) in sorted(best.items()):
-        r = split[dicom]
-        s = str(r["subject_id"])
-        rel = os.path.join("files", f"p{s[:2]}", f"p{s}", f"s{study}")
-        txt = os.path.join(rep_root, rel + ".txt")
-        text = extract_findings(open(txt).read()) if os.path.exists(txt) else None
-        if not text:
-            skipped += 1
-            continue
-        part = {"train": "train", "validate": "val", "test": "test"}[r["split"]]
-        out.append({"path": os.path.join(root, rel, dicom + ".jpg"), "subject": s, "text": text, "part": part})
-    if not any(s["part"] == "train" for s in out):
-        raise UserError(f"no MIMIC-CXR training study with a report under {rep_root}/files: set --reports_dir")
-    return out, f"MIMIC-CXR ({skipped} frontal studies without findings/impression or report skipped)"
+            frontal.setdefault(m["study_id"], []).append((0 if view == "PA" else 1, m["dicom_id"]))
+    parts = {"train": "train", "validate": "val", "test": "test"}
+    out, sections = [], {}
+    dropped = {k: {"no report": 0, "no findings": 0} for k in ("train", "val", "test")}
+    for study, views in sorted(frontal.items()):
+        for _, dicom in (sorted(views) if rule == "paper" else [min(views)]):
+            r = split[dicom]
+            s, part = str(r["subject_id"]), parts[r["split"]]
+            rel = os.path.join("files", f"p{s[:2]}", f"p{s}", f"s{study}")
+            if study not in sections:
+                txt = os.path.join(rep_root, rel + ".txt")
+                sections[study] = report_sections(open(txt).read()) if os.path.exists(txt) else None
+            sec = sections[study]
+            text = None if sec is None else sec.get("findings") if rule == "paper" else \
+                sec.get("findings") or sec.get("impression")
+            if not text:
+                dropped[part]["no report" if sec is None else "no findings"] += 1
+                continue
+            out.append({"path": os.path.join(root, rel, dicom + ".jpg"), "subject": s, "text": text, "part": part})
+    if not out:
+        raise UserError(f"no MIMIC-CXR frontal image with a report under {rep_root}/files: set --reports_dir")
+    what = "frontal images" if rule == "paper" else "studies (one frontal image each)"
+    print(f"MIMIC-CXR --mimic_rule {rule}: " + "; ".join(
+        f"{k} {sum(s['part'] == k for s in out)} {what} kept, {d['no findings']} without "
+        f"{'findings' if rule == 'paper' else 'findings/impression'}, {d['no report']} without a report file"
+        for k, d in dropped.items()))
+    return out, f"MIMIC-CXR (--mimic_rule {rule})"
 
 
 def load_iu_xray(args):
     """IU-Xray in R2Gen's layout: annotation.json {"train"|"val"|"test": [{"id", "report", "image_path": [...]}]},
     image paths relative to DATA_DIR/images; the first image (frontal) of each study; blank reports dropped and
-    counted."""
+    counted. Reports are lower-cased, as R2Gen's IU cleaning and the papers scoring on it do (so generated reports
+    are scored lower-cased too). --iu_split test (default): every study is test data, the paper's
+    out-of-distribution test; --iu_split r2gen keeps R2Gen's train / val / test."""
     ann = os.path.join(args.data_dir, "annotation.json")
     if not os.path.exists(ann):
         raise UserError(f"{ann} not found: --data_dir must hold R2Gen's annotation.json and images/")
     with open(ann) as f:
         a = json.load(f)
     img_root = args.image_root or os.path.join(args.data_dir, "images")
+    iu_split = getattr(args, "iu_split", "r2gen")
     out, blank = [], 0
     for part in ("train", "val", "test"):
         for e in a.get(part, []):
@@ -352,8 +374,8 @@ def load_iu_xray(args):
                 blank += 1
                 continue
             out.append({"path": os.path.join(img_root, e["image_path"][0]), "subject": str(e["id"]),
-                        "text": " ".join(e["report"].split()), "part": part})
-    return out, f"IU-Xray (R2Gen annotation.json; {blank} blank report(s) dropped)"
+                        "text": " ".join(e["report"].split()).lower(), "part": "test" if iu_split == "test" else part})
+    return out, f"IU-Xray (R2Gen annotation.json, --iu_split {iu_split}, lower-cased; {blank} blank report(s) dropped)"
 
 
 LAYOUTS = {"vindr": load_vindr, "rsna": load_rsna, "vindr_rib": load_vindr_rib, "mimic_lungs": load_mimic_lungs,

@@ -159,7 +159,7 @@ def segment_table(res, cmp):
 
 
 def report_table(res, cmp):
-    metrics = ["BLEU-4", "ROUGE-L", "CheXpert-14 F1"]
+    metrics = ["BLEU-4", "ROUGE-L", "Macro-F1-14", "Micro-F1-5"]  # labeler.METRICS: the headline F1 and the 5-finding one
     rows = []
     for name, r in res.items():
         c = cmp.get(name, {}).get("metrics", {})

@@ -9,11 +9,20 @@ local Hugging Face Llama / Vicuna checkpoint (the paper's Vicuna-7B v1.5) loaded
     logits = lm(input_ids)                        # or lm(inputs_embeds=e) to splice image tokens into the prompt
     out = generate(lm, inputs_embeds=e, attention_mask=m, max_new_tokens=150, eos_token_id=2)  # list of id lists
     apply_lora(lm, r=8, alpha=16)                 # q/k/v/o get low-rank adapters; everything else frozen
+    save_peft_adapter(lm, "out/adapter", base="/models/vicuna-7b-v1.5")  # adapter_config.json + safetensors
+    shard_fsdp(model, lm.model.layers, "cuda", param_dtype=torch.bfloat16)  # FSDP2 under torchrun (report.py --fsdp)
 
 Parameter names are Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., model.norm, lm_head),
 so a checkpoint's state dict loads by name with a strict key check. The numerics follow transformers'
 LlamaForCausalLM (RMSNorm in float32, rotary embeddings in the "rotate_half" layout, SwiGLU MLP, grouped-query
 attention), which tests/test_report.py checks to 1e-4 against transformers itself.
+
+Sharded training (report.py --fsdp) uses PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard): every decoder layer
+is one unit whose parameters are all-gathered just before its forward / backward and freed after, the rest (embedding,
+final norm, lm_head and whatever the caller adds, e.g. the projector) is the root unit. Parameters, gradients and
+AdamW state live as 1/world shards in float32; compute runs in --dtype (bf16 on GPU) and gradients are reduced in
+float32 (MixedPrecisionPolicy). Training state is saved and resumed with torch.distributed.checkpoint (one file per
+rank, any world size can read it back).
 """
 import json
 import math
@@ -434,3 +443,147 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "k_proj", "
 
 def count_params(model, trainable_only=False):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def save_peft_adapter(lm, out_dir, base=None, dropout=0.0):
+    """Write the LoRA adapters of `lm` as peft saves them (adapter_config.json + adapter_model.safetensors), so
+    `PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), out_dir)` loads them: peft names the tensors
+    base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r), and scales by lora_alpha / r as here."""
+    from safetensors.torch import save_file
+    tensors, targets, rank, alpha = {}, set(), None, None
+    for name, m in lm.named_modules():
+        if isinstance(m, LoRALinear):
+            for ab in ("lora_A", "lora_B"):
+                tensors[f"base_model.model.{name}.{ab}.weight"] = getattr(m, ab).detach().float().cpu().contiguous()
+            targets.add(name.rsplit(".", 1)[-1])
+            rank, alpha = m.lora_A.shape[0], m.scale * m.lora_A.shape[0]
+    if not tensors:
+        raise ValueError("save_peft_adapter: the model has no LoRA adapters (apply_lora was not called)")
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
+           "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+           "base_model_name_or_path": base, "modules_to_save": None, "init_lora_weights": True}
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDP2: sharded parameters, gradients and optimizer state
+
+def shard_fsdp(model, layers, device, param_dtype=None, reduce_dtype=torch.float32, from_rank0=False):
+    """Shard `model` in place with FSDP2 over all ranks: each module of `layers` (the decoder layers) is its own
+    unit, the root holds what is left. Each unit is moved to `device` in float32 just before it is sharded, so a
+    rank never holds more than one float32 layer unsharded (a checkpoint loaded in bf16 on the CPU becomes float32
+    shards on the GPU). param_dtype: the compute dtype the shards are all-gathered in (bf16 on GPU; None keeps
+    float32); the stored shards, their gradients and AdamW's state stay float32, and gradients are
+    reduce-scattered in reduce_dtype. from_rank0: only rank 0 holds real weights (the others built the model on
+    the meta device); after sharding every rank receives its shards of rank 0's weights. Activation checkpointing
+    stays Llama.gradient_checkpointing: it recomputes each (sharded) layer in the backward pass, which all-gathers
+    that layer once more."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}  # references, no copy
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+    def place(t):  # float32 on the device; meta tensors get (uninitialised) storage, filled from rank 0 below
+        if t.is_meta:
+            return torch.empty(t.shape, device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+        return t.detach().to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+
+    moved = {}  # parameter by parameter: tied weights stay tied
+
+    def move(module):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and not hasattr(p, "to_local"):
+                    if id(p) not in moved:
+                        moved[id(p)] = nn.Parameter(place(p), requires_grad=p.requires_grad)
+                    m._parameters[name] = moved[id(p)]
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = place(b)
+
+    for layer in layers:
+        move(layer)
+        fully_shard(layer, mp_policy=mp)
+    move(model)
+    fully_shard(model, mp_policy=mp)
+    if from_rank0:
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def local_numel(tensors):
+    """Elements and bytes this rank holds of `tensors` (a DTensor counts its local shard only)."""
+    n = b = 0
+    for t in tensors:
+        if t is None:
+            continue
+        loc = t.to_local() if hasattr(t, "to_local") else t
+        n, b = n + loc.numel(), b + loc.numel() * loc.element_size()
+    return n, b
+
+
+def memory_per_rank(model, opt):
+    """What this rank stores of parameters, gradients and optimizer state (elements and bytes): the shards FSDP
+    keeps between steps, i.e. what sharding divides by the world size (activations and the all-gathered layer in
+    flight come on top)."""
+    params = list(model.parameters())
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    out = {}
+    for k, ts in (("param", params), ("grad", [p.grad for p in params]), ("optim", state)):
+        out[k + "_numel"], out[k + "_bytes"] = local_numel(ts)
+    return out
+
+
+def save_sharded(path, model, opt, extra):
+    """Model + optimizer state with torch.distributed.checkpoint: every rank writes its own shards to the folder
+    `path` (world-size independent on reload). Written to path.tmp and renamed, so a kill mid-save keeps the last
+    complete checkpoint. extra: small JSON-able training state (step, ...), written by rank 0."""
+    import shutil
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    tmp = path + ".tmp"
+    if main and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    if main:
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(extra, f)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_sharded(path, model, opt):
+    """Restore save_sharded's folder into `model` (sharded or not) and `opt`; returns its extra dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if not os.path.exists(os.path.join(path, "train_state.json")):
+        raise UserError(f"--resume: {path} is not a complete training checkpoint (no train_state.json)")
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)
+
+
+def full_state(model):
+    """The whole (unsharded) state dict of a possibly FSDP-sharded model on every rank, as plain tensors on the
+    model's device (not the CPU: eight ranks each holding a float32 7B copy in host memory would need 216 GB)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach() for k, v in sd.items()}

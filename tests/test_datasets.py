@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -57,35 +58,68 @@ def test_extract_findings():
     assert datasets.extract_findings(" INDICATION: cough\n\n COMPARISON: none\n") is None
 
 
-def test_mimic_loader(tmp_path):
-    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
-    studies = [("10000032", "50414267", "train", MIMIC_REPORT), ("10000033", "50414268", "test",
-                                                                 " IMPRESSION:\n Mild cardiomegaly.\n"),
-               ("10000034", "50414269", "validate", " INDICATION: none\n")]
+EMPTY_FINDINGS = " FINDINGS:\n\n IMPRESSION:\n Mild cardiomegaly.\n"  # a header without text: no findings
+
+
+def by_part(samples):
+    return {k: [s for s in samples if s["part"] == k] for k in ("train", "val", "test")}
+
+
+def make_mimic(root, img):
+    """A MIMIC-CXR-JPG tree in the real layout (gzipped split / metadata CSVs, files/pXX/pXXXXXXXX/sYYYYYYYY/*.jpg,
+    reports files/pXX/pXXXXXXXX/sYYYYYYYY.txt). Per study: subject, study, split, report text (None: no file),
+    views. Returns the pairs the paper's rule and the one-per-study rule keep per split, counted by hand."""
+    studies = [  # subject, study, split, report, views
+        ("10000032", "50414267", "train", MIMIC_REPORT, ["PA", "AP", "LATERAL"]),    # 2 frontal with findings
+        ("10000032", "50414270", "train", MIMIC_REPORT, ["AP", "AP", "AP"]),         # 3 (several AP images)
+        ("10000033", "50414268", "train", " IMPRESSION:\n Mild cardiomegaly.\n", ["PA", "LL"]),  # 0: impression only
+        ("10000035", "50414271", "train", EMPTY_FINDINGS, ["AP"]),                   # 0: empty findings header
+        ("10000036", "50414272", "train", None, ["PA"]),                             # 0: no report file
+        ("10000037", "50414273", "validate", MIMIC_REPORT, ["PA", "LATERAL"]),       # 1
+        ("10000038", "50414274", "test", MIMIC_REPORT, ["AP", "PA"]),                # 2
+        ("10000034", "50414269", "test", " INDICATION: none\n", ["PA", "AP"]),       # 0: no sections at all
+        ("11000039", "50414275", "test", MIMIC_REPORT, ["LATERAL", ""]),            # 0: no frontal view
+    ]
     split, meta = [], []
-    for subj, study, part, text in studies:
-        d = tmp_path / "files" / f"p{subj[:2]}" / f"p{subj}"
+    for subj, study, part, text, views in studies:
+        d = root / "files" / f"p{subj[:2]}" / f"p{subj}"
         (d / f"s{study}").mkdir(parents=True)
-        (d / f"s{study}.txt").write_text(text)
-        for dicom, view in ((f"{study}-ap", "AP"), (f"{study}-pa", "PA"), (f"{study}-lat", "LATERAL")):
+        if text is not None:
+            (d / f"s{study}.txt").write_text(text)
+        for k, view in enumerate(views):
+            dicom = f"{study}-{k}-{view.lower() or 'none'}"
             shutil.copy(img, d / f"s{study}" / f"{dicom}.jpg")
             split.append([dicom, study, subj, part])
-            meta.append([dicom, subj, study, view])
-    _write_gz(tmp_path / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
-    _write_gz(tmp_path / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
-              meta)
+            meta.append([dicom, subj, study, "CHEST (PA AND LAT)", view])
+    _write_gz(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
+    _write_gz(root / "mimic-cxr-2.0.0-metadata.csv.gz",
+              ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition"], meta)
+    return {"train": 5, "val": 1, "test": 2}, {"train": 4, "val": 1, "test": 1}
+
+
+def test_mimic_loader_paper_rule_and_study_rule(tmp_path, capsys):
+    img = SAMPLE / "reports" / "images" / os.listdir(SAMPLE / "reports" / "images")[0]
+    paper, per_study = make_mimic(tmp_path, img)
     args = report.get_args(["--dataset", "mimic", "--data_dir", str(tmp_path)])
+    assert args.mimic_rule == "paper"  # the default
     samples, source = datasets.load_mimic(args)
-    out = {k: [s for s in samples if s["part"] == k] for k in ("train", "val", "test")}
-    assert [len(out[k]) for k in ("train", "val", "test")] == [1, 0, 1]  # the study without findings is skipped
-    assert "1 frontal studies without" in source
+    out = by_part(samples)
+    assert {k: len(v) for k, v in out.items()} == paper
+    printed = capsys.readouterr().out
+    assert "train 5 frontal images kept, 2 without findings" in printed and "1 without a report file" in printed
+    tr = out["train"]
+    assert sorted(os.path.basename(e["path"]) for e in tr[:2]) == ["50414267-0-pa.jpg", "50414267-1-ap.jpg"]
+    assert all(os.path.exists(e["path"]) and e["text"].startswith("There is no focal consolidation") for e in tr)
+    assert tr[0]["path"].endswith("files/p10/p10000032/s50414267/" + os.path.basename(tr[0]["path"]))
     parts, _ = report.load_samples(args)  # the official split kept as it is
-    assert [s["path"] for s in parts["test"]] == [s["path"] for s in out["test"]]
-    tr = out["train"][0]
-    assert tr["path"].endswith("files/p10/p10000032/s50414267/50414267-pa.jpg")  # frontal, PA preferred
-    assert os.path.exists(tr["path"]) and tr["subject"] == "10000032"
-    assert tr["text"].startswith("There is no focal consolidation")
-    assert out["test"][0]["text"] == "Mild cardiomegaly."
+    assert {k: len(v) for k, v in parts.items()} == paper
+    # the old rule behind the flag: one frontal image per study, PA preferred, impression when there is no findings
+    samples, _ = datasets.load_mimic(report.get_args(["--dataset", "mimic", "--data_dir", str(tmp_path),
+                                                      "--mimic_rule", "study"]))
+    out = by_part(samples)
+    assert {k: len(v) for k, v in out.items()} == per_study
+    assert out["train"][0]["path"].endswith("50414267-0-pa.jpg")
+    assert {e["text"] for e in out["train"]} >= {"Mild cardiomegaly."}
 
 
 def test_iu_xray_loader(tmp_path):
@@ -100,16 +134,19 @@ def test_iu_xray_loader(tmp_path):
                 shutil.copy(img, tmp_path / "images" / sid / f"{k}.png")
             ann[part].append({"id": sid, "report": f"The heart is normal in size.  No effusion {i}.",
                               "image_path": [f"{sid}/0.png", f"{sid}/1.png"], "split": part})
-    (tmp_path / "annotation.json").write_text(json.dumps(ann))
     ann["train"].append({"id": "CXRblank", "report": "  ", "image_path": ["x/0.png"], "split": "train"})
     (tmp_path / "annotation.json").write_text(json.dumps(ann))
-    out, source = report.load_samples(report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path)]))
+    # default: IU-Xray is out-of-distribution test data only, and training on it is refused with a clear error
+    with pytest.raises(UserError, match="out-of-distribution"):
+        report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path)])
+    samples, source = datasets.load_iu_xray(SimpleNamespace(data_dir=str(tmp_path), image_root=None, iu_split="test"))
+    assert [len(by_part(samples)[k]) for k in ("train", "val", "test")] == [0, 0, 6]
+    out, source = report.load_samples(report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path),
+                                                       "--iu_split", "r2gen"]))
     assert [len(out[k]) for k in ("train", "val", "test")] == [3, 1, 2] and "1 blank report(s) dropped" in source
     e = out["test"][1]
     assert e["path"] == str(tmp_path / "images" / "CXRtest1_IM-001" / "0.png") and os.path.exists(e["path"])
-    assert e["text"] == "The heart is normal in size. No effusion 1." and e["subject"] == "CXRtest1_IM-001"
-
-
+    assert e["text"] == "the heart is normal in size. no effusion 1." and e["subject"] == "CXRtest1_IM-001"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from model import build_vit
 
 LIGHT = {"probe": "--min_steps 0 --epochs 2 --folds 2 --extract_batch_size 64",
          "segment": "--decoder linear --epochs 1 --batch_size 8 --n_overlays 0",
-         "report": "--max_steps 2 --lm_layers 1 --lm_dim 64 --lm_heads 2 --vocab_size 300 --max_new_tokens 4"}
+         "report": "--max_steps 2 --lm_layers 1 --lm_dim 64 --lm_heads 2 --vocab_size 400 --max_new_tokens 4"}
 
 
 def test_evaluate_two_encoders_tables_and_marks(tmp_path, monkeypatch, capsys):
