@@ -612,8 +612,7 @@ def main(argv=None):
             on_main(env, lambda: export_encoder(target, args, step, "the checkpoint is intact"))
             env.print(f"re-exported {enc_path} at step {step} (it was older than its checkpoint)")
         del ck
-        if env.is_main:
-            trim_log(os.path.join(args.out_dir, "log.jsonl"), step)
+        on_main(env, lambda: trim_log(os.path.join(args.out_dir, "log.jsonl"), step))
     log = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), env.is_main,
                              truncate_after_step=step if resume else None)
     if step >= total:
