@@ -133,11 +133,26 @@ class Env:
             dist.barrier()
 
 
+def launch_ranks():
+    """(rank, world size, local rank) from torchrun's variables, else from SLURM's when started by `srun python ...`
+    (MASTER_ADDR / MASTER_PORT must then be exported, as in the README's sbatch script; a one-node job defaults to
+    this machine), else a single process."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
+        if world > 1:
+            if "MASTER_ADDR" not in env and env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES")) != "1":
+                raise UserError("srun without torchrun on several nodes: export MASTER_ADDR (the first node's host "
+                                "name) and MASTER_PORT before srun, as in the README's sbatch script")
+            env.setdefault("MASTER_ADDR", "127.0.0.1")
+            env.setdefault("MASTER_PORT", "29500")
+        return int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0))
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
 def setup(args):
-    """Initialise DDP when launched by torchrun (NCCL on GPU, gloo on CPU), pick device and dtype, seed RNGs."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    """Initialise DDP when launched by torchrun or srun (NCCL on GPU, gloo on CPU), pick device and dtype, seed RNGs."""
+    rank, world, local_rank = launch_ranks()
     want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")

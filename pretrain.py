@@ -4,6 +4,7 @@ RadJEPa pretraining: I-JEPA latent prediction on chest X-rays.
     python pretrain.py                                   # demo: small ViT on the bundled X-rays, CPU, minutes
     torchrun --nproc_per_node 8 pretrain.py --data_dir /data/mimic /data/chexpert:2 --cache_dir /fast/cache
     python pretrain.py --data_dir ARCHIVE --resume       # continue a killed run exactly where it stopped
+    srun python pretrain.py --data_dir ARCHIVE --resume auto   # SLURM, no torchrun; continue if there is a checkpoint
 
 Per image, one large context block and 4 target blocks of patches are drawn (masks.py). The context encoder sees
 only the context patches; the predictor, a narrow transformer, predicts the target encoder's layer-normed
@@ -13,19 +14,39 @@ the context encoder. No pixels are reconstructed, no negatives, no view augmenta
 Without --data_dir the "demo" preset runs (vit_tiny at 112 px on sample_data/); with it the "paper" preset
 (ViT-B/14 at 224 px, Meta's I-JEPA recipe). Any flag given explicitly overrides the preset.
 
-Writes to --out_dir (default out/pretrain): log.jsonl (one line per step), checkpoint.pt (full training state,
-atomic, for --resume), encoder.safetensors (the target encoder alone, for probe.py / segment.py / report.py),
-masks.png (what the masking looks like on your data).
+Writes to --out_dir (default out/pretrain): log.jsonl (one line per step), checkpoint.pt (full training state for
+--resume), encoder.safetensors (the target encoder alone, for probe.py / segment.py / report.py), masks.png (what
+the masking looks like on your data). A run never loses or poisons that work:
+  - a checkpoint and its encoder export are only written when every value is finite (a diverging run stops with
+    the step of the last good checkpoint); the checkpoint is written first, atomically, and --resume (also of a
+    finished run) re-exports an encoder older than its checkpoint; --keep_ckpts K keeps the last K checkpoints;
+  - a folder holding a checkpoint is never overwritten: --resume continues it (refusing flags that would change the
+    run, unless named in --allow_change), --resume auto continues if there is a checkpoint and starts otherwise
+    (one command line for SLURM requeue and torchrun --max-restarts), --overwrite starts over on purpose;
+  - a lock file refuses a second run in the same folder while one runs (a killed run's lock never blocks);
+  - SIGTERM / SIGUSR1 (SLURM, Kubernetes, preemption): the step finishes, a checkpoint is written, one line says
+    how to resume, and the process exits with 128 + the signal number; every rank stops at the same step;
+  - a full disk or read-only folder is one line, leaves the previous checkpoint intact and no temp file behind.
+Launch with python, torchrun (one or many nodes), or srun without torchrun (ranks from SLURM's variables).
 """
 import argparse
 import copy
+import fcntl
+import json
+import logging
 import math
 import os
+import re
 import resource
+import shutil
+import signal
+import socket
 import sys
+import tempfile
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -34,6 +55,7 @@ import data
 import masks as masks_lib
 from common import UserError
 from encoders import export_hf, save_encoder
+from safetensors import SafetensorError, safe_open
 from model import VIT_CONFIGS, Predictor, apply_masks, build_vit, repeat_interleave_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,7 +97,15 @@ def get_args(argv=None):
     p.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off, as in I-JEPA)")
     p.add_argument("--log_every", type=int, default=None)
     p.add_argument("--ckpt_every", type=int, default=None, help="steps between checkpoints (and at each epoch end)")
-    p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
+    p.add_argument("--keep_ckpts", type=int, default=1,
+                   help="keep the last K checkpoints (checkpoint.pt and checkpoint_step<N>.pt for the older ones)")
+    p.add_argument("--resume", nargs="?", const="yes", default=None, choices=["yes", "auto"],
+                   help="continue from out_dir/checkpoint.pt; `--resume auto`: continue if it exists, else start")
+    p.add_argument("--allow_change", nargs="+", default=[], metavar="FLAG",
+                   help="with --resume: flags that may differ from the checkpoint's on purpose (e.g. lr after a "
+                        "divergence); others that change the run are refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an out_dir that holds a checkpoint (deletes its checkpoints, export and log)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (GPU)")
     p.add_argument("--dump_rank_state", action="store_true",
                    help="each process writes out_dir/rank<N>.json (weight checksums, images and masks it saw) at "
@@ -90,6 +120,30 @@ def get_args(argv=None):
             setattr(args, k, v)
     if args.data_dir is None:
         args.data_dir = [os.path.join(SAMPLE, d) for d in ("nih14", "kermany", "reports")]
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    """Every numeric flag checked before any work, each with a one-line error (a bad value used to spin forever,
+    give a traceback, or silently train)."""
+    whole = dict(batch_size=1, epochs=1, log_every=1, ckpt_every=1, keep_ckpts=1, img_size=1, patch_size=1,
+                 pred_depth=1, pred_dim=1, cache_size=1, num_enc_masks=1, num_pred_masks=1, num_workers=0,
+                 min_keep=0, max_steps=1)
+    for k, lo in whole.items():
+        v = getattr(args, k)
+        if v is not None and v < lo:
+            raise UserError(f"--{k} {v}: must be a whole number >= {lo}")
+    positive = ["lr", "ipe_scale"] + (["frontal_ratio"] if args.frontal_ratio is not None else [])
+    for k in positive + ["start_lr", "final_lr", "warmup", "grad_clip"]:
+        v = getattr(args, k)
+        if not math.isfinite(v) or v < 0 or (k in positive and v == 0):
+            raise UserError(f"--{k} {v}: must be a finite number {'> 0' if k in positive else '>= 0'}")
+    for k, top in (("crop_scale", 1.0), ("ema", 1.0), ("weight_decay", math.inf)):
+        lo, hi = getattr(args, k)
+        if not (math.isfinite(lo) and 0 <= lo <= hi <= top) or (k == "crop_scale" and lo == 0):
+            raise UserError(f"--{k} {lo:g} {hi:g}: need {'0 <' if k == 'crop_scale' else '0 <='} START <= END"
+                            + (f" <= {top:g}" if top < math.inf else ""))
     if args.model not in VIT_CONFIGS:
         raise UserError(f"--model {args.model}: choose from {', '.join(VIT_CONFIGS)}")
     heads = VIT_CONFIGS[args.model][2]
@@ -98,7 +152,10 @@ def get_args(argv=None):
                         f"{heads} heads; the predictor uses as many)")
     if args.img_size % args.patch_size:
         raise UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
-    return args
+    if args.overwrite and args.resume:
+        raise UserError("--overwrite and --resume contradict each other: choose one")
+    if args.allow_change and not args.resume:
+        raise UserError("--allow_change only applies with --resume")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,14 +198,17 @@ def jepa_loss(jepa, target_encoder, imgs, masks_enc, masks_pred, loss="smooth_l1
     return fn(z.float(), h.float()), std
 
 
-def make_optimizer(jepa):
-    """AdamW; biases and 1-D parameters (norms) get no weight decay (group 1 is excluded from the wd schedule)."""
+def make_optimizer(jepa, fused=None):
+    """AdamW; biases and 1-D parameters (norms) get no weight decay (group 1 is excluded from the wd schedule).
+    Fused (one kernel for all parameters, and no host sync under an fp16 GradScaler) on CUDA; foreach elsewhere."""
     decay, no_decay = [], []
     for n, p in jepa.named_parameters():
         if p.requires_grad:
             (no_decay if n.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    if fused is None:
+        fused = decay[0].device.type == "cuda"
     return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "wd_exclude": True}],
-                             lr=0.0, foreach=True)
+                             lr=0.0, **({"fused": True} if fused else {"foreach": True}))
 
 
 def schedule(step, total, warmup, args):
@@ -186,19 +246,82 @@ def ema_update(target, encoder, m):
 # data
 
 class StepBatches:
-    """Batch sampler yielding, for each step of one epoch, this rank's [(index, global_step), ...]. Passing the step
-    with each index lets the dataset seed its crop and the collator its masks by step: a resumed run sees the same
-    pixels and masks as an uninterrupted one, whatever the number of DataLoader workers."""
+    """Batch sampler yielding, for every step from first_step to total (across epochs, so one DataLoader serves the
+    whole run and its workers persist), this rank's [(index, global_step), ...]. Passing the step with each index
+    lets the dataset seed its crop and the collator its masks by step: a resumed run sees the same pixels and masks
+    as an uninterrupted one, whatever the number of DataLoader workers."""
 
-    def __init__(self, indices, batch_size, first_step, start_in_epoch=0):
-        self.indices, self.bs, self.first_step, self.start = indices, batch_size, first_step, start_in_epoch
+    def __init__(self, sampler, batch_size, ipe, first_step, total):
+        self.sampler, self.bs, self.ipe, self.first, self.total = sampler, batch_size, ipe, first_step, total
+        self._epoch, self._indices = None, None
 
     def __len__(self):
-        return len(self.indices) // self.bs - self.start
+        return max(0, self.total - self.first)
+
+    def indices(self, step):
+        epoch, s = divmod(step, self.ipe)
+        if epoch != self._epoch:
+            self._epoch, self._indices = epoch, self.sampler.epoch_indices(epoch)
+        return self._indices[s * self.bs:(s + 1) * self.bs]
 
     def __iter__(self):
-        for s in range(self.start, len(self.indices) // self.bs):
-            yield [(int(i), self.first_step + s) for i in self.indices[s * self.bs:(s + 1) * self.bs]]
+        for step in range(self.first, self.total):
+            yield [(int(i), step) for i in self.indices(step)]
+
+
+class Images(data.PretrainDataset):
+    """data.PretrainDataset that also skips images too small to crop (short side under 2 patches; a folder of 1x1
+    files used to train silently on flat images), named and counted like unreadable ones."""
+
+    def __init__(self, *a, min_side=2, **k):
+        super().__init__(*a, **k)
+        self.min_side, self.reported = min_side, set()
+
+    def load(self, index):
+        for _ in range(len(self.items)):
+            i, img = super().load(index)
+            if min(img.shape[:2]) >= self.min_side:
+                return i, img
+            self.bad.add(i)
+            self.skipped.add(self.items[i])
+            data.log.warning("skipping %s: %dx%d px, under 2 patches (%d px) on its short side", self.items[i],
+                             img.shape[1], img.shape[0], self.min_side)
+            index = i + 1
+        raise UserError(f"none of the {len(self.items)} images is readable and at least {self.min_side} px")
+
+
+class Collate:
+    """The mask collator, plus the files this DataLoader worker skipped since its last batch: a worker's dataset is
+    a copy, so this is how the end-of-run summary counts every skip."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, batch):
+        info = torch.utils.data.get_worker_info()
+        new = []
+        if info is not None:
+            ds = info.dataset
+            new = sorted(ds.skipped - ds.reported)
+            ds.reported.update(new)
+        return (*self.collator(batch), new)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def worker_init(_):
+    """SLURM signals every process of a step: workers ignore the stop signals and leave the stopping to the main
+    process (which ends them), instead of dying and taking the run down with a traceback."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def native_bf16_cpu():
+    """True on CPUs with bf16 matrix instructions (AMX, AVX512-BF16), where bf16 autocast is the faster default;
+    elsewhere bf16 matmul is emulated (measured 9x slower than fp32 on an AVX2 CPU) and fp32 stays the default."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def memory_mb(device):
@@ -208,12 +331,235 @@ def memory_mb(device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# keeping the run's work safe: out_dir lock, checkpoints, export, stop signals
+
+TEMP = re.compile(r".*\.(tmp|old)\d+")  # what atomic writes leave behind when killed mid-write
+NEVER = 2 ** 62
+
+# flags that may differ on --resume without changing what is computed (or that exist to be changed: max_steps and
+# epochs extend or shorten the run); every other flag saved in the checkpoint must match unless in --allow_change
+MAY_CHANGE = {"max_steps", "epochs", "num_workers", "log_every", "ckpt_every", "keep_ckpts", "out_dir", "resume",
+              "overwrite", "allow_change", "device", "attn", "compile", "verify", "dump_rank_state", "cache_dir",
+              "preset", "probe_every"}
+
+
+def on_main(env, fn):
+    """fn() on rank 0 only; its result, or its UserError, reaches every rank (so no rank hangs in a collective)."""
+    box = [None, None]
+    if env.is_main:
+        try:
+            box[0] = fn()
+        except UserError as e:
+            box[1] = str(e)
+    if env.distributed:
+        dist.broadcast_object_list(box, src=0)
+    if box[1]:
+        raise UserError(box[1])
+    return box[0]
+
+
+def open_out_dir(out_dir):
+    """Create out_dir, check it is writable, take its lock, remove temp files of killed runs. The lock is an flock
+    on out_dir/.lock: the kernel drops it when the holder dies, so a killed run never blocks the next one."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+        lock = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:
+        raise UserError(f"--out_dir {out_dir} is not writable ({e.strerror or e}): choose another folder")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise UserError(f"--out_dir {out_dir} is in use by another pretrain.py run ({lock.read().strip() or 'unknown'}):"
+                        " wait for it to end, stop it, or choose another --out_dir")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    open_out_dir.lock = lock  # held (and the lock with it) until the process ends
+    stale = sorted(n for n in os.listdir(out_dir) if TEMP.fullmatch(n) or n == "hf.new")
+    for n in stale:
+        p = os.path.join(out_dir, n)
+        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+    if stale:
+        print(f"removed {len(stale)} temp file(s) left by a killed run: {', '.join(stale[:5])}", flush=True)
+
+
+def old_checkpoints(out_dir):
+    """[(step, path)] of the kept older checkpoints, oldest first."""
+    found = [re.fullmatch(r"checkpoint_step(\d+)\.pt", n) for n in os.listdir(out_dir)]
+    return sorted((int(m.group(1)), os.path.join(out_dir, m.group(0))) for m in found if m)
+
+
+def read_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        older = ", ".join(os.path.basename(p) for _, p in old_checkpoints(os.path.dirname(path)))
+        raise UserError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        + (f"older checkpoints here: {older} (rename one to checkpoint.pt)" if older else
+                           "start over with --overwrite or point --out_dir elsewhere"))
+
+
+def decide_start(args, ckpt_path):
+    """True to resume. A checkpoint is never overwritten by accident: without --resume it is an error."""
+    if args.overwrite:
+        for n in os.listdir(args.out_dir):
+            if n in ("checkpoint.pt", "encoder.safetensors", "log.jsonl") or re.fullmatch(r"checkpoint_step\d+\.pt|rank\d+\.json", n):
+                os.remove(os.path.join(args.out_dir, n))
+        return False
+    if not os.path.exists(ckpt_path):
+        if args.resume == "yes":
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run "
+                            "(or use --resume auto)")
+        return False
+    if not args.resume:
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("step", "?") \
+            if os.path.getsize(ckpt_path) else "?"
+        raise UserError(f"--out_dir {args.out_dir} already holds a run (checkpoint at step {step}): add --resume to "
+                        "continue it (--resume auto: continue if there is one, else start), or --overwrite to start "
+                        "over and delete it")
+    return True
+
+
+def check_resume_flags(saved, args):
+    """Refuse flags that differ from the checkpoint's and change the run (each named); print the allowed ones."""
+    def norm(v):
+        return list(v) if isinstance(v, (tuple, list)) else v
+    allowed = {a.lstrip("-") for a in args.allow_change}
+    unknown = sorted(a for a in allowed if not hasattr(args, a))
+    if unknown:
+        raise UserError(f"--allow_change: no such flag {', '.join(unknown)}")
+    changed = [(k, v, getattr(args, k)) for k, v in saved.items() if hasattr(args, k) and norm(v) != norm(getattr(args, k))
+               and not (k == "dtype" and v is None)]  # None: a checkpoint from before the dtype was recorded
+    refused = [c for c in changed if c[0] not in MAY_CHANGE | allowed]
+    if refused:
+        raise UserError("--resume: " + "; ".join(f"--{k} was {v} in the checkpoint, now {n}" for k, v, n in refused)
+                        + ". These change the run: drop them, name them in --allow_change to change them on purpose, "
+                          "or start over with --overwrite")
+    shown = [c for c in changed if c[0] not in ("resume", "allow_change", "preset", "overwrite")]
+    return ", ".join(f"--{k} {v} -> {n}" for k, v, n in shown)
+
+
+def trim_log(path, step):
+    """Keep the log lines of steps up to the checkpoint we restart from; a line cut short by a kill is dropped."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", -1) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except ValueError:
+                pass
+    write_atomic(path, lambda tmp: open(tmp, "w").writelines(keep), "the log could not be trimmed")
+
+
+def write_atomic(path, write, if_failed):
+    """write(tmp) then rename onto path. Disk full, read-only or any OS error: the temp files are removed, path is
+    untouched, and the run ends with one line."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
+        for n in os.listdir(os.path.dirname(path) or "."):
+            if n.startswith(os.path.basename(tmp)):
+                p = os.path.join(os.path.dirname(path), n)
+                try:
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+                except OSError:
+                    pass
+        try:
+            free = f"{shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        why = f"{e.strerror}; {free}" if getattr(e, "strerror", None) else \
+            f"the write failed with {free}, the disk is probably full: {str(e).splitlines()[0][:80]}"
+        raise UserError(f"could not write {path} ({why}); {if_failed}. Free space or fix the folder, then --resume")
+
+
+def torch_writer(obj):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    return write
+
+
+def export_encoder(target, args, step, if_failed):
+    """The run's exports of the target encoder, written right after the checkpoint of the same step (which is the
+    commit point: --resume re-exports an export older than its checkpoint)."""
+    path = os.path.join(args.out_dir, "encoder.safetensors")
+    write_atomic(path, lambda tmp: save_encoder(target, tmp, step=step, model=args.model), if_failed)
+    # the same encoder as a Hugging Face IJepaModel folder (encoders.export_hf): built beside, then swapped in
+    hf, old = os.path.join(args.out_dir, "hf"), os.path.join(args.out_dir, f"hf.old{os.getpid()}")
+    write_atomic(hf + ".new", lambda tmp: export_hf(target, tmp), if_failed)
+    if os.path.isdir(hf):
+        os.replace(hf, old)
+    os.replace(hf + ".new", hf)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def exported_step(path):
+    try:
+        with safe_open(path, "pt") as f:
+            return json.loads((f.metadata() or {}).get("step", "null"))
+    except Exception:
+        return None
+
+
+def nonfinite(tensors, env):
+    """Number of non-finite values in the floating-point tensors, summed on the device, agreed across ranks."""
+    n = torch.zeros((), dtype=torch.long, device=env.device)
+    for t in tensors:
+        if torch.is_tensor(t) and t.is_floating_point():
+            n += (~torch.isfinite(t)).sum().to(n.device)
+    if env.distributed:
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return int(n)
+
+
+class Stopper:
+    """SIGTERM / SIGUSR1 become a flag read at the end of each step. With several processes the flag is all-reduced
+    (max) every step over a gloo group, on the CPU, so every rank stops at the same step without a GPU sync."""
+
+    def __init__(self, env):
+        self.sig, self.env, self.group = 0, env, None
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._catch)
+        if env.distributed:
+            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def _catch(self, signum, frame):
+        self.sig = signum
+
+    def agreed(self):
+        if not self.env.distributed:
+            return self.sig
+        t = torch.tensor([self.sig])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = get_args(argv)
     env = common.setup(args)
-    os.makedirs(args.out_dir, exist_ok=True)
+    if args.dtype is None and env.device.type == "cpu" and native_bf16_cpu():
+        env.dtype = torch.bfloat16  # loss trajectory measured equal to fp32's within noise (README, Speed)
+    args.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[env.dtype]  # saved, compared
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    on_main(env, lambda: open_out_dir(args.out_dir))
+    resume = on_main(env, lambda: decide_start(args, ckpt_path))
+    ck = None
+    if resume:  # every rank reads it; the flag check is deterministic, so all ranks agree
+        ck = read_checkpoint(ckpt_path)
+        changes = check_resume_flags(ck["args"], args)
 
     # data: find and check everything before any model is built, so a bad path fails in seconds
     sources = data.parse_sources(args.data_dir)
@@ -224,8 +570,8 @@ def main(argv=None):
             data.build_cache(paths, args.cache_dir, args.cache_size)
         env.barrier()
         cache = data.build_cache(paths, args.cache_dir, args.cache_size, progress=False)
-    dataset = data.PretrainDataset(paths, args.img_size, crop_scale=tuple(args.crop_scale), cache=cache,
-                                   seed=args.seed, verify=args.verify)
+    dataset = Images(paths, args.img_size, crop_scale=tuple(args.crop_scale), cache=cache, seed=args.seed,
+                     verify=args.verify, min_side=2 * args.patch_size)
     sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed, frontal_ratio=args.frontal_ratio)
     ipe = len(sampler) // args.batch_size
     if ipe == 0:
@@ -237,35 +583,51 @@ def main(argv=None):
     env.print(f"{len(paths)} images from " + ", ".join(f"{s.name} ({len(s)}, weight {s.weight:g})" for s in sources)
               + (f"; {len(dataset.skipped)} unreadable, skipped" if dataset.skipped else ""))
     env.print(f"{args.preset} preset: {args.model}/{args.patch_size} at {args.img_size} px, "
-              f"predictor {args.pred_depth}x{args.pred_dim}, batch {args.batch_size} x {env.world} process(es), "
-              f"{ipe} steps/epoch, {total} steps, {env.device} {str(env.dtype).replace('torch.', '')}, attn {args.attn}")
+              f"predictor {args.pred_depth}x{args.pred_dim}, {ipe} steps/epoch, {total} steps, "
+              f"{env.device} {str(env.dtype).replace('torch.', '')}, attn {args.attn}")
+    env.print(f"global batch {args.batch_size * env.world} = {args.batch_size} per process x {env.world} process(es), "
+              f"peak lr {args.lr:g} (warm-up from {args.start_lr:g} over {warmup} steps, cosine to {args.final_lr:g}); "
+              "the lr is not rescaled with the batch (Meta's I-JEPA: 2048 = 128 x 16 GPUs at 1e-3)")
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank: the EMA target is not synced by DDP
     jepa, target = build(args, env.device)
     opt = make_optimizer(jepa)
-    step = 0
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{ckpt_path} is unreadable ({e}); delete it or point --out_dir elsewhere")
-        for k in ("model", "img_size", "patch_size", "pred_depth", "pred_dim", "batch_size", "seed"):
-            if ck["args"].get(k) != getattr(args, k):
-                raise UserError(f"--resume: checkpoint has {k}={ck['args'].get(k)} but this run has {getattr(args, k)}")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)  # fp16 needs loss scaling
+    step, last_good = 0, None
+    if resume:
+        step = last_good = ck["step"]
+        if step > total:
+            raise UserError(f"--resume: the checkpoint is at step {step}, past this run's end at step {total}: give "
+                            "a larger --max_steps or --epochs")
+        bad = nonfinite([*ck["encoder"].values(), *ck["predictor"].values(), *ck["target_encoder"].values()], env)
+        if bad:
+            raise UserError(f"{ckpt_path} holds {bad} non-finite values (written by an older version): start over "
+                            "with --overwrite, or rename an older checkpoint_step<N>.pt to checkpoint.pt")
         jepa.encoder.load_state_dict(ck["encoder"])
         jepa.predictor.load_state_dict(ck["predictor"])
         target.load_state_dict(ck["target_encoder"])
         opt.load_state_dict(ck["optimizer"])
-        step = ck["step"]
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         if ck["world"] != env.world:
             env.print(f"warning: checkpoint was written by {ck['world']} processes, this run has {env.world}: "
                       "training continues, but the data order differs from an uninterrupted run")
         torch.set_rng_state(ck["rng"]["torch"])
-        env.print(f"resumed from {ckpt_path} at step {step}")
+        env.print(f"resumed from {ckpt_path} at step {step}" + (f"; changed: {changes}" if changes else "")
+                  + (f"; the schedules now end at step {total} (were {ck['total']})"
+                     if ck.get("total", total) != total else ""))
+        enc_path = os.path.join(args.out_dir, "encoder.safetensors")
+        if on_main(env, lambda: exported_step(enc_path) != step):  # killed between checkpoint and export: repair
+            on_main(env, lambda: export_encoder(target, args, step, "the checkpoint is intact"))
+            env.print(f"re-exported {enc_path} at step {step} (it was older than its checkpoint)")
+        del ck
+        on_main(env, lambda: trim_log(os.path.join(args.out_dir, "log.jsonl"), step))
     log = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), env.is_main,
-                             truncate_after_step=step if args.resume else None)
+                             truncate_after_step=step if resume else None)
+    if step >= total:
+        env.print(f"done: the run in {args.out_dir} is already at step {step} of {total}; give a larger --max_steps "
+                  "or --epochs to continue it")
+        return
     model = jepa
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(jepa, device_ids=[env.device.index] if env.device.type == "cuda" else None,
@@ -274,34 +636,60 @@ def main(argv=None):
     if args.compile:
         model, target_fwd = torch.compile(model), torch.compile(target)
 
-    if env.is_main and step == 0:  # show the user what the masking does on their own images
+    def preview():  # show the user what the masking does on their own images
         imgs = torch.stack([dataset[(i, 0)][0] for i in range(min(4, len(dataset)))])
         me, mp = collator.sample(len(imgs), 0)
         masks_lib.save_mask_preview(imgs, me, mp, collator.grid, os.path.join(args.out_dir, "masks.png"))
+    if step == 0:
+        on_main(env, preview)
 
     def save(step):
-        if not env.is_main:
-            return
-        common.atomic_save({"encoder": jepa.encoder.state_dict(), "predictor": jepa.predictor.state_dict(),
-                            "target_encoder": target.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))},
-                            "world": env.world, "rng": {"torch": torch.get_rng_state()}}, ckpt_path)
-        save_encoder(target, os.path.join(args.out_dir, "encoder.safetensors"), step=step, model=args.model)
-        export_hf(target, os.path.join(args.out_dir, "hf"))  # the same encoder as a Hugging Face IJepaModel folder
+        """Checkpoint, then export, of this step; refused if any value is non-finite (all ranks agree)."""
+        tensors = [*jepa.parameters(), *target.parameters(), *(v for s in opt.state.values() for v in s.values())]
+        bad = nonfinite(tensors, env)
+        if bad:
+            raise UserError(f"the weights became non-finite ({bad} values) by step {step} although the loss was "
+                            f"finite; nothing after {saved_note()} was written. Lower --lr, then --resume "
+                            "--allow_change lr (or start over with --overwrite)")
 
-    bar = tqdm(total=total, initial=step, disable=not env.is_main, dynamic_ncols=True, desc="pretrain")
+        def write():
+            state = {"encoder": jepa.encoder.state_dict(), "predictor": jepa.predictor.state_dict(),
+                     "target_encoder": target.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "step": step, "total": total, "world": env.world, "rng": {"torch": torch.get_rng_state()},
+                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}}
+            write_atomic(ckpt_path, lambda tmp: (torch_writer(state)(tmp), keep_previous()), f"{saved_note()} is intact")
+            old = [p for s, p in old_checkpoints(args.out_dir) if s < step]
+            for p in old[:max(0, len(old) - (args.keep_ckpts - 1))]:  # prune beyond the last K
+                os.remove(p)
+            export_encoder(target, args, step, f"the checkpoint of step {step} is written; --resume re-exports")
+
+        def keep_previous():  # before the rename: the current checkpoint.pt lives on as checkpoint_step<N>.pt
+            if args.keep_ckpts > 1 and last_good is not None and os.path.exists(ckpt_path):
+                try:
+                    os.link(ckpt_path, os.path.join(args.out_dir, f"checkpoint_step{last_good}.pt"))
+                except FileExistsError:
+                    pass
+        on_main(env, write)
+
+    def saved_note():
+        return f"the checkpoint of step {last_good} ({ckpt_path})" if last_good is not None else \
+            "the start (no checkpoint was saved yet)"
+
+    stopper = Stopper(env)
+    batches = StepBatches(sampler, args.batch_size, ipe, step, total)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(collator),
+                                         num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
+                                         worker_init_fn=worker_init)
     jepa.train()
-    timer, last_good, last_log = common.Timer(), step, step
-    seen, mask_sums = [], []
-    while step < total:
-        epoch, in_epoch = divmod(step, ipe)
-        batches = StepBatches(sampler.epoch_indices(epoch), args.batch_size, epoch * ipe, in_epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collator,
-                                             num_workers=args.num_workers, pin_memory=env.device.type == "cuda")
-        for imgs, masks_enc, masks_pred in loader:
+    timer, last_log = common.Timer(), step
+    seen, mask_sums, skipped, stop = [], [], set(), 0
+    first_bad = torch.full((), NEVER, dtype=torch.long, device=env.device)  # first step with a non-finite loss
+    with tqdm(total=total, initial=step, disable=not env.is_main, dynamic_ncols=True, desc="pretrain") as bar:
+        for imgs, masks_enc, masks_pred, new_skips in loader:
+            skipped.update(new_skips)
+            epoch = step // ipe
             if args.dump_rank_state:
-                i = step - epoch * ipe
-                seen += [int(j) for j in batches.indices[i * args.batch_size:(i + 1) * args.batch_size]]
+                seen += [int(j) for j in batches.indices(step)]
                 mask_sums.append(int(sum(m.sum() for m in masks_enc + masks_pred)))
             imgs = imgs.to(env.device, non_blocking=True)
             masks_enc = [m.to(env.device, non_blocking=True) for m in masks_enc]
@@ -310,47 +698,65 @@ def main(argv=None):
             set_hparams(opt, lr, wd)
             with env.autocast():
                 loss, tstd = jepa_loss(model, target_fwd, imgs, masks_enc, masks_pred, args.loss)
-            bad = torch.tensor(float(not torch.isfinite(loss)), device=env.device)
-            if env.distributed:  # every rank must agree to stop, or the others hang in the next all-reduce
-                torch.distributed.all_reduce(bad)
-            if bad.item() > 0:
-                raise UserError(f"loss became {loss.item()} at step {step}; the last good checkpoint is {ckpt_path} "
-                                f"(step {last_good}). Lower --lr or check the data, then --resume")
+            # no host sync here: the flag stays on the device and is read at log and checkpoint steps
+            first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(loss), NEVER, step + 1))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if args.grad_clip > 0:
+                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(jepa.parameters(), args.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             ema_update(target, jepa.encoder, mom)
             step += 1
             bar.update(1)
-            if step % args.log_every == 0 or step == total:
+            stop = stopper.agreed()
+            log_now = step % args.log_every == 0 or step == total
+            if log_now or stop or step % args.ckpt_every == 0 or step % ipe == 0 or step == total:
+                if env.distributed:
+                    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+                if int(first_bad) < NEVER:
+                    raise UserError(f"the loss became non-finite at step {int(first_bad)}; nothing after {saved_note()} "
+                                    "was written. Lower --lr or check the data, then --resume --allow_change lr (or start "
+                                    "over with --overwrite)")
+            if log_now:
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt, last_log = timer.lap() / (step - last_log), step
                 row = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, wd=wd, momentum=mom,
                            img_per_s=args.batch_size * env.world / dt, target_std=tstd.item(),
                            mem_mb=round(memory_mb(env.device)), ctx_len=masks_enc[0].shape[1], tgt_len=masks_pred[0].shape[1])
+                if scaler.is_enabled():
+                    row["loss_scale"] = scaler.get_scale()
                 log.log(**row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", img_s=f"{row['img_per_s']:.0f}")
-            if step % args.ckpt_every == 0 or step % ipe == 0 or step == total:
+            if stop or step % args.ckpt_every == 0 or step % ipe == 0 or step == total:
                 save(step)
                 last_good = step
-            if step >= total:
+            if stop:
                 break
-    bar.close()
+    if stop:
+        env.print(f"stopped by {signal.Signals(stop).name} at step {step}: checkpoint {ckpt_path}; continue with the "
+                  "same command plus --resume (or --resume auto)")
+        raise SystemExit(128 + stop)
     if args.dump_rank_state:
         def checksum(m):
             return float(sum(p.double().sum() * (k + 1) for k, p in enumerate(m.parameters())))
         common.write_json({"rank": env.rank, "world": env.world, "seen": seen, "mask_checksums": mask_sums,
                            "encoder_checksum": checksum(jepa.encoder), "predictor_checksum": checksum(jepa.predictor),
                            "target_checksum": checksum(target)}, os.path.join(args.out_dir, f"rank{env.rank}.json"))
-    if dataset.skipped:  # per process (and per DataLoader worker when workers > 0)
-        names = sorted(dataset.skipped)
-        print(f"rank {env.rank}: skipped {len(names)} unreadable file(s): {', '.join(names[:10])}"
-              + (" ..." if len(names) > 10 else ""), file=sys.stderr)
+    skipped |= dataset.skipped  # main process (and every file when num_workers is 0); workers' came with batches
+    if env.distributed:
+        every = [None] * env.world
+        dist.all_gather_object(every, sorted(skipped))
+        skipped = set().union(*map(set, every))
+    if skipped:
+        names = sorted(skipped)
+        env.print(f"skipped {len(names)} file(s), unreadable or under 2 patches, in all processes: "
+                  + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""), file=sys.stderr)
     env.print(f"done: {step} steps; checkpoint {ckpt_path}; encoder {os.path.join(args.out_dir, 'encoder.safetensors')}")
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(levelname)s: %(message)s")
     common.run(main)
