@@ -34,7 +34,7 @@ import data
 import masks as masks_lib
 from common import UserError
 from encoders import save_encoder
-from model import VIT_CONFIGS, Predictor, apply_masks, build_vit, repeat_interleave_batch
+from model import INIT_SCHEMES, VIT_CONFIGS, Predictor, apply_masks, build_vit, repeat_interleave_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(HERE, "sample_data")
@@ -65,6 +65,9 @@ def get_args(argv=None):
     p.add_argument("--pred_depth", type=int, default=None, help="predictor depth (paper: 12)")
     p.add_argument("--pred_dim", type=int, default=None, help="predictor width (paper: 384)")
     p.add_argument("--loss", choices=["smooth_l1", "l2"], default="smooth_l1")
+    p.add_argument("--init", choices=list(INIT_SCHEMES), default="meta",
+                   help="weight init: meta (every Linear std 0.02, as Meta's I-JEPA training) or rescaled (plus the "
+                        "per-layer shrink of each block's output layers); see model.init_weights")
     p.add_argument("--warmup", type=float, default=None, help="warm-up epochs (linear start_lr -> lr)")
     p.add_argument("--start_lr", type=float, default=None)
     p.add_argument("--final_lr", type=float, default=None)
@@ -116,9 +119,10 @@ class JEPA(nn.Module):
 
 
 def build(args, device):
-    encoder = build_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, attn=args.attn)
+    init = getattr(args, "init", "meta")  # model.init_weights scheme (--init)
+    encoder = build_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, attn=args.attn, init=init)
     predictor = Predictor(encoder.grid, encoder.embed_dim, args.pred_dim, args.pred_depth, encoder.num_heads,
-                          attn=args.attn)
+                          attn=args.attn, init=init)
     target = copy.deepcopy(encoder).requires_grad_(False)
     return JEPA(encoder, predictor).to(device), target.to(device)
 
