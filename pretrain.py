@@ -57,8 +57,8 @@ def get_args(argv=None):
                    help="defaults for the flags below (default: demo without --data_dir, paper with it)")
     p.add_argument("--frontal_ratio", type=float, default=None,
                    help="resample so frontal:lateral is this ratio where CSV sources give a view column (paper: 3)")
-    p.add_argument("--cache_dir", default=None, help="decode every image once into a uint8 memory-mapped cache here")
-    p.add_argument("--cache_size", type=int, default=256, help="side length of cached images")
+    p.add_argument("--cache_dir", default=None, help="read images from the cache prepare.py built here from the same "
+                                                     "--data_dir (python prepare.py --data_dir ... --cache_dir DIR)")
     p.add_argument("--verify", action="store_true",
                    help="open every file's header before training and drop unreadable ones up front")
     p.add_argument("--crop_scale", type=float, nargs=2, default=(0.3, 1.0), help="random resized crop area range")
@@ -222,12 +222,9 @@ def main(argv=None):
     # data: find and check everything before any model is built, so a bad path fails in seconds
     sources = data.parse_sources(args.data_dir)
     paths = data.concat_paths(sources)
-    cache = None
-    if args.cache_dir:  # rank 0 decodes once; the others wait, then open the same memory-mapped file
-        if env.is_main:
-            data.build_cache(paths, args.cache_dir, args.cache_size)
-        env.barrier()
-        cache = data.build_cache(paths, args.cache_dir, args.cache_size, progress=False)
+    # opened, never built here (no rank waits for another); a missing, unfinished or mismatched cache is an error
+    cache = data.open_cache(args.cache_dir, paths, data.min_stored_side(args.img_size, args.crop_scale)) \
+        if args.cache_dir else None
     dataset = data.PretrainDataset(paths, args.img_size, crop_scale=tuple(args.crop_scale), cache=cache,
                                    seed=args.seed, verify=args.verify)
     sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed, frontal_ratio=args.frontal_ratio)
