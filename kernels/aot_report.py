@@ -188,15 +188,16 @@ def main(argv=None):
     else:
         todo = jobs(mod, args.kernel, args.arch, args.dtype, args.head_dim)
     print(f"{len(todo)} compiles on {args.workers} process(es)", file=sys.stderr, flush=True)
-    with concurrent.futures.ProcessPoolExecutor(args.workers) as ex:
-        rows = list(ex.map(_worker, todo))
-    cols = ["kernel", "arch", "dtype", "head_dim", "block_m", "block_n", "block_m1", "block_n1", "block_m2",
-            "block_n2", "num_warps", "num_stages", "regs", "spill_stores", "spill_loads", "stack", "shared", "fits"]
-    cols = [c for c in cols if any(c in r for r in rows)]
+    cols = ["kernel", "arch", "dtype", "head_dim", "blocks", "num_warps", "num_stages", "regs", "spill_stores",
+            "spill_loads", "stack", "shared", "fits"]
     print("| " + " | ".join(cols) + " |")
-    print("|" + "|".join("---" for _ in cols) + "|")
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|", flush=True)
+    rows = []
+    with concurrent.futures.ProcessPoolExecutor(args.workers) as ex:
+        for r in ex.map(_worker, todo):  # in order, each row printed as soon as it is there
+            r["blocks"] = "x".join(str(v) for k, v in r.items() if k.startswith("block_") and k != "block_d")
+            rows.append(r)
+            print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |", flush=True)
     bad = sorted({config_key(r) for r in rows if r["spills"] or not r["fits"]})
     print(f"\n{len(rows)} compiled, {sum(r['spills'] for r in rows)} spill, {sum(not r['fits'] for r in rows)} "
           f"cannot fit. Configs to drop (any arch / dtype), for attention.SPILLS:")
