@@ -1,30 +1,48 @@
 """
-Pretraining throughput: one full I-JEPA training step (target forward, context encoder, predictor, loss, backward,
-AdamW, EMA) timed on synthetic images, for a chosen model, predictor, resolution, batch, attention and device.
+Pretraining throughput, against the hardware's limit and against Meta's code: one full I-JEPA training step (target
+forward, context encoder, predictor, loss, backward, AdamW, EMA) timed for a chosen model, predictor, resolution,
+batch, attention, device and precision; and, with --data, the input pipeline (decode + crop + collate).
 
-    python bench.py --model vit_tiny --pred_depth 6 --pred_dim 192 --img_size 224 --batch_size 8 --device cpu
+    python bench.py --model vit_tiny --pred_depth 6 --pred_dim 192 --img_size 224 --batch_size 8 --device cpu \\
+        --dtype fp32 bf16 --repeats 3 --ijepa_dir /path/to/facebookresearch/ijepa      # side by side with Meta
     python bench.py --model vit_base --batch_size 128 --device cuda --attn triton sdpa     # compare attentions
-    python bench.py ... --ijepa_dir /path/to/facebookresearch/ijepa                       # + the official code
+    python bench.py --data /data/nih --cache_dir /fast/cache --data_workers 8 --steps 0   # the input pipeline only
 
-Images are random (this measures the model, not decoding: use --cache_dir in pretrain.py so decoding never
-limits the GPU); masks come from masks.py with the paper's settings, drawn before timing and shared by every
-implementation so all run the same amount of work. With --ijepa_dir the official I-JEPA modules run the same
-step as Meta's train.py does it (their ViT, predictor, apply_masks, AdamW param groups, per-parameter EMA loop) at
-equal settings; our model takes the grayscale image as 1 channel, theirs as 3 (the stem is <0.5% of the work).
-The last line is `pretrain img/s: X` for this project's code (the first --attn given).
+Model: images are random and masks come from masks.py with the paper's settings, drawn before timing and shared by
+every implementation, so all run the same work. For each --dtype (autocast; fp32 = none) it prints step time,
+img/s, the step's FLOPs per image (counted by torch.utils.flop_counter on a real step: matmuls, convolutions and
+attention, forward and backward), the achieved FLOP/s and the utilisation against a matmul peak measured in the
+same run for that dtype (nanoGPT's MFU, with the peak measured here rather than taken from a datasheet). Every
+implementation is timed --repeats times, interleaved (A B A B ...), and the median is reported: on a shared
+machine, neighbours' load then hits all of them alike. With --ijepa_dir, Meta's official modules run the step as
+Meta's train.py does (their ViT, predictor, apply_masks, AdamW param groups, per-parameter EMA loop): "as shipped"
+keeps their precision handling (torch.cuda.amp.autocast: fp32 on a CPU whatever the flag), "autocast" wraps it
+in this run's autocast for the dtype. Our model takes the grey image as 1 channel, theirs as 3 (<0.5% of the work).
+
+Data (--data SOURCE...): the pretraining DataLoader (PretrainDataset + MaskCollator, pretrain.py's sampler) timed
+over --data_batches batches after one warm-up batch, uncached (decoding the files) and, with --cache_dir (a cache
+from prepare.py), cached; with 0 workers (one core, the per-core figure) and with --data_workers.
+
+The last line is `data img/s: X` with --data (the cached figure when --cache_dir is given), else
+`pretrain img/s: X` for this project's code (first --attn, first --dtype).
 """
 import argparse
+import copy
 import importlib
 import os
+import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import data
 import masks as masks_lib
 import pretrain
 from model import count_params
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def sync(device):
@@ -36,13 +54,35 @@ def time_steps(step_fn, batches, device, warmup, steps):
     for i in range(warmup):
         step_fn(*batches[i % len(batches)])
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
     for i in range(steps):
         step_fn(*batches[i % len(batches)])
     sync(device)
     return (time.perf_counter() - t) / steps
+
+
+def matmul_peak(device, dtype, n=None, reps=5):
+    """FLOP/s of a large square matmul in `dtype` on `device` now: the practical peak MFU is measured against."""
+    n = n or (8192 if device.type == "cuda" else 1536)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def step_flops(step_fn, batch):
+    """FLOPs of one training step (forward + backward), as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step_fn(*batch)
+    return counter.get_total_flops()
 
 
 def ours(args, attn, device, autocast):
@@ -72,7 +112,6 @@ def ijepa(args, device, autocast):
     enc = vt.__dict__[args.model](img_size=[args.img_size], patch_size=args.patch_size).to(device)
     pred = vt.vit_predictor(num_patches=enc.patch_embed.num_patches, embed_dim=enc.embed_dim,
                             predictor_embed_dim=args.pred_dim, depth=args.pred_depth, num_heads=enc.num_heads).to(device)
-    import copy
     tgt = copy.deepcopy(enc)
     for p in tgt.parameters():
         p.requires_grad = False
@@ -105,6 +144,110 @@ def ijepa(args, device, autocast):
     return step, count_params(enc), count_params(pred)
 
 
+def bench_model(args, device):
+    torch.manual_seed(0)
+    grid = (args.img_size // args.patch_size,) * 2
+    collator = masks_lib.MaskCollator(grid=grid, min_keep=min(10, grid[0] * grid[1] // 8 - 1))
+    batches = []
+    for s in range(4):  # a few different mask draws, so lengths vary as they do in training
+        me, mp = collator.sample(args.batch_size, s)
+        imgs = torch.randn(args.batch_size, 1, args.img_size, args.img_size, device=device)
+        batches.append((imgs, [m.to(device) for m in me], [m.to(device) for m in mp]))
+    if args.attn is None:
+        from kernels.selfcheck import default_attention
+        args.attn = [default_attention(device) if device.type == "cuda" else "sdpa"]
+    results = {}  # (name, dtype) -> dict
+    for dname in args.dtype:
+        dtype = DTYPES[dname]
+
+        def autocast(dtype=dtype):
+            return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        impls = [(f"radjepa/{a}", lambda a=a: ours(args, a, device, autocast)) for a in args.attn]
+        if args.ijepa_dir:
+            # Meta's train.py uses torch.cuda.amp.autocast: on CUDA that is this dtype; on a CPU it does nothing,
+            # so their code as shipped runs fp32 there (timed in the fp32 round) and "autocast" is ours around it
+            if device.type == "cuda" or dtype == torch.float32:
+                impls.append(("ijepa (as shipped)", lambda: ijepa(args, device, autocast)))
+            else:
+                impls.append(("ijepa (autocast)", lambda: ijepa(args, device, autocast)))
+        built = [(name, *make()) for name, make in impls]
+        peak = matmul_peak(device, dtype)
+        times = {name: [] for name, *_ in built}
+        for r in range(args.repeats):  # interleaved, so slow phases of a shared machine hit every implementation
+            for name, step, _, _ in built:
+                times[name].append(time_steps(step, batches, device, args.warmup if r == 0 else 1, args.steps))
+        peak = max(peak, matmul_peak(device, dtype))
+        for name, step, n_enc, n_pred in built:
+            flops = step_flops(step, batches[0]) / args.batch_size
+            dt = statistics.median(times[name])
+            results[(name, dname)] = dict(ms=dt * 1e3, img_s=args.batch_size / dt, spread=(min(times[name]) * 1e3,
+                                          max(times[name]) * 1e3), flops=flops, peak=peak,
+                                          mfu=flops * args.batch_size / dt / peak, n_enc=n_enc, n_pred=n_pred)
+        del built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ctx, tgt = batches[0][1][0].shape[1], batches[0][2][0].shape[1]
+    print(f"{args.model}/{args.patch_size} @ {args.img_size}px, predictor {args.pred_depth}x{args.pred_dim}, "
+          f"batch {args.batch_size}, {device}, threads {torch.get_num_threads()}, context ~{ctx} / target {tgt} "
+          f"patches x {len(batches[0][2])}; median of {args.repeats} interleaved runs of {args.steps} steps")
+    print(f"| {'implementation':<20} | dtype | {'step ms':>9} | {'min-max ms':>15} | {'img/s':>8} | "
+          f"{'GFLOP/img':>9} | {'TFLOP/s':>8} | {'peak TFLOP/s':>12} | {'MFU':>6} |")
+    print(f"|{'-' * 22}|-------|{'-' * 11}|{'-' * 17}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 14}|{'-' * 8}|")
+    for (name, dname), r in results.items():
+        print(f"| {name:<20} | {dname:<5} | {r['ms']:>9.1f} | {r['spread'][0]:>7.0f}-{r['spread'][1]:<7.0f} | "
+              f"{r['img_s']:>8.2f} | {r['flops'] / 1e9:>9.2f} | {r['flops'] * r['img_s'] / 1e12:>8.4f} | "
+              f"{r['peak'] / 1e12:>12.4f} | {r['mfu']:>6.1%} |")
+    first = results[(f"radjepa/{args.attn[0]}", args.dtype[0])]
+    if args.ijepa_dir:
+        for (name, dname), b in results.items():
+            if name.startswith("ijepa"):
+                a = results[(f"radjepa/{args.attn[0]}", dname)]
+                print(f"speed-up over Meta's I-JEPA at {dname} ({name[7:-1]}): {a['img_s'] / b['img_s']:.2f}x")
+        ours_best = max(r["img_s"] for (n, _), r in results.items() if n.startswith("radjepa"))
+        meta_best = max(r["img_s"] for (n, _), r in results.items() if n.startswith("ijepa"))
+        print(f"speed-up, each side at its best precision here: {ours_best / meta_best:.2f}x")
+    return first
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the input pipeline
+
+def bench_data(args):
+    """img/s of the pretraining DataLoader (decode or cache read, random resized crop, normalise, masks, collate)."""
+    sources = data.parse_sources(args.data)
+    paths = data.concat_paths(sources)
+    grid = (args.img_size // args.patch_size,) * 2
+    collator = masks_lib.MaskCollator(grid=grid, min_keep=min(10, grid[0] * grid[1] // 8 - 1))
+    sampler = data.MixSampler(sources, seed=0)
+    bs, n_batches = args.data_batch_size, args.data_batches
+    kinds = [("uncached", None)]
+    if args.cache_dir:
+        kinds.append(("cached", data.open_cache(args.cache_dir, paths, data.min_stored_side(args.img_size))))
+    rows = []
+    for kind, cache in kinds:
+        ds = data.PretrainDataset(paths, args.img_size, cache=cache)
+        for workers in sorted({0, args.data_workers}):
+            idx = (sampler.epoch_indices(0) * (1 + (n_batches + 1) * bs // len(paths)))[:(n_batches + 1) * bs]
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=pretrain.StepBatches(idx, bs, 0),
+                                                 collate_fn=collator, num_workers=workers)
+            it = iter(loader)
+            next(it)  # warm-up: worker start-up, first file opens
+            t = time.perf_counter()
+            n = sum(len(b[0]) for b in it)
+            dt = time.perf_counter() - t
+            rows.append((kind, workers, n / dt, n / dt / max(1, workers)))
+    print(f"data: {len(paths)} images, {args.img_size} px crops, batch {bs}, {n_batches} timed batches after one "
+          f"warm-up" + (f"; cache {args.cache_dir}: short side {kinds[-1][1].side} px, {kinds[-1][1].format}"
+                        if args.cache_dir else ""))
+    print("| path     | workers | img/s    | img/s per core |")
+    print("|----------|---------|----------|----------------|")
+    for kind, w, ips, per in rows:
+        print(f"| {kind:<8} | {w:>7} | {ips:>8.1f} | {per:>14.1f} |")
+    best = [r for r in rows if r[0] == kinds[-1][0] and r[1] == args.data_workers][0]
+    return best[2]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base")
@@ -113,60 +256,35 @@ def main():
     p.add_argument("--img_size", type=int, default=224)
     p.add_argument("--patch_size", type=int, default=14)
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--init", default="meta", choices=["meta", "rescaled"])
     p.add_argument("--attn", nargs="+", default=None, help="one or more of triton sdpa math (default: triton on "
-                                                            "CUDA, sdpa elsewhere)")
+                                                            "CUDA if its self-check passes, sdpa elsewhere)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
+                   help="one or more autocast dtypes (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run (0: no model benchmark)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved runs per implementation (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--ijepa_dir", default=None, help="a checkout of facebookresearch/ijepa to benchmark beside ours")
+    p.add_argument("--data", nargs="+", default=None, metavar="SOURCE", help="also time the input pipeline on these")
+    p.add_argument("--cache_dir", default=None, help="a cache prepare.py built from --data: time the cached path too")
+    p.add_argument("--data_workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers")
+    p.add_argument("--data_batch_size", type=int, default=32)
+    p.add_argument("--data_batches", type=int, default=8, help="timed batches per data configuration")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    attns = args.attn or (["triton"] if device.type == "cuda" else ["sdpa"])
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    torch.manual_seed(0)
-    grid = (args.img_size // args.patch_size,) * 2
-    collator = masks_lib.MaskCollator(grid=grid, min_keep=min(10, grid[0] * grid[1] // 8))
-    batches = []
-    for s in range(4):  # a few different mask draws, so lengths vary as they do in training
-        me, mp = collator.sample(args.batch_size, s)
-        imgs = torch.randn(args.batch_size, 1, args.img_size, args.img_size, device=device)
-        batches.append((imgs, [m.to(device) for m in me], [m.to(device) for m in mp]))
-
-    rows = []
-    impls = [(f"radjepa/{a}", lambda a=a: ours(args, a, device, autocast)) for a in attns]
-    if args.ijepa_dir:
-        impls.append(("ijepa (official)", lambda: ijepa(args, device, autocast)))
-    for name, make in impls:
-        step, n_enc, n_pred = make()
-        dt = time_steps(step, batches, device, args.warmup, args.steps)
-        rows.append((name, dt * 1e3, args.batch_size / dt, pretrain.memory_mb(device), n_enc / 1e6, n_pred / 1e6))
-        del step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    ctx, tgt = batches[0][1][0].shape[1], batches[0][2][0].shape[1]
-    print(f"{args.model}/{args.patch_size} @ {args.img_size}px, predictor {args.pred_depth}x{args.pred_dim}, "
-          f"batch {args.batch_size}, {device} {str(dtype).replace('torch.', '')}, threads {torch.get_num_threads()}, "
-          f"context ~{ctx} / target {tgt} patches x {len(batches[0][2])}")
-    mem = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
-    print(f"| {'implementation':<18} | {'step ms':>9} | {'img/s':>9} | {mem:>12} | {'enc M':>6} | {'pred M':>6} |")
-    print(f"|{'-' * 20}|{'-' * 11}|{'-' * 11}|{'-' * 14}|{'-' * 8}|{'-' * 8}|")
-    for r in rows:
-        print(f"| {r[0]:<18} | {r[1]:>9.1f} | {r[2]:>9.1f} | {r[3]:>12.0f} | {r[4]:>6.1f} | {r[5]:>6.1f} |")
-    if args.ijepa_dir:
-        print(f"speed-up over official I-JEPA: {rows[0][2] / rows[-1][2]:.2f}x")
-    print(f"pretrain img/s: {rows[0][2]:.2f}")
+    args.dtype = args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"])
+    first = bench_model(args, device) if args.steps > 0 else None
+    if args.data:
+        print(f"data img/s: {bench_data(args):.1f}")
+    elif first:
+        print(f"pretrain img/s: {first['img_s']:.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    common_run = importlib.import_module("common").run
+    common_run(main)

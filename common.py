@@ -49,7 +49,8 @@ def add_common_args(p, stage, batch_size=64, epochs=10, lr=1e-3, model="vit_base
     g.add_argument("--img_size", type=int, default=img_size, help="input resolution in pixels")
     g.add_argument("--patch_size", type=int, default=14)
     g.add_argument("--attn", default=None, choices=["triton", "sdpa", "math"],
-                   help="attention implementation (default: triton on CUDA, sdpa elsewhere)")
+                   help="attention implementation (default: triton on CUDA if its start-up self-check passes, sdpa "
+                        "elsewhere)")
     g.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
@@ -167,8 +168,9 @@ def setup(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if getattr(args, "attn", None) is None:
-        args.attn = "triton" if device.type == "cuda" else "sdpa"
+    if getattr(args, "attn", None) is None:  # triton on CUDA only if its start-up self-check passes (kernels/)
+        from kernels.selfcheck import default_attention
+        args.attn = default_attention(device) if device.type == "cuda" else "sdpa"
     seed_everything(args.seed + rank)
     return Env(rank, world, local_rank, device, dtype)
 

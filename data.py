@@ -1,7 +1,7 @@
 """
 Chest X-ray input: reading images (PNG 8/16-bit, JPEG, TIFF, DICOM), finding them, preprocessing, subject-level
-splits, and the pretraining pipeline (I-JEPA random resized crop, uint8 memmap cache, weighted mix of sources with
-an optional frontal:lateral ratio).
+splits, and the pretraining pipeline (I-JEPA random resized crop, the prepared 8-bit cache that prepare.py
+builds, weighted mix of sources with an optional frontal:lateral ratio).
 
 Usage (downstream scripts):
     img = data.read_image("scan.dcm")              # np.float32 HxW in [0, 1], bone bright; ImageReadError if not
@@ -13,8 +13,9 @@ Usage (downstream scripts):
 Usage (pretraining):
     sources = data.parse_sources(["/data/nih:2", "/data/chexpert/train.csv:1"])  # PATH[:WEIGHT]
     paths = data.concat_paths(sources)            # dataset index = position in this list
-    cache = data.build_cache(paths, "out/cache")  # optional; rank 0 first, then a barrier, then the other ranks
-    ds = data.PretrainDataset(paths, 224, cache=cache)   # or verify=True to drop unreadable files upfront
+    side = data.min_stored_side(224, (0.3, 1.0))  # 473 px: no crop is upsampled (prepare.py builds the cache)
+    data.prepare_cache(paths, "out/cache", side, shard=data.shard_from_env())  # each rank its share; resumable
+    ds = data.PretrainDataset(paths, 224, cache="out/cache")   # or verify=True to drop unreadable files upfront
     sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed, frontal_ratio=3.0)
     idx = sampler.epoch_indices(epoch)            # this rank's list; slice it to resume mid-epoch
     x, step = ds[(idx[0], step)]                  # crop is a pure function of (seed, index, step)
@@ -376,101 +377,274 @@ def verify_images(paths, workers=8, progress=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# preprocessed cache: every image decoded once, resized to size x size, uint8, one memory-mapped file
+# prepared cache (prepare.py): every image decoded once, shrunk so that no training crop is ever upsampled, 8-bit
+#
+# Layout of a cache folder:
+#   manifest.json          what is being built: version, key (hash of the path list and storage settings), paths
+#   chunks/NNNNNN.bin      images CHUNK_SIZE-aligned chunk NNNNNN, back to back (raw uint8 rows or PNG files)
+#   chunks/NNNNNN.json     that chunk's completion marker: per image [offset, nbytes, height, width] or an error
+#   index.json, index.npz  the merged index, written once every chunk is done: the cache is usable only then
+# Every file is written to a temporary name and renamed, so a killed build leaves whole chunks or nothing; a rerun
+# skips the chunks whose marker exists. Chunk k belongs to shard k % n, so n processes (ranks, nodes, SLURM tasks)
+# share the work with no coordination; whichever finishes last finds every marker and writes the index.
 
-CACHE_VERSION = 1
-
-
-class ImageCache:
-    """N x size x size uint8 images in one np.memmap file, plus the list of paths it holds and those it could not
-    read. The memmap opens lazily in each process, so DataLoader workers get a file name, not a copy of the data."""
-
-    def __init__(self, data_file, paths, size, skipped):
-        self.data_file, self.paths, self.size = data_file, list(paths), int(size)
-        self.skipped = dict(skipped)  # path -> reason
-        self.ok = np.array([p not in self.skipped for p in self.paths], dtype=bool)
-        self._arr = None
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        if self._arr is None:
-            shape = (len(self.paths), self.size, self.size)
-            self._arr = np.memmap(self.data_file, dtype=np.uint8, mode="r", shape=shape)
-        return np.array(self._arr[i])
-
-    def __getstate__(self):
-        return {**self.__dict__, "_arr": None}
+CACHE_VERSION = 2
+CACHE_FORMATS = ("raw", "png")
 
 
-def _cache_key(paths, size):
-    h = hashlib.sha1(json.dumps([CACHE_VERSION, int(size), len(paths)]).encode())
+def min_stored_side(img_size, crop_scale=(0.3, 1.0), crop_ratio=(3 / 4, 4 / 3)):
+    """Shortest stored side so that no random resized crop is upsampled: the smallest crop (area crop_scale[0] of
+    the image, at the most extreme aspect ratio) must still be img_size px on its short side. For an image of short
+    side s (long side >= s) that crop's short side is at least s * sqrt(scale_min * min(ratio_min, 1/ratio_max)),
+    so s >= img_size / sqrt(...): 473 px at 224 px, scale 0.3, ratio 3/4-4/3 (2 x img_size = 448 is not enough: a
+    0.3-area, 3:4 crop of a 448 px square is 212 px wide). At least 2 x img_size, a margin for the resize filter."""
+    worst = float(crop_scale[0]) * min(float(crop_ratio[0]), 1.0 / float(crop_ratio[1]))
+    return max(2 * int(img_size), math.ceil(int(img_size) / math.sqrt(worst) + 0.5))  # +0.5: crop sides are rounded
+
+
+def stored_shape(h, w, side):
+    """(h, w) after shrinking the short side to `side`, aspect kept; images already at or below it are kept as
+    they are (never upsampled: that would only cost disk and invent no detail)."""
+    s = min(h, w)
+    if s <= side:
+        return h, w
+    return max(side, round(h * side / s)), max(side, round(w * side / s))
+
+
+def _cache_key(paths, side, fmt):
+    h = hashlib.sha1(json.dumps([CACHE_VERSION, int(side), fmt, len(paths)]).encode())
     for p in paths:
         h.update(os.fspath(p).encode() + b"\0")
     return h.hexdigest()[:16]
 
 
-def _cache_one(job):
-    path, size = job
-    try:
-        # draft: JPEGs decode in the DCT domain at >= 2x the cache size (several times faster on 2-3k px files;
-        # the 2x margin keeps the result within ~0.3 grey levels on average of a full decode + resize)
-        x = resize(read_image(path, draft=2 * size), size)
-        return (x * 255).round_().clamp_(0, 255).to(torch.uint8).numpy(), None
-    except Exception as e:
-        return None, str(e)
+def _atomic_write(path, payload):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, path)
 
 
-def build_cache(paths, cache_dir, size=256, workers=None, progress=True):
-    """Decode every image once, resize to size x size, store uint8 in `cache_dir`. Reused when a cache for the same
-    path list and size exists (matched by a hash of both; files changed in place are not noticed: delete the folder).
-    Written atomically (temp files + rename; the index JSON last), so a killed build leaves no half cache. Under
-    DDP call it on rank 0, barrier, then on the other ranks (which then just open it). Returns an ImageCache."""
+def _encode(img_u8, fmt):
+    if fmt == "raw":
+        return img_u8.tobytes()
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(img_u8).save(buf, format="PNG", compress_level=6)  # lossless; decode cost is level-independent
+    return buf.getvalue()
+
+
+def _decode(buf, h, w, fmt):
+    if fmt == "raw":
+        return np.frombuffer(buf, dtype=np.uint8).reshape(h, w)
+    import io
+    with Image.open(io.BytesIO(buf)) as im:
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _prepare_image(path, side):
+    """Decode, shrink (antialiased) so the short side is `side`, 8-bit. Returns (uint8 HxW, was_small)."""
+    # draft: JPEGs decode in the DCT domain at >= 2x the stored side (several times faster on 2-3k px files, and
+    # the 2x margin keeps the result within a fraction of a grey level of a full decode + resize)
+    img = read_image(path, draft=2 * side)
+    shape = stored_shape(*img.shape, side)
+    x = resize(img, shape) if shape != img.shape else _to_tensor(img)
+    return (x * 255).round_().clamp_(0, 255).to(torch.uint8).numpy(), min(img.shape) < side
+
+
+def _prepare_chunk(job):
+    """Build one chunk (in a worker process): decode its images, write .bin then the .json marker, atomically."""
+    cache_dir, k, paths, side, fmt = job
+    base = os.path.join(cache_dir, "chunks", f"{k:06d}")
+    for f in os.listdir(os.path.dirname(base)):  # a killed earlier attempt at this chunk: its temp files
+        if f.startswith(f"{k:06d}.") and ".tmp" in f:
+            os.remove(os.path.join(os.path.dirname(base), f))
+    blobs, items, off = [], [], 0
+    for p in paths:
+        try:
+            img, small = _prepare_image(p, side)
+        except ImageReadError as e:
+            items.append({"error": str(e)})
+            continue
+        b = _encode(img, fmt)
+        items.append([off, len(b), img.shape[0], img.shape[1], int(small)])
+        blobs.append(b)
+        off += len(b)
+    _atomic_write(base + ".bin", b"".join(blobs))
+    _atomic_write(base + ".json", json.dumps(items).encode())  # the marker last: .bin is complete when it exists
+    return k, len(paths)
+
+
+def shard_from_env(spec=None):
+    """(index, count) of this process's shard: from "I/N" if given, else torchrun's RANK / WORLD_SIZE, else SLURM's
+    SLURM_PROCID / SLURM_NTASKS, else (0, 1)."""
+    if spec:
+        try:
+            i, n = (int(x) for x in str(spec).split("/"))
+        except ValueError:
+            raise UserError(f"--shard {spec!r}: expected I/N, e.g. 0/4 (shard I of N, counting from 0)")
+    else:
+        i = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        n = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"shard {i}/{n}: need 0 <= I < N")
+    return i, n
+
+
+def prepare_cache(paths, cache_dir, side, fmt="raw", shard=(0, 1), workers=None, chunk_size=512, progress=True):
+    """Build this shard's chunks of the cache of `paths` in `cache_dir` (in parallel over `workers` processes),
+    skipping chunks already done, then merge the index if every shard is done. Returns the PreparedCache when the
+    index exists afterwards, else None (other shards still running; the last one to finish merges)."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
-        raise UserError("no images to cache")
-    n, size = len(paths), int(size)
-    key = _cache_key(paths, size)
-    os.makedirs(cache_dir, exist_ok=True)
-    base = os.path.join(os.fspath(cache_dir), f"cache-{size}px-{key}")
-    data_file, index_file = base + ".u8", base + ".json"
-    if os.path.exists(index_file) and os.path.exists(data_file):
-        with open(index_file) as f:
-            idx = json.load(f)
-        if idx.get("key") == key and idx.get("paths") == paths and os.path.getsize(data_file) == n * size * size:
-            if idx["skipped"]:
-                log.warning(_summarise_skipped(idx["skipped"]))
-            return ImageCache(data_file, paths, size, idx["skipped"])
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    tmp = f"{data_file}.tmp{os.getpid()}"
-    arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, size, size))
-    skipped, jobs, pool = {}, ((p, size) for p in paths), None
+        raise UserError("no images to prepare")
+    if fmt not in CACHE_FORMATS:
+        raise UserError(f"cache format {fmt!r}: choose {' or '.join(CACHE_FORMATS)}")
+    cache_dir, side, (si, sn) = os.fspath(cache_dir), int(side), shard
+    _refuse_old_cache(cache_dir)
+    key = _cache_key(paths, side, fmt)
+    os.makedirs(os.path.join(cache_dir, "chunks"), exist_ok=True)
+    manifest = os.path.join(cache_dir, "manifest.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            m = json.load(f)
+        if m.get("key") != key:
+            raise UserError(f"{cache_dir} holds a cache of another image list or other settings (side "
+                            f"{m.get('side')} px, format {m.get('format')}, {len(m.get('paths', []))} images): "
+                            "use another --cache_dir, or delete that folder to rebuild")
+    else:  # every shard writes the same content, so concurrent writers are harmless
+        _atomic_write(manifest, json.dumps({"version": CACHE_VERSION, "key": key, "side": side, "format": fmt,
+                                            "chunk_size": chunk_size, "paths": paths}).encode())
+        m = {"chunk_size": chunk_size}
+    chunk_size = int(m["chunk_size"])  # a resumed build keeps the chunking it started with
+    n_chunks = -(-len(paths) // chunk_size)
+    done = lambda k: os.path.exists(os.path.join(cache_dir, "chunks", f"{k:06d}.json"))
+    todo = [k for k in range(si, n_chunks, sn) if not done(k)]
+    jobs = [(cache_dir, k, paths[k * chunk_size:(k + 1) * chunk_size], side, fmt) for k in todo]
+    workers = min(len(jobs), (os.cpu_count() or 1) if workers is None else int(workers))
+    pool = None
     try:
-        if workers > 0:
+        if workers > 1:
             # spawn, not fork: forking a process whose torch/OpenMP threads already ran can deadlock the children;
             # one torch thread each, since every worker resizes one image at a time
             pool = multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (1,))
-        results = pool.imap(_cache_one, jobs, chunksize=16) if pool else map(_cache_one, jobs)
-        for i, (img, err) in enumerate(tqdm(results, total=n, desc=f"cache {size}px", disable=not progress)):
-            if err is None:
-                arr[i] = img
-            else:
-                skipped[paths[i]] = err
-        arr.flush()
-        del arr
-        os.replace(tmp, data_file)
+        results = pool.imap_unordered(_prepare_chunk, jobs) if pool else map(_prepare_chunk, jobs)
+        bar = tqdm(total=sum(len(j[2]) for j in jobs), desc=f"prepare shard {si}/{sn}", disable=not progress)
+        for _, n in results:
+            bar.update(n)
+        bar.close()
     finally:
         if pool is not None:
             pool.terminate()
-        if os.path.exists(tmp):  # interrupted: leave no half-written (possibly huge) temp file behind
-            os.remove(tmp)
-    with open(index_file + ".tmp", "w") as f:
-        json.dump({"version": CACHE_VERSION, "key": key, "size": size, "paths": paths, "skipped": skipped}, f)
-    os.replace(index_file + ".tmp", index_file)
-    if skipped:
-        log.warning(_summarise_skipped(skipped))
-    return ImageCache(data_file, paths, size, skipped)
+    if all(done(k) for k in range(n_chunks)):
+        return merge_cache(cache_dir)
+    return None
+
+
+def merge_cache(cache_dir):
+    """Write index.json / index.npz from the chunk markers (all must exist). Idempotent. Returns PreparedCache."""
+    cache_dir = os.fspath(cache_dir)
+    with open(os.path.join(cache_dir, "manifest.json")) as f:
+        m = json.load(f)
+    paths, cs = m["paths"], int(m["chunk_size"])
+    n = len(paths)
+    cols = {k: np.zeros(n, np.int64) for k in ("chunk", "offset", "nbytes", "height", "width", "small")}
+    skipped = {}
+    for k in range(-(-n // cs)):
+        marker = os.path.join(cache_dir, "chunks", f"{k:06d}.json")
+        if not os.path.exists(marker):
+            raise UserError(f"cache {cache_dir} is incomplete (chunk {k} missing): run prepare.py again (all shards)")
+        with open(marker) as f:
+            for j, it in enumerate(json.load(f)):
+                i = k * cs + j
+                cols["chunk"][i] = k
+                if isinstance(it, dict):
+                    skipped[paths[i]] = it["error"]
+                    cols["nbytes"][i] = -1
+                else:
+                    for c, v in zip(("offset", "nbytes", "height", "width", "small"), it):
+                        cols[c][i] = v
+    tmp = os.path.join(cache_dir, f"index.tmp{os.getpid()}.npz")
+    np.savez(tmp, **cols)
+    os.replace(tmp, os.path.join(cache_dir, "index.npz"))
+    ok = cols["nbytes"] >= 0
+    info = {"version": CACHE_VERSION, "key": m["key"], "side": m["side"], "format": m["format"], "images": n,
+            "stored": int(ok.sum()), "small": int(cols["small"][ok].sum()), "skipped": skipped,
+            "bytes": int(cols["nbytes"][ok].sum())}
+    _atomic_write(os.path.join(cache_dir, "index.json"), json.dumps(info).encode())  # last: the cache is complete
+    return open_cache(cache_dir)
+
+
+def _refuse_old_cache(cache_dir):
+    if os.path.isdir(cache_dir) and any(f.startswith("cache-") and f.endswith(".u8") for f in os.listdir(cache_dir)):
+        raise UserError(f"{cache_dir} holds an old square-resized cache (cache-*.u8: every image squashed to one "
+                        "square size, so most training crops were upsampled); it is no longer read. Delete those "
+                        "files and run prepare.py")
+
+
+def open_cache(cache_dir, paths=None, min_side=None):
+    """The PreparedCache in `cache_dir`. With `paths`: checks it holds exactly those images (in that order); with
+    `min_side`: that it stores images at least that large. Any mismatch or an unfinished cache is a UserError
+    that says what to run."""
+    cache_dir = os.fspath(cache_dir)
+    _refuse_old_cache(cache_dir)
+    index = os.path.join(cache_dir, "index.json")
+    if not os.path.exists(index):
+        state = "an unfinished" if os.path.exists(os.path.join(cache_dir, "manifest.json")) else "no"
+        raise UserError(f"{cache_dir} holds {state} prepared cache: run `python prepare.py --data_dir ... "
+                        f"--cache_dir {cache_dir}` first (with the same sources; it resumes)")
+    with open(index) as f:
+        info = json.load(f)
+    if info.get("version") != CACHE_VERSION:
+        raise UserError(f"{cache_dir} was prepared by another version of prepare.py: delete it and prepare again")
+    if paths is not None:
+        paths = [os.fspath(p) for p in paths]
+        if _cache_key(paths, info["side"], info["format"]) != info["key"]:
+            raise UserError(f"the cache in {cache_dir} was prepared for another image list ({info['images']} "
+                            f"images; this run has {len(paths)}): prepare it again with the same --data_dir")
+    if min_side is not None and info["side"] < min_side:
+        raise UserError(f"the cache in {cache_dir} stores short sides of {info['side']} px, but this run's crops "
+                        f"need {min_side} px not to be upsampled: prepare it again with this --img_size/--crop_scale")
+    if info["skipped"]:
+        log.warning(_summarise_skipped(info["skipped"]))
+    return PreparedCache(cache_dir, info)
+
+
+class PreparedCache:
+    """Read side of a prepared cache: cache[i] -> uint8 HxW (short side = the stored side, or smaller if the
+    original was). Chunk files are memory-mapped lazily in each process, so DataLoader workers receive a folder
+    name and a few index arrays, not pixels; the OS page cache shares the mapped data between them."""
+
+    def __init__(self, cache_dir, info):
+        self.cache_dir, self.info = cache_dir, info
+        self.side, self.format, self.skipped = int(info["side"]), info["format"], dict(info["skipped"])
+        with np.load(os.path.join(cache_dir, "index.npz")) as z:
+            self.chunk, self.offset, self.nbytes = z["chunk"], z["offset"], z["nbytes"]
+            self.height, self.width, self.small = z["height"], z["width"], z["small"].astype(bool)
+        self.ok = self.nbytes >= 0
+        self._maps = {}
+
+    def __len__(self):
+        return len(self.chunk)
+
+    def _map(self, k):
+        if k not in self._maps:
+            import mmap
+            with open(os.path.join(self.cache_dir, "chunks", f"{k:06d}.bin"), "rb") as f:
+                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+        return self._maps[k]
+
+    def __getitem__(self, i):
+        if not self.ok[i]:
+            raise ImageReadError(f"image {i} could not be read when the cache was prepared")
+        o, n, h, w = int(self.offset[i]), int(self.nbytes[i]), int(self.height[i]), int(self.width[i])
+        m = self._map(int(self.chunk[i]))
+        if self.format == "raw":  # a read-only view of the mapped pages: only the crop taken from it is copied
+            return np.frombuffer(m, dtype=np.uint8, count=n, offset=o).reshape(h, w)
+        return _decode(m[o:o + n], h, w, self.format)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": {}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,8 +658,8 @@ class PretrainDataset(torch.utils.data.Dataset):
     a resumed run sees exactly the same crops. ds[index] draws from torch's RNG instead and returns step -1.
     An unreadable file is replaced by the next readable item (deterministically), named once in a warning and
     added to `self.skipped` (paths; per process, so per DataLoader worker). verify=True checks every header
-    upfront and never tries the bad ones; with `cache` (an ImageCache, or a folder to build/open one at 256 px)
-    images come from the uint8 memmap and files the cache could not read are skipped the same way."""
+    upfront and never tries the bad ones; with `cache` (a PreparedCache, or the folder of one: see prepare.py)
+    images come from the prepared 8-bit cache and files it could not read are skipped the same way."""
 
     def __init__(self, items, img_size=224, crop_scale=(0.3, 1.0), mean=CXR_MEAN, std=CXR_STD, cache=None,
                  in_chans=1, crop_ratio=(3 / 4, 4 / 3), hflip=False, seed=0, verify=False):
@@ -496,9 +670,9 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.hflip, self.seed = hflip, int(seed)
         self.mean, self.std = _stats(mean, std, in_chans)
         if isinstance(cache, (str, os.PathLike)):
-            cache = build_cache(self.items, cache)
-        if cache is not None and cache.paths != self.items:
-            raise UserError("the image cache was built for a different image list: rebuild it with build_cache(paths)")
+            cache = open_cache(cache, self.items, min_stored_side(img_size, crop_scale, crop_ratio))
+        if cache is not None and _cache_key(self.items, cache.side, cache.format) != cache.info["key"]:
+            raise UserError("the prepared cache holds a different image list: prepare it again with these sources")
         self.cache = cache
         self.bad = set() if cache is None else set(np.flatnonzero(~cache.ok).tolist())  # indices never tried
         if verify:
@@ -525,6 +699,11 @@ class PretrainDataset(torch.utils.data.Dataset):
                 log.warning("skipping unreadable image (%d skipped so far in this process): %s", len(self.skipped), e)
         raise UserError(f"none of the {n} images could be read")
 
+    def crop_of(self, index, rng):
+        """(index used, its HxW image, crop box (top, left, height, width)) for the crop `rng` draws."""
+        i, img = self.load(index)
+        return i, img, crop_box(rng, *img.shape[:2], scale=self.crop_scale, ratio=self.crop_ratio)
+
     def __getitem__(self, key):
         if isinstance(key, (tuple, list)):
             index, step = int(key[0]), int(key[1])
@@ -532,10 +711,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         else:
             index, step = int(key), -1
             rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
-        _, img = self.load(index)
-        x = _to_tensor(img)
-        t, l, h, w = crop_box(rng, *x.shape, scale=self.crop_scale, ratio=self.crop_ratio)
-        x = x[t:t + h, l:l + w]
+        _, img, (t, l, h, w) = self.crop_of(index, rng)
+        x = _to_tensor(img[t:t + h, l:l + w])  # crop first, then convert: only the crop's pixels become float
         if self.hflip and rng.random() < 0.5:
             x = x.flip(1)
         x = resize(x, self.img_size)

@@ -15,8 +15,8 @@ predict, sampled per batch and returned as lists of (B, K) patch-index tensors f
 
 Sampling, as in I-JEPA (Assran et al. 2023, sec. 3): per batch one target block size (scale, aspect ratio) and one
 square context block size; per image n_pred target blocks and n_enc context blocks at random positions; each
-context loses every patch that is in a target (no trivial copying) unless allow_overlap; a context left with fewer
-than min_keep patches is re-drawn, and after 20 failed positions one target constraint is dropped (I-JEPA's
+context loses every patch that is in a target (no trivial copying) unless allow_overlap; a context left with
+min_keep patches or fewer is re-drawn (every block must keep MORE than min_keep: I-JEPA's strict `>`), and after 20 failed positions one target constraint is dropped (I-JEPA's
 fallback). Finally every mask of a kind is cut to the shortest in the batch so the lists stack into tensors.
 
 Differences from facebookresearch/ijepa src/masks/multiblock.py, each a fix:
@@ -77,15 +77,16 @@ class MaskCollator:
             raise E(f"--seed must be >= 0 (got seed {self.seed}, rank {self.rank})")
         if self.trim not in ("random", "first"):
             raise E(f"--mask_trim {self.trim}: choose random or first")
-        if self.min_keep < 1:
-            raise E(f"--min_keep must be at least 1 (got {self.min_keep})")
-        # the sampler could loop forever if a block can never hold min_keep patches: refuse such settings up front
+        if self.min_keep < 0:
+            raise E(f"--min_keep must be at least 0 (got {self.min_keep}; blocks keep more than min_keep patches)")
+        # the sampler could loop forever if a block can never hold more than min_keep patches: refuse such settings
         for flag, scale, aspect in (("--pred_mask_scale", self.pred_scale, self.aspect),
                                     ("--enc_mask_scale", self.enc_scale, (1.0, 1.0))):
             smallest = self._smallest_block(scale[0], aspect)
-            if smallest < self.min_keep:
-                raise E(f"--min_keep {self.min_keep} is more than the smallest block {flag} {scale[0]} allows on a "
-                        f"{self.H}x{self.W} patch grid ({smallest} patches); lower --min_keep or raise {flag}")
+            if smallest <= self.min_keep:
+                raise E(f"--min_keep {self.min_keep}: every block must keep more than that, but the smallest block "
+                        f"{flag} {scale[0]} allows on a {self.H}x{self.W} patch grid has {smallest} patches; lower "
+                        f"--min_keep (to at most {smallest - 1}) or raise {flag}")
 
     def block_size(self, scale, aspect):
         """(h, w) in patches of a block covering `scale` of the grid with height/width `aspect` (numpy-vectorised).
@@ -162,7 +163,7 @@ class MaskCollator:
         taken = tgt.any(1) if not self.allow_overlap else np.zeros((B, N), dtype=bool)  # patches a context may not use
 
         # the I-JEPA retry loop, vectorised: draw all RETRIES corners at once and take the first whose block keeps
-        # min_keep patches outside the targets (the same distribution as drawing one at a time until success).
+        # more than min_keep patches outside the targets (strict, as I-JEPA's `len(mask) > min_keep`) (the same distribution as drawing one at a time until success).
         # Patches kept = block area - target patches inside it, read off a summed-area table of the target union in
         # O(1) per candidate instead of painting B * RETRIES full masks
         top, left = self._corners(rng, (B, self.n_enc, RETRIES), eh, ew)
@@ -170,19 +171,19 @@ class MaskCollator:
         S[:, 1:, 1:] = taken.reshape(B, self.H, self.W).cumsum(1).cumsum(2)
         bi = np.arange(B)[:, None, None]
         inside = S[bi, top + eh, left + ew] - S[bi, top, left + ew] - S[bi, top + eh, left] + S[bi, top, left]
-        ok = eh * ew - inside >= self.min_keep  # (B, n_enc, RETRIES)
+        ok = eh * ew - inside > self.min_keep  # (B, n_enc, RETRIES)
         first = ok.argmax(-1)[..., None]  # first valid retry (0 where none is valid; fixed below)
         top, left = np.take_along_axis(top, first, -1)[..., 0], np.take_along_axis(left, first, -1)[..., 0]
         ctx = self._paint(top, left, eh, ew) & ~taken[:, None]  # (B, n_enc, N)
 
         # I-JEPA's fallback: after RETRIES failures drop the last remaining target constraint and try again; with
-        # none left the context is a bare block, which _validate guarantees holds min_keep patches
+        # none left the context is a bare block, which _validate guarantees holds more than min_keep patches
         self.relaxed = 0
         for b, e in zip(*np.nonzero(~ok.any(-1))):
             self.relaxed += 1
             for keep in range(self.n_pred - 1, -1, -1):
                 c = self._paint(*self._corners(rng, (RETRIES,), eh, ew), eh, ew) & ~tgt[b, :keep].any(0)
-                good = c.sum(-1) >= self.min_keep
+                good = c.sum(-1) > self.min_keep
                 if good.any():
                     ctx[b, e] = c[good.argmax()]
                     break
@@ -216,7 +217,7 @@ def add_mask_args(p):
                    help="target block height / width")
     g.add_argument("--num_enc_masks", type=int, default=1, help="context blocks per image")
     g.add_argument("--num_pred_masks", type=int, default=4, help="target blocks per image")
-    g.add_argument("--min_keep", type=int, default=10, help="fewest patches a context or target may keep")
+    g.add_argument("--min_keep", type=int, default=10, help="every context and target block keeps MORE than this many patches (I-JEPA's strict >)")
     g.add_argument("--allow_overlap", action="store_true", help="let the context include target patches")
     g.add_argument("--mask_trim", default="random", choices=["random", "first"],
                    help="how contexts are cut to the batch's shortest: a random subset of patches, or the first ones "

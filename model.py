@@ -151,23 +151,50 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
-def _init_weights(module):
+INIT_SCHEMES = ("meta", "rescaled")
+
+
+@torch.no_grad()
+def _trunc_normal_(w, std=0.02, bound=2.0):
+    # N(0, std) truncated at +-bound (absolute, as timm / Meta): clamping is exact when bound >> std (see below)
+    assert bound >= 10 * std, "clamping only equals truncation when the bound is many sigma away"
+    return w.normal_(0.0, std).clamp_(-bound, bound)
+
+
+def init_weights(module, scheme="meta"):
+    """(Re-)initialise every layer of `module` (an encoder, a predictor, or anything holding them) in place.
+
+    scheme="meta" (the default, what RadJEPa and I-JEPA were trained with): every nn.Linear trunc_normal(std 0.02)
+    with zero bias, every LayerNorm weight 1 / bias 0, the patch-embedding conv trunc_normal(std 0.02) / bias 0.
+    That is the ViT's own _init_weights in Meta's code followed by helper.init_model, which re-initialises every
+    Linear after construction and so undoes the per-layer rescale the constructors apply (fix_init_weight).
+    scheme="rescaled" keeps that rescale: each block's residual output layers (attn.proj, mlp.fc2) are further
+    divided by sqrt(2 * layer), as Meta's constructors leave them before init_model runs.
+    CLS / register / mask tokens and the fixed position embeddings are not touched. Returns `module`.
+
+    The truncated normal is drawn as a normal clamped to +-2 rather than with trunc_normal_'s inverse-CDF method:
+    at std 0.02 the +-2 bounds are 100 sigma away, so the distribution is the same, but the inverse-CDF method in
+    float32 maps a uniform draw of exactly -1 to erfinv(-1) = -inf, clamped to -2: about one weight per few
+    million comes out at -2.0, a 100-sigma outlier (Meta's init of a ViT-S has one, in blocks.7.attn.qkv)."""
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}: use {' or '.join(INIT_SCHEMES)}")
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            _trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    # I-JEPA's fix_init_weight: shrink each residual branch's output layer by sqrt(2 * layer) for a stable start
-    for i, blk in enumerate(getattr(module, "blocks", [])):
-        blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
-        blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+    if scheme == "rescaled":
+        # depth-dependent shrink of each residual branch, per transformer stack (encoder blocks, predictor blocks)
+        for m in module.modules():
+            blocks = getattr(m, "blocks", None) if isinstance(m, VisionTransformer) else \
+                getattr(m, "predictor_blocks", None) if isinstance(m, Predictor) else None
+            for i, blk in enumerate(blocks or []):
+                blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+                blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,7 +222,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size=224, patch_size=14, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=True, cls_token=False, num_register_tokens=0, learned_pos=False,
-                 layer_scale=None, eps=1e-6, interp_antialias=False, interp_offset=0.0, attn="sdpa"):
+                 layer_scale=None, eps=1e-6, interp_antialias=False, interp_offset=0.0, attn="sdpa", init="meta"):
         super().__init__()
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
@@ -217,7 +244,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layer_scale, attn, eps)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
-        _init_weights(self)
+        init_weights(self, init)
         for p in (self.cls_token, self.register_tokens):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
@@ -301,7 +328,8 @@ class Predictor(nn.Module):
     position embedding of each target patch stands in for every target; the transformer runs on [context, targets]
     and the target slots, projected back to the encoder width, are the predictions."""
 
-    def __init__(self, grid, embed_dim=768, pred_dim=384, depth=12, num_heads=12, mlp_ratio=4.0, attn="sdpa"):
+    def __init__(self, grid, embed_dim=768, pred_dim=384, depth=12, num_heads=12, mlp_ratio=4.0, attn="sdpa",
+                 init="meta"):
         super().__init__()
         self.grid = tuple(grid)
         self.predictor_embed = nn.Linear(embed_dim, pred_dim)
@@ -310,10 +338,7 @@ class Predictor(nn.Module):
         self.predictor_blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio, True, None, attn) for _ in range(depth))
         self.predictor_norm = nn.LayerNorm(pred_dim, eps=1e-6)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)
-        _init_weights(self)
-        for i, blk in enumerate(self.predictor_blocks):
-            blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
-            blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+        init_weights(self, init)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, ctx, masks_ctx, masks_tgt):

@@ -55,8 +55,8 @@ import data
 import masks as masks_lib
 from common import UserError
 from encoders import export_hf, save_encoder
+from model import INIT_SCHEMES, VIT_CONFIGS, Predictor, apply_masks, build_vit, repeat_interleave_batch
 from safetensors import SafetensorError, safe_open
-from model import VIT_CONFIGS, Predictor, apply_masks, build_vit, repeat_interleave_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(HERE, "sample_data")
@@ -79,14 +79,17 @@ def get_args(argv=None):
                    help="defaults for the flags below (default: demo without --data_dir, paper with it)")
     p.add_argument("--frontal_ratio", type=float, default=None,
                    help="resample so frontal:lateral is this ratio where CSV sources give a view column (paper: 3)")
-    p.add_argument("--cache_dir", default=None, help="decode every image once into a uint8 memory-mapped cache here")
-    p.add_argument("--cache_size", type=int, default=256, help="side length of cached images")
+    p.add_argument("--cache_dir", default=None, help="read images from the cache prepare.py built here from the same "
+                                                     "--data_dir (python prepare.py --data_dir ... --cache_dir DIR)")
     p.add_argument("--verify", action="store_true",
                    help="open every file's header before training and drop unreadable ones up front")
     p.add_argument("--crop_scale", type=float, nargs=2, default=(0.3, 1.0), help="random resized crop area range")
     p.add_argument("--pred_depth", type=int, default=None, help="predictor depth (paper: 12)")
     p.add_argument("--pred_dim", type=int, default=None, help="predictor width (paper: 384)")
     p.add_argument("--loss", choices=["smooth_l1", "l2"], default="smooth_l1")
+    p.add_argument("--init", choices=list(INIT_SCHEMES), default="meta",
+                   help="weight init: meta (every Linear std 0.02, as Meta's I-JEPA training) or rescaled (plus the "
+                        "per-layer shrink of each block's output layers); see model.init_weights")
     p.add_argument("--warmup", type=float, default=None, help="warm-up epochs (linear start_lr -> lr)")
     p.add_argument("--start_lr", type=float, default=None)
     p.add_argument("--final_lr", type=float, default=None)
@@ -128,7 +131,7 @@ def validate_args(args):
     """Every numeric flag checked before any work, each with a one-line error (a bad value used to spin forever,
     give a traceback, or silently train)."""
     whole = dict(batch_size=1, epochs=1, log_every=1, ckpt_every=1, keep_ckpts=1, img_size=1, patch_size=1,
-                 pred_depth=1, pred_dim=1, cache_size=1, num_enc_masks=1, num_pred_masks=1, num_workers=0,
+                 pred_depth=1, pred_dim=1, num_enc_masks=1, num_pred_masks=1, num_workers=0,
                  min_keep=0, max_steps=1)
     for k, lo in whole.items():
         v = getattr(args, k)
@@ -173,9 +176,10 @@ class JEPA(nn.Module):
 
 
 def build(args, device):
-    encoder = build_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, attn=args.attn)
+    init = getattr(args, "init", "meta")  # model.init_weights scheme (--init)
+    encoder = build_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, attn=args.attn, init=init)
     predictor = Predictor(encoder.grid, encoder.embed_dim, args.pred_dim, args.pred_depth, encoder.num_heads,
-                          attn=args.attn)
+                          attn=args.attn, init=init)
     target = copy.deepcopy(encoder).requires_grad_(False)
     return JEPA(encoder, predictor).to(device), target.to(device)
 
@@ -564,12 +568,9 @@ def main(argv=None):
     # data: find and check everything before any model is built, so a bad path fails in seconds
     sources = data.parse_sources(args.data_dir)
     paths = data.concat_paths(sources)
-    cache = None
-    if args.cache_dir:  # rank 0 decodes once; the others wait, then open the same memory-mapped file
-        if env.is_main:
-            data.build_cache(paths, args.cache_dir, args.cache_size)
-        env.barrier()
-        cache = data.build_cache(paths, args.cache_dir, args.cache_size, progress=False)
+    # opened, never built here (no rank waits for another); a missing, unfinished or mismatched cache is an error
+    cache = data.open_cache(args.cache_dir, paths, data.min_stored_side(args.img_size, args.crop_scale)) \
+        if args.cache_dir else None
     dataset = Images(paths, args.img_size, crop_scale=tuple(args.crop_scale), cache=cache, seed=args.seed,
                      verify=args.verify, min_side=2 * args.patch_size)
     sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed, frontal_ratio=args.frontal_ratio)

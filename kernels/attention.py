@@ -69,22 +69,141 @@ else:
     # timing on the first call per key, so the lists stay short.
     FWD_CONFIGS = [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, w, s in
                    [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
-                    (128, 128, 8, 2)]]
+                    (128, 128, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2)]]
     DKDV_CONFIGS = [_cfg(w, s, BLOCK_M1=bm, BLOCK_N1=bn) for bm, bn, w, s in
-                    [(32, 128, 4, 5), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)]]
+                    [(32, 128, 4, 5), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2),
+                     (32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)]]
     DQ_CONFIGS = [_cfg(w, s, BLOCK_M2=bm, BLOCK_N2=bn) for bm, bn, w, s in
-                  [(128, 32, 4, 5), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)]]
+                  [(128, 32, 4, 5), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2),
+                   (64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2)]]
 
 
-def _prune(block_a, block_b):
-    """early_config_prune for the autotuner: drop configs that are useless for the problem at hand (blocks much
-    longer than the sequence only burn masked work; 128 x 128 tiles at head dim 128 spill registers)."""
+# rows per program of the tiny delta = rowsum(dO * O) kernel: 128 rows x head dim 128 held in 4 warps' registers
+# spill on sm_90 (kernels/aot_report.py); 32 rows never do, and the kernel is memory-bound either way
+PREPROCESS_BLOCK = 32
+
+
+# Configs that spill registers (or exceed shared memory) on a GPU generation, measured ahead of time by
+# kernels/aot_report.py (ptxas -v on the cubin for sm_80 / sm_90, fp16 and bf16; a config is listed when it spills
+# in either dtype): {(kernel, arch): {(block_a, block_b, num_warps, num_stages, BLOCK_D): spill-store bytes}}.
+# The autotuner never tries these; if every config of a kernel spills at some head dim, the one that spills
+# least is kept (there has to be one).
+SPILLS = {  # measured by kernels/aot_report.py --dtype bf16 --head_dim 64 128 (head dim 80 pads to BLOCK_D 128)
+    ('_attn_bwd_dkdv', 80): {
+        (16, 64, 4, 2, 128): 348,
+        (32, 32, 4, 2, 128): 132,
+        (32, 64, 4, 3, 64): 124,
+        (32, 64, 4, 3, 128): 624,
+        (32, 64, 8, 2, 128): 60,
+        (32, 128, 4, 3, 64): 872,
+        (32, 128, 4, 3, 128): 26354,
+        (32, 128, 4, 5, 64): 872,
+        (32, 128, 4, 5, 128): 26354,
+        (64, 64, 4, 2, 64): 708,
+        (64, 64, 4, 2, 128): 1604,
+        (64, 128, 8, 3, 64): 440,
+        (64, 128, 8, 3, 128): 23414,
+    },
+    ('_attn_bwd_dkdv', 90): {
+        (16, 64, 4, 2, 128): 292,
+        (32, 32, 4, 2, 128): 160,
+        (32, 64, 4, 3, 128): 640,
+        (32, 64, 8, 2, 128): 88,
+        (32, 128, 4, 3, 64): 720,
+        (32, 128, 4, 3, 128): 4400,
+        (32, 128, 4, 5, 64): 720,
+        (32, 128, 4, 5, 128): 4400,
+        (64, 64, 4, 2, 64): 260,
+        (64, 64, 4, 2, 128): 1732,
+        (64, 128, 8, 3, 64): 12,
+        (64, 128, 8, 3, 128): 1168,
+    },
+    ('_attn_bwd_dq', 80): {
+        (32, 32, 4, 2, 128): 4,
+        (64, 16, 4, 2, 128): 24,
+        (64, 32, 4, 3, 128): 320,
+        (64, 64, 4, 2, 64): 292,
+        (64, 64, 4, 2, 128): 1064,
+        (128, 32, 4, 3, 64): 316,
+        (128, 32, 4, 3, 128): 2266,
+        (128, 32, 4, 5, 64): 316,
+        (128, 32, 4, 5, 128): 2266,
+        (128, 64, 8, 3, 64): 128,
+        (128, 64, 8, 3, 128): 904,
+    },
+    ('_attn_bwd_dq', 90): {
+        (32, 32, 4, 2, 128): 16,
+        (64, 16, 4, 2, 128): 28,
+        (64, 32, 4, 3, 128): 344,
+        (64, 64, 4, 2, 64): 152,
+        (64, 64, 4, 2, 128): 952,
+        (128, 32, 4, 3, 64): 172,
+        (128, 32, 4, 3, 128): 1886,
+        (128, 32, 4, 5, 64): 172,
+        (128, 32, 4, 5, 128): 1886,
+        (128, 64, 8, 3, 128): 624,
+    },
+    ('_attn_fwd', 80): {
+        (64, 32, 4, 2, 128): 160,
+        (64, 64, 4, 3, 64): 256,
+        (64, 64, 4, 3, 128): 908,
+        (64, 64, 8, 2, 128): 208,
+        (128, 32, 4, 3, 64): 248,
+        (128, 32, 4, 3, 128): 13766,
+        (128, 64, 4, 3, 64): 740,
+        (128, 64, 4, 3, 128): 23960,
+        (128, 64, 4, 4, 64): 740,
+        (128, 64, 4, 4, 128): 23960,
+        (128, 64, 8, 2, 64): 4,
+        (128, 64, 8, 2, 128): 860,
+        (128, 64, 8, 3, 64): 4,
+        (128, 64, 8, 3, 128): 860,
+        (128, 128, 8, 2, 64): 556,
+        (128, 128, 8, 2, 128): 23266,
+    },
+    ('_attn_fwd', 90): {
+        (64, 32, 4, 2, 128): 28,
+        (64, 64, 4, 3, 128): 816,
+        (128, 32, 4, 3, 64): 12,
+        (128, 32, 4, 3, 128): 756,
+        (128, 64, 4, 3, 64): 324,
+        (128, 64, 4, 3, 128): 2188,
+        (128, 64, 4, 4, 64): 324,
+        (128, 64, 4, 4, 128): 2188,
+        (128, 64, 8, 2, 128): 200,
+        (128, 64, 8, 3, 128): 200,
+        (128, 128, 8, 2, 64): 60,
+        (128, 128, 8, 2, 128): 1412,
+    },
+}
+
+
+def _arch(t):
+    """The SPILLS generation of the GPU holding tensor t: 90 for Hopper and newer, 80 for Ampere / Ada."""
+    if INTERPRET or not t.is_cuda:
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 90 if major * 10 + minor >= 90 else 80
+
+
+def kept_configs(kernel, configs, n, block_d, arch, block_a, block_b):
+    """The configs the autotuner may try for `kernel` at sequence length n (its power-of-two key) and padded head
+    dim block_d on GPU generation `arch` (None: no spill data applies): blocks much longer than the sequence only
+    burn masked work, and configs known to spill there are dropped."""
+    keep = [c for c in configs if c.kwargs[block_a] <= max(64, n) and c.kwargs[block_b] <= max(64, n)]
+    keep = keep or [min(configs, key=lambda c: c.kwargs[block_a] * c.kwargs[block_b])]
+    spills = SPILLS.get((kernel, arch), {})
+    cost = lambda c: spills.get((c.kwargs[block_a], c.kwargs[block_b], c.num_warps, c.num_stages, block_d), 0)
+    clean = [c for c in keep if cost(c) == 0]
+    return clean or [min(keep, key=cost)]
+
+
+def _prune(kernel, block_a, block_b):
+    """early_config_prune for the autotuner (see kept_configs)."""
     def prune(configs, named_args, **kwargs):
         n, d = named_args["N_KEY"], kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        area = lambda c: c.kwargs[block_a] * c.kwargs[block_b]
-        keep = [c for c in configs if c.kwargs[block_a] <= max(64, n) and c.kwargs[block_b] <= max(64, n)
-                and not (d >= 128 and area(c) >= 128 * 128)]
-        return keep or [min(configs, key=area)]
+        return kept_configs(kernel, configs, n, d, _arch(named_args["Q"] if "Q" in named_args else named_args["O"]),
+                            block_a, block_b)
     return prune
 
 
@@ -142,7 +261,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, skn, svn, lo, hi, N, offs_n, of
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=["N_KEY", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")})
+                 prune_configs_by={"early_config_prune": _prune("_attn_fwd", "BLOCK_M", "BLOCK_N")})
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -238,7 +357,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqn, sdon, 
 
 
 @triton.autotune(configs=DKDV_CONFIGS, key=["N_KEY", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_M1", "BLOCK_N1")})
+                 prune_configs_by={"early_config_prune": _prune("_attn_bwd_dkdv", "BLOCK_M1", "BLOCK_N1")})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
@@ -307,7 +426,7 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, skn, svn, lo, hi, N, offs_n
 
 
 @triton.autotune(configs=DQ_CONFIGS, key=["N_KEY", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_M2", "BLOCK_N2")})
+                 prune_configs_by={"early_config_prune": _prune("_attn_bwd_dq", "BLOCK_M2", "BLOCK_N2")})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
@@ -392,7 +511,7 @@ def _backward(q, k, v, o, lse, do, scale):
     B, H, N, D = q.shape
     meta = _meta(q)
     delta = _new((B, H, N), torch.float32, q.device)
-    block = 32 if INTERPRET else 128
+    block = PREPROCESS_BLOCK
     _attn_bwd_preprocess[(triton.cdiv(N, block) * B * H,)](
         o, do, delta, *_strides(o), *_strides(do), H, N, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
     dq, dk, dv = (_new_bnhd(B, H, N, D, q.dtype, q.device) for _ in range(3))

@@ -1,8 +1,11 @@
 """data.py on the bundled real X-rays: decoding (PNG 8/16-bit, JPEG, TIFF, DICOM made here with pydicom), bad files,
-folders, the uint8 cache, the source mix sampler, subject splits and deterministic crops."""
+folders, the prepared cache (prepare.py), the source mix sampler, subject splits and deterministic crops."""
 import logging
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -12,7 +15,7 @@ from PIL import Image
 
 import data
 from common import UserError
-from conftest import SAMPLE
+from conftest import ROOT, SAMPLE
 
 PNG = SAMPLE / "lungseg" / "images" / "00870a9c.png"  # 8-bit grayscale 256 x 256
 JPGS = sorted((SAMPLE / "nih14" / "images").glob("*.jpg"))
@@ -195,42 +198,144 @@ def test_missing_and_empty_folders_are_user_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# cache
+# prepared cache (prepare.py)
 
-def test_cache_round_trip_equals_direct_decoding(tmp_path, monkeypatch, caplog):
+SMALL = sorted((SAMPLE / "kermany").rglob("*.jpg"))  # paediatric films, some under 150 px on their short side
+
+
+def cache_folder(tmp_path):
     d, bad = bad_folder(tmp_path)
     for p in sorted((SAMPLE / "lungseg" / "images").glob("*.png"))[:2]:
         shutil.copy(p, d / p.name)
-    paths = data.find_images(d)
-    cache = data.build_cache(paths, tmp_path / "cache", size=64, workers=0, progress=False)
-    assert set(cache.skipped) == bad and len(cache) == 11
+    small = next(p for p in SMALL if min(Image.open(p).size) < 120)
+    shutil.copy(small, d / "small.jpeg")
+    return data.find_images(d), bad, str(d / "small.jpeg")
+
+
+def test_prepared_cache_round_trip_equals_direct_decoding(tmp_path, monkeypatch, caplog):
+    paths, bad, small = cache_folder(tmp_path)
+    side = 120
+    cache = data.prepare_cache(paths, tmp_path / "c", side, workers=0, chunk_size=4, progress=False)
+    assert set(cache.skipped) == bad and len(cache) == 12 and cache.info["small"] == 1
+    assert cache.info["bytes"] == sum(int(cache.height[i]) * int(cache.width[i]) for i in np.flatnonzero(cache.ok))
+    png = data.prepare_cache(paths, tmp_path / "p", side, fmt="png", workers=1, chunk_size=5, progress=False)
     for i, p in enumerate(paths):
         if p in bad:
+            with pytest.raises(data.ImageReadError):
+                cache[i]
             continue
-        direct = data.resize(data.read_image(p), 64).double().numpy() * 255
-        assert cache[i].dtype == np.uint8 and cache[i].shape == (64, 64)
-        if p.endswith(".png"):  # decoded exactly as read_image does; only the uint8 rounding differs
-            assert np.abs(cache[i] - direct).max() <= 0.5 + 1e-4
+        full = data.read_image(p)
+        img = cache[i]
+        assert img.dtype == np.uint8 and img.shape == data.stored_shape(*full.shape, side)
+        assert min(img.shape) == min(side, min(full.shape))  # short side shrunk to `side`, aspect kept
+        assert abs(img.shape[0] / img.shape[1] - full.shape[0] / full.shape[1]) < 0.02
+        assert np.array_equal(png[i], img)  # PNG is lossless: both formats hold the same pixels
+        if p == small:  # smaller than `side`: stored exactly as decoded, never upsampled
+            assert img.shape == full.shape and np.abs(img - full * 255).max() <= 0.5 + 1e-4
+            assert cache.small[i]
+        elif p.endswith(".png"):  # decoded exactly as read_image does; only the uint8 rounding differs
+            direct = data.resize(full, img.shape).double().numpy() * 255
+            assert np.abs(img - direct).max() <= 0.5 + 1e-4
         else:  # JPEG decoded at >= 2x size in the DCT domain: equal to that path, close to the full decode
-            drafted = data.resize(data.read_image(p, draft=128), 64).double().numpy() * 255
-            assert np.abs(cache[i] - drafted).max() <= 0.5 + 1e-4
-            assert np.abs(cache[i] - direct).mean() < 1.0
-    assert len(pickle.dumps(cache)) < 5000  # workers get the file name, not the pixels
-    # a process pool (spawned workers) builds the same cache
-    pooled = data.build_cache(paths, tmp_path / "cache_pool", size=64, workers=1, progress=False)
-    assert all(np.array_equal(pooled[i], cache[i]) for i in range(len(paths))) and pooled.skipped == cache.skipped
-    # second call with the same paths and size reuses the files: no decoding at all
-    monkeypatch.setattr(data, "_cache_one", lambda job: pytest.fail("cache was rebuilt"))
-    again = data.build_cache(paths, tmp_path / "cache", size=64, workers=0, progress=False)
+            drafted = data.resize(data.read_image(p, draft=2 * side), img.shape).double().numpy() * 255
+            assert np.abs(img - drafted).max() <= 0.5 + 1e-4
+            assert np.abs(img - data.resize(full, img.shape).double().numpy() * 255).mean() < 1.0
+    assert len(pickle.dumps(cache)) < 5000  # workers get the folder name and index arrays, not pixels
+    # a second call with the same paths and settings reuses the chunks: no decoding at all
+    monkeypatch.setattr(data, "_prepare_image", lambda *a: pytest.fail("cache was rebuilt"))
+    again = data.prepare_cache(paths, tmp_path / "c", side, workers=0, chunk_size=4, progress=False)
     assert np.array_equal(again[0], cache[0]) and set(again.skipped) == bad
-    # the dataset reads the memmap and never tries the files the cache could not read
+    # the dataset reads the cache and never tries the files the cache could not read
     with caplog.at_level(logging.WARNING, logger="data"):
-        ds = data.PretrainDataset(paths, img_size=32, cache=again)
+        ds = data.PretrainDataset(paths, img_size=32, cache=tmp_path / "c")
         [ds[(i, 0)] for i in range(len(ds))]
     assert ds.skipped == bad and not any("skipping unreadable" in r.getMessage() for r in caplog.records)
-    full = data.PretrainDataset(paths, img_size=64, crop_scale=(1, 1), crop_ratio=(1, 1), cache=again)
-    j = next(i for i, p in enumerate(paths) if p not in bad)
-    np.testing.assert_allclose(full[(j, 0)][0][0] * data.CXR_STD + data.CXR_MEAN, again[j] / 255.0, atol=1e-5)
+    whole = data.PretrainDataset(paths, img_size=side, crop_scale=(1, 1), crop_ratio=(1, 1), cache=again)
+    j = paths.index(next(p for p in paths if p.endswith(".png") and p not in bad))
+    np.testing.assert_allclose(whole[(j, 0)][0][0] * data.CXR_STD + data.CXR_MEAN, again[j] / 255.0, atol=1e-5)
+
+
+def test_cache_crops_never_upsampled(tmp_path):
+    img_size, scale, ratio = 48, (0.3, 1.0), (3 / 4, 4 / 3)
+    side = data.min_stored_side(img_size, scale, ratio)
+    assert data.min_stored_side(224, (0.3, 1.0)) == 473  # the paper's settings: 2 x 224 = 448 is not enough
+    # the worst crop (smallest area, most extreme aspect) of a stored square is still img_size on its short side
+    assert min(np.sqrt(scale[0] * side ** 2 * r) for r in ratio) >= img_size - 0.5
+    paths = [str(p) for p in JPGS[:6]] + [str(p) for p in sorted((SAMPLE / "lungseg" / "images").glob("*.png"))[:2]]
+    for s, name in ((side, "ok"), (2 * img_size, "2x")):
+        cache = data.prepare_cache(paths, tmp_path / name, s, workers=0, progress=False)
+        assert cache.info["small"] == 0
+        ds = data.PretrainDataset(paths, img_size, crop_scale=scale, crop_ratio=ratio, cache=cache)
+        sides = [min(ds.crop_of(i, np.random.default_rng([0, step, i]))[2][2:]) for i in range(len(paths))
+                 for step in range(300)]
+        if name == "ok":
+            assert min(sides) >= img_size  # no crop is ever upsampled
+        else:  # short side only 2 x img_size: some crops are smaller than the output, i.e. upsampled
+            assert min(sides) < img_size
+
+
+def _cache_bytes(cache):
+    return [None if not cache.ok[i] else bytes(cache[i]) for i in range(len(cache))]
+
+
+def test_cache_split_over_two_processes_equals_single_build_and_resumes(tmp_path, monkeypatch, capsys):
+    import prepare
+    d, bad = bad_folder(tmp_path)
+    sources = [str(d), str(SAMPLE / "lungseg" / "images")]
+    src = ["--data_dir", *sources, "--img_size", "32", "--chunk_size", "5", "--workers", "1"]
+    prepare.main([*src, "--cache_dir", str(tmp_path / "one")])
+    out = capsys.readouterr().out
+    assert "3 unreadable skipped" in out and "GB per 100k images" in out
+    # two processes at once, one shard each (as two ranks or two nodes would run it), no coordination
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), *src, "--cache_dir", str(tmp_path / "two")],
+                              cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    a, b = data.open_cache(tmp_path / "one"), data.open_cache(tmp_path / "two")
+    assert a.info == b.info and _cache_bytes(a) == _cache_bytes(b)
+    for k in ("chunk", "offset", "nbytes", "height", "width", "small"):
+        assert np.array_equal(getattr(a, k), getattr(b, k))
+    # one shard alone: no index yet, pretraining refuses the unfinished cache; the other shard completes it
+    prepare.main([*src, "--cache_dir", str(tmp_path / "seq"), "--shard", "1/2"])
+    assert "other shards are still running" in capsys.readouterr().out
+    with pytest.raises(UserError, match="unfinished prepared cache"):
+        data.open_cache(tmp_path / "seq")
+    prepare.main([*src, "--cache_dir", str(tmp_path / "seq"), "--shard", "0/2"])
+    assert _cache_bytes(data.open_cache(tmp_path / "seq")) == _cache_bytes(a)
+    # killed mid-chunk: chunk 2's marker never written, a half temp file left; a rerun redoes exactly that chunk
+    chunks = tmp_path / "one" / "chunks"
+    (chunks / "000002.json").unlink()
+    (tmp_path / "one" / "index.json").unlink()
+    (chunks / "000002.bin.tmp999").write_bytes(b"half")
+    done = []
+    real = data._prepare_chunk
+    monkeypatch.setattr(data, "_prepare_chunk", lambda job: done.append(job[1]) or real(job))
+    paths = data.concat_paths(data.parse_sources(sources))
+    c = data.prepare_cache(paths, tmp_path / "one", a.side, workers=0, chunk_size=5, progress=False)
+    assert done == [2] and not (chunks / "000002.bin.tmp999").exists()
+    assert _cache_bytes(c) == _cache_bytes(a)
+
+
+def test_cache_mismatch_and_old_square_cache_are_clear_errors(tmp_path):
+    paths = [str(p) for p in JPGS[:3]]
+    data.prepare_cache(paths, tmp_path / "c", 64, workers=0, progress=False)
+    with pytest.raises(UserError, match="another image list"):
+        data.open_cache(tmp_path / "c", paths[:2])
+    with pytest.raises(UserError, match="another image list"):
+        data.prepare_cache(paths[:2], tmp_path / "c", 64, workers=0, progress=False)
+    with pytest.raises(UserError, match="upsampled"):
+        data.open_cache(tmp_path / "c", paths, min_side=data.min_stored_side(224))
+    with pytest.raises(UserError, match="no prepared cache"):
+        data.open_cache(tmp_path / "nothing")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "cache-256px-0123456789abcdef.u8").write_bytes(b"\0" * 16)
+    with pytest.raises(UserError, match="old square"):
+        data.open_cache(old)
+    import prepare
+    with pytest.raises(UserError, match="old square"):  # common.run prints it as `error: ...`, exit status 2
+        prepare.main(["--data_dir", str(JPGS[0].parent), "--cache_dir", str(old)])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def test_shapes_ranges_unique_min_keep(grid, min_keep):
         assert len(enc) == 1 and len(pred) == 4
         for group in (enc, pred):
             K = group[0].shape[1]
-            assert K >= min_keep
+            assert K > min_keep  # I-JEPA keeps a block only if it has MORE than min_keep patches
             for m in group:
                 assert m.dtype == torch.int64 and m.shape == (32, K)  # equal lengths: they stack
                 assert m.min() >= 0 and m.max() < H * W
@@ -129,12 +129,12 @@ def test_trim_first_reproduces_reference_bias():
 
 def test_fallback_relaxes_and_keeps_min_keep():
     # 4 targets of 20-25% on an 8x8 grid can cover nearly all of the context: I-JEPA's fallback must kick in
-    mc = masks.MaskCollator(grid=(8, 8), pred_scale=(0.2, 0.25), min_keep=12)
+    mc = masks.MaskCollator(grid=(8, 8), pred_scale=(0.2, 0.25), min_keep=11)
     relaxed = 0
     for step in range(40):
         enc, pred = mc.sample(16, step)
         relaxed += mc.relaxed
-        assert enc[0].shape[1] >= 12 and pred[0].shape[1] >= 12
+        assert enc[0].shape[1] > 11 and pred[0].shape[1] > 11  # strict, as I-JEPA's len(mask) > min_keep
     assert relaxed > 0
 
 
@@ -192,17 +192,19 @@ def test_flags_and_validation():
     assert len(enc) == 2 and len(pred) == 2
     bad = [dict(pred_scale=(0.0, 0.2)), dict(pred_scale=(0.3, 0.2)), dict(enc_scale=(0.85, 1.2)),
            dict(aspect=(-1, 1)), dict(aspect=(2, 1)), dict(trim="last"), dict(n_pred=0), dict(n_enc=0),
-           dict(min_keep=0),
+           dict(min_keep=-1),
            dict(grid=(4, 6)),  # default min_keep 10 > the 3-4 patch targets of a 4x6 grid
            dict(grid=(0, 16))]
     for kw in bad:
         with pytest.raises(common.UserError):
             masks.MaskCollator(**kw)
-    # the smallest target at 16x16, scale 0.15, is 6x6=36 or 5x7=35 patches: min_keep 35 is fine, 36 is refused
+    # the smallest target at 16x16, scale 0.15, is 6x6=36 or 5x7=35 patches: blocks must keep MORE than min_keep
+    # (I-JEPA's strict >), so min_keep 34 is fine and 35 is refused
     # (h = round(sqrt(38.4 r)), w = round(sqrt(38.4 / r)): r in [0.75, 0.94) gives 5 x 7 = 35)
-    masks.MaskCollator(min_keep=35)
+    masks.MaskCollator(min_keep=34)
     with pytest.raises(common.UserError, match="min_keep"):
-        masks.MaskCollator(min_keep=36)
+        masks.MaskCollator(min_keep=35)
+    masks.MaskCollator(min_keep=0)  # 0: any non-empty block
 
 
 def test_preview_png_on_real_xrays(tmp_path):

@@ -21,7 +21,7 @@ from model import VIT_CONFIGS, Predictor, build_vit, count_params
 
 # a small, fast configuration: 84 px -> 6x6 patch grid
 FAST = ["--model", "vit_tiny", "--img_size", "84", "--batch_size", "8", "--pred_depth", "2", "--pred_dim", "96",
-        "--num_workers", "0", "--min_keep", "4", "--log_every", "1"]
+        "--num_workers", "0", "--min_keep", "3", "--log_every", "1"]
 NIH = str(SAMPLE / "nih14")
 
 
