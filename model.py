@@ -151,7 +151,22 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
-def _init_weights(module):
+def init_weights(module, scheme="meta"):
+    """Re-initialise `module` in place. "meta": Meta I-JEPA's _init_weights (every nn.Linear and the patch-embed
+    conv trunc_normal std 0.02 with zero bias, LayerNorm weight 1 bias 0); "rescaled" additionally shrinks each
+    residual branch's output layer by sqrt(2 * layer) (fix_init_weight, the constructors' default today)."""
+    if scheme not in ("meta", "rescaled"):
+        raise ValueError(f"unknown init scheme {scheme!r}: meta or rescaled")
+    _init_weights(module, rescale=False)
+    if scheme == "rescaled":
+        for blocks in (getattr(module, "blocks", []), getattr(module, "predictor_blocks", [])):
+            for i, blk in enumerate(blocks):
+                blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+                blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+    return module
+
+
+def _init_weights(module, rescale=True):
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -165,7 +180,7 @@ def _init_weights(module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     # I-JEPA's fix_init_weight: shrink each residual branch's output layer by sqrt(2 * layer) for a stable start
-    for i, blk in enumerate(getattr(module, "blocks", [])):
+    for i, blk in enumerate(getattr(module, "blocks", []) if rescale else []):
         blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
         blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
 

@@ -34,7 +34,8 @@ import data
 import masks as masks_lib
 from common import UserError
 from encoders import save_encoder
-from model import VIT_CONFIGS, Predictor, apply_masks, build_vit, repeat_interleave_batch
+from model import VIT_CONFIGS, Predictor, apply_masks, build_vit, init_weights, repeat_interleave_batch
+from probe import DEMO_CSV, quick_probe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(HERE, "sample_data")
@@ -80,6 +81,14 @@ def get_args(argv=None):
     p.add_argument("--dump_rank_state", action="store_true",
                    help="each process writes out_dir/rank<N>.json (weight checksums, images and masks it saw) at "
                         "the end: for checking a distributed set-up")
+    p.add_argument("--init", choices=["meta", "rescaled"], default="meta",
+                   help="weight init: Meta I-JEPA's (meta), or with the per-layer residual rescale (rescaled)")
+    p.add_argument("--probe_every", type=int, default=0,
+                   help="every N steps (and at steps 0 and the last) a quick linear probe of the target encoder "
+                        "(probe.quick_probe): its AUROC is logged as probe_auroc (0: off)")
+    p.add_argument("--probe_csv", default=DEMO_CSV,
+                   help="labelled images for --probe_every: columns path, pneumonia (0/1), patient "
+                        "(default: the bundled Kermany sample)")
     masks_lib.add_mask_args(p)
     p.set_defaults(min_keep=None)  # from the preset: a 112 px demo grid (8x8) cannot keep I-JEPA's 10 patches
     common.add_common_args(p, "pretrain", batch_size=None, epochs=None, lr=None, model=None, img_size=None)
@@ -119,6 +128,8 @@ def build(args, device):
     encoder = build_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, attn=args.attn)
     predictor = Predictor(encoder.grid, encoder.embed_dim, args.pred_dim, args.pred_depth, encoder.num_heads,
                           attn=args.attn)
+    init_weights(encoder, getattr(args, "init", "meta"))
+    init_weights(predictor, getattr(args, "init", "meta"))
     target = copy.deepcopy(encoder).requires_grad_(False)
     return JEPA(encoder, predictor).to(device), target.to(device)
 
@@ -288,6 +299,17 @@ def main(argv=None):
                             "world": env.world, "rng": {"torch": torch.get_rng_state()}}, ckpt_path)
         save_encoder(target, os.path.join(args.out_dir, "encoder.safetensors"), step=step, model=args.model)
 
+    def probe_now(step):  # --probe_every: is the target encoder getting better than it started? (not timed)
+        if not (env.is_main and args.probe_every and (step % args.probe_every == 0 or step == total)):
+            return {}
+        took = common.Timer()
+        auroc = quick_probe(target, args.probe_csv)
+        timer.t += took.lap()  # leave the probe's seconds out of img_per_s
+        return {"probe_auroc": auroc}
+
+    timer = common.Timer()
+    if step == 0 and args.probe_every:  # step 0: the same-architecture random encoder, the floor to beat
+        log.log(step=0, **probe_now(0))
     bar = tqdm(total=total, initial=step, disable=not env.is_main, dynamic_ncols=True, desc="pretrain")
     jepa.train()
     timer, last_good, last_log = common.Timer(), step, step
@@ -323,15 +345,17 @@ def main(argv=None):
             ema_update(target, jepa.encoder, mom)
             step += 1
             bar.update(1)
-            if step % args.log_every == 0 or step == total:
+            if step % args.log_every == 0 or step == total or (args.probe_every and step % args.probe_every == 0):
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt, last_log = timer.lap() / (step - last_log), step
                 row = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, wd=wd, momentum=mom,
                            img_per_s=args.batch_size * env.world / dt, target_std=tstd.item(),
                            mem_mb=round(memory_mb(env.device)), ctx_len=masks_enc[0].shape[1], tgt_len=masks_pred[0].shape[1])
+                row.update(probe_now(step))
                 log.log(**row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", img_s=f"{row['img_per_s']:.0f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", img_s=f"{row['img_per_s']:.0f}",
+                                **({"probe_auroc": f"{row['probe_auroc']:.3f}"} if "probe_auroc" in row else {}))
             if step % args.ckpt_every == 0 or step % ipe == 0 or step == total:
                 save(step)
                 last_good = step
