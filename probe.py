@@ -500,6 +500,50 @@ def run_folds(feats, table, splits, vit, info, args, env, log):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the quick probe pretraining runs during training (pretrain.py --probe_every): seconds, not the full protocol
+
+_QUICK_IMAGES = {}  # (csv, label, subject, img_size) -> (images, labels, subjects): decoded once per process
+
+
+def quick_probe(vit, csv_path=DEMO_CSV, label_col="pneumonia", subject_col="patient", folds=5, batch_size=64):
+    """Cross-validated AUROC of a logistic regression (scikit-learn) on the frozen `vit`'s global embedding for
+    the 0/1 column `label_col` of `csv_path` (default: the bundled Kermany sample, pneumonia vs normal). Folds are
+    fixed and by subject (data.kfold_by_subject, seed 0), so two calls on two encoders see the same splits; the
+    images are resized (no crop) to the encoder's resolution and decoded only once per process. Returns the mean
+    AUROC over folds (folds whose test part holds one class only are left out). A sanity signal during
+    pretraining: the full protocol (probe.py itself) is what to report."""
+    from sklearn.linear_model import LogisticRegression  # imported here: only runs that probe pay for it
+    from sklearn.preprocessing import StandardScaler
+    key = (os.path.abspath(csv_path), label_col, subject_col, vit.grid[0] * vit.patch_size)
+    if key not in _QUICK_IMAGES:
+        rows = data.read_csv(csv_path, required=["path", label_col, subject_col])
+        pre = data.Preprocess(key[3])
+        try:
+            x = torch.stack([pre(data.read_image(data.resolve(csv_path, None, r["path"]))) for r in rows])
+        except data.ImageReadError as e:
+            raise UserError(f"quick probe: {e}")
+        y = np.array([datasets.as_01(r[label_col], f"{csv_path} row {i + 2}") for i, r in enumerate(rows)], np.int64)
+        if len(set(y.tolist())) < 2:
+            raise UserError(f"quick probe: {csv_path} column {label_col} has one class only; AUROC needs both")
+        _QUICK_IMAGES[key] = (x, y, [r[subject_col] for r in rows])
+    x, y, subjects = _QUICK_IMAGES[key]
+    was_training = vit.training
+    vit.eval()
+    with torch.no_grad():
+        feats = torch.cat([vit.global_embedding(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    vit.train(was_training)
+    feats = feats.numpy().astype(np.float64)
+    aucs = []
+    for train, test in data.kfold_by_subject(subjects, k=folds, seed=0):
+        if len(set(y[test].tolist())) < 2 or len(set(y[train].tolist())) < 2:
+            continue
+        scaler = StandardScaler().fit(feats[train])
+        clf = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(feats[train]), y[train])
+        aucs.append(roc_auc_score(y[test], clf.predict_proba(scaler.transform(feats[test]))[:, 1]))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = get_args(argv)
