@@ -482,7 +482,7 @@ def test_pretrain_writes_hf_folder(tmp_path, monkeypatch):
     pretrain, transformers = pytest.importorskip("pretrain"), pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
     pretrain.main(["--model", "vit_tiny", "--img_size", "56", "--batch_size", "4", "--pred_depth", "1", "--pred_dim",
-                   "48", "--num_workers", "0", "--min_keep", "2", "--max_steps", "1", "--out_dir", str(tmp_path / "run"),
+                   "48", "--num_workers", "0", "--min_keep", "1", "--max_steps", "1", "--out_dir", str(tmp_path / "run"),
                    "--data_dir", str(SAMPLE / "nih14")])
     vit, info = load_encoder(str(tmp_path / "run" / "encoder.safetensors"))
     m = transformers.IJepaModel.from_pretrained(str(tmp_path / "run" / "hf")).eval()
