@@ -347,9 +347,9 @@ def load_frozen_encoder(args):
     swaps the weights for a seeded random init of exactly the loaded architecture (same preprocessing)."""
     from encoders import load_encoder_from_args
     vit, info = load_encoder_from_args(args)
+    name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
     if args.random_like and info["format"] != "random-init":
         vit, info = random_like(vit, info, getattr(args, "attn", None) or "sdpa")
-    name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
     if args.random_like:
         name = args.name or f"random {name}"
     info["crop_frac"] = crop_frac(info)
