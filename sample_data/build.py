@@ -1,6 +1,7 @@
-"""Rebuild the bundled sample from ../shared/data (developer tool, not needed to use the project).
+"""Rebuild the bundled sample from the public data sets it was cut from (developer tool, not needed to use the
+project). SRC holds one folder per set (nih14/, kermany/, lungseg/, reports/), each with its label file.
 
-    python sample_data/build.py --src ../shared/data
+    python sample_data/build.py --src SRC
 
 Takes a fixed, patient-disjoint-friendly subset of each public set, downscales it so the longest side is 256 px
 (the models work at 224 px; this keeps the whole sample at a few MB), and copies each set's labels and licence
@@ -34,7 +35,7 @@ def shrink(src, dst, is_mask):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--src", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    ap.add_argument("--src", required=True, help="folder holding nih14/, kermany/, lungseg/ and reports/")
     ap.add_argument("--dst", default=os.path.dirname(os.path.abspath(__file__)))
     args = ap.parse_args()
     rng = random.Random(0)
