@@ -8,7 +8,6 @@ backbones.py's (CLIP's ViT, DINOv2 ViT-g's SwiGLU, BioViL-T's ResNet-50), all wi
     vit, info = load_encoder("out/pretrain/encoder.safetensors")  # info: source, format, img_size, mean, std, in_chans
     vit, info = load_encoder("rad-dino/", fmt="rad-dino")         # a Hugging Face snapshot folder
     export_hf(vit, "out/pretrain/hf")                             # an IJepaModel folder transformers loads
-    pre = preprocessor(info)                                      # image -> tensor, as the encoder's processor
     vit, info = load_encoder(None, model="vit_small")             # default export if present, else random init
     vit, info = load_encoder_from_args(args)                      # the flags add_encoder_args() defines
 
@@ -45,14 +44,12 @@ import re
 import warnings
 import zipfile
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import UserError
 from data import CXR_MEAN, CXR_STD
-import data
 from backbones import ResNet50Encoder, ViTVariant, build_encoder
 from model import VIT_CONFIGS, VisionTransformer, build_vit, set_attn
 
@@ -447,9 +444,10 @@ def _build(cfg, attn, **variant):
 
 
 def preset(img_size, mean, std, resize_to=None, source=None):
-    """A preprocessing preset. resize_to None: the whole image squashed to img_size x img_size (data.Preprocess;
-    no anatomy is cut off). resize_to N: the shortest edge resized to N, then the centre img_size x img_size crop,
-    as the encoder's own processor does (CLIP, RAD-DINO, DINOv2, BioViL-T)."""
+    """A preprocessing preset: resolution, mean / std, and how much of the image the evaluations keep
+    (common.crop_frac). resize_to None: the largest centred square; resize_to N: the encoder's own processor
+    (CLIP, RAD-DINO, DINOv2, BioViL-T) resizes the shortest edge to N and crops the centre img_size, i.e. keeps
+    img_size / N of the shorter side."""
     out = {"img_size": int(img_size), "mean": list(mean), "std": list(std), "resize": "square"}
     if resize_to:
         out.update(resize="shortest_edge+center_crop", resize_to=int(resize_to))
@@ -866,36 +864,3 @@ def load_encoder_from_args(args):
                         getattr(args, "attn", None) or "sdpa",
                         enc_img_size=getattr(args, "enc_img_size", None), enc_mean=getattr(args, "enc_mean", None),
                         enc_std=getattr(args, "enc_std", None))
-
-
-class CropPreprocess:
-    """The processors of CLIP, RAD-DINO, DINOv2 and BioViL-T: shortest edge resized to resize_to (bilinear,
-    antialiased, as data.resize), then the centre img_size x img_size crop, normalised. train=True first takes
-    data.Preprocess's mild random resized crop, so --augment-style training sees the same kind of jitter."""
-
-    def __init__(self, img_size, resize_to, mean, std, train=False, train_scale=(0.8, 1.0)):
-        self.img_size, self.resize_to, self.train, self.train_scale = int(img_size), int(resize_to), train, train_scale
-        self.norm = data.Preprocess(img_size, mean, std)  # only its mean / std tensors and checks are used
-
-    def __call__(self, img):
-        x = data.resize(img, tuple(img.shape))  # same size: only the uint8 / float -> [0, 1] float conversion
-        if self.train:
-            rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
-            t, l, h, w = data.crop_box(rng, *x.shape, scale=self.train_scale)
-            x = x[t:t + h, l:l + w]
-        h, w = x.shape
-        s = self.resize_to / min(h, w)
-        x = data.resize(x, (max(self.img_size, round(h * s)), max(self.img_size, round(w * s))))
-        top, left = (x.shape[0] - self.img_size) // 2, (x.shape[1] - self.img_size) // 2
-        x = x[top:top + self.img_size, left:left + self.img_size]
-        return (x[None] - self.norm.mean) / self.norm.std
-
-
-def preprocessor(info, train=False, normalise=True):
-    """The image -> tensor transform of an encoder's preset (info from load_encoder): data.Preprocess's square
-    resize, or CropPreprocess where the encoder's processor crops. normalise=False keeps [0, 1] pixels (probe.py's
-    --augment normalises after augmenting)."""
-    mean, std = (info["mean"], info["std"]) if normalise else ([0.0] * len(info["mean"]), [1.0] * len(info["std"]))
-    if info.get("resize") == "shortest_edge+center_crop":
-        return CropPreprocess(info["img_size"], info["resize_to"], mean, std, train=train)
-    return data.Preprocess(info["img_size"], mean, std, train=train)

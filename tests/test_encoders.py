@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import common
+import data
 import encoders
 from common import UserError
 from conftest import SAMPLE
@@ -740,12 +741,15 @@ def test_biovil_t_resnet_against_float64(tmp_path):
 
 
 def test_crop_preprocess_is_shortest_edge_then_centre_crop():
+    """A preset with resize_to (CLIP, RAD-DINO, ...) keeps img_size / resize_to of the shorter side, centred
+    (common.crop_frac, what probe.py and segment.py apply); report.py's whole-image resize squashes it all in."""
     img = np.zeros((100, 200), np.float32)
     img[:, 50:150] = 1.0  # the centre square is white, the sides black
-    pre = encoders.preprocessor(encoders.preset(50, [0.0], [1.0], resize_to=50))
-    out = pre(img)
+    info = encoders.preset(50, [0.0], [1.0], resize_to=50)
+    pre = data.Preprocess(50, [0.0], [1.0])
+    out = pre(common.center_crop(img, common.crop_frac(info)))
     assert out.shape == (1, 50, 50) and out[:, :, 1:-1].min() > 0.99  # the centre only: no black sides
-    sq = encoders.preprocessor(encoders.preset(50, [0.0], [1.0]))(img)
+    sq = pre(img)
     assert sq.shape == (1, 50, 50) and sq.min() < 0.01  # the square resize squashes the whole image in
 
 
