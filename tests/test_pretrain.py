@@ -86,6 +86,15 @@ def test_parameter_counts_match_formula_and_paper():
     assert count_params(pred) == (768 * d + d) + d + 256 * d + 12 * block + 2 * d + (d * 768 + 768)
 
 
+def test_crop_scale_comes_from_the_preset_unless_given():
+    """The demo trains on whole images (docs/ablations.md, round 2), the paper preset on I-JEPA's 0.3-1 crops; a
+    --crop_scale on the command line wins over either."""
+    import pretrain
+    assert pretrain.get_args([]).crop_scale == (1.0, 1.0)
+    assert pretrain.get_args(["--data_dir", str(SAMPLE / "nih14")]).crop_scale == (0.3, 1.0)
+    assert pretrain.get_args(["--crop_scale", "0.5", "1"]).crop_scale == [0.5, 1.0]
+
+
 def test_demo_run_loss_falls_and_writes_outputs(tmp_path):
     out = tmp_path / "run"
     r = run(["--out_dir", str(out), *FAST, "--max_steps", "40", "--lr", "2e-3", "--warmup", "0.5"])
