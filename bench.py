@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import imagecache
 import masks as masks_lib
 import pretrain
 from model import count_params
@@ -223,7 +224,7 @@ def bench_data(args):
     bs, n_batches = args.data_batch_size, args.data_batches
     kinds = [("uncached", None)]
     if args.cache_dir:
-        kinds.append(("cached", data.open_cache(args.cache_dir, paths, data.min_stored_side(args.img_size))))
+        kinds.append(("cached", imagecache.open_cache(args.cache_dir, paths, imagecache.min_stored_side(args.img_size))))
     rows = []
     for kind, cache in kinds:
         ds = data.PretrainDataset(paths, args.img_size, cache=cache)

@@ -13,8 +13,7 @@ Usage (downstream scripts):
 Usage (pretraining):
     sources = data.parse_sources(["/data/nih:2", "/data/chexpert/train.csv:1"])  # PATH[:WEIGHT]
     paths = data.concat_paths(sources)            # dataset index = position in this list
-    side = data.min_stored_side(224, (0.3, 1.0))  # 473 px: no crop is upsampled (prepare.py builds the cache)
-    data.prepare_cache(paths, "out/cache", side, shard=data.shard_from_env())  # each rank its share; resumable
+    # prepare.py builds the prepared 8-bit cache once (imagecache.py); the dataset then reads it:
     ds = data.PretrainDataset(paths, 224, cache="out/cache")   # or verify=True to drop unreadable files upfront
     sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed, frontal_ratio=3.0)
     idx = sampler.epoch_indices(epoch)            # this rank's list; slice it to resume mid-epoch
@@ -27,12 +26,9 @@ import collections.abc
 import concurrent.futures
 import csv
 import dataclasses
-import hashlib
 import itertools
-import json
 import logging
 import math
-import multiprocessing
 import os
 
 import numpy as np
@@ -377,277 +373,6 @@ def verify_images(paths, workers=8, progress=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# prepared cache (prepare.py): every image decoded once, shrunk so that no training crop is ever upsampled, 8-bit
-#
-# Layout of a cache folder:
-#   manifest.json          what is being built: version, key (hash of the path list and storage settings), paths
-#   chunks/NNNNNN.bin      images CHUNK_SIZE-aligned chunk NNNNNN, back to back (raw uint8 rows or PNG files)
-#   chunks/NNNNNN.json     that chunk's completion marker: per image [offset, nbytes, height, width] or an error
-#   index.json, index.npz  the merged index, written once every chunk is done: the cache is usable only then
-# Every file is written to a temporary name and renamed, so a killed build leaves whole chunks or nothing; a rerun
-# skips the chunks whose marker exists. Chunk k belongs to shard k % n, so n processes (ranks, nodes, SLURM tasks)
-# share the work with no coordination; whichever finishes last finds every marker and writes the index.
-
-CACHE_VERSION = 2
-CACHE_FORMATS = ("raw", "png")
-
-
-def min_stored_side(img_size, crop_scale=(0.3, 1.0), crop_ratio=(3 / 4, 4 / 3)):
-    """Shortest stored side so that no random resized crop is upsampled: the smallest crop (area crop_scale[0] of
-    the image, at the most extreme aspect ratio) must still be img_size px on its short side. For an image of short
-    side s (long side >= s) that crop's short side is at least s * sqrt(scale_min * min(ratio_min, 1/ratio_max)),
-    so s >= img_size / sqrt(...): 473 px at 224 px, scale 0.3, ratio 3/4-4/3 (2 x img_size = 448 is not enough: a
-    0.3-area, 3:4 crop of a 448 px square is 212 px wide). At least 2 x img_size, a margin for the resize filter."""
-    worst = float(crop_scale[0]) * min(float(crop_ratio[0]), 1.0 / float(crop_ratio[1]))
-    return max(2 * int(img_size), math.ceil(int(img_size) / math.sqrt(worst) + 0.5))  # +0.5: crop sides are rounded
-
-
-def stored_shape(h, w, side):
-    """(h, w) after shrinking the short side to `side`, aspect kept; images already at or below it are kept as
-    they are (never upsampled: that would only cost disk and invent no detail)."""
-    s = min(h, w)
-    if s <= side:
-        return h, w
-    return max(side, round(h * side / s)), max(side, round(w * side / s))
-
-
-def _cache_key(paths, side, fmt):
-    h = hashlib.sha1(json.dumps([CACHE_VERSION, int(side), fmt, len(paths)]).encode())
-    for p in paths:
-        h.update(os.fspath(p).encode() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def _atomic_write(path, payload):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
-
-
-def _encode(img_u8, fmt):
-    if fmt == "raw":
-        return img_u8.tobytes()
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(img_u8).save(buf, format="PNG", compress_level=6)  # lossless; decode cost is level-independent
-    return buf.getvalue()
-
-
-def _decode(buf, h, w, fmt):
-    if fmt == "raw":
-        return np.frombuffer(buf, dtype=np.uint8).reshape(h, w)
-    import io
-    with Image.open(io.BytesIO(buf)) as im:
-        return np.asarray(im, dtype=np.uint8)
-
-
-def _prepare_image(path, side):
-    """Decode, shrink (antialiased) so the short side is `side`, 8-bit. Returns (uint8 HxW, was_small)."""
-    # draft: JPEGs decode in the DCT domain at >= 2x the stored side (several times faster on 2-3k px files, and
-    # the 2x margin keeps the result within a fraction of a grey level of a full decode + resize)
-    img = read_image(path, draft=2 * side)
-    shape = stored_shape(*img.shape, side)
-    x = resize(img, shape) if shape != img.shape else _to_tensor(img)
-    return (x * 255).round_().clamp_(0, 255).to(torch.uint8).numpy(), min(img.shape) < side
-
-
-def _prepare_chunk(job):
-    """Build one chunk (in a worker process): decode its images, write .bin then the .json marker, atomically."""
-    cache_dir, k, paths, side, fmt = job
-    base = os.path.join(cache_dir, "chunks", f"{k:06d}")
-    for f in os.listdir(os.path.dirname(base)):  # a killed earlier attempt at this chunk: its temp files
-        if f.startswith(f"{k:06d}.") and ".tmp" in f:
-            os.remove(os.path.join(os.path.dirname(base), f))
-    blobs, items, off = [], [], 0
-    for p in paths:
-        try:
-            img, small = _prepare_image(p, side)
-        except ImageReadError as e:
-            items.append({"error": str(e)})
-            continue
-        b = _encode(img, fmt)
-        items.append([off, len(b), img.shape[0], img.shape[1], int(small)])
-        blobs.append(b)
-        off += len(b)
-    _atomic_write(base + ".bin", b"".join(blobs))
-    _atomic_write(base + ".json", json.dumps(items).encode())  # the marker last: .bin is complete when it exists
-    return k, len(paths)
-
-
-def shard_from_env(spec=None):
-    """(index, count) of this process's shard: from "I/N" if given, else torchrun's RANK / WORLD_SIZE, else SLURM's
-    SLURM_PROCID / SLURM_NTASKS, else (0, 1)."""
-    if spec:
-        try:
-            i, n = (int(x) for x in str(spec).split("/"))
-        except ValueError:
-            raise UserError(f"--shard {spec!r}: expected I/N, e.g. 0/4 (shard I of N, counting from 0)")
-    else:
-        i = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-        n = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    if not (n >= 1 and 0 <= i < n):
-        raise UserError(f"shard {i}/{n}: need 0 <= I < N")
-    return i, n
-
-
-def prepare_cache(paths, cache_dir, side, fmt="raw", shard=(0, 1), workers=None, chunk_size=512, progress=True):
-    """Build this shard's chunks of the cache of `paths` in `cache_dir` (in parallel over `workers` processes),
-    skipping chunks already done, then merge the index if every shard is done. Returns the PreparedCache when the
-    index exists afterwards, else None (other shards still running; the last one to finish merges)."""
-    paths = [os.fspath(p) for p in paths]
-    if not paths:
-        raise UserError("no images to prepare")
-    if fmt not in CACHE_FORMATS:
-        raise UserError(f"cache format {fmt!r}: choose {' or '.join(CACHE_FORMATS)}")
-    cache_dir, side, (si, sn) = os.fspath(cache_dir), int(side), shard
-    _refuse_old_cache(cache_dir)
-    key = _cache_key(paths, side, fmt)
-    os.makedirs(os.path.join(cache_dir, "chunks"), exist_ok=True)
-    manifest = os.path.join(cache_dir, "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            m = json.load(f)
-        if m.get("key") != key:
-            raise UserError(f"{cache_dir} holds a cache of another image list or other settings (side "
-                            f"{m.get('side')} px, format {m.get('format')}, {len(m.get('paths', []))} images): "
-                            "use another --cache_dir, or delete that folder to rebuild")
-    else:  # every shard writes the same content, so concurrent writers are harmless
-        _atomic_write(manifest, json.dumps({"version": CACHE_VERSION, "key": key, "side": side, "format": fmt,
-                                            "chunk_size": chunk_size, "paths": paths}).encode())
-        m = {"chunk_size": chunk_size}
-    chunk_size = int(m["chunk_size"])  # a resumed build keeps the chunking it started with
-    n_chunks = -(-len(paths) // chunk_size)
-    done = lambda k: os.path.exists(os.path.join(cache_dir, "chunks", f"{k:06d}.json"))
-    todo = [k for k in range(si, n_chunks, sn) if not done(k)]
-    jobs = [(cache_dir, k, paths[k * chunk_size:(k + 1) * chunk_size], side, fmt) for k in todo]
-    workers = min(len(jobs), (os.cpu_count() or 1) if workers is None else int(workers))
-    pool = None
-    try:
-        if workers > 1:
-            # spawn, not fork: forking a process whose torch/OpenMP threads already ran can deadlock the children;
-            # one torch thread each, since every worker resizes one image at a time
-            pool = multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (1,))
-        results = pool.imap_unordered(_prepare_chunk, jobs) if pool else map(_prepare_chunk, jobs)
-        bar = tqdm(total=sum(len(j[2]) for j in jobs), desc=f"prepare shard {si}/{sn}", disable=not progress)
-        for _, n in results:
-            bar.update(n)
-        bar.close()
-    finally:
-        if pool is not None:
-            pool.terminate()
-    if all(done(k) for k in range(n_chunks)):
-        return merge_cache(cache_dir)
-    return None
-
-
-def merge_cache(cache_dir):
-    """Write index.json / index.npz from the chunk markers (all must exist). Idempotent. Returns PreparedCache."""
-    cache_dir = os.fspath(cache_dir)
-    with open(os.path.join(cache_dir, "manifest.json")) as f:
-        m = json.load(f)
-    paths, cs = m["paths"], int(m["chunk_size"])
-    n = len(paths)
-    cols = {k: np.zeros(n, np.int64) for k in ("chunk", "offset", "nbytes", "height", "width", "small")}
-    skipped = {}
-    for k in range(-(-n // cs)):
-        marker = os.path.join(cache_dir, "chunks", f"{k:06d}.json")
-        if not os.path.exists(marker):
-            raise UserError(f"cache {cache_dir} is incomplete (chunk {k} missing): run prepare.py again (all shards)")
-        with open(marker) as f:
-            for j, it in enumerate(json.load(f)):
-                i = k * cs + j
-                cols["chunk"][i] = k
-                if isinstance(it, dict):
-                    skipped[paths[i]] = it["error"]
-                    cols["nbytes"][i] = -1
-                else:
-                    for c, v in zip(("offset", "nbytes", "height", "width", "small"), it):
-                        cols[c][i] = v
-    tmp = os.path.join(cache_dir, f"index.tmp{os.getpid()}.npz")
-    np.savez(tmp, **cols)
-    os.replace(tmp, os.path.join(cache_dir, "index.npz"))
-    ok = cols["nbytes"] >= 0
-    info = {"version": CACHE_VERSION, "key": m["key"], "side": m["side"], "format": m["format"], "images": n,
-            "stored": int(ok.sum()), "small": int(cols["small"][ok].sum()), "skipped": skipped,
-            "bytes": int(cols["nbytes"][ok].sum())}
-    _atomic_write(os.path.join(cache_dir, "index.json"), json.dumps(info).encode())  # last: the cache is complete
-    return open_cache(cache_dir)
-
-
-def _refuse_old_cache(cache_dir):
-    if os.path.isdir(cache_dir) and any(f.startswith("cache-") and f.endswith(".u8") for f in os.listdir(cache_dir)):
-        raise UserError(f"{cache_dir} holds an old square-resized cache (cache-*.u8: every image squashed to one "
-                        "square size, so most training crops were upsampled); it is no longer read. Delete those "
-                        "files and run prepare.py")
-
-
-def open_cache(cache_dir, paths=None, min_side=None):
-    """The PreparedCache in `cache_dir`. With `paths`: checks it holds exactly those images (in that order); with
-    `min_side`: that it stores images at least that large. Any mismatch or an unfinished cache is a UserError
-    that says what to run."""
-    cache_dir = os.fspath(cache_dir)
-    _refuse_old_cache(cache_dir)
-    index = os.path.join(cache_dir, "index.json")
-    if not os.path.exists(index):
-        state = "an unfinished" if os.path.exists(os.path.join(cache_dir, "manifest.json")) else "no"
-        raise UserError(f"{cache_dir} holds {state} prepared cache: run `python prepare.py --data_dir ... "
-                        f"--cache_dir {cache_dir}` first (with the same sources; it resumes)")
-    with open(index) as f:
-        info = json.load(f)
-    if info.get("version") != CACHE_VERSION:
-        raise UserError(f"{cache_dir} was prepared by another version of prepare.py: delete it and prepare again")
-    if paths is not None:
-        paths = [os.fspath(p) for p in paths]
-        if _cache_key(paths, info["side"], info["format"]) != info["key"]:
-            raise UserError(f"the cache in {cache_dir} was prepared for another image list ({info['images']} "
-                            f"images; this run has {len(paths)}): prepare it again with the same --data_dir")
-    if min_side is not None and info["side"] < min_side:
-        raise UserError(f"the cache in {cache_dir} stores short sides of {info['side']} px, but this run's crops "
-                        f"need {min_side} px not to be upsampled: prepare it again with this --img_size/--crop_scale")
-    if info["skipped"]:
-        log.warning(_summarise_skipped(info["skipped"]))
-    return PreparedCache(cache_dir, info)
-
-
-class PreparedCache:
-    """Read side of a prepared cache: cache[i] -> uint8 HxW (short side = the stored side, or smaller if the
-    original was). Chunk files are memory-mapped lazily in each process, so DataLoader workers receive a folder
-    name and a few index arrays, not pixels; the OS page cache shares the mapped data between them."""
-
-    def __init__(self, cache_dir, info):
-        self.cache_dir, self.info = cache_dir, info
-        self.side, self.format, self.skipped = int(info["side"]), info["format"], dict(info["skipped"])
-        with np.load(os.path.join(cache_dir, "index.npz")) as z:
-            self.chunk, self.offset, self.nbytes = z["chunk"], z["offset"], z["nbytes"]
-            self.height, self.width, self.small = z["height"], z["width"], z["small"].astype(bool)
-        self.ok = self.nbytes >= 0
-        self._maps = {}
-
-    def __len__(self):
-        return len(self.chunk)
-
-    def _map(self, k):
-        if k not in self._maps:
-            import mmap
-            with open(os.path.join(self.cache_dir, "chunks", f"{k:06d}.bin"), "rb") as f:
-                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
-        return self._maps[k]
-
-    def __getitem__(self, i):
-        if not self.ok[i]:
-            raise ImageReadError(f"image {i} could not be read when the cache was prepared")
-        o, n, h, w = int(self.offset[i]), int(self.nbytes[i]), int(self.height[i]), int(self.width[i])
-        m = self._map(int(self.chunk[i]))
-        if self.format == "raw":  # a read-only view of the mapped pages: only the crop taken from it is copied
-            return np.frombuffer(m, dtype=np.uint8, count=n, offset=o).reshape(h, w)
-        return _decode(m[o:o + n], h, w, self.format)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_maps": {}}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # pretraining dataset
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -669,6 +394,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.img_size, self.crop_scale, self.crop_ratio = int(img_size), crop_scale, crop_ratio
         self.hflip, self.seed = hflip, int(seed)
         self.mean, self.std = _stats(mean, std, in_chans)
+        if cache is not None:  # imported here: the cache is built with this module's readers (imagecache imports data)
+            from imagecache import _cache_key, min_stored_side, open_cache
         if isinstance(cache, (str, os.PathLike)):
             cache = open_cache(cache, self.items, min_stored_side(img_size, crop_scale, crop_ratio))
         if cache is not None and _cache_key(self.items, cache.side, cache.format) != cache.info["key"]:

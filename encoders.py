@@ -27,7 +27,8 @@ Preprocessing preset per format (info img_size / mean / std / resize / resize_to
   radjepa, ijepa   ImageNet mean / std on RGB (Meta's I-JEPA transforms, which RadJEPa was trained with)
   rad-dino         shortest edge 518, centre crop 518, mean 0.5307, std 0.2583 (its preprocessor_config.json)
   clip, biomedclip, dinov2, biovil-t   shortest-edge resize + centre crop, each with its own statistics
-A preprocessor_config.json beside a Hugging Face config.json wins. preprocessor(info) builds the transform.
+A preprocessor_config.json beside a Hugging Face config.json wins. The evaluations apply it with common.crop_frac
+(the centre crop) and data.Preprocess (resize, normalise).
 
 Loading never unpickles code: safetensors, or torch.load(weights_only=True). Every parameter must be filled and
 every tensor of the checkpoint used (mask tokens, training heads, a CLIP model's text tower, MAE's decoder
@@ -39,19 +40,17 @@ import functools
 import json
 import math
 import os
-import pickle
 import re
-import warnings
-import zipfile
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import UserError
 from data import CXR_MEAN, CXR_STD
 from backbones import ResNet50Encoder, ViTVariant, build_encoder
 from model import VIT_CONFIGS, VisionTransformer, build_vit, set_attn
+from weights import (Checkpoint, backbone_state, clip_hf_source, dinov2_source, hf_source, load_mapped,
+                     openai_clip_source, same_name, strip_prefixes, tensor_dict)
 
 DEFAULT_EXPORT = os.path.join("out", "pretrain", "encoder.safetensors")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -143,253 +142,6 @@ def export_hf(vit, folder, img_size=None, mean=None, std=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reading a checkpoint safely, once
-
-def _torch_load(path):
-    """torch.load that only rebuilds tensors and plain containers. A pickle that asks for anything else (a function
-    such as os.system, a class) is refused before any of it runs."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist()):
-                raise UserError(f"{path}: a TorchScript archive (OpenAI's clip.load files are), which holds code; it is "
-                                "not run. If you trust it, save its weights once: torch.save(torch.jit.load(path, "
-                                "map_location='cpu').state_dict(), 'ViT-L-14.state_dict.pt') and pass that file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "pickle protocol 4 detected" noise on hand-made pickles
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        glob = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if not glob:
-            why = next((l.strip() for l in str(e).splitlines() if "Unsupported" in l), str(e)[:200])
-            raise UserError(f"{path}: not a checkpoint that can be read safely ({why})")
-        raise UserError(f"{path}: refused: unpickling it would call {glob.group(1)}, i.e. run code, not just rebuild "
-                        "tensors; only safetensors and plain tensor checkpoints are loaded. If you trust the file, "
-                        "re-save its state dict with torch.save(model.state_dict(), ...)")
-    except Exception as e:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
-
-
-def _read_safetensors(path):
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})")
-
-
-def _read_json(path):
-    """A JSON file's contents, or None when it is absent or unreadable (a stray config.json beside a .pth is not
-    an error; a Hugging Face folder without a readable one is, in _load_hf)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-class Checkpoint:
-    """One --encoder path, read once: a torch file, a safetensors file, or a folder (a Hugging Face snapshot with
-    config.json, RadJEPa's hub snapshot, an open_clip hub folder, or a pretraining run's out_dir holding
-    encoder.safetensors). A modeling_*.py beside the weights is never imported: only the weights are read."""
-
-    def __init__(self, path):
-        self.path, folder = path, path if os.path.isdir(path) else os.path.dirname(path) or "."
-        self.hf_config = _read_json(os.path.join(folder, "config.json"))
-        self.hf_preprocess = _read_json(os.path.join(folder, "preprocessor_config.json"))
-        self.open_clip = _read_json(os.path.join(folder, "open_clip_config.json"))
-        self.file = path if not os.path.isdir(path) else self._pick_file(path)
-        self.meta = {}
-        if self.file.endswith(".index.json"):  # a sharded Hugging Face checkpoint
-            index = _read_json(self.file) or {}
-            self.obj = {}
-            for shard in sorted(set(index.get("weight_map", {}).values())):
-                self.obj.update(_read_safetensors(os.path.join(folder, shard))[0])
-        elif self.file.endswith(".safetensors"):
-            self.obj, self.meta = _read_safetensors(self.file)
-        else:
-            self.obj = _torch_load(self.file)
-
-    def _pick_file(self, folder):
-        names = ["encoder.safetensors", "jepa_encoder.pth.tar", "open_clip_model.safetensors",
-                 "open_clip_pytorch_model.bin", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
-        for n in names:
-            if os.path.exists(os.path.join(folder, n)):
-                return os.path.join(folder, n)
-        raise UserError(f"--encoder {folder}: a folder must hold config.json + model.safetensors (Hugging Face), "
-                        "jepa_encoder.pth.tar (RadJEPa's hub snapshot), open_clip_pytorch_model.bin (open_clip) or "
-                        "encoder.safetensors (a pretraining run); found none")
-
-
-def _tensor_dict(obj, path):
-    if not isinstance(obj, dict) or not obj:
-        raise UserError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
-    bad = [k for k, v in obj.items() if not torch.is_tensor(v)]
-    if bad:
-        raise UserError(f"{path}: entries {bad[:5]} are not tensors: not an encoder state dict")
-    return obj
-
-
-def _strip(state, prefixes, path):
-    out = {}
-    for k, v in state.items():
-        k0 = k
-        while k.startswith(prefixes):
-            k = k[len(next(p for p in prefixes if k.startswith(p))):]
-        if k in out:
-            raise UserError(f"{path}: keys {k0!r} and another both become {k!r} once prefixes are stripped")
-        out[k] = v
-    return out
-
-
-def backbone_state(obj, path):
-    """The encoder's state dict from an I-JEPA / RadJEPa / DINOv2 torch file: under 'target_encoder' (the EMA
-    encoder the papers evaluate, preferred), 'encoder', 'teacher', 'model' or 'state_dict', or the file itself;
-    'module.' (DDP), '_orig_mod.' (torch.compile), 'encoder.' and 'backbone.' prefixes stripped. DINOv2 training
-    files keep heads beside the backbone: then only 'backbone.*' (the teacher's if both) is the encoder."""
-    if isinstance(obj, dict):
-        for key in ("target_encoder", "encoder", "teacher", "model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    state = _strip(_tensor_dict(obj, path), ("module.", "_orig_mod."), path)
-    for pre in ("teacher.backbone.", "backbone."):
-        if any(k.startswith(pre) for k in state):
-            state = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
-            break
-    return _strip(state, ("encoder.", "backbone.", "module."), path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# key mapping: every parameter of our ViT names the checkpoint tensor(s) it comes from
-
-def _load_mapped(vit, state, source_of, path, ignore=()):
-    """Fill every tensor of `vit` from `state`: source_of(our key) -> (checkpoint keys, combine or None). Missing,
-    unknown (not in `ignore`) and mis-shaped keys are a UserError naming them in the checkpoint's own naming."""
-    own = vit.state_dict()
-    out, used, missing, shape = {}, set(), [], []
-    for k, ref in own.items():
-        srcs, combine = source_of(k)
-        lack = [s for s in srcs if s not in state]
-        if lack:
-            missing += lack
-            continue
-        used.update(srcs)
-        try:
-            t = combine(*[state[s] for s in srcs]) if combine else state[srcs[0]]
-        except RuntimeError:  # e.g. q, k, v of different widths
-            shape.append(f"{'+'.join(srcs)} {[tuple(state[s].shape) for s in srcs]}")
-            continue
-        if t.shape != ref.shape:
-            shape.append(f"{'+'.join(srcs)} {tuple(t.shape)} (expected {tuple(ref.shape)})")
-        out[k] = t
-    missing = list(dict.fromkeys(missing))
-    unexpected = sorted(set(state) - used - set(ignore))
-    if missing or unexpected or shape:
-        parts = []
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shape)):
-            if keys:
-                parts.append(f"{what} {', '.join(keys[:6])}{f' (+{len(keys) - 6} more)' if len(keys) > 6 else ''}")
-        raise UserError(f"{path}: cannot load encoder: {'; '.join(parts)}")
-    vit.load_state_dict(out, strict=True)
-
-
-def _same(k):
-    return [k], None
-
-
-def _split_cls_pos(key):
-    """Checkpoints that keep the CLS position in slot 0 of one position table (DINOv2, timm, MAE, CLIP); ours
-    keeps it apart in cls_pos_embed. Handles (1, 1 + N, D) and CLIP's (1 + N, D)."""
-    lead = lambda p: p if p.ndim == 3 else p[None]  # noqa: E731
-    return {"cls_pos_embed": ([key], lambda p: lead(p)[:, :1]), "pos_embed": ([key], lambda p: lead(p)[:, 1:])}
-
-
-def _dinov2_source(k):
-    """Meta's DINOv2 / timm / MAE naming is ours, but for the CLS position (slot 0 of pos_embed)."""
-    return _split_cls_pos("pos_embed").get(k) or ([k], None)
-
-
-def _qkv(names):
-    return names, lambda q, kk, v: torch.cat([q, kk, v], 0)
-
-
-def _hf_source(k, new_names=False, ijepa=False):
-    """Our key -> Hugging Face Dinov2 / IJepa key(s). Checkpoints on the Hub (attention.attention.query/key/value,
-    attention.output.dense, mlp.weights_in) and transformers 5's in-memory names (attention.q_proj, ...,
-    attention.o_proj, mlp.gate_proj / up_proj / down_proj, and IJepa's layers.N without encoder.) both work; q, k
-    and v are concatenated in that order into our fused qkv (heads-major inside each, as HF splits)."""
-    if k in ("cls_pos_embed", "pos_embed") and not ijepa:
-        return _split_cls_pos("embeddings.position_embeddings")[k]
-    if k == "pos_embed":
-        return ["embeddings.position_embeddings"], None
-    if k in ("cls_token", "register_tokens"):
-        return [f"embeddings.{k}"], None
-    if k.startswith("patch_embed.proj."):
-        return ["embeddings.patch_embeddings.projection." + k.split(".")[-1]], None
-    if k.startswith("norm."):
-        return ["layernorm." + k.split(".")[-1]], None
-    m = re.match(r"blocks\.(\d+)\.(.+)$", k)
-    if not m:
-        return [k], None
-    i, rest = m.group(1), m.group(2)
-    pre, wb = (f"layers.{i}." if ijepa and new_names else f"encoder.layer.{i}."), rest.split(".")[-1]
-    if rest.startswith("attn.qkv."):
-        qkv = ["q_proj", "k_proj", "v_proj"] if new_names else ["attention.query", "attention.key", "attention.value"]
-        return _qkv([f"{pre}attention.{n}.{wb}" for n in qkv])
-    if rest.startswith("attn.proj."):
-        return [pre + ("attention.o_proj." if new_names else "attention.output.dense.") + wb], None
-    if rest in ("ls1.gamma", "ls2.gamma"):
-        return [f"{pre}layer_scale{rest[2]}.lambda1"], None
-    if rest.startswith("mlp.w12."):  # SwiGLU: [gate, value] fused, as the hub stores it
-        return ([f"{pre}mlp.gate_proj.{wb}", f"{pre}mlp.up_proj.{wb}"], lambda a, b: torch.cat([a, b], 0)) \
-            if new_names else ([f"{pre}mlp.weights_in.{wb}"], None)
-    if rest.startswith("mlp.w3."):
-        return [pre + ("mlp.down_proj." if new_names else "mlp.weights_out.") + wb], None
-    if ijepa:  # ViT naming: layernorm_before / after, intermediate.dense, output.dense
-        if not new_names:
-            rest = {"mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}.get(rest.rsplit(".", 1)[0],
-                                                                                    rest.rsplit(".", 1)[0]) + "." + wb
-        rest = rest.replace("norm1.", "layernorm_before.").replace("norm2.", "layernorm_after.")
-    return [pre + rest], None  # Dinov2: norm1, norm2, mlp.fc1, mlp.fc2 have the same names
-
-
-def _clip_hf_source(k):
-    """Our key -> transformers CLIPVisionModel key (CLIPModel's vision_model.* once that prefix is stripped)."""
-    e = "embeddings."
-    fixed = {"cls_token": ([e + "class_embedding"], lambda t: t.reshape(1, 1, -1)),
-             "patch_embed.proj.weight": ([e + "patch_embedding.weight"], None),
-             **_split_cls_pos(e + "position_embedding.weight")}
-    if k in fixed:
-        return fixed[k]
-    if k.startswith(("norm_pre.", "norm.")):
-        return [("pre_layrnorm." if k.startswith("norm_pre.") else "post_layernorm.") + k.split(".")[-1]], None
-    i, rest = re.match(r"blocks\.(\d+)\.(.+)$", k).groups()
-    pre, wb = f"encoder.layers.{i}.", rest.split(".")[-1]
-    if rest.startswith("attn.qkv."):
-        return _qkv([f"{pre}self_attn.{n}_proj.{wb}" for n in "qkv"])
-    rest = rest.replace("attn.proj.", "self_attn.out_proj.").replace("norm1.", "layer_norm1.")
-    return [pre + rest.replace("norm2.", "layer_norm2.")], None
-
-
-def _openai_clip_source(k):
-    """Our key -> OpenAI CLIP's state dict key (visual.*: conv1, class_embedding, positional_embedding, ln_pre,
-    transformer.resblocks.N.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_post)."""
-    v = "visual."
-    fixed = {"cls_token": ([v + "class_embedding"], lambda t: t.reshape(1, 1, -1)),
-             "patch_embed.proj.weight": ([v + "conv1.weight"], None), **_split_cls_pos(v + "positional_embedding")}
-    if k in fixed:
-        return fixed[k]
-    if k.startswith(("norm_pre.", "norm.")):
-        return [v + ("ln_pre." if k.startswith("norm_pre.") else "ln_post.") + k.split(".")[-1]], None
-    i, rest = re.match(r"blocks\.(\d+)\.(.+)$", k).groups()
-    pre, wb = f"{v}transformer.resblocks.{i}.", rest.split(".")[-1]
-    part = {"attn.qkv": f"attn.in_proj_{wb}", "attn.proj": f"attn.out_proj.{wb}", "norm1": f"ln_1.{wb}",
-            "norm2": f"ln_2.{wb}", "mlp.fc1": f"mlp.c_fc.{wb}", "mlp.fc2": f"mlp.c_proj.{wb}"}[rest.rsplit(".", 1)[0]]
-    return [pre + part], None
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the loaders: build the right encoder, fill it, and give the preprocessing preset
 
 def _heads(width, path):
@@ -466,7 +218,7 @@ def _load_own(ck, attn):
         raise UserError(f"{ck.path}: not a radjepa-encoder export (no config in its safetensors metadata)")
     cfg = json.loads(ck.meta["config"])
     vit = build_encoder(cfg, attn=attn)
-    _load_mapped(vit, _tensor_dict(ck.obj, ck.path), _same, ck.path)
+    load_mapped(vit, tensor_dict(ck.obj, ck.path), same_name, ck.path)
     meta = {}
     for k, v in ck.meta.items():
         if k not in ("config", "format"):
@@ -495,7 +247,7 @@ def _load_jepa(ck, attn, fmt):
     if isinstance(hub.get("num_attention_heads"), int) and not heads:
         cfg["num_heads"] = hub["num_attention_heads"]
     vit = _build(cfg, attn, ffn="swiglu" if swiglu else None)
-    _load_mapped(vit, state, _same, ck.path)
+    load_mapped(vit, state, same_name, ck.path)
     if isinstance(args, dict):
         return vit, cxr_preset(cfg["img_size"])
     size = hub.get("image_size") if isinstance(hub.get("image_size"), int) else cfg["img_size"]
@@ -512,8 +264,8 @@ def _load_timm_vit(ck, attn, fmt):
     obj = ck.obj
     ignore = {"mask_token"}
     if fmt == "biomedclip":
-        obj = _tensor_dict(obj.get("state_dict", obj) if isinstance(obj, dict) else obj, ck.path)
-        obj = _strip(obj, ("module.",), ck.path)
+        obj = tensor_dict(obj.get("state_dict", obj) if isinstance(obj, dict) else obj, ck.path)
+        obj = strip_prefixes(obj, ("module.",), ck.path)
         if not any(k.startswith("visual.trunk.") for k in obj):
             raise UserError(f"{ck.path}: no visual.trunk.* keys: not an open_clip timm-ViT checkpoint (BiomedCLIP)")
         ignore |= {k for k in obj if not k.startswith("visual.trunk.")}  # the text tower, head.proj, logit_scale
@@ -531,7 +283,7 @@ def _load_timm_vit(ck, attn, fmt):
     interp = {"dinov2": dict(interp_antialias=reg, interp_offset=0.0 if reg else 0.1),
               "biomedclip": dict(interp_antialias=True), "mrm": {}}[fmt]
     vit = _build({**cfg, **interp}, attn, ffn="swiglu" if swiglu else None)
-    _load_mapped(vit, state, _dinov2_source, ck.path, ignore=ignore)
+    load_mapped(vit, state, dinov2_source, ck.path, ignore=ignore)
     if fmt == "biomedclip":
         pc = (ck.open_clip or {}).get("preprocess_cfg", {})
         vc = (ck.open_clip or {}).get("model_cfg", {}).get("vision_cfg", {})
@@ -566,11 +318,11 @@ def _one(v):
 
 
 def _hf_state(ck, prefixes):
-    state = _tensor_dict(ck.obj, ck.path)
+    state = tensor_dict(ck.obj, ck.path)
     for pre in prefixes:  # a task model (Dinov2ForImageClassification, CLIPModel): keep the backbone
         if any(k.startswith(pre) for k in state):
-            return _strip(state, ("module.", "_orig_mod."), ck.path), pre
-    return _strip(state, ("module.", "_orig_mod."), ck.path), ""
+            return strip_prefixes(state, ("module.", "_orig_mod."), ck.path), pre
+    return strip_prefixes(state, ("module.", "_orig_mod."), ck.path), ""
 
 
 def _load_hf(ck, attn, fmt):
@@ -601,7 +353,7 @@ def _load_hf(ck, attn, fmt):
                eps=c.get("layer_norm_eps", 1e-12 if ijepa else 1e-6), interp_antialias=mt == "dinov2_with_registers")
     vit = _build(cfg, attn, ffn="swiglu" if c.get("use_swiglu_ffn") else None)
     new = any(".attention.q_proj." in k for k in state)
-    _load_mapped(vit, state, functools.partial(_hf_source, new_names=new, ijepa=ijepa), ck.path,
+    load_mapped(vit, state, functools.partial(hf_source, new_names=new, ijepa=ijepa), ck.path,
                  ignore={"embeddings.mask_token"})
     pp = _hf_preset(ck.hf_preprocess)
     if fmt == "rad-dino":  # microsoft/rad-dino's processor: shortest edge 518, centre crop 518
@@ -644,9 +396,9 @@ def _load_clip(ck, attn, fmt):
                               "embeddings.position_embedding.weight")
         cfg["num_heads"] = c.get("num_attention_heads", cfg["num_heads"])
         cfg["eps"] = c.get("layer_norm_eps", 1e-5)
-        act, w, source_of = c.get("hidden_act", "quick_gelu"), state[need], _clip_hf_source
+        act, w, source_of = c.get("hidden_act", "quick_gelu"), state[need], clip_hf_source
     else:
-        state = _strip(_tensor_dict(ck.obj.get("state_dict", ck.obj) if isinstance(ck.obj, dict) else ck.obj,
+        state = strip_prefixes(tensor_dict(ck.obj.get("state_dict", ck.obj) if isinstance(ck.obj, dict) else ck.obj,
                                     ck.path), ("module.",), ck.path)
         if "visual.conv1.weight" not in state:
             raise UserError(f"{ck.path}: no visual.conv1.weight: not an OpenAI CLIP ViT state dict"
@@ -655,13 +407,13 @@ def _load_clip(ck, attn, fmt):
         n = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k)))
         cfg, grid = _clip_cfg(state, "visual.class_embedding", ck.path, n,
                               "visual.transformer.resblocks.0.mlp.c_fc.weight", "visual.positional_embedding")
-        act, w, source_of = "quick_gelu", state["visual.conv1.weight"], _openai_clip_source
+        act, w, source_of = "quick_gelu", state["visual.conv1.weight"], openai_clip_source
     if act not in ("quick_gelu", "gelu"):
         raise UserError(f"{ck.path}: hidden_act {act!r} is not supported (quick_gelu or gelu)")
     p = w.shape[-1]
     cfg.update(img_size=grid * p, patch_size=p, in_chans=w.shape[1])
     vit = _build(cfg, attn, pre_norm=True, act=act, patch_bias=False)
-    _load_mapped(vit, state, source_of, ck.path, ignore=ignore)
+    load_mapped(vit, state, source_of, ck.path, ignore=ignore)
     size = cfg["img_size"]
     if fmt == "chexzero":  # CheXzero's zero_shot.py: Normalize(101.48761, 83.43944) on 0-255 pixels, 224 px
         return vit, preset(size, [101.48761 / 255] * 3, [83.43944 / 255] * 3, source="CheXzero's transforms")
@@ -676,7 +428,7 @@ def _load_biovil(ck, attn):
     encoder.vit_pooler, encoder.missing_previous_emb: only meaningful with a prior image) and the projector /
     classifier heads are set aside. Preprocessing: BioViL-T's inference transform (shortest edge 512, centre crop
     448, [0, 1] pixels with no normalisation, the gray channel replicated)."""
-    state = _strip(_tensor_dict(ck.obj.get("state_dict", ck.obj) if isinstance(ck.obj, dict) else ck.obj, ck.path),
+    state = strip_prefixes(tensor_dict(ck.obj.get("state_dict", ck.obj) if isinstance(ck.obj, dict) else ck.obj, ck.path),
                    ("module.",), ck.path)
     pre = next((p for p in ("encoder.encoder.", "image_model.encoder.encoder.", "encoder.", "") if
                 p + "layer4.0.conv1.weight" in state), None)
@@ -690,7 +442,7 @@ def _load_biovil(ck, attn):
         raise UserError(f"{ck.path}: not a ResNet with bottleneck blocks (stages of {n} blocks)")
     w = trunk["conv1.weight"]
     vit = ResNet50Encoder(layers=n, width=w.shape[0], in_chans=w.shape[1], img_size=448)
-    _load_mapped(vit, trunk, _same, ck.path, ignore=())
+    load_mapped(vit, trunk, same_name, ck.path, ignore=())
     return vit, preset(448, [0.0] * 3, [1.0] * 3, resize_to=512, source="BioViL-T's inference transform")
 
 

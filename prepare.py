@@ -9,7 +9,7 @@ shrink it so that no training crop is ever upsampled, and store it 8-bit in a ca
     srun -n 8 python prepare.py --data_dir ... --cache_dir /shared/cache          # shard from SLURM_PROCID/NTASKS
     python prepare.py --data_dir ... --cache_dir C --shard 3/8                   # or explicitly, shard 3 of 8
 
-What is stored: each image with its short side shrunk to data.min_stored_side(img_size, crop_scale) (473 px for
+What is stored: each image with its short side shrunk to imagecache.min_stored_side(img_size, crop_scale) (473 px for
 224 px crops of 30-100% of the area at aspect 3/4-4/3: the smallest such crop is still 224 px on its short side),
 aspect kept, antialiased, 8-bit grey; originals already smaller are stored as they are and counted (their crops
 are upsampled in training whatever the cache does). --format raw (default) stores uint8 rows, read with no decode
@@ -29,6 +29,7 @@ import time
 
 import common
 import data
+import imagecache
 from common import UserError
 
 
@@ -42,7 +43,7 @@ def get_args(argv=None):
     p.add_argument("--side", type=int, default=None,
                    help="stored short side in px (default: the least that never upsamples a crop at --img_size and "
                         "--crop_scale)")
-    p.add_argument("--format", choices=list(data.CACHE_FORMATS), default="raw",
+    p.add_argument("--format", choices=list(imagecache.CACHE_FORMATS), default="raw",
                    help="raw: uint8 rows, fastest to read; png: lossless, smaller, one PNG decode per sample")
     p.add_argument("--workers", type=int, default=None, help="processes on this machine (default: every core)")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -68,17 +69,17 @@ def summary(cache):
 
 def main(argv=None):
     args = get_args(argv)
-    side = args.side or data.min_stored_side(args.img_size, args.crop_scale)
+    side = args.side or imagecache.min_stored_side(args.img_size, args.crop_scale)
     if args.merge:
-        cache = data.merge_cache(args.cache_dir)
+        cache = imagecache.merge_cache(args.cache_dir)
         print(summary(cache))
         return cache.info
     paths = data.concat_paths(data.parse_sources(args.data_dir))
-    shard = data.shard_from_env(args.shard)
+    shard = imagecache.shard_from_env(args.shard)
     t = time.perf_counter()
     print(f"{len(paths)} images -> {args.cache_dir} (short side {side} px, {args.format}), shard {shard[0]}/{shard[1]}",
           flush=True)
-    cache = data.prepare_cache(paths, args.cache_dir, side, args.format, shard, args.workers, args.chunk_size)
+    cache = imagecache.prepare_cache(paths, args.cache_dir, side, args.format, shard, args.workers, args.chunk_size)
     dt = time.perf_counter() - t
     if cache is None:
         print(f"shard {shard[0]}/{shard[1]} done in {dt:.0f} s; other shards are still running (the last one to "

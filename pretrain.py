@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 import common
 import data
+import imagecache
 import masks as masks_lib
 from common import UserError
 from model import INIT_SCHEMES, VIT_CONFIGS, Predictor, apply_masks, build_vit, repeat_interleave_batch
@@ -356,7 +357,7 @@ def main(argv=None):
     sources = data.parse_sources(args.data_dir)
     paths = data.concat_paths(sources)
     # opened, never built here (no rank waits for another); a missing, unfinished or mismatched cache is an error
-    cache = data.open_cache(args.cache_dir, paths, data.min_stored_side(args.img_size, args.crop_scale)) \
+    cache = imagecache.open_cache(args.cache_dir, paths, imagecache.min_stored_side(args.img_size, args.crop_scale)) \
         if args.cache_dir else None
     dataset = Images(paths, args.img_size, crop_scale=tuple(args.crop_scale), cache=cache, seed=args.seed,
                      verify=args.verify, min_side=2 * args.patch_size)

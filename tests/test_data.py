@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import imagecache
 from common import UserError
 from conftest import ROOT, SAMPLE
 
@@ -215,10 +216,10 @@ def cache_folder(tmp_path):
 def test_prepared_cache_round_trip_equals_direct_decoding(tmp_path, monkeypatch, caplog):
     paths, bad, small = cache_folder(tmp_path)
     side = 120
-    cache = data.prepare_cache(paths, tmp_path / "c", side, workers=0, chunk_size=4, progress=False)
+    cache = imagecache.prepare_cache(paths, tmp_path / "c", side, workers=0, chunk_size=4, progress=False)
     assert set(cache.skipped) == bad and len(cache) == 12 and cache.info["small"] == 1
     assert cache.info["bytes"] == sum(int(cache.height[i]) * int(cache.width[i]) for i in np.flatnonzero(cache.ok))
-    png = data.prepare_cache(paths, tmp_path / "p", side, fmt="png", workers=1, chunk_size=5, progress=False)
+    png = imagecache.prepare_cache(paths, tmp_path / "p", side, fmt="png", workers=1, chunk_size=5, progress=False)
     for i, p in enumerate(paths):
         if p in bad:
             with pytest.raises(data.ImageReadError):
@@ -226,7 +227,7 @@ def test_prepared_cache_round_trip_equals_direct_decoding(tmp_path, monkeypatch,
             continue
         full = data.read_image(p)
         img = cache[i]
-        assert img.dtype == np.uint8 and img.shape == data.stored_shape(*full.shape, side)
+        assert img.dtype == np.uint8 and img.shape == imagecache.stored_shape(*full.shape, side)
         assert min(img.shape) == min(side, min(full.shape))  # short side shrunk to `side`, aspect kept
         assert abs(img.shape[0] / img.shape[1] - full.shape[0] / full.shape[1]) < 0.02
         assert np.array_equal(png[i], img)  # PNG is lossless: both formats hold the same pixels
@@ -242,8 +243,8 @@ def test_prepared_cache_round_trip_equals_direct_decoding(tmp_path, monkeypatch,
             assert np.abs(img - data.resize(full, img.shape).double().numpy() * 255).mean() < 1.0
     assert len(pickle.dumps(cache)) < 5000  # workers get the folder name and index arrays, not pixels
     # a second call with the same paths and settings reuses the chunks: no decoding at all
-    monkeypatch.setattr(data, "_prepare_image", lambda *a: pytest.fail("cache was rebuilt"))
-    again = data.prepare_cache(paths, tmp_path / "c", side, workers=0, chunk_size=4, progress=False)
+    monkeypatch.setattr(imagecache, "_prepare_image", lambda *a: pytest.fail("cache was rebuilt"))
+    again = imagecache.prepare_cache(paths, tmp_path / "c", side, workers=0, chunk_size=4, progress=False)
     assert np.array_equal(again[0], cache[0]) and set(again.skipped) == bad
     # the dataset reads the cache and never tries the files the cache could not read
     with caplog.at_level(logging.WARNING, logger="data"):
@@ -257,13 +258,13 @@ def test_prepared_cache_round_trip_equals_direct_decoding(tmp_path, monkeypatch,
 
 def test_cache_crops_never_upsampled(tmp_path):
     img_size, scale, ratio = 48, (0.3, 1.0), (3 / 4, 4 / 3)
-    side = data.min_stored_side(img_size, scale, ratio)
-    assert data.min_stored_side(224, (0.3, 1.0)) == 473  # the paper's settings: 2 x 224 = 448 is not enough
+    side = imagecache.min_stored_side(img_size, scale, ratio)
+    assert imagecache.min_stored_side(224, (0.3, 1.0)) == 473  # the paper's settings: 2 x 224 = 448 is not enough
     # the worst crop (smallest area, most extreme aspect) of a stored square is still img_size on its short side
     assert min(np.sqrt(scale[0] * side ** 2 * r) for r in ratio) >= img_size - 0.5
     paths = [str(p) for p in JPGS[:6]] + [str(p) for p in sorted((SAMPLE / "lungseg" / "images").glob("*.png"))[:2]]
     for s, name in ((side, "ok"), (2 * img_size, "2x")):
-        cache = data.prepare_cache(paths, tmp_path / name, s, workers=0, progress=False)
+        cache = imagecache.prepare_cache(paths, tmp_path / name, s, workers=0, progress=False)
         assert cache.info["small"] == 0
         ds = data.PretrainDataset(paths, img_size, crop_scale=scale, crop_ratio=ratio, cache=cache)
         sides = [min(ds.crop_of(i, np.random.default_rng([0, step, i]))[2][2:]) for i in range(len(paths))
@@ -292,7 +293,7 @@ def test_cache_split_over_two_processes_equals_single_build_and_resumes(tmp_path
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    a, b = data.open_cache(tmp_path / "one"), data.open_cache(tmp_path / "two")
+    a, b = imagecache.open_cache(tmp_path / "one"), imagecache.open_cache(tmp_path / "two")
     assert a.info == b.info and _cache_bytes(a) == _cache_bytes(b)
     for k in ("chunk", "offset", "nbytes", "height", "width", "small"):
         assert np.array_equal(getattr(a, k), getattr(b, k))
@@ -300,39 +301,39 @@ def test_cache_split_over_two_processes_equals_single_build_and_resumes(tmp_path
     prepare.main([*src, "--cache_dir", str(tmp_path / "seq"), "--shard", "1/2"])
     assert "other shards are still running" in capsys.readouterr().out
     with pytest.raises(UserError, match="unfinished prepared cache"):
-        data.open_cache(tmp_path / "seq")
+        imagecache.open_cache(tmp_path / "seq")
     prepare.main([*src, "--cache_dir", str(tmp_path / "seq"), "--shard", "0/2"])
-    assert _cache_bytes(data.open_cache(tmp_path / "seq")) == _cache_bytes(a)
+    assert _cache_bytes(imagecache.open_cache(tmp_path / "seq")) == _cache_bytes(a)
     # killed mid-chunk: chunk 2's marker never written, a half temp file left; a rerun redoes exactly that chunk
     chunks = tmp_path / "one" / "chunks"
     (chunks / "000002.json").unlink()
     (tmp_path / "one" / "index.json").unlink()
     (chunks / "000002.bin.tmp999").write_bytes(b"half")
     done = []
-    real = data._prepare_chunk
-    monkeypatch.setattr(data, "_prepare_chunk", lambda job: done.append(job[1]) or real(job))
+    real = imagecache._prepare_chunk
+    monkeypatch.setattr(imagecache, "_prepare_chunk", lambda job: done.append(job[1]) or real(job))
     paths = data.concat_paths(data.parse_sources(sources))
-    c = data.prepare_cache(paths, tmp_path / "one", a.side, workers=0, chunk_size=5, progress=False)
+    c = imagecache.prepare_cache(paths, tmp_path / "one", a.side, workers=0, chunk_size=5, progress=False)
     assert done == [2] and not (chunks / "000002.bin.tmp999").exists()
     assert _cache_bytes(c) == _cache_bytes(a)
 
 
 def test_cache_mismatch_and_old_square_cache_are_clear_errors(tmp_path):
     paths = [str(p) for p in JPGS[:3]]
-    data.prepare_cache(paths, tmp_path / "c", 64, workers=0, progress=False)
+    imagecache.prepare_cache(paths, tmp_path / "c", 64, workers=0, progress=False)
     with pytest.raises(UserError, match="another image list"):
-        data.open_cache(tmp_path / "c", paths[:2])
+        imagecache.open_cache(tmp_path / "c", paths[:2])
     with pytest.raises(UserError, match="another image list"):
-        data.prepare_cache(paths[:2], tmp_path / "c", 64, workers=0, progress=False)
+        imagecache.prepare_cache(paths[:2], tmp_path / "c", 64, workers=0, progress=False)
     with pytest.raises(UserError, match="upsampled"):
-        data.open_cache(tmp_path / "c", paths, min_side=data.min_stored_side(224))
+        imagecache.open_cache(tmp_path / "c", paths, min_side=imagecache.min_stored_side(224))
     with pytest.raises(UserError, match="no prepared cache"):
-        data.open_cache(tmp_path / "nothing")
+        imagecache.open_cache(tmp_path / "nothing")
     old = tmp_path / "old"
     old.mkdir()
     (old / "cache-256px-0123456789abcdef.u8").write_bytes(b"\0" * 16)
     with pytest.raises(UserError, match="old square"):
-        data.open_cache(old)
+        imagecache.open_cache(old)
     import prepare
     with pytest.raises(UserError, match="old square"):  # common.run prints it as `error: ...`, exit status 2
         prepare.main(["--data_dir", str(JPGS[0].parent), "--cache_dir", str(old)])
