@@ -9,7 +9,8 @@ RadJEPa pretraining: I-JEPA latent prediction on chest X-rays.
 Per image, one large context block and 4 target blocks of patches are drawn (masks.py). The context encoder sees
 only the context patches; the predictor, a narrow transformer, predicts the target encoder's layer-normed
 features at the target positions; the loss is smooth-L1 (or L2) in latent space; the target encoder is an EMA of
-the context encoder. No pixels are reconstructed, no negatives, no view augmentations: just a random resized crop.
+the context encoder. No pixels are reconstructed, no negatives, no view augmentations: just a random resized crop
+(I-JEPA's area 0.3-1 in the paper preset; the demo trains on whole images, docs/ablations.md says why).
 
 Without --data_dir the "demo" preset runs (vit_tiny at 112 px on sample_data/); with it the "paper" preset
 (ViT-B/14 at 224 px, Meta's I-JEPA recipe). Any flag given explicitly overrides the preset.

@@ -14,8 +14,8 @@ import data
 import encoders
 from common import UserError
 from encoders import load_encoder
-from test_encoders import (TOL, Exploit, hf_forward, ijepa_state, make_hf, perturb, small_kermany_csv, tiny_jepa,
-                           to_meta_dinov2, xray)
+from test_encoders import (TOL, Exploit, hf_forward, ijepa_forward64, ijepa_state, make_hf, perturb,
+                           small_kermany_csv, tiny_jepa, to_meta_dinov2, xray)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,22 +140,8 @@ def timm_vit_state(dim=64, depth=2, patch=16, grid=4, seed=0):
 
 
 def timm_forward64(sd, x, heads, depth):
-    """timm's / MAE's VisionTransformer in float64: [CLS, patches] + pos_embed (CLS slot first), pre-norm blocks
-    (eps 1e-6), final norm, written out from timm's source like ijepa_forward64."""
-    sd = {k: v.double() for k, v in sd.items()}
-    ln = lambda t, n: F.layer_norm(t, t.shape[-1:], sd[n + ".weight"], sd[n + ".bias"], 1e-6)  # noqa: E731
-    lin = lambda t, n: t @ sd[n + ".weight"].T + sd[n + ".bias"]  # noqa: E731
-    t = F.conv2d(x.double(), sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"],
-                 stride=sd["patch_embed.proj.weight"].shape[-1]).flatten(2).transpose(1, 2)
-    t = torch.cat([sd["cls_token"].expand(len(t), -1, -1), t], 1) + sd["pos_embed"]
-    B, N, C = t.shape
-    for i in range(depth):
-        b = f"blocks.{i}."
-        q, k, v = lin(ln(t, b + "norm1"), b + "attn.qkv").reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
-        a = ((q @ k.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(-1) @ v
-        t = t + lin(a.transpose(1, 2).reshape(B, N, C), b + "attn.proj")
-        t = t + lin(F.gelu(lin(ln(t, b + "norm2"), b + "mlp.fc1")), b + "mlp.fc2")
-    return ln(t, "norm")
+    """timm's / MAE's VisionTransformer in float64 (written out from timm's source): I-JEPA's with a CLS token."""
+    return ijepa_forward64(sd, x, heads, depth, cls=True)
 
 
 def write_biomedclip(folder, sd, evil=None):

@@ -192,14 +192,18 @@ def ijepa_state(dim=192, depth=2, patch=16, grid=4, in_chans=3, seed=0):
     return sd
 
 
-def ijepa_forward64(sd, x, heads, depth):
+def ijepa_forward64(sd, x, heads, depth, cls=False):
     """Meta's I-JEPA ViT forward in float64, written from its source: patchify, + pos_embed, pre-norm blocks
-    (eps 1e-6), final norm. No CLS token."""
+    (eps 1e-6), final norm. No CLS token; cls=True puts timm's / MAE's in front of the patches before pos_embed
+    (its slot first), which is all their ViT does differently."""
     sd = {k: v.double() for k, v in sd.items()}
     ln = lambda t, n: F.layer_norm(t, t.shape[-1:], sd[n + ".weight"], sd[n + ".bias"], 1e-6)  # noqa: E731
     lin = lambda t, n: t @ sd[n + ".weight"].T + sd[n + ".bias"]  # noqa: E731
     t = F.conv2d(x.double(), sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"],
-                 stride=sd["patch_embed.proj.weight"].shape[-1]).flatten(2).transpose(1, 2) + sd["pos_embed"]
+                 stride=sd["patch_embed.proj.weight"].shape[-1]).flatten(2).transpose(1, 2)
+    if cls:
+        t = torch.cat([sd["cls_token"].expand(len(t), -1, -1), t], 1)
+    t = t + sd["pos_embed"]
     B, N, C = t.shape
     for i in range(depth):
         b = f"blocks.{i}."
