@@ -1,6 +1,5 @@
 """pretrain.py end to end on the bundled real X-rays: parameter counts, the loss falls, kill + --resume is exact,
 2-process torchrun (gloo) keeps ranks in sync on different data, bad input fails cleanly, NaN stops cleanly."""
-import errno
 import glob
 import json
 import os
