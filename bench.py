@@ -155,7 +155,7 @@ def bench_model(args, device):
         imgs = torch.randn(args.batch_size, 1, args.img_size, args.img_size, device=device)
         batches.append((imgs, [m.to(device) for m in me], [m.to(device) for m in mp]))
     if args.attn is None:
-        from kernels.selfcheck import default_attention
+        from triton_attn.selfcheck import default_attention
         args.attn = [default_attention(device) if device.type == "cuda" else "sdpa"]
     results = {}  # (name, dtype) -> dict
     for dname in args.dtype:

@@ -65,7 +65,7 @@ def add_common_args(p, stage, batch_size=64, epochs=10, lr=1e-3, model="vit_base
 
 def add_data_args(p, title, layouts, what, subject_default="subject"):
     """The data flags of the three evaluations (docs/CONVENTIONS.md): a generic CSV with fixed val / test sets, or
-    a published layout (datasets.py). `what`: the CSV's columns, for the help."""
+    a published layout (archives.py). `what`: the CSV's columns, for the help."""
     g = p.add_argument_group(title)
     g.add_argument("--csv", default=None, help=f"table of samples: {what}")
     g.add_argument("--image_root", default=None, help="folder the CSV's paths are relative to (default: its folder)")
@@ -74,7 +74,7 @@ def add_data_args(p, title, layouts, what, subject_default="subject"):
     g.add_argument("--val_csv", default=None, help="fixed validation set, same columns (replaces the inner split)")
     g.add_argument("--test_csv", default=None, help="fixed test set, same columns (replaces the split / CV)")
     g.add_argument("--dataset", default=None, choices=layouts, help="a published layout under --data_dir "
-                   "(datasets.py)")
+                   "(archives.py)")
     g.add_argument("--data_dir", default=None, help="root folder of --dataset")
     return g
 
@@ -168,8 +168,8 @@ def setup(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if getattr(args, "attn", None) is None:  # triton on CUDA only if its start-up self-check passes (kernels/)
-        from kernels.selfcheck import default_attention
+    if getattr(args, "attn", None) is None:  # triton on CUDA only if its start-up self-check passes (triton_attn/)
+        from triton_attn.selfcheck import default_attention
         args.attn = default_attention(device) if device.type == "cuda" else "sdpa"
     seed_everything(args.seed + rank)
     return Env(rank, world, local_rank, device, dtype)

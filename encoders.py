@@ -208,6 +208,11 @@ def preset(img_size, mean, std, resize_to=None, source=None):
     return out
 
 
+def rad_dino_preset():
+    """microsoft/rad-dino's processor (its preprocessor_config.json): shortest edge 518, centre crop 518."""
+    return preset(518, RAD_DINO_MEAN, RAD_DINO_STD, resize_to=518, source="RAD-DINO's processor")
+
+
 def cxr_preset(img_size):
     """Preprocessing for the encoders this project trains: grayscale, CXR intensity statistics."""
     return preset(img_size, [CXR_MEAN], [CXR_STD])
@@ -280,7 +285,8 @@ def _load_timm_vit(ck, attn, fmt):
         raise UserError(f"{ck.path}: no cls_token, so not DINOv2 / timm / MAE: try --encoder_format radjepa or ijepa")
     cfg, swiglu = _infer_vit(state, ck.path, cls_slot=True)
     reg = cfg["num_register_tokens"] > 0
-    interp = {"dinov2": dict(interp_antialias=reg, interp_offset=0.0 if reg else 0.1),
+    dino = dict(interp_antialias=reg, interp_offset=0.0 if reg else 0.1)
+    interp = {"dinov2": dino, "rad-dino": dino,
               "biomedclip": dict(interp_antialias=True), "mrm": {}}[fmt]
     vit = _build({**cfg, **interp}, attn, ffn="swiglu" if swiglu else None)
     load_mapped(vit, state, dinov2_source, ck.path, ignore=ignore)
@@ -290,6 +296,8 @@ def _load_timm_vit(ck, attn, fmt):
         size = vc.get("image_size", cfg["img_size"])
         return vit, preset(size, pc.get("mean", CLIP_MEAN), pc.get("std", CLIP_STD), resize_to=size,
                            source="open_clip_config.json" if ck.open_clip else "open_clip defaults")
+    if fmt == "rad-dino":
+        return vit, _hf_preset(ck.hf_preprocess) or rad_dino_preset()
     if fmt == "mrm":  # MRM's fine-tuning test transform: Resize + CenterCrop, gray to 3 channels, 0.4978 / 0.2449
         return vit, preset(cfg["img_size"], [0.4978] * 3, [0.2449] * 3, resize_to=cfg["img_size"],
                            source="MRM's evaluation transform")
@@ -357,7 +365,7 @@ def _load_hf(ck, attn, fmt):
                  ignore={"embeddings.mask_token"})
     pp = _hf_preset(ck.hf_preprocess)
     if fmt == "rad-dino":  # microsoft/rad-dino's processor: shortest edge 518, centre crop 518
-        return vit, pp or preset(518, RAD_DINO_MEAN, RAD_DINO_STD, resize_to=518, source="RAD-DINO's processor")
+        return vit, pp or rad_dino_preset()
     if pp:
         return vit, pp
     if ijepa:
@@ -456,7 +464,9 @@ LOADERS = {  # name: (loader, what it reads); --help lists them in this order
                  "Hugging Face IJepaModel folder (facebook/ijepa_*, and this project's out_dir/hf)"),
     "dinov2-hf": (functools.partial(_load_hf, fmt="dinov2-hf"),
                   "Hugging Face Dinov2Model / Dinov2WithRegistersModel folder (ViT-g's SwiGLU too)"),
-    "rad-dino": (functools.partial(_load_hf, fmt="rad-dino"), "microsoft/rad-dino (Hugging Face Dinov2 folder)"),
+    "rad-dino": (lambda ck, attn: _load_hf(ck, attn, "rad-dino") if (ck.hf_config or {}).get("model_type") == "dinov2"
+                 and os.path.basename(ck.file) != RAD_DINO_FILES[0] else _load_timm_vit(ck, attn, "rad-dino"),
+                 "microsoft/rad-dino: its hub folder, or its backbone_compatible.safetensors (DINOv2 naming)"),
     "dinov2": (functools.partial(_load_timm_vit, fmt="dinov2"),
                "Meta's original DINOv2 .pth (dinov2_vitg14_pretrain.pth, ..._reg4_...)"),
     "clip-hf": (functools.partial(_load_clip, fmt="clip-hf"),
@@ -474,23 +484,49 @@ FORMAT_OF_MODEL_TYPE = {"ijepa": "ijepa-hf", "dinov2": "dinov2-hf", "dinov2_with
                         "clip": "clip-hf", "clip_vision_model": "clip-hf"}
 
 
+# files that only microsoft/rad-dino's hub folder holds (beside model.safetensors, config.json model_type dinov2):
+# the DINOv2-code checkpoint, the DINO head and the training configs it added for fine-tuning
+RAD_DINO_FILES = ("backbone_compatible.safetensors", "dino_head.safetensors", "vitb14_cxr.yaml")
+
+
+def _ambiguous(path, a, b, why):
+    return UserError(f"{path}: cannot tell for certain whether this is {a} or {b} ({why}), and each is fed "
+                     f"differently: pass --encoder_format {a} or --encoder_format {b}")
+
+
+def _is_rad_dino(ck):
+    return os.path.basename(ck.file) == RAD_DINO_FILES[0] or any(
+        os.path.exists(os.path.join(ck.folder, f)) for f in RAD_DINO_FILES)
+
+
 def detect_format(path):
-    """The format name (a LOADERS key) of a checkpoint path or Checkpoint, and why: (fmt, reason). An unknown
-    layout is a UserError that names the closest format."""
+    """The format name (a LOADERS key) of a checkpoint path or Checkpoint, and why: (fmt, reason). Only a certain
+    answer is given: where two formats share a layout but not a preprocessing (RAD-DINO and DINOv2, CheXzero and
+    CLIP ViT-B/32, MRM and other timm ViT-B/16s) and nothing in the files tells them apart, it is a UserError asking
+    for --encoder_format. An unknown layout is a UserError that names the closest format."""
     ck = path if isinstance(path, Checkpoint) else Checkpoint(path)
     obj = ck.obj
     if ck.meta.get("format") == "radjepa-encoder":
         return "radjepa-encoder", "project export"
     keys = list(obj) if isinstance(obj, dict) else []
     mt = (ck.hf_config or {}).get("model_type", "")
-    if mt in FORMAT_OF_MODEL_TYPE and ck.file.endswith((".safetensors", ".bin", ".index.json")):
-        fmt = FORMAT_OF_MODEL_TYPE[mt]
-        extra = "; pass --encoder_format rad-dino for RAD-DINO's preprocessing" if fmt == "dinov2-hf" else ""
-        return fmt, f"Hugging Face config.json model_type {mt}{extra}"
+    if mt in FORMAT_OF_MODEL_TYPE and ck.file.endswith((".safetensors", ".bin", ".index.json")) \
+            and os.path.basename(ck.file) != RAD_DINO_FILES[0]:
+        if mt == "dinov2":  # microsoft/rad-dino's config.json is a plain Dinov2Model's
+            if _is_rad_dino(ck):
+                return "rad-dino", f"Hugging Face Dinov2 folder with RAD-DINO's {', '.join(RAD_DINO_FILES)}"
+            if ck.hf_preprocess is None:
+                raise _ambiguous(ck.path, "dinov2-hf", "rad-dino", "a Dinov2 config.json and no "
+                                 "preprocessor_config.json: DINOv2 is fed 224 px crops, RAD-DINO 518 px")
+        return FORMAT_OF_MODEL_TYPE[mt], f"Hugging Face config.json model_type {mt}"
     if ck.open_clip is not None or any(k.startswith("visual.trunk.") for k in keys):
         return "biomedclip", "open_clip timm ViT (visual.trunk.*)"
     if any(k.startswith("visual.transformer.resblocks.") for k in keys):
-        return "clip", "OpenAI CLIP state dict; pass --encoder_format chexzero for CheXzero's preprocessing"
+        w = obj.get("visual.conv1.weight")
+        if torch.is_tensor(w) and tuple(w.shape[::2]) == (768, 32):
+            raise _ambiguous(ck.path, "clip", "chexzero", "an OpenAI CLIP ViT-B/32 state dict, the architecture of "
+                             "both OpenAI's ViT-B/32 and CheXzero's release")
+        return "clip", "OpenAI CLIP state dict (not ViT-B/32, so not CheXzero)"
     if any(k.endswith("layer4.0.conv1.weight") for k in keys):
         return "biovil-t", "ResNet trunk (torchvision naming)"
     if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("target_encoder", "encoder")):
@@ -504,9 +540,17 @@ def detect_format(path):
     if "cls_token" in state and any(k.startswith("blocks.") for k in state):
         if any(k.startswith("decoder") for k in state):
             return "mrm", "MAE naming with a decoder (MRM)"
-        return "dinov2", "original DINOv2 / timm key names; pass --encoder_format mrm for MRM's preprocessing"
+        if _is_rad_dino(ck):
+            return "rad-dino", f"DINOv2 naming, RAD-DINO's {os.path.basename(ck.file)}"
+        patch = state["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in state else None
+        if patch != 14:
+            raise _ambiguous(ck.path, "mrm", "dinov2", f"timm / MAE naming with a CLS token, patch {patch}, no MAE "
+                             "decoder")
+        if ck.file.endswith(".safetensors"):  # Meta ships DINOv2 as .pth; RAD-DINO's DINOv2-code file is safetensors
+            raise _ambiguous(ck.path, "dinov2", "rad-dino", "DINOv2 naming in a safetensors file")
+        return "dinov2", "Meta's DINOv2 key names in a .pth"
     if "patch_embed.proj.weight" in state:
-        return "radjepa", "ViT state dict without CLS token; pass --encoder_format ijepa for Meta's I-JEPA"
+        return "radjepa", "ViT state dict without CLS token (RadJEPa and I-JEPA are fed alike)"
     raise UserError(f"{ck.path}: unknown checkpoint layout (keys like {sorted(state)[:4]}); closest format: "
                     f"{_closest(state)}; choose with --encoder_format ({', '.join(LOADERS)})")
 

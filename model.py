@@ -10,7 +10,7 @@ segmentation decoders (UPerNet, linear) that sit on a frozen ViT.
 
 Module and parameter names follow Meta's I-JEPA code (patch_embed.proj, blocks.N.attn.qkv, ...) so its checkpoints
 load by name. Attention is one function, `attention()`, with three implementations chosen per module: the Triton
-kernel in kernels/attention.py (default on CUDA), PyTorch SDPA (default elsewhere) and an explicit `math` path.
+kernel in triton_attn/attention.py (default on CUDA), PyTorch SDPA (default elsewhere) and an explicit `math` path.
 """
 import math
 
@@ -34,7 +34,7 @@ VIT_CONFIGS = {  # name: (width, depth, heads)
 def attention(q, k, v, impl="sdpa"):
     """softmax(q k^T / sqrt(d)) v for q, k, v of shape (B, H, N, D); non-causal, no mask."""
     if impl == "triton":
-        from kernels.attention import attention as triton_attention  # imported lazily: triton is optional on CPU
+        from triton_attn.attention import attention as triton_attention  # imported lazily: triton is optional on CPU
         return triton_attention(q, k, v)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)

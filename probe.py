@@ -50,7 +50,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import common
 import data
-import datasets
+import archives
 import figures
 from common import UserError, nanmean
 from encoders import DEFAULT_EXPORT
@@ -70,7 +70,7 @@ def get_args(argv=None):
     g.add_argument("--label_cols", default=None, help="comma-separated: several 0/1 columns = multi-label, "
                    "one 0/1 column = binary, one column of class names = multi-class (with --task multiclass)")
     g.add_argument("--vindr_consensus", default="majority", choices=["majority", "any"],
-                   help="how VinDr's three readers per training image are combined (see datasets.load_vindr)")
+                   help="how VinDr's three readers per training image are combined (see archives.load_vindr)")
     g = p.add_argument_group("protocol")
     g.add_argument("--task", default="auto", choices=["auto", "multilabel", "multiclass", "binary"])
     g.add_argument("--protocol", default="auto", choices=["auto", "fixed", "split", "cv"],
@@ -114,7 +114,7 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: every source gives generic samples (datasets.py); here they become paths, subjects, a label matrix, parts
+# data: every source gives generic samples (archives.py); here they become paths, subjects, a label matrix, parts
 
 class Table:
     """labels: (N, C) float 0/1 (one-hot for multi-class; one column for binary). parts: index arrays 'pool'
@@ -141,7 +141,7 @@ def csv_samples(args):
     out = []
     for part, path in (("train", DEMO_CSV if demo else args.csv), ("val", args.val_csv), ("test", args.test_csv)):
         if path:
-            rows, _ = datasets.read_csv_samples(path, args.image_root, {**spec, **{f"label:{c}": c for c in cols}},
+            rows, _ = archives.read_csv_samples(path, args.image_root, {**spec, **{f"label:{c}": c for c in cols}},
                                                 part=None if part == "train" else part)
             for i, s in enumerate(rows):
                 s["labels"], s["where"] = {c: s.pop(f"label:{c}") for c in cols}, f"{path} row {i + 2}"
@@ -150,8 +150,8 @@ def csv_samples(args):
 
 
 def load_table(args):
-    samples, source = datasets.load(args.dataset, args) if args.dataset else csv_samples(args)
-    task, classes, labels = datasets.label_matrix(samples, args.task)
+    samples, source = archives.load(args.dataset, args) if args.dataset else csv_samples(args)
+    task, classes, labels = archives.label_matrix(samples, args.task)
     part_of = [{"val": "val", "test": "test"}.get(s["part"], "pool") for s in samples]
     table = Table([s["path"] for s in samples], [s["subject"] for s in samples], labels, classes, task, part_of,
                   source)
@@ -522,7 +522,7 @@ def quick_probe(vit, csv_path=DEMO_CSV, label_col="pneumonia", subject_col="pati
             x = torch.stack([pre(data.read_image(data.resolve(csv_path, None, r["path"]))) for r in rows])
         except data.ImageReadError as e:
             raise UserError(f"quick probe: {e}")
-        y = np.array([datasets.as_01(r[label_col], f"{csv_path} row {i + 2}") for i, r in enumerate(rows)], np.int64)
+        y = np.array([archives.as_01(r[label_col], f"{csv_path} row {i + 2}") for i, r in enumerate(rows)], np.int64)
         if len(set(y.tolist())) < 2:
             raise UserError(f"quick probe: {csv_path} column {label_col} has one class only; AUROC needs both")
         _QUICK_IMAGES[key] = (x, y, [r[subject_col] for r in rows])

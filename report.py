@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 import common
 import data
-import datasets
+import archives
 from common import UserError
 from labeler import METRICS, OBSERVATIONS, Scorer, label_report, score
 from llama import (Llama, LlamaConfig, apply_lora, count_params, full_state, generate, load_hf_llama, load_sharded,
@@ -213,15 +213,15 @@ def restore_settings(args):
 # data: every source becomes {"train"|"val"|"test": [{"path", "subject", "text"}, ...]}
 
 def load_samples(args):
-    """A published layout (datasets.py) or the generic CSV (blank reports dropped and counted); then the split:
+    """A published layout (archives.py) or the generic CSV (blank reports dropped and counted); then the split:
     official parts kept, the rest 70/15/15 by subject (85/15 train / val beside a --test_csv), no subject in two."""
     if args.dataset:
-        samples, source = datasets.load(args.dataset, args)
+        samples, source = archives.load(args.dataset, args)
     else:
         cols = {"path": args.path_col, "subject": args.subject_col, "text": args.text_col}
         samples, blank = [], 0
         for part, f in ((None, args.csv), ("val", args.val_csv), ("test", args.test_csv)):
-            rows, n = datasets.read_csv_samples(f, args.image_root, cols, part=part, drop_blank="text") if f else ([], 0)
+            rows, n = archives.read_csv_samples(f, args.image_root, cols, part=part, drop_blank="text") if f else ([], 0)
             samples, blank = samples + rows, blank + n
         source = f"{args.csv} ({blank} row(s) with a blank report dropped)" if blank else args.csv
         if blank:

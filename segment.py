@@ -50,10 +50,10 @@ from tqdm import tqdm
 
 import common
 import data
-import datasets
+import archives
 import figures
 from common import UserError, nanmean
-from datasets import RIBS, ZONES
+from archives import RIBS, ZONES
 from model import LinearDecoder, SegModel, UPerNet, count_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -222,7 +222,7 @@ def load_csv(path, args, boxes=None):
         raise UserError(f"CSV {path} has no mask column {args.mask_col!r}; pick it with --mask_col")
     sc = (args.subject_col or "subject") if (args.subject_col or "subject") in cols else None  # absent: 1 per image
     samples, missing = [], 0
-    for s in datasets.read_csv_samples(path, args.image_root, {"path": pc, "subject": sc, "mask": mc},
+    for s in archives.read_csv_samples(path, args.image_root, {"path": pc, "subject": sc, "mask": mc},
                                        path_keys=("path", "mask"))[0]:
         key = os.path.splitext(os.path.basename(s["path"]))[0]
         if boxes is not None:
@@ -242,9 +242,9 @@ def load_parts(args):
     """{'train', 'val', 'test'} -> samples, subjects kept apart (common.split_samples: 70/15/15 by subject of what
     has no fixed part; the official splits and --val_csv / --test_csv where given)."""
     if args.dataset:
-        pool, _ = datasets.load(args.dataset, args)
+        pool, _ = archives.load(args.dataset, args)
     else:
-        boxes = datasets.load_boxes(args.boxes, args.box_scale) if args.task == "zones" else None
+        boxes = archives.load_boxes(args.boxes, args.box_scale) if args.task == "zones" else None
         if args.csv is None and (args.val_csv or args.test_csv):
             raise UserError("--val_csv / --test_csv need --csv for the training data")
         pool = load_csv(args.csv or DEMO_CSV, args, boxes)
@@ -275,7 +275,7 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         s = self.samples[i]
         try:
-            img = datasets.read_composed(s["compose"]) if s.get("compose") else data.read_image(s["path"])
+            img = archives.read_composed(s["compose"]) if s.get("compose") else data.read_image(s["path"])
         except data.ImageReadError as e:
             raise UserError(str(e))
         t, l, side = common.center_box(*img.shape, self.frac)
@@ -534,7 +534,7 @@ def main(argv=None):
                                         "dice": dict(zip(classes, map(float, per_class)))},
            "best_epoch": best_epoch, "epochs_run": epoch, "steps": step, "best_val_loss": best, "settings": vars(args),
            **{f"n_{k}": len(parts[k]) for k in parts}, "seconds": round(time.time() - t0, 1),
-           "protocol": "70/15/15 by subject" if not args.dataset else f"{args.dataset} (datasets.py)",
+           "protocol": "70/15/15 by subject" if not args.dataset else f"{args.dataset} (archives.py)",
            "preprocess": {k: info[k] for k in ("img_size", "mean", "std", "crop_frac")},
            "deviations": deviations(args)}
     common.write_json(res, os.path.join(args.out_dir, "results.json"))

@@ -69,7 +69,8 @@ class Checkpoint:
     encoder.safetensors). A modeling_*.py beside the weights is never imported: only the weights are read."""
 
     def __init__(self, path):
-        self.path, folder = path, path if os.path.isdir(path) else os.path.dirname(path) or "."
+        self.path = path
+        self.folder = folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
         self.hf_config = _read_json(os.path.join(folder, "config.json"))
         self.hf_preprocess = _read_json(os.path.join(folder, "preprocessor_config.json"))
         self.open_clip = _read_json(os.path.join(folder, "open_clip_config.json"))

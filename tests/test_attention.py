@@ -1,13 +1,13 @@
-"""Tests of the Triton attention kernels (kernels/attention.py) against a float64 PyTorch reference.
+"""Tests of the Triton attention kernels (triton_attn/attention.py) against a float64 PyTorch reference.
 
 On a machine without a GPU they run the real kernels in the Triton CPU interpreter: TRITON_INTERPRET=1 is set here
 before anything imports triton's kernels (triton reads it when a kernel is defined). With TRITON_INTERPRET=0 and a
 GPU, the same tests run on the GPU. Every output and scratch buffer is filled with NaN before the kernels run
-(kernels.attention.POISON), so an element a kernel never writes fails the comparison.
+(triton_attn.attention.POISON), so an element a kernel never writes fails the comparison.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.attention (and its @triton.jit) is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton_attn.attention (and its @triton.jit) is imported
 
 import copy  # noqa: E402
 
@@ -16,14 +16,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-import kernels.attention as ka  # noqa: E402
+import triton_attn.attention as ka  # noqa: E402
 import model  # noqa: E402
 from conftest import SAMPLE  # noqa: E402
 
 DEVICE = "cpu" if ka.INTERPRET else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
-    # (also the case if another module imported kernels.attention before this one set TRITON_INTERPRET)
-    pytest.skip("kernels.attention was imported without TRITON_INTERPRET=1 and there is no GPU",
+    # (also the case if another module imported triton_attn.attention before this one set TRITON_INTERPRET)
+    pytest.skip("triton_attn.attention was imported without TRITON_INTERPRET=1 and there is no GPU",
                 allow_module_level=True)
 
 # max |error| allowed, relative to max |reference| (at least 1): fp32 is exact up to summation order; fp16 / bf16
@@ -188,7 +188,7 @@ def test_vit_and_predictor_match_sdpa():
 
 def test_bench_parses_shapes():
     import common
-    from kernels import bench_attention
+    from triton_attn import bench_attention
     assert bench_attention.parse_shapes("128x12x256x64,1X2X7X80") == [(128, 12, 256, 64), (1, 2, 7, 80)]
     for bad in ("128x12x256", "1x1x4x160", "0x1x4x64"):
         with pytest.raises(common.UserError):

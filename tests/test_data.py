@@ -289,7 +289,7 @@ def test_cache_split_over_two_processes_equals_single_build_and_resumes(tmp_path
     assert "3 unreadable skipped" in out and "GB per 100k images" in out
     # two processes at once, one shard each (as two ranks or two nodes would run it), no coordination
     procs = [subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), *src, "--cache_dir", str(tmp_path / "two")],
-                              cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2"),
+                              env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs

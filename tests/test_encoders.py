@@ -4,6 +4,7 @@ Meta's I-JEPA / DINOv2 code. Inputs are real chest X-rays from sample_data."""
 import argparse
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,9 +42,18 @@ def perturb(model, seed=0):
     return model
 
 
-def make_hf(kind, tmp, **cfg):
+# facebook/dinov2-*'s preprocessor_config.json (BitImageProcessor): shortest edge 256, centre crop 224, ImageNet
+DINOV2_PROCESSOR = ('{"crop_size": {"height": 224, "width": 224}, "do_center_crop": true, "image_mean": [0.485, 0.456, '
+                    '0.406], "image_std": [0.229, 0.224, 0.225], "image_processor_type": "BitImageProcessor", '
+                    '"resample": 3, "size": {"shortest_edge": 256}}')
+RAD_DINO_PROCESSOR = ('{"crop_size": {"height": 518, "width": 518}, "do_center_crop": true, "image_mean": [0.5307, '
+                      '0.5307, 0.5307], "image_std": [0.2583, 0.2583, 0.2583], "size": {"shortest_edge": 518}}')
+
+
+def make_hf(kind, tmp, processor=True, **cfg):
     """A randomly initialised transformers Dinov2Model (or Dinov2WithRegistersModel, 4 registers), saved with
-    save_pretrained: the reference implementation, and the files a user would point --encoder at."""
+    save_pretrained beside facebook/dinov2's preprocessor_config.json (processor=False: without it): the reference
+    implementation, and the files a user would point --encoder at."""
     transformers = pytest.importorskip("transformers")  # a test-only dependency
     torch.manual_seed(0)
     base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=14, image_size=56)
@@ -56,6 +66,8 @@ def make_hf(kind, tmp, **cfg):
         m = transformers.Dinov2Model(transformers.Dinov2Config(**base))
     perturb(m.eval())
     m.save_pretrained(tmp)
+    if processor:
+        (Path(tmp) / "preprocessor_config.json").write_text(DINOV2_PROCESSOR)
     return m
 
 
@@ -96,20 +108,20 @@ def test_hf_dinov2_same_features(tmp_path, kind, cfg):
 def test_hf_in_memory_names_and_preprocessor_config(tmp_path):
     """transformers 5's own parameter names (q_proj, o_proj) load too; a preprocessor_config.json beside the
     weights (as in the microsoft/rad-dino snapshot) sets the preprocessing; --encoder_format rad-dino forces it."""
-    m = make_hf("dinov2", tmp_path / "ref")
+    m = make_hf("dinov2", tmp_path / "ref", processor=False)
     d = tmp_path / "mem"
     d.mkdir()
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
     assert any(".q_proj." in k for k in load_file(str(d / "model.safetensors")))
     (d / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
-    vit, info = load_encoder(str(d / "model.safetensors"))
+    with pytest.raises(UserError, match="--encoder_format dinov2-hf or --encoder_format rad-dino"):
+        load_encoder(str(d / "model.safetensors"))  # no processor file: DINOv2 or RAD-DINO? Never a guess
+    vit, info = load_encoder(str(d / "model.safetensors"), fmt="dinov2-hf")
     assert (info["img_size"], info["mean"]) == (224, encoders.IMAGENET_MEAN)
     x = xray(56, [0.5307] * 3, [0.2583] * 3)
     with torch.no_grad():
         torch.testing.assert_close(vit(x), hf_forward(m, x).last_hidden_state, atol=TOL, rtol=0)
-    (d / "preprocessor_config.json").write_text(
-        '{"crop_size": {"height": 518, "width": 518}, "do_center_crop": true, "image_mean": [0.5307, 0.5307, 0.5307],'
-        ' "image_std": [0.2583, 0.2583, 0.2583], "size": {"shortest_edge": 518}}')
+    (d / "preprocessor_config.json").write_text(RAD_DINO_PROCESSOR)
     _, info = load_encoder(str(d))
     assert (info["img_size"], info["mean"], info["std"]) == (518, [0.5307] * 3, [0.2583] * 3)
     _, info = load_encoder(str(tmp_path / "ref"), fmt="rad-dino")
@@ -167,6 +179,65 @@ def test_meta_dinov2_naming_loads_identically(tmp_path, kind, wrap):
         meta_ref = F.interpolate(grid, scale_factor=(6.1 / 4, 6.1 / 4), mode="bicubic", antialias=False)
         assert (mine - resize_pos_embed(pos, (4, 4), (6, 6))).abs().max() > 1e-4  # the offset does change values
     torch.testing.assert_close(mine, meta_ref.permute(0, 2, 3, 1).reshape(1, 36, -1), atol=1e-6, rtol=0)
+
+
+def rad_dino_folder(tmp, processor=True):
+    """microsoft/rad-dino's hub folder as it is today: the Hugging Face Dinov2 files (config.json, model.safetensors,
+    preprocessor_config.json) plus what it added for fine-tuning: backbone_compatible.safetensors (the same weights
+    in Meta's DINOv2 naming, mask token included), dino_head.safetensors and the training configs. Returns the
+    transformers reference model."""
+    m = make_hf("dinov2", tmp, processor=False, hidden_size=128, num_attention_heads=2)
+    if processor:
+        (tmp / "preprocessor_config.json").write_text(RAD_DINO_PROCESSOR)
+    meta = to_meta_dinov2(load_file(str(tmp / "model.safetensors")), 2, 0)
+    save_file({k: v.contiguous() for k, v in meta.items()}, str(tmp / "backbone_compatible.safetensors"))
+    save_file({"mlp.0.weight": torch.randn(16, 128), "last_layer.weight_g": torch.ones(8, 1)},
+              str(tmp / "dino_head.safetensors"))
+    (tmp / "vitb14_cxr.yaml").write_text("student:\n  arch: vit_base\n  patch_size: 14\n")
+    (tmp / "ssl_default_config.yaml").write_text("train:\n  batch_size_per_gpu: 64\n")
+    return m
+
+
+@pytest.mark.parametrize("processor", [True, False])
+def test_rad_dino_hub_folder_and_its_dinov2_code_checkpoint(tmp_path, processor):
+    """Today's RAD-DINO folder, and its backbone_compatible.safetensors on its own, load as RAD-DINO (518 px, its
+    own statistics), never as a generic DINOv2 at 224 px; both give transformers' features."""
+    m = rad_dino_folder(tmp_path / "rad-dino", processor)
+    lone = tmp_path / "elsewhere"
+    lone.mkdir()
+    (lone / "backbone_compatible.safetensors").write_bytes(
+        (tmp_path / "rad-dino" / "backbone_compatible.safetensors").read_bytes())
+    x = xray(56, [0.5307] * 3, [0.2583] * 3)
+    ref = hf_forward(m, x).last_hidden_state
+    for path in (tmp_path / "rad-dino", tmp_path / "rad-dino" / "backbone_compatible.safetensors",
+                 lone / "backbone_compatible.safetensors"):
+        vit, info = load_encoder(str(path))
+        assert info["format"] == "rad-dino" and "auto-detected" in info["source"], (path, info)
+        assert (info["img_size"], info["resize_to"], info["mean"], info["std"]) == (518, 518, [0.5307] * 3,
+                                                                                    [0.2583] * 3)
+        with torch.no_grad():
+            torch.testing.assert_close(vit(x), ref, atol=TOL, rtol=0)
+
+
+def test_formats_that_cannot_be_told_apart_ask_for_encoder_format(tmp_path):
+    """Where two formats share a layout but not a preprocessing, auto-detection says so in one line, never guesses."""
+    make_hf("dinov2", tmp_path / "hf", processor=False)  # a Dinov2 folder with no processor file: DINOv2 or RAD-DINO?
+    with pytest.raises(UserError, match=r"pass --encoder_format dinov2-hf or --encoder_format rad-dino$"):
+        load_encoder(str(tmp_path / "hf"))
+    assert load_encoder(str(tmp_path / "hf"), fmt="rad-dino")[1]["img_size"] == 518
+    assert load_encoder(str(tmp_path / "hf"), fmt="dinov2-hf")[1]["img_size"] == 224
+    meta = to_meta_dinov2(load_file(str(tmp_path / "hf" / "model.safetensors")), 2, 0)
+    save_file({k: v.contiguous() for k, v in meta.items()}, str(tmp_path / "renamed.safetensors"))
+    with pytest.raises(UserError, match=r"--encoder_format dinov2 or --encoder_format rad-dino$"):
+        load_encoder(str(tmp_path / "renamed.safetensors"))  # DINOv2 naming, but Meta ships .pth and no RAD-DINO name
+    torch.save({"visual.conv1.weight": torch.zeros(768, 3, 32, 32), "visual.class_embedding": torch.zeros(768),
+                "visual.transformer.resblocks.0.ln_1.weight": torch.ones(768)}, tmp_path / "b32.pt")
+    with pytest.raises(UserError, match=r"ViT-B/32.*--encoder_format clip or --encoder_format chexzero$"):
+        load_encoder(str(tmp_path / "b32.pt"))  # OpenAI's CLIP ViT-B/32 and CheXzero share it
+    from test_baselines import timm_vit_state
+    torch.save({"model": timm_vit_state()}, tmp_path / "vit16.pth")  # a CLS-token ViT/16, no MAE decoder
+    with pytest.raises(UserError, match=r"--encoder_format mrm or --encoder_format dinov2$"):
+        load_encoder(str(tmp_path / "vit16.pth"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,6 +508,30 @@ def test_export_hf_loads_in_transformers_with_same_features(tmp_path, in_chans):
     assert info["format"] == "ijepa-hf" and (info["img_size"], info["mean"]) == (56, [encoders.CXR_MEAN] * 3)
     with torch.no_grad():
         torch.testing.assert_close(back(x), ref, atol=TOL, rtol=0)
+
+
+def test_export_loads_into_timm_with_the_same_features(tmp_path):
+    """The README's lines: the project's encoder.safetensors into timm's VisionTransformer (no class token, average
+    pool of the final-normed patch tokens), with no code from this project: the same tokens and embedding."""
+    import json
+    timm = pytest.importorskip("timm")  # test-only (it needs torchvision)
+    import safetensors
+    import safetensors.torch
+    vit = tiny_jepa()
+    save_encoder(vit, str(tmp_path / "encoder.safetensors"))
+    p = str(tmp_path / "encoder.safetensors")
+    # -- the README's three lines --
+    c = json.loads(safetensors.safe_open(p, "pt").metadata()["config"])
+    t = timm.models.VisionTransformer(**{k: c[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth",
+                                         "num_heads", "mlp_ratio", "qkv_bias")}, class_token=False,
+                                      global_pool="avg", fc_norm=False, num_classes=0)
+    t.load_state_dict(safetensors.torch.load_file(p))
+    # --
+    x = xray(56, [encoders.CXR_MEAN], [encoders.CXR_STD])
+    with torch.no_grad():
+        t.eval()
+        torch.testing.assert_close(t.forward_features(x.expand(-1, 3, -1, -1)), vit(x), atol=TOL, rtol=0)
+        torch.testing.assert_close(t(x.expand(-1, 3, -1, -1)), vit.global_embedding(x), atol=TOL, rtol=0)
 
 
 def test_hf_ijepa_folder_same_features(tmp_path):

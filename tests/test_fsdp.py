@@ -32,7 +32,7 @@ def _report(args, nproc=1):
     cmd = [sys.executable, str(ROOT / "report.py")] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
          "127.0.0.1", "--master_port", str(_free_port()), str(ROOT / "report.py")]
-    r = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 

@@ -27,7 +27,7 @@ NIH = str(SAMPLE / "nih14")
 def run(args, check=True, env=None, **kw):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     r = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *args], capture_output=True, text=True,
-                       cwd=ROOT, env=e, timeout=600, **kw)
+                       env=e, timeout=600, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"pretrain.py failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
@@ -47,7 +47,7 @@ def free_port():
 
 def start(args, **kw):
     e = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *args], cwd=ROOT, env=e, text=True,
+    return subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *args], env=e, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
@@ -154,7 +154,7 @@ def test_torchrun_and_srun_two_processes_gloo(tmp_path):
     e = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "pretrain.py"), "--out_dir", str(out), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=e, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     s0, s1 = (json.load(open(out / f"rank{i}.json")) for i in range(2))
     assert s0["world"] == s1["world"] == 2
@@ -175,7 +175,7 @@ def test_torchrun_and_srun_two_processes_gloo(tmp_path):
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             e.pop(k, None)
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), "--out_dir", str(slurm), *args],
-                                      cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
@@ -323,8 +323,8 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, how):
                 "    if n[0] == 1: return real(obj, f, *a, **k)\n"
                 "    f.write(b'x' * 4096); raise OSError(errno.ENOSPC, 'No space left on device')\n"
                 "torch.save = save; sys.argv[0] = 'pretrain.py'; common.run(pretrain.main)")
-        e = dict(os.environ, OMP_NUM_THREADS="1")
-        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=e,
+        e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # the test runs in its own folder
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=e,
                            timeout=600)
         files = os.listdir(out)
         ck = torch.load(out / "checkpoint.pt", weights_only=True)

@@ -15,7 +15,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import common
 import data
-import datasets
+import archives
 import probe
 from common import UserError
 from encoders import load_encoder, save_encoder
@@ -300,7 +300,7 @@ def test_vindr_layout(tmp_path):
         src = sources[table.subjects[i]].astype(np.float64)
         assert np.allclose(data.read_image(table.paths[i]), (src - src.min()) / (src.max() - src.min()), atol=1e-3)
     six = probe.load_table(probe.get_args(["--dataset", "vindr", "--data_dir", str(root)]))
-    assert six.classes == datasets.VINDR_SIX and six.labels.shape == (12, 6)
+    assert six.classes == archives.VINDR_SIX and six.labels.shape == (12, 6)
 
     res = probe.main(TINY + ["--dataset", "vindr", "--data_dir", str(root), "--label_cols", "Cardiomegaly,Lung Opacity",
                              "--epochs", "2", "--out_dir", str(tmp_path / "out")])

@@ -29,7 +29,7 @@ def test_short_run_logs_finite_probe_auroc(tmp_path):
     args = ["--data_dir", str(SAMPLE / "nih14"), "--preset", "demo", "--model", "vit_tiny", "--img_size", "56",
             "--patch_size", "7", "--batch_size", "8", "--pred_depth", "1", "--pred_dim", "96", "--max_steps", "4",
             "--probe_every", "2", "--num_workers", "0", "--log_every", "1", "--out_dir", str(out)]
-    r = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *args], capture_output=True, text=True, cwd=ROOT,
+    r = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *args], capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in open(out / "log.jsonl")]

@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 import common
-import datasets
+import archives
 import segment
 from conftest import SAMPLE
 from model import LinearDecoder, UPerNet, count_params
@@ -185,8 +185,8 @@ def test_zones_from_scene_graph_json_and_csv(tmp_path):
     manifest.write_text("image,mask\n" + "".join(f"images/{n}.png,masks/{n}.png\n" for n in names))
     args = segment.get_args(["--task", "zones", "--csv", str(manifest), "--image_root", str(LUNGSEG),
                              "--boxes", str(sg)])
-    from_json = segment.load_csv(str(manifest), args, datasets.load_boxes(str(sg), 1.0))
-    from_csv = segment.load_csv(str(manifest), args, datasets.load_boxes(str(tmp_path / "boxes.csv"), 1.0))
+    from_json = segment.load_csv(str(manifest), args, archives.load_boxes(str(sg), 1.0))
+    from_csv = segment.load_csv(str(manifest), args, archives.load_boxes(str(tmp_path / "boxes.csv"), 1.0))
     assert len(from_json) == len(from_csv) == 3
     for sj, sc in zip(from_json, from_csv):
         assert set(sj["boxes"]) == set(segment.ZONES)

@@ -3,14 +3,14 @@ Ahead-of-time compile of the Triton attention kernels for NVIDIA GPUs, on any ma
 and every autotune config, for sm_80 (A100) and sm_90 (H100), fp16 and bf16, head dims 64 / 80 / 128, with the
 registers, spills and shared memory ptxas reports for each.
 
-    python kernels/aot_report.py                    # the full sweep (204 compiles; ~10 s each on one CPU core)
-    python kernels/aot_report.py --arch 90 --head_dim 128 --workers 8 --json out/aot.json
+    python triton_attn/aot_report.py                    # the full sweep (204 compiles; ~10 s each on one CPU core)
+    python triton_attn/aot_report.py --arch 90 --head_dim 128 --workers 8 --json out/aot.json
 
 triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) lowers a kernel through Triton's MLIR passes to
 PTX and runs ptxas (shipped with triton) to a cubin, exactly as a first launch on that GPU would, minus the
 driver. ptxas -v then gives registers per thread, spill stores / loads and the stack frame; Triton's metadata
 gives the shared memory. A config "spills" when ptxas reports spill stores, and "cannot fit" when its shared
-memory exceeds the GPU's per-block limit. kernels/attention.py keeps such configs out of its autotune lists
+memory exceeds the GPU's per-block limit. triton_attn/attention.py keeps such configs out of its autotune lists
 (SPILLS, from this report): autotuning would time them and usually reject them anyway, but each one costs a
 compile and a benchmark on the first call, and a spilling config can win a noisy timing.
 
@@ -37,7 +37,7 @@ KERNELS = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"
 
 
 def load_attention():
-    """kernels/attention.py as the GPU sees it: imported under another name with TRITON_INTERPRET unset, so the
+    """triton_attn/attention.py as the GPU sees it: imported under another name with TRITON_INTERPRET unset, so the
     kernels are real JIT functions and the autotune lists are the full GPU lists, even inside a test session that
     runs the interpreter."""
     saved = os.environ.pop("TRITON_INTERPRET", None)

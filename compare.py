@@ -3,13 +3,13 @@ One command for a whole comparison: the three evaluations (probe.py, segment.py,
 the same data, printed as the paper's Tables 3, 4 and 5 side by side, with Table 6's significance marks from
 one-tailed paired bootstrap tests against a baseline, and one results.json.
 
-    python evaluate.py --encoders random out/pretrain/encoder.safetensors     # bundled data, CPU, minutes
-    python evaluate.py --encoders A.safetensors B.pth.tar --baseline random   # each against a random encoder of
+    python compare.py --encoders random out/pretrain/encoder.safetensors     # bundled data, CPU, minutes
+    python compare.py --encoders A.safetensors B.pth.tar --baseline random   # each against a random encoder of
                                                                               # its own architecture (the default)
-    python evaluate.py --encoders A B C --baseline C                          # every encoder against encoder C
-    python evaluate.py --encoders A B --probe "--dataset vindr --data_dir /data/vindr-cxr/1.0.0" \\
+    python compare.py --encoders A B C --baseline C                          # every encoder against encoder C
+    python compare.py --encoders A B --probe "--dataset vindr --data_dir /data/vindr-cxr/1.0.0" \\
         --segment "--csv /data/lungs/manifest.csv" --report "--dataset mimic --data_dir ... --lm /models/vicuna"
-    python evaluate.py --encoders A --stages probe segment                   # a subset of the evaluations
+    python compare.py --encoders A --stages probe segment                   # a subset of the evaluations
 
 An encoder is a checkpoint path (any format encoders.py reads) or `random` (a random init of --model at
 --img_size). --probe / --segment / --report pass flags to that script as they are; without data flags each runs
@@ -18,7 +18,7 @@ presets). Baselines (--baseline): `random` runs each encoder's script again with
 same preprocessing, random weights); a name or path from --encoders compares every other encoder with that one;
 `none` skips the tests. Marks: ** p < 0.01, * p < 0.05 (one-tailed: "this encoder is better than the baseline").
 
-Writes to --out_dir (default out/evaluate): <encoder>/<stage>/ (each script's own outputs), compare/ (the paired
+Writes to --out_dir (default out/compare): <encoder>/<stage>/ (each script's own outputs), compare/ (the paired
 tests), results.json (every table's numbers, the tests, the protocols and their deviations, the settings).
 """
 import argparse
@@ -56,7 +56,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--out_dir", default=os.path.join("out", "evaluate"))
+    p.add_argument("--out_dir", default=os.path.join("out", "compare"))
     args = p.parse_args(argv)
     names = args.names or [e if e == "random" else os.path.splitext(os.path.basename(e.rstrip("/")))[0]
                            for e in args.encoders]

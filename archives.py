@@ -1,7 +1,7 @@
 """
 Published dataset layouts, read once for all three evaluations (`--dataset NAME --data_dir ROOT`).
 
-    samples, source = datasets.load("vindr", args)   # args: the script's flags (data_dir, label_cols, seed, ...)
+    samples, source = archives.load("vindr", args)   # args: the script's flags (data_dir, label_cols, seed, ...)
 
 Every loader returns the same generic sample list the CSV path returns (read_csv_samples): one dict per image,
     {"path": image file, "subject": patient id, "part": "train" | "val" | "test" | None (None: split by subject),

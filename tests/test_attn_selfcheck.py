@@ -1,4 +1,4 @@
-"""kernels/selfcheck.py: the Triton kernel is the default only after its start-up check passes; every way the check
+"""triton_attn/selfcheck.py: the Triton kernel is the default only after its start-up check passes; every way the check
 can fail (triton missing, a compile or launch error, wrong numbers) falls back to SDPA with one warning line.
 
 On this CPU machine the check runs the real kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1),
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from kernels import selfcheck
+from triton_attn import selfcheck
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,7 @@ def _fallback(capsys, device="cpu"):
 
 
 def test_compile_failure_falls_back_to_sdpa_with_one_warning(monkeypatch, capsys):
-    from kernels import attention
+    from triton_attn import attention
 
     def broken(q, k, v, scale=None):  # what a ptxas / launch failure looks like to the caller
         raise RuntimeError("PTX assembly aborted due to errors\nptxas fatal : Unsupported .version 9.4")
@@ -44,7 +44,7 @@ def test_compile_failure_falls_back_to_sdpa_with_one_warning(monkeypatch, capsys
 
 
 def test_wrong_numbers_fall_back(monkeypatch, capsys):
-    from kernels import attention
+    from triton_attn import attention
     real = attention.attention
     monkeypatch.setattr(attention, "attention", lambda q, k, v, scale=None: real(q, k, v, scale) * 1.5)
     assert "output differs from SDPA" in _fallback(capsys)
@@ -54,7 +54,7 @@ def test_wrong_numbers_fall_back(monkeypatch, capsys):
 
 
 def test_wrong_gradient_falls_back(monkeypatch, capsys):
-    from kernels import attention
+    from triton_attn import attention
     real = attention.attention
     # the same forward value (k - k.detach() is 0), but dK gains dO: only the backward comparison can see it
     monkeypatch.setattr(attention, "attention", lambda q, k, v, scale=None: real(q, k, v, scale) + (k - k.detach()))
@@ -62,7 +62,7 @@ def test_wrong_gradient_falls_back(monkeypatch, capsys):
 
 
 def test_triton_not_importable_falls_back(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "kernels.attention", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "triton_attn.attention", None)  # import raises ImportError
     assert "cannot import the Triton kernels" in _fallback(capsys)
 
 

@@ -2,14 +2,14 @@
 Benchmark of the Triton attention kernels against PyTorch SDPA (each backend) and the explicit math path, with a
 numerics check of the Triton kernels on the same inputs.
 
-    python kernels/bench_attention.py                          # the 4 project shapes, bf16, table + checks
-    python kernels/bench_attention.py --shapes 128x12x256x64 --dtype fp16
-    python kernels/bench_attention.py --check-only             # numerics only, no timing
-    TRITON_INTERPRET=1 python kernels/bench_attention.py       # no GPU: a tiny check in the CPU interpreter
+    python triton_attn/bench_attention.py                          # the 4 project shapes, bf16, table + checks
+    python triton_attn/bench_attention.py --shapes 128x12x256x64 --dtype fp16
+    python triton_attn/bench_attention.py --check-only             # numerics only, no timing
+    TRITON_INTERPRET=1 python triton_attn/bench_attention.py       # no GPU: a tiny check in the CPU interpreter
 
 Shapes are BxHxNxD (batch, heads, sequence, head dim). For each shape it prints forward, backward and
 forward+backward time (ms, median of triton.testing.do_bench) and TFLOP/s for every provider that runs:
-  triton          kernels/attention.py
+  triton          triton_attn/attention.py
   sdpa-flash      torch SDPA, SDPBackend.FLASH_ATTENTION     (a backend that errors is reported and skipped)
   sdpa-efficient  torch SDPA, SDPBackend.EFFICIENT_ATTENTION
   sdpa-cudnn      torch SDPA, SDPBackend.CUDNN_ATTENTION
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for a plain run
 import common  # noqa: E402
-import kernels.attention as ka  # noqa: E402
+import triton_attn.attention as ka  # noqa: E402
 import model  # noqa: E402
 
 DEFAULT_SHAPES = "128x12x256x64,128x12x150x64,32x12x1369x64,128x12x300x32"
@@ -145,8 +145,8 @@ def main():
     if not torch.cuda.is_available():
         if ka.INTERPRET:
             sys.exit(0 if interpreted_sanity_check() else 1)
-        print("no CUDA GPU: nothing to benchmark. On a GPU machine run `python kernels/bench_attention.py`; here, "
-              "`TRITON_INTERPRET=1 python kernels/bench_attention.py` runs a tiny interpreted check.")
+        print("no CUDA GPU: nothing to benchmark. On a GPU machine run `python triton_attn/bench_attention.py`; here, "
+              "`TRITON_INTERPRET=1 python triton_attn/bench_attention.py` runs a tiny interpreted check.")
         return
     import triton
     device, provs = "cuda", providers()

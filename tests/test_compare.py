@@ -1,4 +1,4 @@
-"""evaluate.py: the three evaluations for two encoders on the bundled data, tiny settings, the tables with the
+"""compare.py: the three evaluations for two encoders on the bundled data, tiny settings, the tables with the
 significance marks of the paired tests against each encoder's same-architecture random baseline, results.json."""
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 import data
-import evaluate
+import compare
 from conftest import SAMPLE
 from encoders import save_encoder
 from model import build_vit
@@ -16,7 +16,7 @@ LIGHT = {"probe": "--min_steps 0 --epochs 2 --folds 2 --extract_batch_size 64",
          "report": "--max_steps 2 --lm_layers 1 --lm_dim 64 --lm_heads 2 --vocab_size 400 --max_new_tokens 4"}
 
 
-def test_evaluate_two_encoders_tables_and_marks(tmp_path, monkeypatch, capsys):
+def test_compare_two_encoders_tables_and_marks(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -32,7 +32,7 @@ def test_evaluate_two_encoders_tables_and_marks(tmp_path, monkeypatch, capsys):
     argv = ["--encoders", "random", str(tmp_path / "tiny.safetensors"), "--model", "vit_tiny", "--img_size", "56",
             "--n_boot", "30", "--device", "cpu", "--out_dir", str(tmp_path / "ev")]
     argv += [f"--{k}={v}" for k, v in LIGHT.items()]
-    out = evaluate.main(argv)
+    out = compare.main(argv)
     text = capsys.readouterr().out
     for title in ("Table 3 (linear probe): AUPRC", "Table 3 (linear probe): AUROC", "Table 4 (segmentation",
                   "Table 5 (report generation)"):
@@ -55,18 +55,18 @@ def test_evaluate_two_encoders_tables_and_marks(tmp_path, monkeypatch, capsys):
     assert any("small Llama" in d for d in saved["results"]["report"]["tiny"]["deviations"])
 
 
-def test_evaluate_flags(tmp_path):
+def test_compare_flags(tmp_path):
     import pytest
     from common import UserError
     (tmp_path / "a.safetensors").write_bytes(b"")
     a = str(tmp_path / "a.safetensors")
-    assert evaluate.get_args(["--encoders", "random", a, "--baseline", "a"]).baseline == "a"  # by name
-    assert evaluate.get_args(["--encoders", "random", a, "--baseline", a]).baseline == "a"  # or by path
+    assert compare.get_args(["--encoders", "random", a, "--baseline", "a"]).baseline == "a"  # by name
+    assert compare.get_args(["--encoders", "random", a, "--baseline", a]).baseline == "a"  # or by path
     for argv, msg in ((["--encoders", "nope.pt"], "no such file"), (["--encoders", a, a], "one distinct name"),
                       (["--encoders", a, "--baseline", "b"], "none of random, none, a")):
         with pytest.raises(UserError, match=msg):
-            evaluate.get_args(argv)
-    flags = evaluate.stage_argv(evaluate.get_args(["--encoders", a, "--probe", "--csv x.csv --folds 3"]), "probe", a,
+            compare.get_args(argv)
+    flags = compare.stage_argv(compare.get_args(["--encoders", a, "--probe", "--csv x.csv --folds 3"]), "probe", a,
                                 "o")
     assert flags[-3:] == ["x.csv", "--folds", "3"] and "--min_steps" not in flags  # data given: no quick settings
-    assert "--min_steps" in evaluate.stage_argv(evaluate.get_args(["--encoders", a]), "probe", a, "o")
+    assert "--min_steps" in compare.stage_argv(compare.get_args(["--encoders", a]), "probe", a, "o")

@@ -1,4 +1,4 @@
-"""datasets.py: every published layout, written from real X-rays in that layout, read back as generic samples;
+"""archives.py: every published layout, written from real X-rays in that layout, read back as generic samples;
 the MIMIC-CXR report parser; the shared split and leak check (common.split_samples)."""
 import csv
 import gzip
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import common
-import datasets
+import archives
 import report
 import segment
 from common import UserError
@@ -50,12 +50,12 @@ def _write_gz(path, header, rows):
 
 
 def test_extract_findings():
-    assert datasets.extract_findings(MIMIC_REPORT) == ("There is no focal consolidation, pleural effusion or "
+    assert archives.extract_findings(MIMIC_REPORT) == ("There is no focal consolidation, pleural effusion or "
                                                      "pneumothorax. Bilateral nodular opacities that most likely "
                                                      "represent nipple shadows.")
     only_imp = " INDICATION: cough\n\n IMPRESSION:\n Mild cardiomegaly.\n"
-    assert datasets.extract_findings(only_imp) == "Mild cardiomegaly."
-    assert datasets.extract_findings(" INDICATION: cough\n\n COMPARISON: none\n") is None
+    assert archives.extract_findings(only_imp) == "Mild cardiomegaly."
+    assert archives.extract_findings(" INDICATION: cough\n\n COMPARISON: none\n") is None
 
 
 EMPTY_FINDINGS = " FINDINGS:\n\n IMPRESSION:\n Mild cardiomegaly.\n"  # a header without text: no findings
@@ -102,7 +102,7 @@ def test_mimic_loader_paper_rule_and_study_rule(tmp_path, capsys):
     paper, per_study = make_mimic(tmp_path, img)
     args = report.get_args(["--dataset", "mimic", "--data_dir", str(tmp_path)])
     assert args.mimic_rule == "paper"  # the default
-    samples, source = datasets.load_mimic(args)
+    samples, source = archives.load_mimic(args)
     out = by_part(samples)
     assert {k: len(v) for k, v in out.items()} == paper
     printed = capsys.readouterr().out
@@ -114,7 +114,7 @@ def test_mimic_loader_paper_rule_and_study_rule(tmp_path, capsys):
     parts, _ = report.load_samples(args)  # the official split kept as it is
     assert {k: len(v) for k, v in parts.items()} == paper
     # the old rule behind the flag: one frontal image per study, PA preferred, impression when there is no findings
-    samples, _ = datasets.load_mimic(report.get_args(["--dataset", "mimic", "--data_dir", str(tmp_path),
+    samples, _ = archives.load_mimic(report.get_args(["--dataset", "mimic", "--data_dir", str(tmp_path),
                                                       "--mimic_rule", "study"]))
     out = by_part(samples)
     assert {k: len(v) for k, v in out.items()} == per_study
@@ -139,7 +139,7 @@ def test_iu_xray_loader(tmp_path):
     # default: IU-Xray is out-of-distribution test data only, and training on it is refused with a clear error
     with pytest.raises(UserError, match="out-of-distribution"):
         report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path)])
-    samples, source = datasets.load_iu_xray(SimpleNamespace(data_dir=str(tmp_path), image_root=None, iu_split="test"))
+    samples, source = archives.load_iu_xray(SimpleNamespace(data_dir=str(tmp_path), image_root=None, iu_split="test"))
     assert [len(by_part(samples)[k]) for k in ("train", "val", "test")] == [0, 0, 6]
     out, source = report.load_samples(report.get_args(["--dataset", "iu_xray", "--data_dir", str(tmp_path),
                                                        "--iu_split", "r2gen"]))
@@ -176,14 +176,14 @@ def test_lung_segment_mimic_cxr_layout(tmp_path, monkeypatch):
     root = tmp_path / "lung-segment-mimic-cxr" / "1.0.0"
     truth = make_lung_segment_mimic(root)
     args = segment.get_args(["--dataset", "mimic_lungs", "--data_dir", str(root)])
-    samples, source = datasets.load_mimic_lungs(args)
+    samples, source = archives.load_mimic_lungs(args)
     assert len(samples) == 12 and "lung-segment-mimic-cxr" in source
     for s in samples:
         dicom = os.path.basename(s["mask"]).replace("_lung.png", "")
         img, lung, subj = truth[dicom]
         assert s["subject"] == subj
         # the X-ray is the two segmented images together, exactly; the mask is the lung image's non-black part
-        np.testing.assert_allclose(datasets.read_composed(s["compose"]), img / 255.0, atol=1e-6)
+        np.testing.assert_allclose(archives.read_composed(s["compose"]), img / 255.0, atol=1e-6)
         lab = segment.make_label(s, "lungs", img.shape)
         assert ((lab == 1) | (lab == 2)).sum() == lung.sum() and not ((lab > 0) & ~lung).any()
         xs1, xs2 = np.nonzero(lab == 1)[1], np.nonzero(lab == 2)[1]
@@ -200,7 +200,7 @@ def test_lung_segment_mimic_cxr_layout(tmp_path, monkeypatch):
     assert res["n_train"] + res["n_val"] + res["n_test"] == 12 and 0 <= res["test"]["mean_dice"] <= 1
     assert any("no official split" in d for d in res["deviations"])
     with pytest.raises(UserError, match="no lung-segment-mimic-cxr image pairs"):
-        datasets.load_mimic_lungs(segment.get_args(["--dataset", "mimic_lungs", "--data_dir", str(tmp_path / "out")]))
+        archives.load_mimic_lungs(segment.get_args(["--dataset", "mimic_lungs", "--data_dir", str(tmp_path / "out")]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,4 +226,4 @@ def test_unknown_layout_and_missing_root_are_one_line(tmp_path):
                             ("rsna", str(tmp_path / "absent"), "no such folder")):
         args.data_dir = root
         with pytest.raises(UserError, match=msg):
-            datasets.load(name, args)
+            archives.load(name, args)

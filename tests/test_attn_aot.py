@@ -4,7 +4,7 @@ giving PTX and a cubin, as the first launch on such a GPU would.
 
 Each compile takes several seconds of one CPU core, so CI compiles a representative subset: every kernel, with
 both GPU generations, both 16-bit dtypes and all three head dims (64 / 80 / 128) covered across them, each at the
-first config the autotuner keeps there. `python kernels/aot_report.py` compiles every config of every kernel in
+first config the autotuner keeps there. `python triton_attn/aot_report.py` compiles every config of every kernel in
 every combination (the full sweep, with registers / spills / shared memory per config).
 
 The compiles run in a subprocess: this test session runs Triton's interpreter (TRITON_INTERPRET=1, set before
@@ -19,8 +19,7 @@ import pytest
 from conftest import ROOT
 
 pytest.importorskip("triton")
-sys.path.insert(0, str(ROOT / "kernels"))
-import aot_report  # noqa: E402
+from triton_attn import aot_report  # noqa: E402
 
 # (arch, dtype, head dim) per kernel: every kernel, both archs, both dtypes and all three head dims each appear;
 # five compiles (about 30 s on two idle cores), the full sweep is the script's
@@ -37,8 +36,8 @@ def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "rows.json"
     combos = [f"{k}:{a}:{d}:{h}" for k, cs in SUBSET.items() for a, d, h in cs]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(ROOT / "kernels" / "aot_report.py"), "--combo", *combos, "--workers", "2",
-                        "--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    r = subprocess.run([sys.executable, str(ROOT / "triton_attn" / "aot_report.py"), "--combo", *combos, "--workers", "2",
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text()), r.stdout
 

@@ -1,13 +1,13 @@
 """
 Fused non-causal attention in Triton, forward and backward (FlashAttention-2 style), for the ViT and the predictor.
 
-    from kernels.attention import attention
+    from triton_attn.attention import attention
     o = attention(q, k, v)             # q, k, v: (B, H, N, D) CUDA tensors, fp16 / bf16 / fp32, any strides
     o.sum().backward()                 # dq, dk, dv from the fused backward kernels
     # model.py calls this for --attn triton: model.attention(q, k, v, impl="triton")
 
     TRITON_INTERPRET=1 python -m pytest tests/test_attention.py   # the same kernels on the CPU (Triton interpreter)
-    python kernels/attention.py                                    # quick check against the PyTorch reference
+    python triton_attn/attention.py                                    # quick check against the PyTorch reference
 
 What it computes: O = softmax(scale * Q K^T) V with scale = D ** -0.5 by default, no mask, no dropout.
 - forward: one program per (query block, batch*head). It streams key/value blocks through an online softmax
@@ -29,7 +29,7 @@ What it computes: O = softmax(scale * Q K^T) V with scale = D ** -0.5 by default
 Under TRITON_INTERPRET=1 (read when this module is imported) the kernels run on the CPU with a single autotune
 config. The interpreter does bf16 arithmetic wrongly (it stores bf16 as raw uint16 and multiplies those), so for
 bf16 inputs the loaded tiles are upcast to fp32 right after tl.load there (UPCAST); fp16 and fp32 run the GPU's
-exact code path. Set RADJEPA_ATTN_POISON=1 (or kernels.attention.POISON = True) to fill every output and scratch
+exact code path. Set RADJEPA_ATTN_POISON=1 (or triton_attn.attention.POISON = True) to fill every output and scratch
 buffer with NaN before the kernels run, so an element a kernel forgets to write shows up as NaN (the tests do).
 """
 import os
@@ -40,7 +40,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError as e:  # the model imports this module only for --attn triton
-    raise ImportError("kernels.attention needs the triton package (pip install triton); "
+    raise ImportError("triton_attn.attention needs the triton package (pip install triton); "
                       "or run with --attn sdpa") from e
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -79,16 +79,16 @@ else:
 
 
 # rows per program of the tiny delta = rowsum(dO * O) kernel: 128 rows x head dim 128 held in 4 warps' registers
-# spill on sm_90 (kernels/aot_report.py); 32 rows never do, and the kernel is memory-bound either way
+# spill on sm_90 (triton_attn/aot_report.py); 32 rows never do, and the kernel is memory-bound either way
 PREPROCESS_BLOCK = 32
 
 
 # Configs that spill registers (or exceed shared memory) on a GPU generation, measured ahead of time by
-# kernels/aot_report.py (ptxas -v on the cubin for sm_80 / sm_90, fp16 and bf16; a config is listed when it spills
+# triton_attn/aot_report.py (ptxas -v on the cubin for sm_80 / sm_90, fp16 and bf16; a config is listed when it spills
 # in either dtype): {(kernel, arch): {(block_a, block_b, num_warps, num_stages, BLOCK_D): spill-store bytes}}.
 # The autotuner never tries these; if every config of a kernel spills at some head dim, the one that spills
 # least is kept (there has to be one).
-SPILLS = {  # measured by kernels/aot_report.py --dtype bf16 --head_dim 64 128 (head dim 80 pads to BLOCK_D 128)
+SPILLS = {  # measured by triton_attn/aot_report.py --dtype bf16 --head_dim 64 128 (head dim 80 pads to BLOCK_D 128)
     ('_attn_bwd_dkdv', 80): {
         (16, 64, 4, 2, 128): 348,
         (32, 32, 4, 2, 128): 132,
@@ -582,7 +582,7 @@ def reference(q, k, v, scale=None):
 if __name__ == "__main__":
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not INTERPRET:
-        print("no CUDA: rerun as TRITON_INTERPRET=1 python kernels/attention.py to check on the CPU interpreter")
+        print("no CUDA: rerun as TRITON_INTERPRET=1 python triton_attn/attention.py to check on the CPU interpreter")
         raise SystemExit(0)
     torch.manual_seed(0)
     for dtype, tol in [(torch.float32, 1e-4), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)]:

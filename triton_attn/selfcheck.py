@@ -1,7 +1,7 @@
 """
 Start-up self-check of the Triton attention kernel, so that it is the CUDA default only where it demonstrably works.
 
-    from kernels.selfcheck import default_attention
+    from triton_attn.selfcheck import default_attention
     args.attn = default_attention(device)      # "triton" if the check passes on this device, else "sdpa"
 
 The check runs once per device and process: it compiles the kernels (forward and backward) for this GPU and
@@ -24,7 +24,7 @@ TOLERANCE = 5e-2
 def _run_check(device):
     try:
         import importlib
-        triton_attention = importlib.import_module("kernels.attention")
+        triton_attention = importlib.import_module("triton_attn.attention")
     except Exception as e:  # ImportError (no triton), or triton failing to initialise its backend
         return False, f"cannot import the Triton kernels ({type(e).__name__}: {e})"
 
