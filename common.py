@@ -325,6 +325,32 @@ def same_items(pa, keys_a, pb, keys_b, what="test images"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# convex heads on frozen features (probe.py's linear head, segment.py's linear decoder): solved, not trained
+
+# L2 strengths tried, strongest first, each fit warm-starting the next: half-decades spanning what standardised
+# features of 10^2 to 10^5 images need; a sweep stops once PATIENCE strengths in a row bring nothing better
+L2_GRID = np.logspace(0, -6, 13)
+PATIENCE = 3
+GRAD_TOL = 1e-6  # L-BFGS stops when no gradient entry is larger: converged in float64 for every practical purpose
+
+
+def lbfgs(params, objective, tol=GRAD_TOL, max_iter=2000):
+    """Minimise objective() (which returns its value and leaves its gradient in the params' .grad) by L-BFGS with
+    a strong-Wolfe line search, until no gradient entry exceeds tol. Returns the facts results.json reports."""
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-15,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        return objective()
+    opt.step(closure)
+    opt.zero_grad()
+    f = float(objective())
+    g = max(float(p.grad.abs().max()) for p in params)
+    return {"objective": f, "grad_max": g, "iterations": opt.state[params[0]]["n_iter"], "converged": g <= tol}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the frozen encoder of the three evaluations
 
 def add_eval_args(p, n_boot=1000):
@@ -446,7 +472,7 @@ def encode_images(paths, info, fn, env, batch_size, num_workers, cache=None):
     from tqdm import tqdm
     if cache and os.path.exists(cache):
         try:
-            got = torch.load(cache, weights_only=True)
+            got = torch.load(cache, weights_only=True, mmap=True)  # mapped: the features need not fit in memory
             ok = got["paths"] == list(paths) and got["feats"].shape[0] == len(paths)
         except Exception as e:  # truncated, or not ours
             env.print(f"warning: feature cache {cache} is unreadable ({type(e).__name__}): recomputing it")

@@ -17,7 +17,8 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def draw_pr_curves(Y, P, classes, title, path, W=760, H=560):
-    """Precision-recall curves, one per class (test predictions pooled over folds), drawn with PIL."""
+    """Precision-recall curves, one per class over its labelled rows (test predictions pooled over folds), drawn
+    with PIL. The legend's AP is of these pooled predictions, so it can differ from the table's mean over folds."""
     L, R, T, B = 70, 230, 40, 60  # margins; the legend sits in the right one
     img = Image.new("RGB", (W, H), "white")
     d, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
@@ -32,7 +33,8 @@ def draw_pr_curves(Y, P, classes, title, path, W=760, H=560):
     d.text((8, T - 22), "Precision", fill="black", font=font)
     d.text((L + 60, 8), title[:90], fill="black", font=font)
     for c, name in enumerate(classes):
-        y, p = Y[:, c], P[:, c]
+        known = np.isfinite(Y[:, c])
+        y, p = Y[known, c], P[known, c]
         if not 0 < y.sum() < len(y):
             continue
         prec, rec, _ = precision_recall_curve(y, p)
@@ -42,7 +44,7 @@ def draw_pr_curves(Y, P, classes, title, path, W=760, H=560):
         color, ly = PALETTE[c % len(PALETTE)], T + 18 * c
         d.line(pts, fill=color, width=2)
         d.line([W - R + 15, ly + 7, W - R + 35, ly + 7], fill=color, width=3)
-        d.text((W - R + 40, ly), f"{name[:18]} (AP {average_precision_score(y, p):.2f})", fill="black", font=font)
+        d.text((W - R + 40, ly), f"{name[:18]} (pooled AP {average_precision_score(y, p):.2f})", fill="black", font=font)
     img.save(path)
 
 

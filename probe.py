@@ -8,7 +8,8 @@ Linear probe: is a frozen encoder's global embedding linearly predictive of find
     python probe.py --dataset rsna --data_dir /data/rsna-pneumonia     # 60/20/20 by patient (--protocol cv: 5-fold)
     python probe.py --csv train.csv --val_csv val.csv --test_csv test.csv --label_cols a,b   # fixed splits
     python probe.py --csv t.csv --label_cols finding --task multiclass   # one column of class names
-    python probe.py --augment --epochs 20 ...         # the paper's training-time augmentations, through the encoder
+    python probe.py --preset paper ...                # the paper's AdamW head (and how far from converged it stops)
+    python probe.py --preset paper --augment ...      # with the paper's augmentations, through the frozen encoder
     python probe.py --encoder A.safetensors --baseline random   # and a random encoder of A's architecture, compared
     python probe.py --compare out/probe_a out/probe_b # paired bootstrap over the test images: is A better than B?
     python probe.py --table out/probe_a out/probe_b   # the paper's Table 3: one row per encoder
@@ -16,14 +17,23 @@ Linear probe: is a frozen encoder's global embedding linearly predictive of find
 
 The paper's protocol: the encoder is frozen; its global embedding (mean of the final patch tokens for JEPA
 encoders, CLS where the encoder has one; --last_layers N concatenates N final layers) of the centre-cropped,
-resized image feeds one linear layer: sigmoid + BCE for multi-label findings, softmax + CE for multi-class and
-binary ones; AdamW, lr 5e-5, cosine schedule, batch 96, 100 epochs (but at least --min_steps steps: small data sets
-would stop far from convergence). Images are split by subject, never by image. Protocols (--protocol):
+resized image feeds one linear layer: sigmoid + BCE per finding (binary and multi-label), softmax + CE for
+multi-class. On frozen features that is a convex problem, so by default it is solved as one: L2-regularised
+logistic regression by full-batch L-BFGS to convergence (float64, features streamed to the device in chunks), the
+L2 strength chosen per finding on the validation part from a grid (as DINOv2's linear evaluation sweeps its
+learning rates; without a fixed validation part by 5-fold cross-validation by subject inside the training part),
+then refitted on training + validation. --preset paper trains the head as the paper did instead
+(AdamW, lr 5e-5, cosine, batch 96, 100 epochs, best epoch on the validation part; --augment only there) and
+reports how far its train loss stopped from the optimum of the same objective. Encoder rankings need a converged
+head: an unconverged one ranks the optimiser, not the features. Images are split by subject, never by image.
+Protocols (--protocol):
   fixed  a published or given test set (VinDr-CXR's official 15,000 / 3,000 split, --test_csv): heads trained with
          --repeats seeds (default 5), mean ± std over the seeds
   split  --split train/val/test shares by subject (RSNA: 60/20/20, the paper), --repeats seeds
   cv     --folds k-fold cross-validation by subject (the default for a plain --csv and the bundled demo)
-Inside each training part a subject-disjoint validation part (or --val_csv) picks the epoch.
+The L2 strength is chosen on a fixed validation part (published, --val_csv, or the split protocol's), otherwise by
+5-fold cross-validation by subject inside the training part; the SGD head's epoch on a subject-disjoint validation
+part of the training part (or the fixed one).
 
 Labels: several 0/1 columns = multi-label, one 0/1 column = binary; anything else in a label column (blank, -1,
 NaN, words) is an error unless --task multiclass says the column holds class names. Embeddings are cached under
@@ -56,7 +66,8 @@ from common import UserError, nanmean
 from encoders import DEFAULT_EXPORT
 
 DEMO_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data", "kermany", "labels.csv")
-PRESETS = {"paper": dict(model="vit_base", img_size=224, batch_size=96, epochs=100, lr=5e-5)}  # demo = paper
+# converged (the default): the convex head solved to its optimum; paper: the paper's AdamW recipe for the head
+PRESETS = {"converged": dict(head="lbfgs"), "paper": dict(head="sgd")}
 
 # --augment strengths: small, label-preserving changes of a chest X-ray
 AUG = dict(flip_p=0.5, rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, crop_area=(0.8, 1.0),
@@ -79,15 +90,19 @@ def get_args(argv=None):
     g.add_argument("--folds", type=int, default=5, help="k of k-fold cross-validation by subject")
     g.add_argument("--val_frac", type=float, default=0.15, help="cv / fixed: share of a training part's subjects "
                    "for selection")
-    g.add_argument("--select", default="loss", choices=["loss", "auprc"], help="best epoch by val loss or AUPRC")
+    g.add_argument("--select", default="loss", choices=["loss", "auprc"],
+                   help="the L2 strength (or the SGD head's epoch) by validation loss or AUPRC")
     g.add_argument("--repeats", type=int, default=5, help="fixed / split: heads trained with this many seeds")
-    g.add_argument("--weight_decay", type=float, default=0.01)
-    g.add_argument("--min_steps", type=int, default=1000, help="train at least this many steps (0: off): small data "
-                   "stops far from convergence after 100 epochs at lr 5e-5; the paper's data sets get >10k steps")
+    g.add_argument("--head", default=None, choices=["lbfgs", "sgd"],
+                   help="lbfgs: solved to convergence (--preset converged, the default); sgd: AdamW as the paper "
+                        "(--preset paper)")
+    g.add_argument("--weight_decay", type=float, default=0.01,
+                   help="SGD head: AdamW's weight decay, also the L2 strength of the objective its gap is measured on")
     g.add_argument("--feat_norm", default="standardize", choices=["standardize", "none"],
                    help="standardise features with the training part's mean / std (fixed: still linear)")
     g.add_argument("--last_layers", type=int, default=1, help="concatenate the embedding of this many final layers")
-    g.add_argument("--augment", action="store_true", help="training-time augmentations through the encoder")
+    g.add_argument("--augment", action="store_true",
+                   help="SGD head only: the paper's training-time augmentations, through the frozen encoder")
     g.add_argument("--extract_batch_size", type=int, default=32)
     g.add_argument("--feature_cache", default=None, help="embedding cache folder (default: OUT_DIR/features)")
     g = p.add_argument_group("comparing runs")
@@ -96,9 +111,14 @@ def get_args(argv=None):
     g.add_argument("--table", nargs="+", default=None, metavar="RUN",
                    help="print one table (a row per run folder / results.json) for encoders probed on the same data")
     common.add_eval_args(p)
-    common.add_common_args(p, "probe", batch_size=None, epochs=None, lr=None, model=None, img_size=None)
+    common.add_common_args(p, "probe", batch_size=96, epochs=100, lr=5e-5, model="vit_base", img_size=224)
     common.add_preset_arg(p, PRESETS)
-    args = common.check_args(common.apply_preset(p.parse_args(argv), PRESETS, True))
+    args = p.parse_args(argv)
+    args.preset = args.preset or "converged"
+    args = common.check_args(common.apply_preset(args, PRESETS, True))
+    if args.augment and args.head != "sgd":
+        raise UserError("--augment trains through the encoder, one mini-batch at a time: it needs the SGD head "
+                        "(--preset paper or --head sgd)")
     if args.folds < 2:
         raise UserError("--folds must be at least 2")
     if args.repeats < 1:
@@ -256,38 +276,149 @@ def augment(x, g):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the linear head
+# the linear head: one objective, solved to convergence (L-BFGS, the default) or trained as the paper did (AdamW)
+#
+# Objective: the sum over labels of each label's mean loss over the rows where it is known (sigmoid + BCE; NaN =
+# not labelled), or the mean softmax CE (multi-class), + sum_c lam_c / 2 * ||W[:, c]||^2 (biases free). Labels
+# decouple, so column c is label c's own logistic regression (scikit-learn's C = 1 / (lam_c * n_c)) and lam is
+# chosen per label; multi-class shares one lam.
 
-def loss_fn(logits, y, task):
-    if task == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, y)
-    return F.cross_entropy(logits, y[:, 0].long() if task == "binary" else y.argmax(1))
+# The L2 strengths (common.L2_GRID) are swept strongest first; the sweep stops once common.PATIENCE strengths in a
+# row improve no label.
+GAP_TOL = 1e-3  # an SGD head whose train objective stops further than this above the optimum is flagged
+CHUNK = 65536  # rows per transfer to the device: the objective streams any number of cached features
+
+
+def head_loss(logits, y, task, counts):
+    """The data term of the objective above on one block of rows; counts: known rows per label of the whole set
+    being averaged over (so that blocks, or mini-batches, add up to its mean)."""
+    if task == "multiclass":
+        return F.cross_entropy(logits, y.argmax(1), reduction="sum") / counts[0]
+    known = ~torch.isnan(y)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none")
+    return (torch.where(known, loss, 0.0).sum(0) / counts.clamp_min(1)).sum()
+
+
+def known_counts(y, task):
+    return (~torch.isnan(y).any(1)).sum().reshape(1) if task == "multiclass" else (~torch.isnan(y)).sum(0)
 
 
 def probabilities(logits, task):
-    if task == "multilabel":
-        return torch.sigmoid(logits)
-    return logits.softmax(-1)[:, 1:] if task == "binary" else logits.softmax(-1)  # binary: P(positive)
+    return logits.softmax(-1) if task == "multiclass" else torch.sigmoid(logits)
 
 
-def train_head(batches, steps_per_epoch, Xva, Yva, n_classes, task, args, env, log, fold):
-    """AdamW + cosine over all steps; after each epoch the validation part is scored and the best epoch's weights
-    (lowest loss, or highest macro AUPRC with --select auprc) are returned with that epoch."""
-    head = nn.Linear(Xva.shape[1], 2 if task == "binary" else n_classes).to(env.device)
-    # zero start: at lr 5e-5 the weights move ~1e-2 in 100s of steps, less than a random init's spread
-    # (~1/sqrt(D)), which would drown the learned direction; the loss is convex, so zero is a fine start
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = args.max_steps or max(args.epochs * steps_per_epoch, args.min_steps)
+def objective(W, b, X, Y, rows, task, lam, norm, grad=True):
+    """Objective of the head (W, b) on X[rows] (standardised by norm = (mean, std)), streamed to W's device in
+    CHUNK-row blocks; with grad, its gradient is accumulated into W.grad and b.grad."""
+    counts = known_counts(Y[rows], task).to(W)
+    total = torch.zeros((), dtype=W.dtype, device=W.device)
+    for i in range(0, len(rows), CHUNK):
+        r = rows[i:i + CHUNK]
+        x = ((X[r] - norm[0]) / norm[1]).to(W.device, W.dtype)
+        with torch.set_grad_enabled(grad):
+            loss = head_loss(x @ W + b, Y[r].to(W.device, W.dtype), task, counts)
+        if grad:
+            loss.backward()
+        total += loss.detach()
+    with torch.set_grad_enabled(grad):
+        pen = 0.5 * (lam * (W * W).sum(0)).sum()
+    if grad:
+        pen.backward()
+    return total + pen.detach()
+
+
+def fit_lbfgs(X, Y, rows, task, lam, norm, init):
+    """Minimise the objective from init = (W, b) (a warm start) by L-BFGS to convergence (common.lbfgs). Returns
+    (W, b, convergence facts)."""
+    W, b = (t.detach().clone().requires_grad_(True) for t in init)
+    facts = common.lbfgs([W, b], lambda: objective(W, b, X, Y, rows, task, lam, norm))
+    return W.detach(), b.detach(), facts
+
+
+def predict(W, b, X, rows, task, norm):
+    with torch.no_grad():
+        return torch.cat([probabilities(((X[rows[i:i + CHUNK]] - norm[0]) / norm[1]).to(W) @ W + b, task)
+                          for i in range(0, len(rows), CHUNK)]).cpu().numpy()
+
+
+def val_scores(P, y, task, select):
+    """Per label (one value for multi-class) the validation score to maximise, minus the loss or the AUPRC, of
+    probabilities P for labels y; and the mean loss and AUPRC for the log."""
+    y = np.asarray(y, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if task == "multiclass":
+            loss = np.array([-np.mean(np.log(np.clip(P[np.arange(len(y)), y.argmax(1)], 1e-300, None)))])
+        else:
+            p = np.clip(P, 1e-15, 1 - 1e-15)
+            loss = np.nanmean(-(y * np.log(p) + (1 - y) * np.log(1 - p)), axis=0)
+    ap = fast_metrics(y, P)[0]
+    if select == "auprc":
+        ap = [nanmean(ap)] if task == "multiclass" else ap
+        return np.where(np.isfinite(ap), ap, -loss), float(np.mean(loss)), nanmean(ap)
+    return -loss, float(np.mean(loss)), nanmean(ap)
+
+
+def selection_folds(tr, va, subjects, fixed_val, seed):
+    """Where the L2 strength is scored: a fixed validation part as it is (published, --val_csv, the 'split'
+    protocol's); otherwise 5-fold cross-validation by subject inside the training part (train + the inner split),
+    its validation predictions pooled: a 15% split of a few hundred images is too noisy to choose by."""
+    if fixed_val:
+        return [(tr, va)]
+    pool = np.concatenate([tr, va])
+    k = min(5, len(set(subjects[pool])))
+    if k < 2:
+        raise UserError(f"the training part holds {k} subject(s): too few to choose the head's L2 strength")
+    return [(pool[a], pool[b]) for a, b in data.kfold_by_subject(subjects[pool], k=k, seed=seed)]
+
+
+def fit_converged(X, Y, folds, task, norm, device, select="loss", log=None, fold=0):
+    """The default head: for each strength of common.L2_GRID (strongest first, each fit warm-starting the next) the
+    optimum on the training rows of every selection fold, scored on their validation rows pooled; per label the
+    best strength; then the optimum at those strengths on all rows of the folds. Returns (W, b, head facts)."""
+    D, K = X.shape[1], Y.shape[1]
+    zero = (torch.zeros(D, K, dtype=torch.float64, device=device), torch.zeros(K, dtype=torch.float64, device=device))
+    inits, held = [zero] * len(folds), np.concatenate([va for _, va in folds])
+    best, since = None, 0
+    for step, l2 in enumerate(common.L2_GRID, start=1):
+        lam = torch.full((K,), float(l2), dtype=torch.float64, device=device)
+        fits = [fit_lbfgs(X, Y, tr, task, lam, norm, init) for (tr, _), init in zip(folds, inits)]
+        inits = [(W, b) for W, b, _ in fits]
+        P = np.concatenate([predict(W, b, X, va, task, norm) for (W, b, _), (_, va) in zip(fits, folds)])
+        score, val_loss, val_ap = val_scores(P, Y[held].numpy(), task, select)
+        better = np.ones(len(score), bool) if best is None else score > best[0]
+        best = (score, np.full(len(score), l2)) if best is None else \
+            (np.where(better, score, best[0]), np.where(better, l2, best[1]))
+        since = 0 if better.any() else since + 1
+        if log is not None:
+            log.log(step=step, fold=fold, l2=float(l2), loss=float(np.mean([f["objective"] for *_, f in fits])),
+                    val_loss=val_loss, val_auprc=val_ap if np.isfinite(val_ap) else None,
+                    iterations=sum(f["iterations"] for *_, f in fits))
+        if since >= common.PATIENCE:
+            break
+    chosen = np.broadcast_to(best[1], (K,)) if task == "multiclass" else best[1]
+    lam = torch.tensor(chosen, dtype=torch.float64, device=device)
+    rows = np.unique(np.concatenate([np.concatenate(f) for f in folds]))
+    W, b, facts = fit_lbfgs(X, Y, rows, task, lam, norm, inits[0])
+    how = "the validation part" if len(folds) == 1 else f"{len(folds)}-fold cross-validation by subject"
+    return W, b, {"solver": "lbfgs", "l2": [float(v) for v in chosen], "l2_chosen_by": how, **facts}
+
+
+def train_sgd(batches, steps_per_epoch, X, Y, tr, va, task, norm, args, env, log, fold):
+    """The paper's head: AdamW + cosine over all steps; after each epoch the validation part is scored and the
+    best epoch's weights (by --select) are kept. Then its gap: its train objective (lam = --weight_decay, on the
+    un-augmented training features) against the optimum of that same objective."""
+    D, K = X.shape[1], Y.shape[1]
+    W = torch.zeros(D, K, dtype=torch.float32, device=env.device, requires_grad=True)
+    b = torch.zeros(K, dtype=torch.float32, device=env.device, requires_grad=True)
+    opt = torch.optim.AdamW([W, b], lr=args.lr, weight_decay=args.weight_decay)
+    total = args.max_steps or args.epochs * steps_per_epoch
     best, step = None, 0
     for epoch in range(math.ceil(total / steps_per_epoch)):
-        head.train()
         losses = []
         for x, y in batches(epoch):
             for gr in opt.param_groups:  # cosine from lr to 0 over the whole run
                 gr["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = loss_fn(head(x), y, task)
+            loss = head_loss(x @ W + b, y, task, known_counts(y, task))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -295,38 +426,48 @@ def train_head(batches, steps_per_epoch, Xva, Yva, n_classes, task, args, env, l
             step += 1
             if step >= total:
                 break
-        head.eval()
-        with torch.no_grad():
-            logits = head(Xva)
-            val_loss = loss_fn(logits, Yva, task).item()
-            val_ap = nanmean(fast_metrics(Yva.cpu().numpy(), probabilities(logits, task).cpu().numpy())[0])
-        score = -val_loss if args.select == "loss" or not np.isfinite(val_ap) else val_ap
-        if best is None or score > best[0]:
-            best = (score, epoch, {k: v.clone() for k, v in head.state_dict().items()})
+        P = predict(W.detach().double(), b.detach().double(), X, va, task, norm)
+        score, val_loss, val_ap = val_scores(P, Y[va].numpy(), task, args.select)
+        if best is None or score.mean() > best[0]:
+            best = (score.mean(), epoch, W.detach().double().clone(), b.detach().double().clone())
         log.log(step=step, loss=float(np.mean(losses)), fold=fold, epoch=epoch, val_loss=val_loss,
                 val_auprc=val_ap if np.isfinite(val_ap) else None, lr=opt.param_groups[0]["lr"])
         if step >= total:
             break
-    head.load_state_dict(best[2])
-    return head.eval(), best[1]
+    _, epoch, W, b = best
+    lam = torch.full((K,), args.weight_decay, dtype=torch.float64, device=env.device)
+    f = float(objective(W, b, X, Y, tr, task, lam, norm, grad=False))
+    optimum = fit_lbfgs(X, Y, tr, task, lam, norm, (W, b))[2]["objective"]
+    return W, b, {"solver": "adamw", "best_epoch": epoch, "objective": f, "optimum": optimum, "gap": f - optimum,
+                  "converged": f - optimum <= GAP_TOL}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # metrics: scikit-learn for the reported numbers; a vectorised equivalent for thousands of bootstrap resamples
 
 def metrics(Y, P):
-    """Per class AUPRC (average precision) and AUROC from scikit-learn; 'Agg.' = their mean over the classes with
-    both positives and negatives here (a class without positives has no AUPRC / AUROC: NaN)."""
-    ok = [0 < Y[:, c].sum() < len(Y) for c in range(Y.shape[1])]
-    ap = [float(average_precision_score(Y[:, c], P[:, c])) if ok[c] else math.nan for c in range(Y.shape[1])]
-    auc = [float(roc_auc_score(Y[:, c], P[:, c])) if ok[c] else math.nan for c in range(Y.shape[1])]
+    """Per class AUPRC (average precision) and AUROC from scikit-learn over the rows where that class is labelled
+    (NaN: not labelled); 'Agg.' = their mean over the classes with both positives and negatives there (a class
+    without positives has no AUPRC / AUROC: NaN)."""
+    ap, auc = [], []
+    for c in range(Y.shape[1]):
+        known = np.isfinite(Y[:, c])
+        y, p = Y[known, c], P[known, c]
+        ok = 0 < y.sum() < len(y)
+        ap.append(float(average_precision_score(y, p)) if ok else math.nan)
+        auc.append(float(roc_auc_score(y, p)) if ok else math.nan)
     return {"auprc": ap, "auroc": auc, "agg_auprc": nanmean(ap), "agg_auroc": nanmean(auc)}
 
 
 def fast_metrics(Y, P):
     """scikit-learn's AUPRC and AUROC (ties included) for all classes at once in float64 numpy: AUROC = Mann-Whitney
-    U with average ranks; AP = sum over distinct thresholds of (recall step) x precision. NaN where undefined."""
+    U with average ranks; AP = sum over distinct thresholds of (recall step) x precision. NaN where undefined. A
+    column with unlabelled rows (NaN) is scored over its labelled rows."""
     Y, P = np.asarray(Y, np.float64), np.asarray(P, np.float64)
+    if np.isnan(Y).any():
+        cols = [fast_metrics(Y[np.isfinite(Y[:, c]), c:c + 1], P[np.isfinite(Y[:, c]), c:c + 1])
+                for c in range(Y.shape[1])]
+        return np.array([a[0] for a, _ in cols]), np.array([u[0] for _, u in cols])
     n, pos = len(Y), Y.sum(0)
     valid = (pos > 0) & (pos < n)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -382,8 +523,8 @@ def write_outputs(res, table, preds, out_dir):
         w.writerow(["path", "subject", "fold"] + [f"{k}_{c}" for k in ("label", "prob") for c in table.classes])
         for fold, idx, P in preds:
             for i, p in zip(idx, P):
-                w.writerow([table.paths[i], table.subjects[i], fold] + [int(v) for v in table.labels[i]]
-                           + [f"{v:.6g}" for v in p])
+                w.writerow([table.paths[i], table.subjects[i], fold] + ["" if np.isnan(v) else int(v) for v in
+                                                                        table.labels[i]] + [repr(float(v)) for v in p])
     common.write_json(res, os.path.join(out_dir, "results.json"))
 
 
@@ -398,7 +539,8 @@ def load_predictions(path):
         raise UserError(f"{path}: no label_* / prob_* columns; pass a predictions.csv written by probe.py")
     by_path = {}  # an image's rows from several seeds (--repeats) are averaged into one prediction
     for r in rows:
-        y, p = [float(r["label_" + c]) for c in classes], [float(r["prob_" + c]) for c in classes]
+        y = [float(r["label_" + c]) if r["label_" + c] != "" else math.nan for c in classes]  # blank: unlabelled
+        p = [float(r["prob_" + c]) for c in classes]
         by_path.setdefault(r["path"], (y, []))[1].append(p)
     paths = sorted(by_path)
     Y, P = np.array([by_path[k][0] for k in paths]), np.array([np.mean(by_path[k][1], 0) for k in paths])
@@ -411,7 +553,7 @@ def compare(args):
     if cls != cls_b:
         raise UserError(f"{pa} and {pb} predict different classes ({cls} vs {cls_b})")
     common.same_items(pa, paths, pb, paths_b)
-    if not np.array_equal(Ya, Yb):
+    if not np.array_equal(Ya, Yb, equal_nan=True):
         raise UserError(f"{pa} and {pb} disagree on the labels of the same images")
     memo = {}
 
@@ -439,8 +581,16 @@ def unit_of(protocol):
 def deviations(args, proto):
     """What this run does differently from the paper's section 6 protocol (printed and in results.json)."""
     out = []
-    if args.min_steps and args.max_steps is None:
-        out.append(f"at least {args.min_steps} head steps (the paper: 100 epochs however few steps that is)")
+    if args.head == "lbfgs":
+        out.append("head: L2-regularised logistic regression solved to convergence by L-BFGS, the L2 strength per "
+                   "label chosen on the validation part (without a fixed one: 5-fold cross-validation by subject in "
+                   "the training part), refitted on training + validation (the paper: AdamW, lr "
+                   "5e-5, 100 epochs; --preset paper); no training-time augmentation")
+    elif args.augment:
+        out.append("training-time augmentations through the frozen encoder: " + ", ".join(f"{k} {v}" for k, v in
+                                                                                         AUG.items()))
+    if args.max_steps is not None and args.head == "sgd":
+        out.append(f"--max_steps {args.max_steps} head steps (the paper: {args.epochs} epochs)")
     if args.feat_norm == "standardize":
         out.append("features standardised with the training part's mean / std (a fixed affine map, still linear)")
     if args.dataset == "vindr":
@@ -462,41 +612,69 @@ def table_of_runs(runs):
 
 
 def run_folds(feats, table, splits, vit, info, args, env, log):
-    """Train, select and test one head per split; returns per-fold metrics and (fold, test indices, probabilities)."""
-    X, Y = feats.to(env.device), torch.from_numpy(table.labels).to(env.device)
+    """Fit, select and test one head per split; returns per-fold metrics and (fold, test indices, probabilities)."""
+    X, Y = feats, torch.from_numpy(table.labels)
     # --augment works on [0, 1] images and normalises after augmenting, with the encoder's own statistics
     raw = {**info, "mean": [0.0] * len(info["mean"]), "std": [1.0] * len(info["std"])}
     mean, std = (torch.tensor(info[k], device=env.device).view(1, -1, 1, 1) for k in ("mean", "std"))
     bs, per_fold, preds = args.batch_size, [], []
     for k, (tr, va, te) in enumerate(splits):
         g = torch.Generator().manual_seed(args.seed + 1000 * k)
-        # standardised with the training part's statistics: a fixed affine map, so the probe stays linear, but AdamW
-        # at lr 5e-5 no longer depends on the raw scale of each encoder's features
-        mu, sd = (X[tr].mean(0), X[tr].std(0).clamp_min(1e-6)) if args.feat_norm == "standardize" else (0.0, 1.0)
-        Xs = (X - mu) / sd
+        # standardised with the training part's statistics: a fixed affine map, so the probe stays linear, and one
+        # L2 grid (or one AdamW lr) suits every encoder whatever the raw scale of its features
+        rows = tr if args.head == "sgd" else np.concatenate([tr, va])  # what the head is finally fitted on
+        norm = (X[rows].mean(0), X[rows].std(0).clamp_min(1e-6)) if args.feat_norm == "standardize" else (0.0, 1.0)
+        dev = lambda t: t.to(env.device, torch.float32)  # noqa: E731
 
         def batches(epoch):  # one epoch of (features, labels) of the training part, in a fresh order
             order = tr[torch.randperm(len(tr), generator=g).numpy()]
             if not args.augment:
                 for i in range(0, len(order), bs):
-                    yield Xs[order[i:i + bs]], Y[order[i:i + bs]]
+                    yield dev((X[order[i:i + bs]] - norm[0]) / norm[1]), dev(Y[order[i:i + bs]])
                 return
             for i, (x, _) in enumerate(common.image_batches([table.paths[j] for j in order], raw, bs,
                                                             args.num_workers)):
                 f = embed(vit, (augment(x.to(env.device), g) - mean) / std, env, args)
-                yield (f - mu) / sd, Y[order[i * bs:(i + 1) * bs]]
+                yield (f - dev(norm[0])) / dev(norm[1]), dev(Y[order[i * bs:(i + 1) * bs]])
 
-        head, best_epoch = train_head(batches, math.ceil(len(tr) / bs), Xs[va], Y[va], len(table.classes), table.task,
-                                      args, env, log=log, fold=k)
-        with torch.no_grad():
-            P = probabilities(head(Xs[te]), table.task).cpu().numpy()
+        if args.head == "lbfgs":
+            folds = selection_folds(tr, va, table.subjects, "val" in table.parts or protocol_of(table, args) == "split",
+                                    args.seed + k)
+            W, b, head = fit_converged(X, Y, folds, table.task, norm, env.device, args.select, log, k)
+        else:
+            W, b, head = train_sgd(batches, math.ceil(len(tr) / bs), X, Y, tr, va, table.task, norm, args, env, log, k)
+        P = predict(W, b, X, te, table.task, norm)
         m = metrics(table.labels[te], P)
-        per_fold.append({"fold": k, "n_train": len(tr), "n_val": len(va), "n_test": len(te), "best_epoch": best_epoch,
-                         **m})
+        per_fold.append({"fold": k, "n_train": len(tr), "n_val": len(va), "n_test": len(te), "head": head, **m})
         preds.append((k, te, P))
-        env.print(f"fold {k}: train {len(tr)} val {len(va)} test {len(te)} images, best epoch {best_epoch}: "
+        how = (f"L2 {', '.join(f'{v:.0e}' for v in sorted(set(head['l2'])))} by {head['l2_chosen_by']}, "
+               f"{head['iterations']} L-BFGS iterations"
+               if args.head == "lbfgs" else f"best epoch {head['best_epoch']}, train objective {head['objective']:.4f} "
+               f"vs optimum {head['optimum']:.4f}")
+        env.print(f"fold {k}: train {len(tr)} val {len(va)} test {len(te)} images, {how}: "
                   f"Agg. AUPRC {m['agg_auprc']:.3f} AUROC {m['agg_auroc']:.3f}")
     return per_fold, preds
+
+
+def convergence(per_fold, head):
+    """How far each fold's head stopped from the optimum of its own objective, and a warning past GAP_TOL."""
+    heads = [f["head"] for f in per_fold]
+    if head == "lbfgs":
+        out = {"solver": "lbfgs", "grad_max": max(h["grad_max"] for h in heads), "gap": 0.0,
+               "converged": all(h["converged"] for h in heads)}
+        out["note"] = (f"head converged in every fold (largest gradient entry {out['grad_max']:.1e})"
+                       if out["converged"] else f"WARNING: L-BFGS stopped with a gradient entry of "
+                       f"{out['grad_max']:.1e} > {common.GRAD_TOL:g}: the head may not be at its optimum")
+        return out
+    gaps = [h["gap"] for h in heads]
+    out = {"solver": "adamw", "objective": [h["objective"] for h in heads], "optimum": [h["optimum"] for h in heads],
+           "gap": max(gaps), "converged": max(gaps) <= GAP_TOL}
+    per = "; ".join(f"{h['objective']:.4f} vs {h['optimum']:.4f}" for h in heads)
+    out["note"] = (f"head train objective vs its optimum, per fold: {per}" + ("" if out["converged"] else
+                   f". WARNING: the head stopped up to {max(gaps):.3f} above the optimum of its own objective (more "
+                   f"than {GAP_TOL:g}): its scores rank the optimiser as much as the features; the default head "
+                   "(--preset converged) solves it"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -506,14 +684,13 @@ _QUICK_IMAGES = {}  # (csv, label, subject, img_size) -> (images, labels, subjec
 
 
 def quick_probe(vit, csv_path=DEMO_CSV, label_col="pneumonia", subject_col="patient", folds=5, batch_size=64):
-    """Cross-validated AUROC of a logistic regression (scikit-learn) on the frozen `vit`'s global embedding for
-    the 0/1 column `label_col` of `csv_path` (default: the bundled Kermany sample, pneumonia vs normal). Folds are
-    fixed and by subject (data.kfold_by_subject, seed 0), so two calls on two encoders see the same splits; the
-    images are resized (no crop) to the encoder's resolution and decoded only once per process. Returns the mean
-    AUROC over folds (folds whose test part holds one class only are left out). A sanity signal during
-    pretraining: the full protocol (probe.py itself) is what to report."""
-    from sklearn.linear_model import LogisticRegression  # imported here: only runs that probe pay for it
-    from sklearn.preprocessing import StandardScaler
+    """Cross-validated AUROC of the probe's converged head (fit_converged: the L2 strength chosen by 5-fold
+    cross-validation by subject inside each training part, then refitted) on the frozen `vit`'s global embedding,
+    for the 0/1 column `label_col` of `csv_path` (default: the bundled Kermany sample, pneumonia vs normal). Folds are fixed and by
+    subject (data.kfold_by_subject, seed 0), so two calls on two encoders see the same splits; the images are resized
+    (no crop) to the encoder's resolution and decoded only once per process. Returns the mean AUROC over folds
+    (folds whose test part holds one class only are left out). A signal during pretraining: the full protocol
+    (probe.py itself) is what to report."""
     key = (os.path.abspath(csv_path), label_col, subject_col, vit.grid[0] * vit.patch_size)
     if key not in _QUICK_IMAGES:
         rows = data.read_csv(csv_path, required=["path", label_col, subject_col])
@@ -525,21 +702,21 @@ def quick_probe(vit, csv_path=DEMO_CSV, label_col="pneumonia", subject_col="pati
         y = np.array([archives.as_01(r[label_col], f"{csv_path} row {i + 2}") for i, r in enumerate(rows)], np.int64)
         if len(set(y.tolist())) < 2:
             raise UserError(f"quick probe: {csv_path} column {label_col} has one class only; AUROC needs both")
-        _QUICK_IMAGES[key] = (x, y, [r[subject_col] for r in rows])
+        _QUICK_IMAGES[key] = (x, y, np.array([r[subject_col] for r in rows]))
     x, y, subjects = _QUICK_IMAGES[key]
     was_training = vit.training
     vit.eval()
     with torch.no_grad():
         feats = torch.cat([vit.global_embedding(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
     vit.train(was_training)
-    feats = feats.numpy().astype(np.float64)
+    Y, cpu = torch.tensor(y, dtype=torch.float32)[:, None], torch.device("cpu")
     aucs = []
-    for train, test in data.kfold_by_subject(subjects, k=folds, seed=0):
+    for k, (train, test) in enumerate(data.kfold_by_subject(subjects, k=folds, seed=0)):
         if len(set(y[test].tolist())) < 2 or len(set(y[train].tolist())) < 2:
             continue
-        scaler = StandardScaler().fit(feats[train])
-        clf = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(feats[train]), y[train])
-        aucs.append(roc_auc_score(y[test], clf.predict_proba(scaler.transform(feats[test]))[:, 1]))
+        norm = (feats[train].mean(0), feats[train].std(0).clamp_min(1e-6))
+        W, b, _ = fit_converged(feats, Y, selection_folds(train, train[:0], subjects, False, k), "binary", norm, cpu)
+        aucs.append(roc_auc_score(y[test], predict(W, b, feats, test, "binary", norm)[:, 0]))
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
@@ -569,23 +746,23 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     log = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
     threads = torch.get_num_threads()
-    # a linear head's tiny matmuls gain nothing from threads, which only add synchronisation (10x slower on a busy CPU)
-    torch.set_num_threads(1 if env.device.type == "cpu" and not args.augment else threads)
+    # a small head's matmuls gain nothing from threads, which only add synchronisation (10x slower on a busy CPU)
+    torch.set_num_threads(1 if env.device.type == "cpu" and not args.augment and len(feats) < 20000 else threads)
     try:
         per_fold, preds = run_folds(feats, table, splits, vit, info, args, env, log)
     finally:
         torch.set_num_threads(threads)
     res = {"name": name, "encoder": info["source"], "encoder_format": info["format"], "task": table.task,
            "classes": table.classes, **summarise(per_fold, table.classes), "per_fold": per_fold,
-           "protocol": protocol, "deviations": deviations(args, proto),
+           "protocol": protocol, "convergence": convergence(per_fold, args.head), "deviations": deviations(args, proto),
            "data": {"source": table.source, "n_images": len(table.paths), "n_subjects": len(set(table.subjects)),
                     "positives": {c: int(table.labels[:, i].sum()) for i, c in enumerate(table.classes)}},
            "preprocess": {k: info[k] for k in ("img_size", "mean", "std", "crop_frac")}, "feature_dim": int(feats.shape[1]),
            "settings": vars(args), "time_s": round(time.time() - t0, 1)}
     for metric in ("auprc", "auroc"):
         print_table([res], table.classes, metric, len(splits), unit_of(res["protocol"]))
-    print(f"encoder: {info['source']}\nprotocol: {protocol}; deviations from the paper: "
-          f"{'; '.join(res['deviations']) or 'none'}")
+    print(f"encoder: {info['source']}\n{res['convergence']['note']}\nprotocol: {protocol}; deviations from the "
+          f"paper: {'; '.join(res['deviations']) or 'none'}")
     write_outputs(res, table, preds, args.out_dir)
     figures.draw_pr_curves(np.concatenate([table.labels[te] for _, te, _ in preds]), np.concatenate([P for *_, P in preds]),
                    table.classes, f"{name}: {table.source}", os.path.join(args.out_dir, "pr_curves.png"))

@@ -195,7 +195,7 @@ def test_lung_segment_mimic_cxr_layout(tmp_path, monkeypatch):
     # the whole run on it: a random vit_tiny, linear decoder, two epochs
     monkeypatch.chdir(tmp_path)
     res = segment.main(["--dataset", "mimic_lungs", "--data_dir", str(root), "--decoder", "linear", "--model",
-                        "vit_tiny", "--img_size", "56", "--batch_size", "4", "--epochs", "2", "--num_workers", "0",
+                        "vit_tiny", "--img_size", "56", "--max_steps", "20", "--num_workers", "0",
                         "--n_overlays", "0", "--device", "cpu", "--out_dir", str(tmp_path / "out")])
     assert res["n_train"] + res["n_val"] + res["n_test"] == 12 and 0 <= res["test"]["mean_dice"] <= 1
     assert any("no official split" in d for d in res["deviations"])

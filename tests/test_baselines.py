@@ -353,7 +353,7 @@ def test_baseline_runs_probe_segment_report(tmp_path, monkeypatch, kind):
     ck = str(baseline_checkpoint(kind, tmp_path))
     fmt = ["--encoder_format", kind] if kind == "chexzero" else []
     res = probe.main(["--csv", str(small_kermany_csv(tmp_path, n=4)), "--label_cols", "pneumonia", "--subject_col",
-                      "patient", "--folds", "2", "--max_steps", "5", "--min_steps", "5", "--num_workers", "0",
+                      "patient", "--folds", "2", "--num_workers", "0",
                       "--encoder", ck, "--out_dir", str(tmp_path / "probe"), *fmt])
     assert np.isfinite(res["agg"]["auroc"]["mean"]) and res["encoder_format"] == (kind if kind != "dinov2-swiglu"
                                                                                  else "dinov2-hf")

@@ -11,8 +11,8 @@ from conftest import SAMPLE
 from encoders import save_encoder
 from model import build_vit
 
-LIGHT = {"probe": "--min_steps 0 --epochs 2 --folds 2 --extract_batch_size 64",
-         "segment": "--decoder linear --epochs 1 --batch_size 8 --n_overlays 0",
+LIGHT = {"probe": "--epochs 2 --folds 2 --extract_batch_size 64",
+         "segment": "--decoder linear --max_steps 20 --n_overlays 0",
          "report": "--max_steps 2 --lm_layers 1 --lm_dim 64 --lm_heads 2 --vocab_size 400 --max_new_tokens 4"}
 
 
@@ -68,5 +68,6 @@ def test_compare_flags(tmp_path):
             compare.get_args(argv)
     flags = compare.stage_argv(compare.get_args(["--encoders", a, "--probe", "--csv x.csv --folds 3"]), "probe", a,
                                 "o")
-    assert flags[-3:] == ["x.csv", "--folds", "3"] and "--min_steps" not in flags  # data given: no quick settings
-    assert "--min_steps" in compare.stage_argv(compare.get_args(["--encoders", a]), "probe", a, "o")
+    assert flags[-3:] == ["x.csv", "--folds", "3"] and flags.count("--folds") == 1  # data given: no quick settings
+    quick = compare.stage_argv(compare.get_args(["--encoders", a]), "probe", a, "o")
+    assert quick[-len(compare.QUICK["probe"]):] == compare.QUICK["probe"]

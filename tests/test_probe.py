@@ -26,8 +26,7 @@ SAMPLE = ROOT / "sample_data"
 KERMANY = SAMPLE / "kermany" / "labels.csv"
 NIH = SAMPLE / "nih14" / "labels.csv"
 # vit_tiny at 56 px (4 x 4 patches) keeps every end-to-end run to a second or two on a shared CPU
-TINY = ["--model", "vit_tiny", "--img_size", "56", "--num_workers", "0", "--extract_batch_size", "64",
-        "--min_steps", "0"]
+TINY = ["--model", "vit_tiny", "--img_size", "56", "--num_workers", "0", "--extract_batch_size", "64"]
 
 
 @pytest.fixture(autouse=True)
@@ -97,6 +96,81 @@ def test_metrics_agree_with_sklearn_and_brute_force():
     assert np.isnan(m["auprc"][3]) and np.isnan(m["auroc"][3]) and np.isnan(ap_fast[3]) and np.isnan(auc_fast[3])
     assert m["agg_auprc"] == pytest.approx(np.mean(m["auprc"][:3]))  # Agg. = mean over the defined classes
     assert m["agg_auroc"] == pytest.approx(np.mean(m["auroc"][:3]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the linear head: solved to its optimum, checked against scikit-learn's float64 solver on the same objective
+
+def kermany_features():
+    """Global embeddings of the 120 bundled Kermany X-rays by a random vit_tiny at 56 px, and the CSV rows."""
+    rows = read_rows(KERMANY)
+    torch.manual_seed(0)
+    vit = build_vit("vit_tiny", img_size=56).eval()
+    pre = data.Preprocess(56)
+    with torch.no_grad():
+        f = vit.global_embedding(torch.stack([pre(data.read_image(SAMPLE / "kermany" / r["path"])) for r in rows]))
+    return rows, f
+
+
+def reference_fit(Z, y, lam, multiclass=False):
+    """scikit-learn's logistic regression on the same objective (mean loss + lam / 2 ||w||^2, bias free, i.e.
+    C = 1 / (lam * n)), solved to 1e-12: its objective value and test-time probabilities function."""
+    from sklearn.linear_model import LogisticRegression
+    clf = LogisticRegression(C=1 / (lam * len(y)), tol=1e-12, max_iter=100000).fit(Z, y)
+    p = clf.predict_proba(Z)
+    loss = -np.mean(np.log(p[np.arange(len(y)), np.searchsorted(clf.classes_, y)]))
+    return loss + 0.5 * lam * (clf.coef_ ** 2).sum(), lambda Zt: clf.predict_proba(Zt) if multiclass else \
+        clf.predict_proba(Zt)[:, 1]
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel", "multiclass"])
+def test_converged_head_reaches_the_optimum(task):
+    rows, f = kermany_features()
+    lab = np.array([r["label"] for r in rows])
+    if task == "binary":
+        Y = np.array([[float(r["pneumonia"])] for r in rows])
+    elif task == "multilabel":  # three findings, a fifth of the entries not labelled (NaN: left out per label)
+        Y = np.stack([lab != "normal", lab == "bacterial", lab == "viral"], 1).astype(float)
+        Y[np.random.default_rng(0).random(Y.shape) < 0.2] = np.nan
+    else:
+        Y = (lab[:, None] == np.array(["bacterial", "normal", "viral"])).astype(float)
+    subjects = np.array([r["patient"] for r in rows])
+    tr, va, te = data.split_by_subject(subjects, (0.6, 0.2, 0.2), seed=0)
+    norm = (f[tr].mean(0), f[tr].std(0).clamp_min(1e-6))
+    W, b, head = probe.fit_converged(f, torch.tensor(Y, dtype=torch.float32), [(tr, va)], task, norm, torch.device("cpu"))
+    assert head["converged"] and head["grad_max"] <= common.GRAD_TOL
+    P = probe.predict(W, b, f, te, task, norm)
+    Z = ((f - norm[0]) / norm[1]).double().numpy()
+    both = np.concatenate([tr, va])
+    ref, auc_ref = 0.0, []
+    if task == "multiclass":
+        ref, prob = reference_fit(Z[both], Y[both].argmax(1), head["l2"][0], multiclass=True)
+        Pr = prob(Z[te])
+    else:
+        Pr = np.zeros_like(P)
+        for c in range(Y.shape[1]):
+            known = both[np.isfinite(Y[both, c])]
+            obj, prob = reference_fit(Z[known], Y[known, c], head["l2"][c])
+            ref, Pr[:, c] = ref + obj, prob(Z[te])
+    assert head["objective"] == pytest.approx(ref, abs=1e-3) and head["objective"] >= ref - 1e-9
+    for c in range(Y.shape[1]):
+        known = np.isfinite(Y[te, c])
+        if 0 < Y[te][known, c].sum() < known.sum():
+            auc_ref.append(abs(roc_auc_score(Y[te][known, c], P[known, c]) - roc_auc_score(Y[te][known, c],
+                                                                                         Pr[known, c])))
+    assert auc_ref and max(auc_ref) <= 0.005
+
+
+def test_paper_preset_reports_how_far_from_converged_it_stops(tmp_path, capsys):
+    res = probe.main(TINY + ["--csv", str(small_kermany(tmp_path)), "--subject_col", "patient", "--label_cols",
+                             "pneumonia", "--folds", "2", "--preset", "paper", "--epochs", "3",
+                             "--out_dir", str(tmp_path / "paper")])
+    conv = res["convergence"]
+    assert conv["solver"] == "adamw" and conv["gap"] > probe.GAP_TOL and not conv["converged"]
+    assert all(o > p for o, p in zip(conv["objective"], conv["optimum"]))  # the optimum is below where AdamW stopped
+    assert "WARNING" in conv["note"] and conv["note"] in capsys.readouterr().out  # printed beside the table
+    saved = json.loads((tmp_path / "paper" / "results.json").read_text())
+    assert saved["convergence"]["gap"] == pytest.approx(conv["gap"]) and "head: L2" not in " ".join(saved["deviations"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,10 +277,12 @@ def test_random_and_trained_encoders_end_to_end(tmp_path, monkeypatch, capsys):
     assert "reusing" in capsys.readouterr().out
     assert res2["agg"]["auprc"]["folds"] == res["agg"]["auprc"]["folds"]  # same seed, same features: same numbers
 
-    # --augment: augmented training images go through the frozen encoder each step
-    res3 = probe.main(args + ["--augment", "--max_steps", "2", "--out_dir", str(tmp_path / "aug")])
+    # --augment: augmented training images go through the frozen encoder each step (the SGD head's option)
+    res3 = probe.main(args + ["--preset", "paper", "--augment", "--max_steps", "2", "--out_dir", str(tmp_path / "aug")])
     check_run(tmp_path / "aug", 42, ["pneumonia"], 3)
-    assert res3["settings"]["augment"]
+    assert res3["settings"]["augment"] and any("augmentations" in d for d in res3["deviations"])
+    with pytest.raises(UserError, match="needs the SGD head"):
+        probe.get_args(["--augment"])
 
 
 def test_augment_geometry(monkeypatch):

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 
+import common
 import data
 import probe
 from common import UserError
@@ -45,20 +46,33 @@ def test_quick_probe_matches_sklearn_by_hand_and_is_deterministic():
     vit = build_vit("vit_tiny", img_size=56, patch_size=7).eval()
     got = probe.quick_probe(vit, str(KERMANY), folds=3)
     assert got == probe.quick_probe(vit, str(KERMANY), folds=3)
-    # the same thing written out independently: features from the encoder, folds by patient, sklearn
+    # the same thing written out independently: features from the encoder, folds by patient, in each the L2
+    # strength chosen by 5-fold cross-validation by patient inside the training part (validation losses pooled;
+    # the sweep stops after 3 strengths without a better one), then refitted on the whole training part:
+    # scikit-learn's logistic regression, C = 1 / (lam * n)
     rows = list(csv.DictReader(open(KERMANY)))
     pre = data.Preprocess(56)
     x = torch.stack([pre(data.read_image(str(KERMANY.parent / r["path"]))) for r in rows])
     with torch.no_grad():
         f = vit.forward(x).mean(1).double().numpy()
     y = np.array([int(r["pneumonia"]) for r in rows])
+    subjects = np.array([r["patient"] for r in rows])
     aucs = []
-    for train, test in data.kfold_by_subject([r["patient"] for r in rows], k=3, seed=0):
-        assert not set(rows[i]["patient"] for i in train) & set(rows[i]["patient"] for i in test)
-        mu, sd = f[train].mean(0), f[train].std(0)
-        sd[sd == 0] = 1
-        clf = LogisticRegression(C=0.1, max_iter=2000).fit((f[train] - mu) / sd, y[train])
-        aucs.append(roc_auc_score(y[test], clf.predict_proba((f[test] - mu) / sd)[:, 1]))
+    for k, (train, test) in enumerate(data.kfold_by_subject(subjects, k=3, seed=0)):
+        assert not set(subjects[train]) & set(subjects[test])
+        mu, sd = f[train].mean(0), np.maximum(f[train].std(0, ddof=1), 1e-6)
+        z = lambda idx: (f[idx] - mu) / sd  # noqa: E731
+        fit = lambda idx, lam: LogisticRegression(C=1 / (lam * len(idx)), tol=1e-12, max_iter=100000).fit(z(idx), y[idx])  # noqa: E731
+        inner = [(train[a], train[b]) for a, b in data.kfold_by_subject(subjects[train], k=5, seed=k)]
+        best, since = (np.inf, None), 0
+        for lam in common.L2_GRID:
+            held = np.concatenate([va for _, va in inner])
+            p = np.concatenate([fit(tr, lam).predict_proba(z(va))[:, 1] for tr, va in inner])
+            loss = log_loss(y[held], p, labels=[0, 1])
+            best, since = ((loss, lam), 0) if loss < best[0] else (best, since + 1)
+            if since >= common.PATIENCE:
+                break
+        aucs.append(roc_auc_score(y[test], fit(train, best[1]).predict_proba(z(test))[:, 1]))
     assert got == pytest.approx(float(np.mean(aucs)), abs=1e-6)
 
 

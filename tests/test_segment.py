@@ -269,22 +269,24 @@ def test_vindr_rib_json_official_split(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# a short training run (random vit_tiny, linear decoder): validation Dice rises; outputs and --compare work
+# the linear decoder solved to convergence; a short UPerNet run whose validation Dice rises; outputs and --compare
 
-def test_short_training_run_and_compare(tmp_path, monkeypatch):
+def test_linear_decoder_is_solved_and_compare_works(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no out/pretrain/encoder.safetensors here: the random encoder, whatever ran before
     out = tmp_path / "run"
-    common_args = ["--decoder", "linear", "--model", "vit_tiny", "--img_size", "112", "--batch_size", "21",
-                   "--lr", "3e-2", "--num_workers", "0", "--n_overlays", "2", "--device", "cpu"]
-    res = segment.main(common_args + ["--epochs", "8", "--out_dir", str(out)])
+    res = segment.main(["--decoder", "linear", "--model", "vit_tiny", "--img_size", "112", "--num_workers", "0",
+                        "--n_overlays", "2", "--device", "cpu", "--out_dir", str(out)])
+    conv = res["convergence"]
+    assert conv["solver"] == "lbfgs" and conv["converged"] and conv["grad_max"] <= segment.SEG_GRAD_TOL
     rows = [json.loads(l) for l in open(out / "log.jsonl")]
-    val = [r["val_dice"] for r in rows if "val_dice" in r]
-    assert len(val) == 8 and max(val[-3:]) > val[0] + 0.15, val
+    val = [r["val_loss"] for r in rows]
+    # the sweep over L2 strengths (strongest first) ends at the first one worse than the best, which is kept
+    assert val.index(min(val)) == len(val) - 2 and res["best_val_loss"] == pytest.approx(min(val))
     assert res["test"]["mean_dice"] > 0.4 and set(res["test"]["dice"]) == {"right_lung", "left_lung"}
     assert "random-init" in json.load(open(out / "results.json"))["encoder"]
     assert len(list((out / "overlays").glob("*.png"))) == 2
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == res["best_epoch"]
+    assert state["l2"] == conv["l2"] and state["val_loss"] == pytest.approx(min(val))
     # --compare: a copy with every Dice lowered by 0.05 must come out worse, by the shared paired bootstrap
     lines = open(out / "per_image_dice.csv").read().splitlines()
     worse = [lines[0]] + [",".join(c if i < 2 or c == "" else f"{float(c) - 0.05:.6f}" for i, c in
@@ -295,6 +297,19 @@ def test_short_training_run_and_compare(tmp_path, monkeypatch):
     r = cmp["metrics"]["dice"]["mean Dice"]
     assert r["delta"] == pytest.approx(0.05, abs=1e-5) and r["p_one_tailed"] < 0.01
     assert (tmp_path / "cmp" / "compare.json").exists()
+
+
+def test_upernet_training_run_reports_its_convergence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "up"
+    res = segment.main(["--model", "vit_tiny", "--img_size", "56", "--batch_size", "21", "--lr", "1e-3", "--epochs",
+                        "8", "--num_workers", "0", "--n_overlays", "0", "--device", "cpu", "--out_dir", str(out)])
+    rows = [json.loads(l) for l in open(out / "log.jsonl")]
+    val = [r["val_dice"] for r in rows if "val_dice" in r]
+    assert len(val) == 8 and max(val[-3:]) > val[0] + 0.15, val
+    conv = res["convergence"]
+    assert conv["solver"] == "adam" and len(conv["val_loss"]) == 8 and conv["note"].startswith("decoder:")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == res["best_epoch"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,8 +336,8 @@ def test_a_loaded_encoder_keeps_its_resolution(tmp_path, monkeypatch):
     from model import build_vit
     monkeypatch.chdir(tmp_path)
     save_encoder(build_vit("vit_tiny", img_size=56, patch_size=14), str(tmp_path / "e.safetensors"))
-    run = lambda *f: segment.main(["--encoder", str(tmp_path / "e.safetensors"), "--decoder", "linear", "--epochs",
-                                   "1", "--batch_size", "8", "--num_workers", "0", "--n_overlays", "0", "--device",
+    run = lambda *f: segment.main(["--encoder", str(tmp_path / "e.safetensors"), "--decoder", "linear", "--max_steps",
+                                   "20", "--batch_size", "8", "--num_workers", "0", "--n_overlays", "0", "--device",
                                    "cpu", "--out_dir", str(tmp_path / "o"), *f])
     assert run("--img_size", "112")["img_size"] == 56  # --img_size shapes a random encoder only
     assert run("--enc_img_size", "84")["img_size"] == 84  # the one override of a loaded encoder
