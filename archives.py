@@ -28,7 +28,7 @@ import re
 import numpy as np
 
 import data
-from common import UserError
+from base import UserError
 
 # VinDr-CXR: the paper's six findings, spelled as in image_labels_{train,test}.csv (matched case-insensitively)
 VINDR_SIX = ["Lung Opacity", "Cardiomegaly", "Pleural thickening", "Aortic enlargement", "Pulmonary fibrosis",

@@ -37,13 +37,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+import base
 import data
 import imagecache
 import masks as masks_lib
 import pretrain
-from model import count_params
+from model import count_params, default_attention
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def sync(device):
@@ -155,11 +155,10 @@ def bench_model(args, device):
         imgs = torch.randn(args.batch_size, 1, args.img_size, args.img_size, device=device)
         batches.append((imgs, [m.to(device) for m in me], [m.to(device) for m in mp]))
     if args.attn is None:
-        from triton_attn.selfcheck import default_attention
-        args.attn = [default_attention(device) if device.type == "cuda" else "sdpa"]
+        args.attn = [default_attention(device)]
     results = {}  # (name, dtype) -> dict
     for dname in args.dtype:
-        dtype = DTYPES[dname]
+        dtype = base.DTYPES[dname]
 
         def autocast(dtype=dtype):
             return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -229,8 +228,8 @@ def bench_data(args):
     for kind, cache in kinds:
         ds = data.PretrainDataset(paths, args.img_size, cache=cache)
         for workers in sorted({0, args.data_workers}):
-            idx = (sampler.epoch_indices(0) * (1 + (n_batches + 1) * bs // len(paths)))[:(n_batches + 1) * bs]
-            loader = torch.utils.data.DataLoader(ds, batch_sampler=pretrain.StepBatches(idx, bs, 0),
+            steps = pretrain.StepBatches(sampler, bs, max(1, len(sampler) // bs), 0, n_batches + 1)
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=steps,
                                                  collate_fn=collator, num_workers=workers)
             it = iter(loader)
             next(it)  # warm-up: worker start-up, first file opens
@@ -261,7 +260,7 @@ def main():
     p.add_argument("--attn", nargs="+", default=None, help="one or more of triton sdpa math (default: triton on "
                                                             "CUDA if its self-check passes, sdpa elsewhere)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
+    p.add_argument("--dtype", nargs="+", default=None, choices=list(base.DTYPES),
                    help="one or more autocast dtypes (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run (0: no model benchmark)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -287,5 +286,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common_run = importlib.import_module("common").run
-    common_run(main)
+    base.run(main)

@@ -22,16 +22,18 @@ Writes to --out_dir (default out/compare): <encoder>/<stage>/ (each script's own
 tests), results.json (every table's numbers, the tests, the protocols and their deviations, the settings).
 """
 import argparse
+import json
 import os
 import re
 import shlex
 import time
 
-import common
+import base
+import downstream
 import probe
 import report
 import segment
-from common import UserError, mark
+from base import UserError, mark
 
 STAGES = {"probe": probe, "segment": segment, "report": report}
 # bundled data on a CPU in minutes: 3 folds, the linear decoder (solved, seconds), a short LM run
@@ -87,30 +89,28 @@ def stage_argv(args, stage, encoder, out_dir):
 
 
 def run_all(args):
-    """{stage: {row name: results}}, {stage: {row name: comparison with the baseline}}."""
+    """{stage: {row name: results}}, {stage: {row name: comparison with the baseline}}. The random baseline is each
+    script's own --baseline random (its random encoder in <stage>/baseline_random)."""
     res, cmp = {s: {} for s in args.stages}, {s: {} for s in args.stages}
     for stage in args.stages:
         main = STAGES[stage].main
         for name, enc in zip(args.names, args.encoders):
             print(f"\n=== {stage}: {name} ===", flush=True)
             d = os.path.join(args.out_dir, name, stage)
-            res[stage][name] = main(stage_argv(args, stage, enc, d))
-            if args.baseline == "random" and enc != "random":
-                b = os.path.join(args.out_dir, name, f"{stage}_random")
-                print(f"\n=== {stage}: random init of {name}'s architecture ===", flush=True)
-                res[stage][f"random {name}"] = main(stage_argv(args, stage, enc, b) + ["--random_like"])
-                cmp[stage][name] = compare(main, d, b, os.path.join(args.out_dir, "compare", f"{name}_{stage}"), args)
+            against_random = args.baseline == "random" and enc != "random"
+            res[stage][name] = main(stage_argv(args, stage, enc, d) + (["--baseline", "random"] * against_random))
+            if against_random:
+                with open(os.path.join(d, "baseline_random", "results.json")) as f:
+                    res[stage][f"random {name}"] = json.load(f)
+                cmp[stage][name] = res[stage][name]["baseline"]
         if args.baseline not in ("random", "none"):
-            base = os.path.join(args.out_dir, args.baseline, stage)
+            against = os.path.join(args.out_dir, args.baseline, stage)
             for name in args.names:
                 if name != args.baseline:
-                    cmp[stage][name] = compare(main, os.path.join(args.out_dir, name, stage), base,
-                                               os.path.join(args.out_dir, "compare", f"{name}_{stage}"), args)
+                    cmp[stage][name] = downstream.compare_runs(main, os.path.join(args.out_dir, name, stage), against,
+                                                               os.path.join(args.out_dir, "compare", f"{name}_{stage}"),
+                                                               args)
     return res, cmp
-
-
-def compare(main, a, b, out_dir, args):
-    return main(["--compare", a, b, "--out_dir", out_dir, "--n_boot", str(args.n_boot), "--seed", str(args.seed)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,10 +193,10 @@ def main(argv=None):
     out = {"encoders": dict(zip(args.names, args.encoders)), "baseline": args.baseline,
            "results": {s: {n: {k: r[k] for k in keep if k in r} for n, r in rows.items()} for s, rows in res.items()},
            "tests": cmp, "settings": vars(args), "time_s": round(time.time() - t0, 1)}
-    common.write_json(out, os.path.join(args.out_dir, "results.json"))
+    base.write_json(out, os.path.join(args.out_dir, "results.json"))
     print(f"wrote {os.path.join(args.out_dir, 'results.json')} ({out['time_s']:.0f} s)")
     return out
 
 
 if __name__ == "__main__":
-    common.run(main)
+    base.run(main)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from common import UserError
+from base import UserError
 
 log = logging.getLogger("data")
 
@@ -323,15 +323,15 @@ def kfold_by_subject(subjects, k=5, seed=0):
     return folds
 
 
-def check_disjoint(subjects, *index_arrays):
-    """Raise UserError if any subject has images in two of the given index arrays (a patient leak)."""
+def check_disjoint(subjects, *index_arrays, names=("train", "validation", "test")):
+    """The one leak check: a UserError if any subject has images in two of the index arrays (named by `names`)."""
     subj = np.array([str(s) for s in subjects])
     sets = [set(subj[np.asarray(ix, dtype=np.int64)]) for ix in index_arrays]
     for i, j in itertools.combinations(range(len(sets)), 2):
         shared = sorted(sets[i] & sets[j])
         if shared:
-            raise UserError(f"{len(shared)} subject(s) appear in both part {i} and part {j} (e.g. "
-                            f"{', '.join(shared[:5])}): images of one patient must stay in one part")
+            raise UserError(f"subject leak: subject {shared[0]} has images in both the {names[i]} and the {names[j]} "
+                            f"part ({len(shared)} such subject(s)); images of one patient must stay in one part")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,25 +382,22 @@ class PretrainDataset(torch.utils.data.Dataset):
     ds[(index, step)] -> (tensor (C, H, W), step): the crop is drawn from an RNG seeded by (seed, step, index), so
     a resumed run sees exactly the same crops. ds[index] draws from torch's RNG instead and returns step -1.
     An unreadable file is replaced by the next readable item (deterministically), named once in a warning and
-    added to `self.skipped` (paths; per process, so per DataLoader worker). verify=True checks every header
-    upfront and never tries the bad ones; with `cache` (a PreparedCache, or the folder of one: see prepare.py)
+    added to `self.skipped` (paths; per process, so per DataLoader worker); so is an image whose short side is
+    under min_side (a folder of 1x1 files would otherwise train on flat images). verify=True checks every header
+    upfront and never tries the bad ones; with `cache` (imagecache.open_cache of these items: see prepare.py)
     images come from the prepared 8-bit cache and files it could not read are skipped the same way."""
 
     def __init__(self, items, img_size=224, crop_scale=(0.3, 1.0), mean=CXR_MEAN, std=CXR_STD, cache=None,
-                 in_chans=1, crop_ratio=(3 / 4, 4 / 3), hflip=False, seed=0, verify=False):
+                 in_chans=1, crop_ratio=(3 / 4, 4 / 3), hflip=False, seed=0, verify=False, min_side=1):
         self.items = [os.fspath(p) for p in items]
         if not self.items:
             raise UserError("no images to pretrain on")
         self.img_size, self.crop_scale, self.crop_ratio = int(img_size), crop_scale, crop_ratio
-        self.hflip, self.seed = hflip, int(seed)
+        self.hflip, self.seed, self.min_side = hflip, int(seed), int(min_side)
         self.mean, self.std = _stats(mean, std, in_chans)
-        if cache is not None:  # imported here: the cache is built with this module's readers (imagecache imports data)
-            from imagecache import _cache_key, min_stored_side, open_cache
-        if isinstance(cache, (str, os.PathLike)):
-            cache = open_cache(cache, self.items, min_stored_side(img_size, crop_scale, crop_ratio))
-        if cache is not None and _cache_key(self.items, cache.side, cache.format) != cache.info["key"]:
+        if cache is not None and len(cache) != len(self.items):
             raise UserError("the prepared cache holds a different image list: prepare it again with these sources")
-        self.cache = cache
+        self.cache, self.reported = cache, set()
         self.bad = set() if cache is None else set(np.flatnonzero(~cache.ok).tolist())  # indices never tried
         if verify:
             self.bad |= set(verify_images(self.items))
@@ -419,12 +416,16 @@ class PretrainDataset(torch.utils.data.Dataset):
             if i in self.bad:
                 continue
             try:
-                return i, (self.cache[i] if self.cache is not None else read_image(self.items[i]))
+                img = self.cache[i] if self.cache is not None else read_image(self.items[i])
+                if min(img.shape[:2]) >= self.min_side:
+                    return i, img
+                why = f"{self.items[i]}: {img.shape[1]}x{img.shape[0]} px, under {self.min_side} px on its short side"
             except ImageReadError as e:
-                self.bad.add(i)
-                self.skipped.add(self.items[i])
-                log.warning("skipping unreadable image (%d skipped so far in this process): %s", len(self.skipped), e)
-        raise UserError(f"none of the {n} images could be read")
+                why = f"unreadable image: {e}"
+            self.bad.add(i)
+            self.skipped.add(self.items[i])
+            log.warning("skipping %s (%d skipped so far in this process)", why, len(self.skipped))
+        raise UserError(f"none of the {n} images is readable and at least {self.min_side} px")
 
     def crop_of(self, index, rng):
         """(index used, its HxW image, crop box (top, left, height, width)) for the crop `rng` draws."""

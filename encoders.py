@@ -27,7 +27,7 @@ Preprocessing preset per format (info img_size / mean / std / resize / resize_to
   radjepa, ijepa   ImageNet mean / std on RGB (Meta's I-JEPA transforms, which RadJEPa was trained with)
   rad-dino         shortest edge 518, centre crop 518, mean 0.5307, std 0.2583 (its preprocessor_config.json)
   clip, biomedclip, dinov2, biovil-t   shortest-edge resize + centre crop, each with its own statistics
-A preprocessor_config.json beside a Hugging Face config.json wins. The evaluations apply it with common.crop_frac
+A preprocessor_config.json beside a Hugging Face config.json wins. The evaluations apply it with downstream.crop_frac
 (the centre crop) and data.Preprocess (resize, normalise).
 
 Loading never unpickles code: safetensors, or torch.load(weights_only=True). Every parameter must be filled and
@@ -45,7 +45,7 @@ import re
 import torch
 from safetensors.torch import save_file
 
-from common import UserError
+from base import UserError, atomic_write, write_json
 from data import CXR_MEAN, CXR_STD
 from backbones import ResNet50Encoder, ViTVariant, build_encoder
 from model import VIT_CONFIGS, VisionTransformer, build_vit, set_attn
@@ -61,32 +61,13 @@ CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.261302
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
 
 
-def _publish(tmp, path):
-    """Rename a finished temporary file into place, readable like any file the user writes: safetensors creates
-    files 0600, so the mode is set from the umask (0o666 & ~umask, 0644 under the usual 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
-
-
-def save_encoder(vit, path, **meta):
+def save_encoder(vit, path, if_failed="nothing was changed", **meta):
     """Write vit's weights + config (safetensors metadata) atomically. Metadata img_size / mean / std, if given,
     become the preprocessing preset when the file is loaded again (so a re-exported RAD-DINO keeps its own)."""
     state = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
     md = {"format": "radjepa-encoder", "config": json.dumps(vit.config)}
     md.update({k: json.dumps(v) for k, v in meta.items()})
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(state, tmp, metadata=md)
-    _publish(tmp, path)
-
-
-def _write_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    _publish(tmp, path)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=md), if_failed)
 
 
 def export_hf(vit, folder, img_size=None, mean=None, std=None):
@@ -134,11 +115,10 @@ def export_hf(vit, folder, img_size=None, mean=None, std=None):
            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean,
            "image_std": std, "do_convert_rgb": True}
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"model.safetensors.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"format": "pt"})
-    _publish(tmp, os.path.join(folder, "model.safetensors"))
-    _write_json(pre, os.path.join(folder, "preprocessor_config.json"))
-    _write_json(config, os.path.join(folder, "config.json"))  # last: a folder with config.json is complete
+    atomic_write(os.path.join(folder, "model.safetensors"),
+                 lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"format": "pt"}))
+    write_json(pre, os.path.join(folder, "preprocessor_config.json"))
+    write_json(config, os.path.join(folder, "config.json"))  # last: a folder with config.json is complete
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,7 +177,7 @@ def _build(cfg, attn, **variant):
 
 def preset(img_size, mean, std, resize_to=None, source=None):
     """A preprocessing preset: resolution, mean / std, and how much of the image the evaluations keep
-    (common.crop_frac). resize_to None: the largest centred square; resize_to N: the encoder's own processor
+    (downstream.crop_frac). resize_to None: the largest centred square; resize_to N: the encoder's own processor
     (CLIP, RAD-DINO, DINOv2, BioViL-T) resizes the shortest edge to N and crops the centre img_size, i.e. keeps
     img_size / N of the shorter side."""
     out = {"img_size": int(img_size), "mean": list(mean), "std": list(std), "resize": "square"}

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-import common
+import base
 
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -67,7 +67,7 @@ def save_overlays(kept, samples, out_dir, dice):
         panel = np.concatenate([overlay(img, truth), np.full((truth.shape[0], 4, 3), 255, np.uint8),
                                 overlay(img, pred)], axis=1)
         im = Image.fromarray(panel)
-        for xy, text in (((4, 4), "truth"), ((truth.shape[1] + 8, 4), f"prediction (Dice {common.nanmean(dice[k]):.3f})")):
+        for xy, text in (((4, 4), "truth"), ((truth.shape[1] + 8, 4), f"prediction (Dice {base.nanmean(dice[k]):.3f})")):
             ImageDraw.Draw(im).text(xy, text, fill=(255, 255, 0))
         stem = os.path.splitext(os.path.basename(samples[k]["path"]))[0]
         im.save(os.path.join(out_dir, "overlays", f"{k:02d}_{stem}.png"))

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import UserError
+from base import UserError, atomic_write
 from data import ImageReadError, _summarise_skipped, _to_tensor, log, read_image, resize
 
 
@@ -66,10 +66,8 @@ def _cache_key(paths, side, fmt):
 
 
 def _atomic_write(path, payload):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: open(tmp, "wb").write(payload), "the cache's finished chunks are intact; run "
+                 "prepare.py again once there is space")
 
 
 def _encode(img_u8, fmt):
@@ -148,7 +146,6 @@ def prepare_cache(paths, cache_dir, side, fmt="raw", shard=(0, 1), workers=None,
     if fmt not in CACHE_FORMATS:
         raise UserError(f"cache format {fmt!r}: choose {' or '.join(CACHE_FORMATS)}")
     cache_dir, side, (si, sn) = os.fspath(cache_dir), int(side), shard
-    _refuse_old_cache(cache_dir)
     key = _cache_key(paths, side, fmt)
     os.makedirs(os.path.join(cache_dir, "chunks"), exist_ok=True)
     manifest = os.path.join(cache_dir, "manifest.json")
@@ -211,9 +208,7 @@ def merge_cache(cache_dir):
                 else:
                     for c, v in zip(("offset", "nbytes", "height", "width", "small"), it):
                         cols[c][i] = v
-    tmp = os.path.join(cache_dir, f"index.tmp{os.getpid()}.npz")
-    np.savez(tmp, **cols)
-    os.replace(tmp, os.path.join(cache_dir, "index.npz"))
+    atomic_write(os.path.join(cache_dir, "index.npz"), lambda tmp: np.savez(open(tmp, "wb"), **cols))
     ok = cols["nbytes"] >= 0
     info = {"version": CACHE_VERSION, "key": m["key"], "side": m["side"], "format": m["format"], "images": n,
             "stored": int(ok.sum()), "small": int(cols["small"][ok].sum()), "skipped": skipped,
@@ -222,19 +217,11 @@ def merge_cache(cache_dir):
     return open_cache(cache_dir)
 
 
-def _refuse_old_cache(cache_dir):
-    if os.path.isdir(cache_dir) and any(f.startswith("cache-") and f.endswith(".u8") for f in os.listdir(cache_dir)):
-        raise UserError(f"{cache_dir} holds an old square-resized cache (cache-*.u8: every image squashed to one "
-                        "square size, so most training crops were upsampled); it is no longer read. Delete those "
-                        "files and run prepare.py")
-
-
 def open_cache(cache_dir, paths=None, min_side=None):
     """The PreparedCache in `cache_dir`. With `paths`: checks it holds exactly those images (in that order); with
     `min_side`: that it stores images at least that large. Any mismatch or an unfinished cache is a UserError
     that says what to run."""
     cache_dir = os.fspath(cache_dir)
-    _refuse_old_cache(cache_dir)
     index = os.path.join(cache_dir, "index.json")
     if not os.path.exists(index):
         state = "an unfinished" if os.path.exists(os.path.join(cache_dir, "manifest.json")) else "no"

@@ -34,7 +34,7 @@ import re
 
 import numpy as np
 
-from common import bootstrap_ci
+from base import bootstrap_ci
 
 OBSERVATIONS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity", "Edema",
                 "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",

@@ -32,16 +32,20 @@ Differences from facebookresearch/ijepa src/masks/multiblock.py, each a fix:
 import numpy as np
 import torch
 
-import common
+import base
 
 RETRIES = 20  # positions tried per context block before relaxing one target constraint (I-JEPA's timeout)
+# I-JEPA's ViT-H/14 ImageNet configuration: the defaults of MaskCollator and of the flags (add_mask_args)
+DEFAULTS = dict(enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2), aspect=(0.75, 1.5), n_enc=1, n_pred=4, min_keep=10,
+                allow_overlap=False)
 
 
 class MaskCollator:
     """Samples I-JEPA multi-block masks for a patch grid; also usable as a DataLoader collate_fn."""
 
-    def __init__(self, grid=(16, 16), enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2), aspect=(0.75, 1.5),
-                 n_enc=1, n_pred=4, min_keep=10, allow_overlap=False, trim="random", seed=0, rank=0):
+    def __init__(self, grid=(16, 16), enc_scale=DEFAULTS["enc_scale"], pred_scale=DEFAULTS["pred_scale"],
+                 aspect=DEFAULTS["aspect"], n_enc=DEFAULTS["n_enc"], n_pred=DEFAULTS["n_pred"],
+                 min_keep=DEFAULTS["min_keep"], allow_overlap=False, trim="random", seed=0, rank=0):
         self.H, self.W = (int(grid), int(grid)) if np.isscalar(grid) else (int(grid[0]), int(grid[1]))
         self.grid = (self.H, self.W)
         self.enc_scale, self.pred_scale = tuple(map(float, enc_scale)), tuple(map(float, pred_scale))
@@ -59,11 +63,12 @@ class MaskCollator:
     def from_args(cls, args, grid, rank=0):
         return cls(grid=grid, enc_scale=args.enc_mask_scale, pred_scale=args.pred_mask_scale,
                    aspect=args.aspect_ratio, n_enc=args.num_enc_masks, n_pred=args.num_pred_masks,
-                   min_keep=args.min_keep, allow_overlap=args.allow_overlap,
+                   min_keep=DEFAULTS["min_keep"] if args.min_keep is None else args.min_keep,
+                   allow_overlap=args.allow_overlap,
                    trim=getattr(args, "mask_trim", "random"), seed=getattr(args, "seed", 0), rank=rank)
 
     def _validate(self):
-        E = common.UserError
+        E = base.UserError
         if self.H < 1 or self.W < 1:
             raise E(f"patch grid {self.H}x{self.W} is empty; check --img_size and --patch_size")
         for flag, (lo, hi) in (("--enc_mask_scale", self.enc_scale), ("--pred_mask_scale", self.pred_scale)):
@@ -207,17 +212,18 @@ class MaskCollator:
 
 
 def add_mask_args(p):
-    """Flags for every masking parameter, defaults as in I-JEPA's ViT-H/14 ImageNet config."""
+    """Flags for every masking parameter, defaults as in I-JEPA's ViT-H/14 ImageNet config (DEFAULTS)."""
     g = p.add_argument_group("masking (I-JEPA multi-block)")
-    g.add_argument("--enc_mask_scale", type=float, nargs=2, default=(0.85, 1.0), metavar=("MIN", "MAX"),
+    g.add_argument("--enc_mask_scale", type=float, nargs=2, default=DEFAULTS["enc_scale"], metavar=("MIN", "MAX"),
                    help="context block size as a fraction of the patch grid")
-    g.add_argument("--pred_mask_scale", type=float, nargs=2, default=(0.15, 0.2), metavar=("MIN", "MAX"),
+    g.add_argument("--pred_mask_scale", type=float, nargs=2, default=DEFAULTS["pred_scale"], metavar=("MIN", "MAX"),
                    help="target block size as a fraction of the patch grid")
-    g.add_argument("--aspect_ratio", type=float, nargs=2, default=(0.75, 1.5), metavar=("MIN", "MAX"),
+    g.add_argument("--aspect_ratio", type=float, nargs=2, default=DEFAULTS["aspect"], metavar=("MIN", "MAX"),
                    help="target block height / width")
-    g.add_argument("--num_enc_masks", type=int, default=1, help="context blocks per image")
-    g.add_argument("--num_pred_masks", type=int, default=4, help="target blocks per image")
-    g.add_argument("--min_keep", type=int, default=10, help="every context and target block keeps MORE than this many patches (I-JEPA's strict >)")
+    g.add_argument("--num_enc_masks", type=int, default=DEFAULTS["n_enc"], help="context blocks per image")
+    g.add_argument("--num_pred_masks", type=int, default=DEFAULTS["n_pred"], help="target blocks per image")
+    g.add_argument("--min_keep", type=int, default=DEFAULTS["min_keep"],
+                   help="every context and target block keeps MORE than this many patches (I-JEPA's strict >)")
     g.add_argument("--allow_overlap", action="store_true", help="let the context include target patches")
     g.add_argument("--mask_trim", default="random", choices=["random", "first"],
                    help="how contexts are cut to the batch's shortest: a random subset of patches, or the first ones "

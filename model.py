@@ -44,6 +44,14 @@ def attention(q, k, v, impl="sdpa"):
     raise ValueError(f"unknown attention implementation {impl!r}: use triton, sdpa or math")
 
 
+def default_attention(device):
+    """triton on CUDA if its start-up self-check passes there (triton_attn/selfcheck.py), else sdpa."""
+    if device.type != "cuda":
+        return "sdpa"
+    from triton_attn.selfcheck import default_attention as checked  # imported lazily: triton is optional on CPU
+    return checked(device)
+
+
 def set_attn(model, impl):
     """Switch every attention module in `model` to `impl` (triton | sdpa | math)."""
     if impl not in ("triton", "sdpa", "math"):

@@ -27,10 +27,10 @@ import json
 import os
 import time
 
-import common
+import base
 import data
 import imagecache
-from common import UserError
+from base import UserError
 
 
 def get_args(argv=None):
@@ -91,4 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    base.run(main)

@@ -33,41 +33,41 @@ Launch with python, torchrun (one or many nodes), or srun without torchrun (rank
 import argparse
 import copy
 import logging
-import math
 import os
 import resource
 import signal
 import sys
+import time
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import common
+import base
 import data
 import imagecache
 import masks as masks_lib
-from common import UserError
-from model import INIT_SCHEMES, VIT_CONFIGS, Predictor, apply_masks, build_vit, repeat_interleave_batch
+from base import UserError
+from model import INIT_SCHEMES, VIT_CONFIGS, Predictor, apply_masks, build_vit, default_attention, \
+    repeat_interleave_batch
 from probe import DEMO_CSV, quick_probe
-from runsafe import (Stopper, check_resume_flags, decide_start, export_encoder, exported_step, nonfinite,
-                     old_checkpoints, on_main, open_out_dir, read_checkpoint, torch_writer, trim_log, worker_init,
-                     write_atomic)
+from runsafe import Run, on_main, worker_init
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SAMPLE = os.path.join(HERE, "sample_data")
+SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
+# RADJEPA_DUMP_RANK_STATE=1: each process writes out_dir/rank<N>.json at the end (weight checksums, images and masks
+# it saw), for checking a distributed set-up (the tests compare ranks with it)
+DUMP_RANK_STATE = os.environ.get("RADJEPA_DUMP_RANK_STATE") == "1"
 
 # Flags whose default depends on the preset; every one can still be given explicitly.
 PRESETS = {
     "paper": dict(model="vit_base", img_size=224, batch_size=128, epochs=300, warmup=40, lr=1e-3, start_lr=2e-4,
-                  final_lr=1e-6, pred_depth=12, pred_dim=384, min_keep=10, log_every=10, ckpt_every=1000,
-                  crop_scale=(0.3, 1.0)),
+                  final_lr=1e-6, pred_depth=12, pred_dim=384, log_every=10, ckpt_every=1000, crop_scale=(0.3, 1.0)),
     # demo: the recipe that beat a same-architecture random encoder per CPU-minute (docs/ablations.md): the
     # paper's lr 1e-3 is for batch 2048; at batch 16 it destroys the random features faster than it builds new ones.
     # Whole images (crop area 1): in a few hundred steps, zoomed-in crops teach features for a scale the
-    # evaluations never show (they see the whole, centre-cropped image)
+    # evaluations never show (they see the whole, centre-cropped image). An 8x8 grid cannot keep 10 patches a block.
     "demo": dict(model="vit_tiny", img_size=112, batch_size=16, epochs=12, warmup=1, lr=2.5e-4, start_lr=2.5e-5,
                  final_lr=1e-6, pred_depth=4, pred_dim=96, min_keep=4, log_every=1, ckpt_every=50,
                  crop_scale=(1.0, 1.0)),
@@ -115,9 +115,6 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an out_dir that holds a checkpoint (deletes its checkpoints, export and log)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (GPU)")
-    p.add_argument("--dump_rank_state", action="store_true",
-                   help="each process writes out_dir/rank<N>.json (weight checksums, images and masks it saw) at "
-                        "the end: for checking a distributed set-up")
     p.add_argument("--probe_every", type=int, default=0,
                    help="every N steps (and at steps 0 and the last) a quick linear probe of the target encoder "
                         "(probe.quick_probe): its AUROC is logged as probe_auroc (0: off)")
@@ -125,41 +122,18 @@ def get_args(argv=None):
                    help="labelled images for --probe_every: columns path, pneumonia (0/1), patient "
                         "(default: the bundled Kermany sample)")
     masks_lib.add_mask_args(p)
-    p.set_defaults(min_keep=None)  # from the preset: a 112 px demo grid (8x8) cannot keep I-JEPA's 10 patches
-    common.add_common_args(p, "pretrain", batch_size=None, epochs=None, lr=None, model=None, img_size=None)
+    p.set_defaults(min_keep=None)  # the demo preset's (an 8x8 grid cannot keep 10), else masks.DEFAULTS
+    base.add_common_args(p, "pretrain")
     args = p.parse_args(argv)
-    args.preset = args.preset or ("paper" if args.data_dir else "demo")
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    base.apply_preset(args, PRESETS, "paper" if args.data_dir else "demo")
     if args.data_dir is None:
         args.data_dir = [os.path.join(SAMPLE, d) for d in ("nih14", "kermany", "reports")]
-    validate_args(args)
-    return args
-
-
-def validate_args(args):
-    """Every numeric flag checked before any work, each with a one-line error (a bad value used to spin forever,
-    give a traceback, or silently train)."""
-    whole = dict(batch_size=1, epochs=1, log_every=1, ckpt_every=1, keep_ckpts=1, img_size=1, patch_size=1,
-                 pred_depth=1, pred_dim=1, num_enc_masks=1, num_pred_masks=1, num_workers=0,
-                 min_keep=0, max_steps=1, probe_every=0)
-    for k, lo in whole.items():
-        v = getattr(args, k)
-        if v is not None and v < lo:
-            raise UserError(f"--{k} {v}: must be a whole number >= {lo}")
-    positive = ["lr", "ipe_scale"] + (["frontal_ratio"] if args.frontal_ratio is not None else [])
-    for k in positive + ["start_lr", "final_lr", "warmup", "grad_clip"]:
-        v = getattr(args, k)
-        if not math.isfinite(v) or v < 0 or (k in positive and v == 0):
-            raise UserError(f"--{k} {v}: must be a finite number {'> 0' if k in positive else '>= 0'}")
-    for k, top in (("crop_scale", 1.0), ("ema", 1.0), ("weight_decay", math.inf)):
-        lo, hi = getattr(args, k)
-        if not (math.isfinite(lo) and 0 <= lo <= hi <= top) or (k == "crop_scale" and lo == 0):
-            raise UserError(f"--{k} {lo:g} {hi:g}: need {'0 <' if k == 'crop_scale' else '0 <='} START <= END"
-                            + (f" <= {top:g}" if top < math.inf else ""))
-    if args.model not in VIT_CONFIGS:
-        raise UserError(f"--model {args.model}: choose from {', '.join(VIT_CONFIGS)}")
+    base.check(args, *base.COMMON_RULES, "log_every >= 1", "ckpt_every >= 1", "keep_ckpts >= 1", "pred_depth >= 1",
+               "pred_dim >= 1", "probe_every >= 0", "frontal_ratio > 0", "ipe_scale > 0", "lr > 0", "start_lr >= 0",
+               "final_lr >= 0", "warmup >= 0", "grad_clip >= 0", models=VIT_CONFIGS)
+    base.ordered_pair(args, "crop_scale", 1e-9, 1.0)
+    base.ordered_pair(args, "ema", 0.0, 1.0)
+    base.ordered_pair(args, "weight_decay")
     heads = VIT_CONFIGS[args.model][2]
     if args.pred_dim % heads or (args.pred_dim // heads) % 2:
         raise UserError(f"--pred_dim {args.pred_dim} must split into {heads} heads of even width ({args.model} has "
@@ -170,6 +144,7 @@ def validate_args(args):
         raise UserError("--overwrite and --resume contradict each other: choose one")
     if args.allow_change and not args.resume:
         raise UserError("--allow_change only applies with --resume")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,13 +208,10 @@ def schedule(step, total, warmup, args):
     if step < warmup:
         lr = args.start_lr + (args.lr - args.start_lr) * step / max(1, warmup)
     else:
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        lr = args.final_lr + (args.lr - args.final_lr) * 0.5 * (1 + math.cos(math.pi * t))
+        lr = base.cosine((step - warmup) / max(1, total - warmup), args.lr, args.final_lr)
     t = min(1.0, step / total)
-    wd0, wd1 = args.weight_decay
-    wd = wd1 + (wd0 - wd1) * 0.5 * (1 + math.cos(math.pi * t))
     m0, m1 = args.ema
-    return lr, wd, m0 + (m1 - m0) * t
+    return lr, base.cosine(t, *args.weight_decay), m0 + (m1 - m0) * t
 
 
 def set_hparams(opt, lr, wd):
@@ -284,27 +256,6 @@ class StepBatches:
             yield [(int(i), step) for i in self.indices(step)]
 
 
-class Images(data.PretrainDataset):
-    """data.PretrainDataset that also skips images too small to crop (short side under 2 patches; a folder of 1x1
-    files used to train silently on flat images), named and counted like unreadable ones."""
-
-    def __init__(self, *a, min_side=2, **k):
-        super().__init__(*a, **k)
-        self.min_side, self.reported = min_side, set()
-
-    def load(self, index):
-        for _ in range(len(self.items)):
-            i, img = super().load(index)
-            if min(img.shape[:2]) >= self.min_side:
-                return i, img
-            self.bad.add(i)
-            self.skipped.add(self.items[i])
-            data.log.warning("skipping %s: %dx%d px, under 2 patches (%d px) on its short side", self.items[i],
-                             img.shape[1], img.shape[0], self.min_side)
-            index = i + 1
-        raise UserError(f"none of the {len(self.items)} images is readable and at least {self.min_side} px")
-
-
 class Collate:
     """The mask collator, plus the files this DataLoader worker skipped since its last batch: a worker's dataset is
     a copy, so this is how the end-of-run summary counts every skip."""
@@ -342,17 +293,12 @@ NEVER = 2 ** 62  # "no bad step yet", for the first-non-finite-step tracker of t
 
 def main(argv=None):
     args = get_args(argv)
-    env = common.setup(args)
+    env = base.setup(args)
     if args.dtype is None and env.device.type == "cpu" and native_bf16_cpu():
         env.dtype = torch.bfloat16  # loss trajectory measured equal to fp32's within noise (README, Speed)
-    args.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[env.dtype]  # saved, compared
-    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-    on_main(env, lambda: open_out_dir(args.out_dir))
-    resume = on_main(env, lambda: decide_start(args, ckpt_path))
-    ck = None
-    if resume:  # every rank reads it; the flag check is deterministic, so all ranks agree
-        ck = read_checkpoint(ckpt_path)
-        changes = check_resume_flags(ck["args"], args)
+    args.dtype = base.DTYPE_NAMES[env.dtype]  # saved, and compared on --resume
+    args.attn = args.attn or default_attention(env.device)
+    run = Run(args, env)  # lock out_dir; resume, start, or refuse to touch a checkpoint
 
     # data: find and check everything before any model is built, so a bad path fails in seconds
     sources = data.parse_sources(args.data_dir)
@@ -360,133 +306,87 @@ def main(argv=None):
     # opened, never built here (no rank waits for another); a missing, unfinished or mismatched cache is an error
     cache = imagecache.open_cache(args.cache_dir, paths, imagecache.min_stored_side(args.img_size, args.crop_scale)) \
         if args.cache_dir else None
-    dataset = Images(paths, args.img_size, crop_scale=tuple(args.crop_scale), cache=cache, seed=args.seed,
-                     verify=args.verify, min_side=2 * args.patch_size)
+    dataset = data.PretrainDataset(paths, args.img_size, crop_scale=tuple(args.crop_scale), cache=cache,
+                                   seed=args.seed, verify=args.verify, min_side=2 * args.patch_size)
     sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed, frontal_ratio=args.frontal_ratio)
     ipe = len(sampler) // args.batch_size
     if ipe == 0:
         raise UserError(f"{len(sampler)} images per process is less than one batch of {args.batch_size}: "
                         f"lower --batch_size or add images")
     total = args.max_steps or args.epochs * ipe
-    warmup = int(args.warmup * ipe)
     collator = masks_lib.MaskCollator.from_args(args, (args.img_size // args.patch_size,) * 2, env.rank)
     env.print(f"{len(paths)} images from " + ", ".join(f"{s.name} ({len(s)}, weight {s.weight:g})" for s in sources)
               + (f"; {len(dataset.skipped)} unreadable, skipped" if dataset.skipped else ""))
     env.print(f"{args.preset} preset: {args.model}/{args.patch_size} at {args.img_size} px, "
               f"predictor {args.pred_depth}x{args.pred_dim}, crop area {args.crop_scale[0]:g}-{args.crop_scale[1]:g}, "
-              f"{ipe} steps/epoch, {total} steps, "
-              f"{env.device} {str(env.dtype).replace('torch.', '')}, attn {args.attn}")
+              f"{ipe} steps/epoch, {total} steps, {env.device} {args.dtype}, attn {args.attn}")
     env.print(f"global batch {args.batch_size * env.world} = {args.batch_size} per process x {env.world} process(es), "
-              f"peak lr {args.lr:g} (warm-up from {args.start_lr:g} over {warmup} steps, cosine to {args.final_lr:g}); "
-              "the lr is not rescaled with the batch (Meta's I-JEPA: 2048 = 128 x 16 GPUs at 1e-3)")
+              f"peak lr {args.lr:g} (warm-up from {args.start_lr:g} over {int(args.warmup * ipe)} steps, cosine to "
+              f"{args.final_lr:g}); the lr is not rescaled with the batch (Meta's I-JEPA: 2048 = 128 x 16 GPUs at 1e-3)")
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank: the EMA target is not synced by DDP
     jepa, target = build(args, env.device)
     opt = make_optimizer(jepa)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)  # fp16 needs loss scaling
-    step, last_good = 0, None
-    if resume:
-        step = last_good = ck["step"]
-        if step > total:
-            raise UserError(f"--resume: the checkpoint is at step {step}, past this run's end at step {total}: give "
-                            "a larger --max_steps or --epochs")
-        bad = nonfinite([*ck["encoder"].values(), *ck["predictor"].values(), *ck["target_encoder"].values()], env)
-        if bad:
-            raise UserError(f"{ckpt_path} holds {bad} non-finite values (written by an older version): start over "
-                            "with --overwrite, or rename an older checkpoint_step<N>.pt to checkpoint.pt")
-        jepa.encoder.load_state_dict(ck["encoder"])
-        jepa.predictor.load_state_dict(ck["predictor"])
-        target.load_state_dict(ck["target_encoder"])
-        opt.load_state_dict(ck["optimizer"])
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        if ck["world"] != env.world:
-            env.print(f"warning: checkpoint was written by {ck['world']} processes, this run has {env.world}: "
-                      "training continues, but the data order differs from an uninterrupted run")
-        torch.set_rng_state(ck["rng"]["torch"])
-        env.print(f"resumed from {ckpt_path} at step {step}" + (f"; changed: {changes}" if changes else "")
-                  + (f"; the schedules now end at step {total} (were {ck['total']})"
-                     if ck.get("total", total) != total else ""))
-        enc_path = os.path.join(args.out_dir, "encoder.safetensors")
-        if on_main(env, lambda: exported_step(enc_path) != step):  # killed between checkpoint and export: repair
-            on_main(env, lambda: export_encoder(target, args, step, "the checkpoint is intact"))
-            env.print(f"re-exported {enc_path} at step {step} (it was older than its checkpoint)")
-        del ck
-        on_main(env, lambda: trim_log(os.path.join(args.out_dir, "log.jsonl"), step))
-    log = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), env.is_main,
-                             truncate_after_step=step if resume else None)
+    step = run.restore(jepa, target, opt, scaler, total)
+    log = base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), env.is_main, step if run.resume else None)
     if step >= total:
         env.print(f"done: the run in {args.out_dir} is already at step {step} of {total}; give a larger --max_steps "
                   "or --epochs to continue it")
         return
-    model = jepa
+    if step == 0:  # show the user what the masking does on their own images
+        def preview():
+            imgs = torch.stack([dataset[(i, 0)][0] for i in range(min(4, len(dataset)))])
+            me, mp = collator.sample(len(imgs), 0)
+            masks_lib.save_mask_preview(imgs, me, mp, collator.grid, os.path.join(args.out_dir, "masks.png"))
+        on_main(env, preview)
+    batches = StepBatches(sampler, args.batch_size, ipe, step, total)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(collator),
+                                         num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
+                                         worker_init_fn=worker_init)
+    step, stop, skipped = train(args, env, run, jepa, target, opt, scaler, loader, batches, log, step, total, ipe)
+    if stop:
+        env.print(f"stopped by {signal.Signals(stop).name} at step {step}: checkpoint {run.ckpt}; continue with the "
+                  "same command plus --resume (or --resume auto)")
+        raise SystemExit(128 + stop)
+    skipped |= dataset.skipped  # main process (and every file when num_workers is 0); workers' came with batches
     if env.distributed:
-        model = nn.parallel.DistributedDataParallel(jepa, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                                    static_graph=True)
-    target_fwd = target  # the compiled wrapper only runs forwards; checkpoints and EMA use the plain modules
+        every = [None] * env.world
+        dist.all_gather_object(every, sorted(skipped))
+        skipped = set().union(*map(set, every))
+    if skipped:
+        names = sorted(skipped)
+        env.print(f"skipped {len(names)} file(s), unreadable or under 2 patches, in all processes: "
+                  + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""), file=sys.stderr)
+    env.print(f"done: {step} steps; checkpoint {run.ckpt}; encoder {os.path.join(args.out_dir, 'encoder.safetensors')}")
+
+
+def train(args, env, run, jepa, target, opt, scaler, loader, batches, log, step, total, ipe):
+    """The training loop: one I-JEPA step per batch; the log, the quick probe, checkpoints and stop signals at their
+    steps. Returns (step reached, stop signal or 0, files skipped in DataLoader workers)."""
+    model, target_fwd = jepa, target  # the compiled wrapper only runs forwards; checkpoints and EMA use the plain ones
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(jepa, device_ids=[env.device.index] if env.device.type == "cuda"
+                                                    else None, static_graph=True)
     if args.compile:
         model, target_fwd = torch.compile(model), torch.compile(target)
-
-    def preview():  # show the user what the masking does on their own images
-        imgs = torch.stack([dataset[(i, 0)][0] for i in range(min(4, len(dataset)))])
-        me, mp = collator.sample(len(imgs), 0)
-        masks_lib.save_mask_preview(imgs, me, mp, collator.grid, os.path.join(args.out_dir, "masks.png"))
-    if step == 0:
-        on_main(env, preview)
-
-    def save(step):
-        """Checkpoint, then export, of this step; refused if any value is non-finite (all ranks agree)."""
-        tensors = [*jepa.parameters(), *target.parameters(), *(v for s in opt.state.values() for v in s.values())]
-        bad = nonfinite(tensors, env)
-        if bad:
-            raise UserError(f"the weights became non-finite ({bad} values) by step {step} although the loss was "
-                            f"finite; nothing after {saved_note()} was written. Lower --lr, then --resume "
-                            "--allow_change lr (or start over with --overwrite)")
-
-        def write():
-            state = {"encoder": jepa.encoder.state_dict(), "predictor": jepa.predictor.state_dict(),
-                     "target_encoder": target.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "step": step, "total": total, "world": env.world, "rng": {"torch": torch.get_rng_state()},
-                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}}
-            write_atomic(ckpt_path, lambda tmp: (torch_writer(state)(tmp), keep_previous()), f"{saved_note()} is intact")
-            old = [p for s, p in old_checkpoints(args.out_dir) if s < step]
-            for p in old[:max(0, len(old) - (args.keep_ckpts - 1))]:  # prune beyond the last K
-                os.remove(p)
-            export_encoder(target, args, step, f"the checkpoint of step {step} is written; --resume re-exports")
-
-        def keep_previous():  # before the rename: the current checkpoint.pt lives on as checkpoint_step<N>.pt
-            if args.keep_ckpts > 1 and last_good is not None and os.path.exists(ckpt_path):
-                try:
-                    os.link(ckpt_path, os.path.join(args.out_dir, f"checkpoint_step{last_good}.pt"))
-                except FileExistsError:
-                    pass
-        on_main(env, write)
-
-    def saved_note():
-        return f"the checkpoint of step {last_good} ({ckpt_path})" if last_good is not None else \
-            "the start (no checkpoint was saved yet)"
 
     def probe_now(step):  # --probe_every: is the target encoder getting better than it started? (not timed)
         if not (env.is_main and args.probe_every and (step % args.probe_every == 0 or step == total)):
             return {}
         return {"probe_auroc": quick_probe(target, args.probe_csv)}
 
-    stopper = Stopper(env)
-    batches = StepBatches(sampler, args.batch_size, ipe, step, total)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(collator),
-                                         num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
-                                         worker_init_fn=worker_init)
     if step == 0 and args.probe_every:  # step 0: the same-architecture random encoder, the floor to beat
         on_main(env, lambda: log.log(step=0, **probe_now(0)))
     jepa.train()
-    timer, last_log = common.Timer(), step
+    t_last, last_log, warmup = time.perf_counter(), step, int(args.warmup * ipe)
     seen, mask_sums, skipped, stop = [], [], set(), 0
     first_bad = torch.full((), NEVER, dtype=torch.long, device=env.device)  # first step with a non-finite loss
     with tqdm(total=total, initial=step, disable=not env.is_main, dynamic_ncols=True, desc="pretrain") as bar:
         for imgs, masks_enc, masks_pred, new_skips in loader:
             skipped.update(new_skips)
             epoch = step // ipe
-            if args.dump_rank_state:
+            if DUMP_RANK_STATE:
                 seen += [int(j) for j in batches.indices(step)]
                 mask_sums.append(int(sum(m.sum() for m in masks_enc + masks_pred)))
             imgs = imgs.to(env.device, non_blocking=True)
@@ -508,56 +408,45 @@ def main(argv=None):
             ema_update(target, jepa.encoder, mom)
             step += 1
             bar.update(1)
-            stop = stopper.agreed()
-            log_now = step % args.log_every == 0 or step == total or bool(args.probe_every and step % args.probe_every == 0)
-            if log_now or stop or step % args.ckpt_every == 0 or step % ipe == 0 or step == total:
+            stop = run.stopper.agreed()
+            log_now = step % args.log_every == 0 or step == total or bool(args.probe_every and
+                                                                          step % args.probe_every == 0)
+            save_now = stop or step % args.ckpt_every == 0 or step % ipe == 0 or step == total
+            if log_now or save_now:
                 if env.distributed:
                     dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
                 if int(first_bad) < NEVER:
-                    raise UserError(f"the loss became non-finite at step {int(first_bad)}; nothing after {saved_note()} "
-                                    "was written. Lower --lr or check the data, then --resume --allow_change lr (or start "
-                                    "over with --overwrite)")
+                    raise UserError(f"the loss became non-finite at step {int(first_bad)}; nothing after "
+                                    f"{run.saved_note()} was written. Lower --lr or check the data, then --resume "
+                                    "--allow_change lr (or start over with --overwrite)")
             if log_now:
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
-                dt, last_log = timer.lap() / (step - last_log), step
+                now = time.perf_counter()
                 row = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, wd=wd, momentum=mom,
-                           img_per_s=args.batch_size * env.world / dt, target_std=tstd.item(),
-                           mem_mb=round(memory_mb(env.device)), ctx_len=masks_enc[0].shape[1], tgt_len=masks_pred[0].shape[1])
+                           img_per_s=args.batch_size * env.world * (step - last_log) / (now - t_last),
+                           target_std=tstd.item(), mem_mb=round(memory_mb(env.device)),
+                           ctx_len=masks_enc[0].shape[1], tgt_len=masks_pred[0].shape[1])
                 if scaler.is_enabled():
                     row["loss_scale"] = scaler.get_scale()
                 row.update(probe_now(step))
-                timer.lap()  # the probe's seconds stay out of the next img_per_s
+                t_last, last_log = time.perf_counter(), step  # the probe's seconds stay out of the next img_per_s
                 log.log(**row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", img_s=f"{row['img_per_s']:.0f}",
                                 **({"probe_auroc": f"{row['probe_auroc']:.3f}"} if "probe_auroc" in row else {}))
-            if stop or step % args.ckpt_every == 0 or step % ipe == 0 or step == total:
-                save(step)
-                last_good = step
+            if save_now:
+                run.save(step, jepa, target, opt, scaler, total)
             if stop:
                 break
-    if stop:
-        env.print(f"stopped by {signal.Signals(stop).name} at step {step}: checkpoint {ckpt_path}; continue with the "
-                  "same command plus --resume (or --resume auto)")
-        raise SystemExit(128 + stop)
-    if args.dump_rank_state:
+    if DUMP_RANK_STATE and not stop:
         def checksum(m):
             return float(sum(p.double().sum() * (k + 1) for k, p in enumerate(m.parameters())))
-        common.write_json({"rank": env.rank, "world": env.world, "seen": seen, "mask_checksums": mask_sums,
-                           "encoder_checksum": checksum(jepa.encoder), "predictor_checksum": checksum(jepa.predictor),
-                           "target_checksum": checksum(target)}, os.path.join(args.out_dir, f"rank{env.rank}.json"))
-    skipped |= dataset.skipped  # main process (and every file when num_workers is 0); workers' came with batches
-    if env.distributed:
-        every = [None] * env.world
-        dist.all_gather_object(every, sorted(skipped))
-        skipped = set().union(*map(set, every))
-    if skipped:
-        names = sorted(skipped)
-        env.print(f"skipped {len(names)} file(s), unreadable or under 2 patches, in all processes: "
-                  + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""), file=sys.stderr)
-    env.print(f"done: {step} steps; checkpoint {ckpt_path}; encoder {os.path.join(args.out_dir, 'encoder.safetensors')}")
+        base.write_json({"rank": env.rank, "world": env.world, "seen": seen, "mask_checksums": mask_sums,
+                         "encoder_checksum": checksum(jepa.encoder), "predictor_checksum": checksum(jepa.predictor),
+                         "target_checksum": checksum(target)}, os.path.join(args.out_dir, f"rank{env.rank}.json"))
+    return step, stop, skipped
 
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(levelname)s: %(message)s")
-    common.run(main)
+    base.run(main)

@@ -53,21 +53,26 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-import common
-import data
 import archives
+import base
+import data
+import downstream
 import figures
-from common import UserError, nanmean
+from base import UserError, nanmean
 from encoders import DEFAULT_EXPORT
+from model import VIT_CONFIGS
 
 DEMO_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data", "kermany", "labels.csv")
-# converged (the default): the convex head solved to its optimum; paper: the paper's AdamW recipe for the head
-PRESETS = {"converged": dict(head="lbfgs"), "paper": dict(head="sgd")}
+# converged (the default): the convex head solved to its optimum; paper: the paper's AdamW recipe for the head.
+# Both build a random encoder (no --encoder, no pretraining export) as the paper's ViT-B/14 at 224 px.
+PRESETS = {"converged": dict(head="lbfgs", model="vit_base", img_size=224, batch_size=96, epochs=100, lr=5e-5),
+           "paper": dict(head="sgd", model="vit_base", img_size=224, batch_size=96, epochs=100, lr=5e-5)}
+VAL_FRAC = 0.15  # share of a training part's subjects that picks the SGD head's epoch (no fixed validation part)
+EXTRACT_BATCH = 64  # images per forward pass of the frozen encoder
 
 # --augment strengths: small, label-preserving changes of a chest X-ray
 AUG = dict(flip_p=0.5, rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, crop_area=(0.8, 1.0),
@@ -76,8 +81,8 @@ AUG = dict(flip_p=0.5, rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, crop_a
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = common.add_data_args(p, "data (default: the bundled Kermany sample, label `pneumonia`, subject `patient`)",
-                             ["vindr", "rsna"], "image path, subject, label columns")
+    g = downstream.add_data_args(p, "data (default: the bundled Kermany sample, label `pneumonia`, subject "
+                                 "`patient`)", ["vindr", "rsna"], "image path, subject, label columns")
     g.add_argument("--label_cols", default=None, help="comma-separated: several 0/1 columns = multi-label, "
                    "one 0/1 column = binary, one column of class names = multi-class (with --task multiclass)")
     g.add_argument("--vindr_consensus", default="majority", choices=["majority", "any"],
@@ -88,43 +93,30 @@ def get_args(argv=None):
                    help="auto: fixed with a test set, split for RSNA, cv otherwise (see above)")
     g.add_argument("--split", default="0.6,0.2,0.2", help="--protocol split: train,val,test shares of the subjects")
     g.add_argument("--folds", type=int, default=5, help="k of k-fold cross-validation by subject")
-    g.add_argument("--val_frac", type=float, default=0.15, help="cv / fixed: share of a training part's subjects "
-                   "for selection")
+    g.add_argument("--repeats", type=int, default=5, help="fixed / split: heads trained with this many seeds")
     g.add_argument("--select", default="loss", choices=["loss", "auprc"],
                    help="the L2 strength (or the SGD head's epoch) by validation loss or AUPRC")
-    g.add_argument("--repeats", type=int, default=5, help="fixed / split: heads trained with this many seeds")
-    g.add_argument("--head", default=None, choices=["lbfgs", "sgd"],
-                   help="lbfgs: solved to convergence (--preset converged, the default); sgd: AdamW as the paper "
-                        "(--preset paper)")
     g.add_argument("--weight_decay", type=float, default=0.01,
                    help="SGD head: AdamW's weight decay, also the L2 strength of the objective its gap is measured on")
-    g.add_argument("--feat_norm", default="standardize", choices=["standardize", "none"],
-                   help="standardise features with the training part's mean / std (fixed: still linear)")
     g.add_argument("--last_layers", type=int, default=1, help="concatenate the embedding of this many final layers")
     g.add_argument("--augment", action="store_true",
                    help="SGD head only: the paper's training-time augmentations, through the frozen encoder")
-    g.add_argument("--extract_batch_size", type=int, default=32)
     g.add_argument("--feature_cache", default=None, help="embedding cache folder (default: OUT_DIR/features)")
     g = p.add_argument_group("comparing runs")
     g.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
                    help="two predictions.csv (or run folders): paired bootstrap, one-tailed 'A better than B'")
     g.add_argument("--table", nargs="+", default=None, metavar="RUN",
                    help="print one table (a row per run folder / results.json) for encoders probed on the same data")
-    common.add_eval_args(p)
-    common.add_common_args(p, "probe", batch_size=96, epochs=100, lr=5e-5, model="vit_base", img_size=224)
-    common.add_preset_arg(p, PRESETS)
-    args = p.parse_args(argv)
-    args.preset = args.preset or "converged"
-    args = common.check_args(common.apply_preset(args, PRESETS, True))
+    downstream.add_eval_args(p)
+    base.add_common_args(p, "probe")
+    base.add_preset_arg(p, PRESETS, "converged (default): the head solved to its optimum; paper: the paper's AdamW "
+                                    "head (lr 5e-5, batch 96, 100 epochs)")
+    args = base.apply_preset(p.parse_args(argv), PRESETS, "converged")
+    base.check(args, *base.COMMON_RULES, "folds >= 2", "repeats >= 1", "weight_decay >= 0", "last_layers >= 1",
+               "n_boot >= 1", models=VIT_CONFIGS)
     if args.augment and args.head != "sgd":
         raise UserError("--augment trains through the encoder, one mini-batch at a time: it needs the SGD head "
-                        "(--preset paper or --head sgd)")
-    if args.folds < 2:
-        raise UserError("--folds must be at least 2")
-    if args.repeats < 1:
-        raise UserError("--repeats must be at least 1")
-    if not 0 < args.val_frac < 1:
-        raise UserError("--val_frac must be between 0 and 1")
+                        "(--preset paper)")
     try:
         args.split_fracs = [float(v) for v in args.split.split(",")]
         assert len(args.split_fracs) == 3 and min(args.split_fracs) > 0
@@ -198,7 +190,7 @@ def make_splits(table, args):
     def inner(train, seed):
         if "val" in table.parts:
             return train, table.parts["val"]
-        tr, va = data.split_by_subject(subj[train], fractions=(1 - args.val_frac, args.val_frac), seed=seed)
+        tr, va = data.split_by_subject(subj[train], fractions=(1 - VAL_FRAC, VAL_FRAC), seed=seed)
         return train[tr], train[va]
 
     if proto == "fixed":
@@ -211,10 +203,7 @@ def make_splits(table, args):
         folds = data.kfold_by_subject(subj[pool], k=args.folds, seed=args.seed)
         splits = [(*inner(pool[tr], args.seed + k), pool[te]) for k, (tr, te) in enumerate(folds)]
     for tr, va, te in splits:
-        try:
-            data.check_disjoint(subj, tr, va, te)
-        except UserError as e:  # e.g. one patient in both --csv and --test_csv
-            raise UserError(f"subject leak between train (part 0), validation (part 1) and test (part 2): {e}")
+        data.check_disjoint(subj, tr, va, te)  # e.g. one patient in both --csv and --test_csv
         if min(len(tr), len(va), len(te)) == 0:
             raise UserError(f"an empty split (train {len(tr)}, val {len(va)}, test {len(te)} images): too few subjects")
     return splits
@@ -230,10 +219,10 @@ def cache_file(info, table, args, env):
     enc, path = info["source"], args.encoder or (DEFAULT_EXPORT if info["format"] != "random-init" else None)
     if path and os.path.exists(path):  # a retrained file (or folder of files) at the same path gets a new key
         files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
-        enc = [info["format"]] + common.file_identity(files)
+        enc = [info["format"]] + downstream.file_identity(files)
     key = json.dumps([enc, args.model, args.patch_size, info["img_size"], info["mean"], info["std"],
                       info.get("crop_frac", 1.0), args.last_layers, str(env.dtype),
-                      sorted(common.file_identity(table.paths))])
+                      sorted(downstream.file_identity(table.paths))])
     return os.path.join(args.feature_cache or os.path.join(args.out_dir, "features"),
                         hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
 
@@ -245,8 +234,8 @@ def embed(vit, x, env, args):
 
 
 def extract_features(vit, info, table, args, env):
-    """(N, D) embeddings of table.paths in order, cached (common.encode_images); None on ranks other than 0."""
-    return common.encode_images(table.paths, info, lambda x: embed(vit, x, env, args), env, args.extract_batch_size,
+    """(N, D) embeddings of table.paths in order, cached (downstream.encode_images); None on ranks other than 0."""
+    return downstream.encode_images(table.paths, info, lambda x: embed(vit, x, env, args), env, EXTRACT_BATCH,
                                 args.num_workers, cache=cache_file(info, table, args, env))
 
 
@@ -283,7 +272,7 @@ def augment(x, g):
 # decouple, so column c is label c's own logistic regression (scikit-learn's C = 1 / (lam_c * n_c)) and lam is
 # chosen per label; multi-class shares one lam.
 
-# The L2 strengths (common.L2_GRID) are swept strongest first; the sweep stops once common.PATIENCE strengths in a
+# The L2 strengths (downstream.L2_GRID) are swept strongest first; the sweep stops once downstream.PATIENCE strengths in a
 # row improve no label.
 GAP_TOL = 1e-3  # an SGD head whose train objective stops further than this above the optimum is flagged
 CHUNK = 65536  # rows per transfer to the device: the objective streams any number of cached features
@@ -328,10 +317,10 @@ def objective(W, b, X, Y, rows, task, lam, norm, grad=True):
 
 
 def fit_lbfgs(X, Y, rows, task, lam, norm, init):
-    """Minimise the objective from init = (W, b) (a warm start) by L-BFGS to convergence (common.lbfgs). Returns
+    """Minimise the objective from init = (W, b) (a warm start) by L-BFGS to convergence (downstream.lbfgs). Returns
     (W, b, convergence facts)."""
     W, b = (t.detach().clone().requires_grad_(True) for t in init)
-    facts = common.lbfgs([W, b], lambda: objective(W, b, X, Y, rows, task, lam, norm))
+    facts = downstream.lbfgs([W, b], lambda: objective(W, b, X, Y, rows, task, lam, norm))
     return W.detach(), b.detach(), facts
 
 
@@ -372,14 +361,14 @@ def selection_folds(tr, va, subjects, fixed_val, seed):
 
 
 def fit_converged(X, Y, folds, task, norm, device, select="loss", log=None, fold=0):
-    """The default head: for each strength of common.L2_GRID (strongest first, each fit warm-starting the next) the
+    """The default head: for each strength of downstream.L2_GRID (strongest first, each fit warm-starting the next) the
     optimum on the training rows of every selection fold, scored on their validation rows pooled; per label the
     best strength; then the optimum at those strengths on all rows of the folds. Returns (W, b, head facts)."""
     D, K = X.shape[1], Y.shape[1]
     zero = (torch.zeros(D, K, dtype=torch.float64, device=device), torch.zeros(K, dtype=torch.float64, device=device))
     inits, held = [zero] * len(folds), np.concatenate([va for _, va in folds])
     best, since = None, 0
-    for step, l2 in enumerate(common.L2_GRID, start=1):
+    for step, l2 in enumerate(downstream.L2_GRID, start=1):
         lam = torch.full((K,), float(l2), dtype=torch.float64, device=device)
         fits = [fit_lbfgs(X, Y, tr, task, lam, norm, init) for (tr, _), init in zip(folds, inits)]
         inits = [(W, b) for W, b, _ in fits]
@@ -393,7 +382,7 @@ def fit_converged(X, Y, folds, task, norm, device, select="loss", log=None, fold
             log.log(step=step, fold=fold, l2=float(l2), loss=float(np.mean([f["objective"] for *_, f in fits])),
                     val_loss=val_loss, val_auprc=val_ap if np.isfinite(val_ap) else None,
                     iterations=sum(f["iterations"] for *_, f in fits))
-        if since >= common.PATIENCE:
+        if since >= downstream.PATIENCE:
             break
     chosen = np.broadcast_to(best[1], (K,)) if task == "multiclass" else best[1]
     lam = torch.tensor(chosen, dtype=torch.float64, device=device)
@@ -525,7 +514,7 @@ def write_outputs(res, table, preds, out_dir):
             for i, p in zip(idx, P):
                 w.writerow([table.paths[i], table.subjects[i], fold] + ["" if np.isnan(v) else int(v) for v in
                                                                         table.labels[i]] + [repr(float(v)) for v in p])
-    common.write_json(res, os.path.join(out_dir, "results.json"))
+    base.write_json(res, os.path.join(out_dir, "results.json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -552,7 +541,7 @@ def compare(args):
     pb, paths_b, cls_b, Yb, Pb = load_predictions(args.compare[1])
     if cls != cls_b:
         raise UserError(f"{pa} and {pb} predict different classes ({cls} vs {cls_b})")
-    common.same_items(pa, paths, pb, paths_b)
+    downstream.same_items(pa, paths, pb, paths_b)
     if not np.array_equal(Ya, Yb, equal_nan=True):
         raise UserError(f"{pa} and {pb} disagree on the labels of the same images")
     memo = {}
@@ -571,7 +560,7 @@ def compare(args):
 
     stats = {(m, cname): stat_for(i, c) for i, m in enumerate(("auprc", "auroc"))
              for c, cname in list(enumerate(cls)) + [(None, "Agg.")]}
-    return common.paired_compare(args, pa, pb, stats, len(paths))
+    return downstream.paired_compare(args, pa, pb, stats, len(paths))
 
 
 def unit_of(protocol):
@@ -580,7 +569,7 @@ def unit_of(protocol):
 
 def deviations(args, proto):
     """What this run does differently from the paper's section 6 protocol (printed and in results.json)."""
-    out = []
+    out = ["features standardised with the training part's mean / std (a fixed affine map, still linear)"]
     if args.head == "lbfgs":
         out.append("head: L2-regularised logistic regression solved to convergence by L-BFGS, the L2 strength per "
                    "label chosen on the validation part (without a fixed one: 5-fold cross-validation by subject in "
@@ -591,8 +580,6 @@ def deviations(args, proto):
                                                                                          AUG.items()))
     if args.max_steps is not None and args.head == "sgd":
         out.append(f"--max_steps {args.max_steps} head steps (the paper: {args.epochs} epochs)")
-    if args.feat_norm == "standardize":
-        out.append("features standardised with the training part's mean / std (a fixed affine map, still linear)")
     if args.dataset == "vindr":
         out.append(f"VinDr training labels: {args.vindr_consensus} of the three readers (the paper does not say)")
     if args.dataset == "rsna" and proto != "split":
@@ -623,7 +610,7 @@ def run_folds(feats, table, splits, vit, info, args, env, log):
         # standardised with the training part's statistics: a fixed affine map, so the probe stays linear, and one
         # L2 grid (or one AdamW lr) suits every encoder whatever the raw scale of its features
         rows = tr if args.head == "sgd" else np.concatenate([tr, va])  # what the head is finally fitted on
-        norm = (X[rows].mean(0), X[rows].std(0).clamp_min(1e-6)) if args.feat_norm == "standardize" else (0.0, 1.0)
+        norm = (X[rows].mean(0), X[rows].std(0).clamp_min(1e-6))
         dev = lambda t: t.to(env.device, torch.float32)  # noqa: E731
 
         def batches(epoch):  # one epoch of (features, labels) of the training part, in a fresh order
@@ -632,7 +619,7 @@ def run_folds(feats, table, splits, vit, info, args, env, log):
                 for i in range(0, len(order), bs):
                     yield dev((X[order[i:i + bs]] - norm[0]) / norm[1]), dev(Y[order[i:i + bs]])
                 return
-            for i, (x, _) in enumerate(common.image_batches([table.paths[j] for j in order], raw, bs,
+            for i, (x, _) in enumerate(downstream.image_batches([table.paths[j] for j in order], raw, bs,
                                                             args.num_workers)):
                 f = embed(vit, (augment(x.to(env.device), g) - mean) / std, env, args)
                 yield (f - dev(norm[0])) / dev(norm[1]), dev(Y[order[i * bs:(i + 1) * bs]])
@@ -664,7 +651,7 @@ def convergence(per_fold, head):
                "converged": all(h["converged"] for h in heads)}
         out["note"] = (f"head converged in every fold (largest gradient entry {out['grad_max']:.1e})"
                        if out["converged"] else f"WARNING: L-BFGS stopped with a gradient entry of "
-                       f"{out['grad_max']:.1e} > {common.GRAD_TOL:g}: the head may not be at its optimum")
+                       f"{out['grad_max']:.1e} > {downstream.GRAD_TOL:g}: the head may not be at its optimum")
         return out
     gaps = [h["gap"] for h in heads]
     out = {"solver": "adamw", "objective": [h["objective"] for h in heads], "optimum": [h["optimum"] for h in heads],
@@ -728,13 +715,13 @@ def main(argv=None):
         return compare(args)
     if args.table:
         return table_of_runs(args.table)
-    env = common.setup(args)
+    env = base.setup(args)
     t0 = time.time()
     table = load_table(args)
     splits, proto = make_splits(table, args), protocol_of(table, args)
     protocol = {"fixed": f"fixed test set, {args.repeats} seed(s)", "cv": f"{args.folds}-fold cross-validation by "
                 "subject", "split": f"{args.split} split by subject, {args.repeats} seed(s)"}[proto]
-    vit, info, name = common.load_frozen_encoder(args)
+    vit, info, name = downstream.load_frozen_encoder(args, env)
     vit.to(env.device)
     env.print(f"encoder: {info['source']}")
     env.print(f"data: {table.source}: {len(table.paths)} images, {len(set(table.subjects))} subjects, "
@@ -744,7 +731,7 @@ def main(argv=None):
     if not env.is_main:
         return None  # the heads are tiny: rank 0 trains them all
     os.makedirs(args.out_dir, exist_ok=True)
-    log = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
+    log = base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"))
     threads = torch.get_num_threads()
     # a small head's matmuls gain nothing from threads, which only add synchronisation (10x slower on a busy CPU)
     torch.set_num_threads(1 if env.device.type == "cpu" and not args.augment and len(feats) < 20000 else threads)
@@ -767,9 +754,9 @@ def main(argv=None):
     figures.draw_pr_curves(np.concatenate([table.labels[te] for _, te, _ in preds]), np.concatenate([P for *_, P in preds]),
                    table.classes, f"{name}: {table.source}", os.path.join(args.out_dir, "pr_curves.png"))
     print(f"wrote results.json, results.csv, predictions.csv, pr_curves.png to {args.out_dir}")
-    res["baseline"] = common.run_baseline(main, args, argv)
+    res["baseline"] = downstream.run_baseline(main, args, argv)
     return res
 
 
 if __name__ == "__main__":
-    common.run(main)
+    base.run(main)

@@ -68,10 +68,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import common
+import base
+import downstream
 import data
 import archives
-from common import UserError
+from base import UserError
+from model import VIT_CONFIGS
 from labeler import METRICS, OBSERVATIONS, Scorer, label_report, score
 from llama import (Llama, LlamaConfig, apply_lora, count_params, full_state, generate, load_hf_llama, load_sharded,
                    memory_per_rank, save_peft_adapter, save_sharded, shard_fsdp)
@@ -84,13 +86,18 @@ INSTRUCTION = "Provide a description of the findings in the radiology image."
 PROMPT = f"{SYSTEM} USER: <image>\n{INSTRUCTION} ASSISTANT:"
 IMAGE_TOKEN = -200  # placeholder id of an image slot in input_ids (LLaVA's IMAGE_TOKEN_INDEX); never embedded
 # the paper's setting (Vicuna-7B v1.5, with --lm) and the small from-scratch LM's (the demo)
-PRESETS = {"paper": dict(lr=2e-5, epochs=3, train="full", image_pool=1),  # projector + LM jointly, as the paper
-           "demo": dict(lr=1e-3, epochs=30, train="full", image_pool=2)}
+PRESETS = {"paper": dict(lr=2e-5, epochs=3, train="full", image_pool=1, batch_size=8, model="vit_base", img_size=224),
+           "demo": dict(lr=1e-3, epochs=30, train="full", image_pool=2, batch_size=8, model="vit_base", img_size=224)}
+WARMUP = 0.03  # share of the steps with a linear warm-up, and no weight decay: LLaVA-1.5's fine-tuning recipe
+RES_LAMBDA = 1.0  # --projector residual: v + RES_LAMBDA * W2 gelu(W1 v)
+GEN_BATCH = 16  # reports decoded at once (batched greedy decoding gives the same text as one by one)
+PRECOMPUTE_MAX = 20000  # up to this many images the patch tokens are encoded once and kept in memory
+N_EXAMPLES = 3  # generated reports printed beside their references
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = common.add_data_args(p, "data (default: the bundled image + report pairs)", ["mimic", "iu_xray"],
+    g = downstream.add_data_args(p, "data (default: the bundled image + report pairs)", ["mimic", "iu_xray"],
                              "image path, subject, report text", subject_default="subject; patientid for the bundled CSV")
     g.add_argument("--text_col", default="text", help="report text column")
     g.add_argument("--reports_dir", default=None,
@@ -111,12 +118,10 @@ def get_args(argv=None):
     g.add_argument("--vocab_size", type=int, default=1000,
                    help="sentencepiece vocabulary of the small LM (an upper bound)")
     g.add_argument("--projector", default="mlp", choices=["mlp", "residual"])
-    g.add_argument("--res_lambda", type=float, default=1.0, help="lambda of the residual projector")
     g.add_argument("--train", default=None, choices=["projector", "lora", "full"],
                    help="what learns besides the projector (default: full, the paper's; lora: adapters only, saved "
                         "for peft in OUT_DIR/adapter)")
     g.add_argument("--lora_r", type=int, default=8)
-    g.add_argument("--lora_alpha", type=float, default=16.0)
     g.add_argument("--grad_ckpt", action="store_true",
                    help="activation checkpointing per decoder layer (memory for compute; default on with --fsdp)")
     g.add_argument("--fsdp", action="store_true",
@@ -126,12 +131,9 @@ def get_args(argv=None):
                    help="reports per optimiser step = --batch_size x --grad_accum x world size; --grad_accum is "
                         "computed from it (default 128 with --lm, the paper's; else --batch_size x world)")
     g.add_argument("--grad_accum", type=int, default=None, help="micro-batches per optimiser step (see --global_batch)")
-    g.add_argument("--warmup", type=float, default=0.03, help="share of the steps with linear warm-up")
-    g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--max_report_tokens", type=int, default=150,
                    help="reports are cut to this many tokens for training")
     g.add_argument("--max_new_tokens", type=int, default=150)
-    g.add_argument("--gen_batch_size", type=int, default=16)
     g.add_argument("--image_pool", type=int, default=None,
                    help="average-pool the patch grid k x k before the projector (default: 1, all tokens as in LLaVA, "
                         "with --lm; 2 for the small CPU model: a 4x shorter sequence)")
@@ -145,23 +147,24 @@ def get_args(argv=None):
                    help="stop after this many steps of the schedule, save the training state and exit (continue "
                         "with --resume: for jobs shorter than the run)")
     g.add_argument("--log_every", type=int, default=10, help="optimiser steps between log.jsonl lines")
-    g.add_argument("--precompute", default="auto", choices=["auto", "yes", "no"],
-                   help="encode every image once and keep the patch tokens in memory (auto: up to 20000 images)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_only", action="store_true",
                    help="no training: evaluate the report model saved in --checkpoint on the test set given")
     g.add_argument("--checkpoint", default=None, help="a report.py out_dir (checkpoint.pt, tokenizer) for --eval_only")
-    g.add_argument("--n_examples", type=int, default=3, help="generated reports printed")
     g.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
                    help="two predictions.csv files (or run folders): paired bootstrap, one-tailed 'A better than B'")
-    common.add_eval_args(p, n_boot=500)
-    common.add_common_args(p, "report", batch_size=8, epochs=None, lr=None, model="vit_base", img_size=224)
-    common.add_preset_arg(p, PRESETS)
+    downstream.add_eval_args(p, n_boot=500)
+    base.add_common_args(p, "report")
+    base.add_preset_arg(p, PRESETS, "paper (the default with --lm): projector + LM jointly, lr 2e-5, 3 epochs; demo "
+                                    "(without): the small LM from scratch, lr 1e-3, 30 epochs")
     args = p.parse_args(argv)
     if args.eval_only:
         restore_settings(args)
     paper = args.lm is not None
-    args = common.check_args(common.apply_preset(args, PRESETS, paper))  # paper: with --lm
+    base.apply_preset(args, PRESETS, "paper" if paper else "demo")
+    base.check(args, *base.COMMON_RULES, "image_pool >= 1", "grad_accum >= 1", "global_batch >= 1",
+               "max_new_tokens >= 1", "max_report_tokens >= 1", "lm_layers >= 1", "lm_dim >= 1", "lm_heads >= 1",
+               "lora_r >= 1", "save_every >= 1", "stop_at >= 1", "log_every >= 1", "n_boot >= 1", models=VIT_CONFIGS)
     args.grad_ckpt = args.grad_ckpt or args.fsdp
     world = int(os.environ.get("WORLD_SIZE", 1))
     per_step = args.batch_size * world
@@ -175,8 +178,6 @@ def get_args(argv=None):
     if args.grad_accum * per_step != args.global_batch:
         raise UserError(f"--global_batch {args.global_batch} != --batch_size {args.batch_size} x --grad_accum "
                         f"{args.grad_accum} x {world} ranks: give one of --global_batch / --grad_accum")
-    if args.image_pool < 1 or args.grad_accum < 1 or args.max_new_tokens < 1:
-        raise UserError("--image_pool, --grad_accum and --max_new_tokens must be at least 1")
     if args.dataset and (args.csv or args.test_csv):
         raise UserError("give either --dataset (with --data_dir) or --csv, not both")
     if args.dataset == "iu_xray" and args.iu_split == "test" and not args.eval_only and not args.label_only:
@@ -189,8 +190,7 @@ def get_args(argv=None):
 
 
 # what a trained report model is made of: --eval_only takes these from the checkpoint, not from the command line
-MODEL_SETTINGS = ("lm", "lm_layers", "lm_dim", "lm_heads", "vocab_size", "projector", "res_lambda", "train", "lora_r",
-                  "lora_alpha", "image_pool", "encoder", "encoder_format", "model", "img_size", "patch_size",
+MODEL_SETTINGS = ("lm", "lm_layers", "lm_dim", "lm_heads", "vocab_size", "projector", "train", "lora_r", "image_pool", "encoder", "encoder_format", "model", "img_size", "patch_size",
                   "enc_img_size", "enc_mean", "enc_std", "seed")
 
 
@@ -234,7 +234,7 @@ def load_samples(args):
             raise UserError(f"{source}: empty test split")
         return {"train": [], "val": [], "test": test}, source + ("" if args.dataset else " (all rows as test)")
     fr = {"train": 0.85, "val": 0.15} if any(s["part"] == "test" for s in samples) else None
-    out = common.split_samples(samples, fr, seed=args.seed, need=("train", "test"))  # val: unused (fixed schedule)
+    out = downstream.split_samples(samples, fr, seed=args.seed, need=("train", "test"))  # val: unused (fixed schedule)
     return out, source
 
 
@@ -392,7 +392,7 @@ def build_lm(args, train_texts, env):
 def set_trainable(model, args):
     model.lm.requires_grad_(args.train == "full")
     if args.train == "lora":
-        apply_lora(model.lm, r=args.lora_r, alpha=args.lora_alpha)
+        apply_lora(model.lm, r=args.lora_r, alpha=2 * args.lora_r)
     model.projector.requires_grad_(True)
     model.lm.gradient_checkpointing = args.grad_ckpt
     return [p for p in model.parameters() if p.requires_grad]
@@ -442,7 +442,7 @@ def patch_tokens(vit, x, env, pool=1):
 def encode_all(vit, paths, info, env, args):
     """Patch tokens of every image (N, T, D) in float16 on the CPU: the encoder is frozen, so once is enough."""
     out = None
-    for x, idx in tqdm(common.image_batches(paths, info, 32, args.num_workers, crop=False), desc="encoding images",
+    for x, idx in tqdm(downstream.image_batches(paths, info, 32, args.num_workers, crop=False), desc="encoding images",
                        disable=not env.is_main):
         t = patch_tokens(vit, x, env, args.image_pool).to("cpu", torch.float16)
         out = torch.empty(len(paths), *t.shape[1:], dtype=torch.float16) if out is None else out
@@ -490,7 +490,7 @@ def train(model, params, samples, feats_of, tok, args, env, log):
     wrap = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed and not args.fsdp else model
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
     state_dir = os.path.join(args.out_dir, "train_state")
     step = 0
     if args.resume:
@@ -523,7 +523,7 @@ def train(model, params, samples, feats_of, tok, args, env, log):
         if env.distributed:
             dist.all_reduce(step_loss)
         for g in opt.param_groups:
-            g["lr"] = args.lr * cosine_lr(step, total, args.warmup)
+            g["lr"] = args.lr * cosine_lr(step, total, WARMUP)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if mem is None:
@@ -548,8 +548,8 @@ def generate_all(model, samples, feats_of, tok, args, env):
     of the model) and rank 0 gathers them."""
     mine = list(range(env.rank, len(samples), env.world))
     out = {}
-    for i in tqdm(range(0, len(mine), args.gen_batch_size), desc="generating", disable=not env.is_main):
-        b = mine[i:i + args.gen_batch_size]
+    for i in tqdm(range(0, len(mine), GEN_BATCH), desc="generating", disable=not env.is_main):
+        b = mine[i:i + GEN_BATCH]
         # fp32 decoding by default (the paper's); --gen_dtype bf16 autocasts like training
         with env.autocast() if args.gen_dtype == "bf16" else contextlib.nullcontext():
             texts = model.generate(feats_of(b).to(env.device), tok, args.max_new_tokens)
@@ -596,14 +596,14 @@ def load_predictions(path):
 def compare(args):
     pa, A = load_predictions(args.compare[0])
     pb, B = load_predictions(args.compare[1])
-    common.same_items(pa, sorted(A), pb, sorted(B))
+    downstream.same_items(pa, sorted(A), pb, sorted(B))
     keys = sorted(A)
     if any(A[k]["reference"] != B[k]["reference"] for k in keys):
         raise UserError(f"{pa} and {pb} have different reference reports for the same images")
     refs = [A[k]["reference"] for k in keys]
     sa, sb = Scorer([A[k]["generated"] for k in keys], refs), Scorer([B[k]["generated"] for k in keys], refs)
     stats = {name: (lambda idx, fa=getattr(sa, fn), fb=getattr(sb, fn): (fa(idx), fb(idx))) for name, fn in METRICS}
-    return common.paired_compare(args, pa, pb, stats, len(keys), unit="test reports", digits=2)
+    return downstream.paired_compare(args, pa, pb, stats, len(keys), unit="test reports", digits=2)
 
 
 def label_only(args):
@@ -636,9 +636,9 @@ def unsharded_copy(model, args):
     full = full_state(model)
     with torch.device("meta"):
         plain = ReportModel(Projector(model.projector.fc1.in_features, model.lm.config.hidden_size, args.projector,
-                                      args.res_lambda), Llama(model.lm.config))
+                                      RES_LAMBDA), Llama(model.lm.config))
     if args.train == "lora":
-        apply_lora(plain.lm, r=args.lora_r, alpha=args.lora_alpha)
+        apply_lora(plain.lm, r=args.lora_r, alpha=2 * args.lora_r)
     plain.load_state_dict(full, assign=True)
     return plain
 
@@ -649,20 +649,20 @@ def main(argv=None):
         return compare(args)
     if args.label_only:
         return label_only(args)
-    env = common.setup(args)
+    env = base.setup(args)
     t0 = time.time()
     os.makedirs(args.out_dir, exist_ok=True)
     splits, source = load_samples(args)
     env.print(f"data: {source}: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} "
               f"reports")
     torch.manual_seed(args.seed)  # one random-init encoder on every rank, and again in --eval_only
-    vit, info, name = common.load_frozen_encoder(args)
+    vit, info, name = downstream.load_frozen_encoder(args, env)
     vit.to(env.device)
     env.print(f"encoder: {info['source']}")
     lm, tok = build_lm(args, [s["text"] for s in splits["train"]], env)  # before encoding: fail early on a bad --lm
     d_in = vit.embed_dim
     torch.manual_seed(args.seed)  # the same projector on every rank: FSDP shards it and nothing broadcasts it
-    model = ReportModel(Projector(d_in, lm.config.hidden_size, args.projector, args.res_lambda), lm)
+    model = ReportModel(Projector(d_in, lm.config.hidden_size, args.projector, RES_LAMBDA), lm)
     params = set_trainable(model, args)
     if args.eval_only:
         ck = torch.load(os.path.join(args.checkpoint, "checkpoint.pt"), map_location="cpu", weights_only=True)
@@ -685,11 +685,11 @@ def main(argv=None):
               f"{lm.config.vocab_size}; projector {args.projector} {d_in} -> {lm.config.hidden_size}")
     samples = splits["train"] + splits["test"]  # val is not used for selection: a fixed schedule, as in LLaVA
     n_tr = len(splits["train"])
-    if args.precompute == "yes" or (args.precompute == "auto" and len(samples) <= 20000):
+    if len(samples) <= PRECOMPUTE_MAX:
         cache = encode_all(vit, [s["path"] for s in samples], info, env, args)
         feats_of = lambda idx, off=0: cache[[off + i for i in idx]].float()
     else:  # large data sets: encode each batch on the fly
-        images = common.Images([s["path"] for s in samples], info, crop=False)
+        images = downstream.EvalImages([s["path"] for s in samples], info, crop=False)
 
         def feats_of(idx, off=0):
             got = [images[off + i] for i in idx]
@@ -704,8 +704,8 @@ def main(argv=None):
         if args.resume and not os.path.exists(state_json):
             raise UserError(f"--resume: no complete training state in {os.path.dirname(state_json)}")
         # on resume the log keeps the lines up to the step the training state was saved at
-        log = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main,
-                                 truncate_after_step=json.load(open(state_json))["step"] if args.resume else None)
+        log = base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main,
+                                 resume_step=json.load(open(state_json))["step"] if args.resume else None)
         steps, mem, total = train(model, params, splits["train"], feats_of, tok, args, env, log)
         if steps < total:
             env.print(f"--stop_at {args.stop_at}: training state saved to {args.out_dir}/train_state; continue "
@@ -731,7 +731,7 @@ def main(argv=None):
     if args.dataset == "iu_xray":  # lower-case references (R2Gen's IU cleaning): score lower-cased reports
         hyps = [h.lower() for h in hyps]
     metrics, _ = score(hyps, refs, args.n_boot, args.seed)
-    for i in range(min(args.n_examples, len(test))):
+    for i in range(min(N_EXAMPLES, len(test))):
         print(f"\n--- example {i + 1}: {test[i]['path']}\nreference: {refs[i]}\ngenerated: {hyps[i]}")
     print_table([(name, metrics)], args.n_boot)
     print(f"encoder: {info['source']}")
@@ -743,7 +743,7 @@ def main(argv=None):
     if not args.eval_only:
         plain = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool)) or
                  (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))}
-        common.atomic_save({"model": trained_state(model, args), "lm_config": lm.config.to_dict(),
+        base.save_torch({"model": trained_state(model, args), "lm_config": lm.config.to_dict(),
                             "step": steps, "settings": plain}, os.path.join(args.out_dir, "checkpoint.pt"))
         wrote += ["checkpoint.pt", "log.jsonl"]
         if args.train == "lora":
@@ -758,11 +758,11 @@ def main(argv=None):
            "eval_only": args.eval_only, "checkpoint": args.checkpoint, "world_size": env.world,
            "memory_per_rank": mem, "preprocess": {k: info[k] for k in ("img_size", "mean", "std")},
            "settings": vars(args), "time_s": round(time.time() - t0, 1)}
-    common.write_json(res, os.path.join(args.out_dir, "results.json"))
+    base.write_json(res, os.path.join(args.out_dir, "results.json"))
     print(f"wrote {', '.join(wrote)} to {args.out_dir}")
-    res["baseline"] = common.run_baseline(main, args, argv)
+    res["baseline"] = downstream.run_baseline(main, args, argv)
     return res
 
 
 if __name__ == "__main__":
-    common.run(main)
+    base.run(main)

@@ -1,7 +1,12 @@
 """
-Keeping a pretraining run's work safe (pretrain.py's machinery, apart so the training story reads top to bottom):
-the out_dir lock, atomic writes that survive a full disk, checkpoints and the decision to resume, the flags a
-resume may change, the encoder exports, the finite check, and the stop signals (SIGTERM / SIGUSR1).
+Keeping a pretraining run's work safe, apart so that pretrain.py's training story reads top to bottom: the out_dir
+lock, the decision to resume and the flags a resume may change, checkpoints and encoder exports that are written
+only when finite and atomically, and the stop signals (SIGTERM / SIGUSR1).
+
+    run = Run(args, env)                       # lock out_dir; resume, start or refuse (a checkpoint is never lost)
+    step = run.restore(jepa, target, opt, scaler, total)   # 0, or the checkpoint's step with every state restored
+    run.save(step, jepa, target, opt, scaler, total)       # finite? checkpoint, then export, atomically
+    if run.stopper.agreed(): ...                          # a stop signal, agreed by every rank
 """
 import fcntl
 import json
@@ -14,9 +19,9 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
-from common import UserError
+from base import UserError, atomic_write, save_torch
 from encoders import export_hf, save_encoder
 
 TEMP = re.compile(r".*\.(tmp|old)\d+")  # what atomic writes leave behind when killed mid-write
@@ -24,8 +29,9 @@ TEMP = re.compile(r".*\.(tmp|old)\d+")  # what atomic writes leave behind when k
 # flags that may differ on --resume without changing what is computed (or that exist to be changed: max_steps and
 # epochs extend or shorten the run); every other flag saved in the checkpoint must match unless in --allow_change
 MAY_CHANGE = {"max_steps", "epochs", "num_workers", "log_every", "ckpt_every", "keep_ckpts", "out_dir", "resume",
-              "overwrite", "allow_change", "device", "attn", "compile", "verify", "dump_rank_state", "cache_dir",
-              "preset", "probe_every", "probe_csv"}
+              "overwrite", "allow_change", "device", "attn", "compile", "verify", "cache_dir", "preset",
+              "probe_every", "probe_csv"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def on_main(env, fn):
@@ -43,160 +49,6 @@ def on_main(env, fn):
     return box[0]
 
 
-def open_out_dir(out_dir):
-    """Create out_dir, check it is writable, take its lock, remove temp files of killed runs. The lock is an flock
-    on out_dir/.lock: the kernel drops it when the holder dies, so a killed run never blocks the next one."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-        lock = open(os.path.join(out_dir, ".lock"), "a+")
-    except OSError as e:
-        raise UserError(f"--out_dir {out_dir} is not writable ({e.strerror or e}): choose another folder")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        raise UserError(f"--out_dir {out_dir} is in use by another pretrain.py run ({lock.read().strip() or 'unknown'}):"
-                        " wait for it to end, stop it, or choose another --out_dir")
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    open_out_dir.lock = lock  # held (and the lock with it) until the process ends
-    stale = sorted(n for n in os.listdir(out_dir) if TEMP.fullmatch(n) or n == "hf.new")
-    for n in stale:
-        p = os.path.join(out_dir, n)
-        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
-    if stale:
-        print(f"removed {len(stale)} temp file(s) left by a killed run: {', '.join(stale[:5])}", flush=True)
-
-
-def old_checkpoints(out_dir):
-    """[(step, path)] of the kept older checkpoints, oldest first."""
-    found = [re.fullmatch(r"checkpoint_step(\d+)\.pt", n) for n in os.listdir(out_dir)]
-    return sorted((int(m.group(1)), os.path.join(out_dir, m.group(0))) for m in found if m)
-
-
-def read_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        older = ", ".join(os.path.basename(p) for _, p in old_checkpoints(os.path.dirname(path)))
-        raise UserError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        + (f"older checkpoints here: {older} (rename one to checkpoint.pt)" if older else
-                           "start over with --overwrite or point --out_dir elsewhere"))
-
-
-def decide_start(args, ckpt_path):
-    """True to resume. A checkpoint is never overwritten by accident: without --resume it is an error."""
-    if args.overwrite:
-        for n in os.listdir(args.out_dir):
-            if n in ("checkpoint.pt", "encoder.safetensors", "log.jsonl") or re.fullmatch(r"checkpoint_step\d+\.pt|rank\d+\.json", n):
-                os.remove(os.path.join(args.out_dir, n))
-        return False
-    if not os.path.exists(ckpt_path):
-        if args.resume == "yes":
-            raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run "
-                            "(or use --resume auto)")
-        return False
-    if not args.resume:
-        step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("step", "?") \
-            if os.path.getsize(ckpt_path) else "?"
-        raise UserError(f"--out_dir {args.out_dir} already holds a run (checkpoint at step {step}): add --resume to "
-                        "continue it (--resume auto: continue if there is one, else start), or --overwrite to start "
-                        "over and delete it")
-    return True
-
-
-def check_resume_flags(saved, args):
-    """Refuse flags that differ from the checkpoint's and change the run (each named); print the allowed ones."""
-    def norm(v):
-        return list(v) if isinstance(v, (tuple, list)) else v
-    allowed = {a.lstrip("-") for a in args.allow_change}
-    unknown = sorted(a for a in allowed if not hasattr(args, a))
-    if unknown:
-        raise UserError(f"--allow_change: no such flag {', '.join(unknown)}")
-    changed = [(k, v, getattr(args, k)) for k, v in saved.items() if hasattr(args, k) and norm(v) != norm(getattr(args, k))
-               and not (k == "dtype" and v is None)]  # None: a checkpoint from before the dtype was recorded
-    refused = [c for c in changed if c[0] not in MAY_CHANGE | allowed]
-    if refused:
-        raise UserError("--resume: " + "; ".join(f"--{k} was {v} in the checkpoint, now {n}" for k, v, n in refused)
-                        + ". These change the run: drop them, name them in --allow_change to change them on purpose, "
-                          "or start over with --overwrite")
-    shown = [c for c in changed if c[0] not in ("resume", "allow_change", "preset", "overwrite")]
-    return ", ".join(f"--{k} {v} -> {n}" for k, v, n in shown)
-
-
-def trim_log(path, step):
-    """Keep the log lines of steps up to the checkpoint we restart from; a line cut short by a kill is dropped."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line).get("step", -1) <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except ValueError:
-                pass
-    write_atomic(path, lambda tmp: open(tmp, "w").writelines(keep), "the log could not be trimmed")
-
-
-def write_atomic(path, write, if_failed):
-    """write(tmp) then rename onto path. Disk full, read-only or any OS error: the temp files are removed, path is
-    untouched, and the run ends with one line."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
-        for n in os.listdir(os.path.dirname(path) or "."):
-            if n.startswith(os.path.basename(tmp)):
-                p = os.path.join(os.path.dirname(path), n)
-                try:
-                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-                except OSError:
-                    pass
-        try:
-            free = f"{shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:.0f} MiB free there"
-        except OSError:
-            free = "free space unknown"
-        why = f"{e.strerror}; {free}" if getattr(e, "strerror", None) else \
-            f"the write failed with {free}, the disk is probably full: {str(e).splitlines()[0][:80]}"
-        raise UserError(f"could not write {path} ({why}); {if_failed}. Free space or fix the folder, then --resume")
-
-
-def torch_writer(obj):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    return write
-
-
-def export_encoder(target, args, step, if_failed):
-    """The run's exports of the target encoder, written right after the checkpoint of the same step (which is the
-    commit point: --resume re-exports an export older than its checkpoint)."""
-    path = os.path.join(args.out_dir, "encoder.safetensors")
-    write_atomic(path, lambda tmp: save_encoder(target, tmp, step=step, model=args.model), if_failed)
-    # the same encoder as a Hugging Face IJepaModel folder (encoders.export_hf): built beside, then swapped in
-    hf, old = os.path.join(args.out_dir, "hf"), os.path.join(args.out_dir, f"hf.old{os.getpid()}")
-    write_atomic(hf + ".new", lambda tmp: export_hf(target, tmp), if_failed)
-    if os.path.isdir(hf):
-        os.replace(hf, old)
-    os.replace(hf + ".new", hf)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def exported_step(path):
-    try:
-        with safe_open(path, "pt") as f:
-            return json.loads((f.metadata() or {}).get("step", "null"))
-    except Exception:
-        return None
-
-
 def nonfinite(tensors, env):
     """Number of non-finite values in the floating-point tensors, summed on the device, agreed across ranks."""
     n = torch.zeros((), dtype=torch.long, device=env.device)
@@ -208,7 +60,186 @@ def nonfinite(tensors, env):
     return int(n)
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+class Run:
+    """One pretraining run's folder: out_dir/checkpoint.pt (the commit point), encoder.safetensors and hf/ (the
+    exports of the same step), .lock, older checkpoint_step<N>.pt."""
+
+    def __init__(self, args, env):
+        self.args, self.env = args, env
+        self.ckpt = os.path.join(args.out_dir, "checkpoint.pt")
+        self.last_good = None  # step of the last checkpoint written or resumed from
+        on_main(env, self._open)
+        self.resume = on_main(env, self._decide)
+        self.ck = self._read() if self.resume else None  # every rank reads it; the flag check is deterministic
+        self.changes = self._check_flags(self.ck["args"]) if self.resume else ""
+        self.stopper = Stopper(env)
+
+    def _open(self):
+        """Create out_dir, check it is writable, take its lock, remove temp files of killed runs. The lock is an flock
+        on out_dir/.lock: the kernel drops it when the holder dies, so a killed run never blocks the next one."""
+        out = self.args.out_dir
+        try:
+            os.makedirs(out, exist_ok=True)
+            tempfile.TemporaryFile(dir=out).close()
+            lock = open(os.path.join(out, ".lock"), "a+")
+        except OSError as e:
+            raise UserError(f"--out_dir {out} is not writable ({e.strerror or e}): choose another folder")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise UserError(f"--out_dir {out} is in use by another pretrain.py run ({lock.read().strip() or 'unknown'}):"
+                            " wait for it to end, stop it, or choose another --out_dir")
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        self.lock = lock  # held (and the lock with it) until the process ends
+        stale = sorted(n for n in os.listdir(out) if TEMP.fullmatch(n) or n == "hf.new")
+        for n in stale:
+            p = os.path.join(out, n)
+            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+        if stale:
+            print(f"removed {len(stale)} temp file(s) left by a killed run: {', '.join(stale[:5])}", flush=True)
+
+    def older(self):
+        """[(step, path)] of the kept older checkpoints, oldest first."""
+        found = [re.fullmatch(r"checkpoint_step(\d+)\.pt", n) for n in os.listdir(self.args.out_dir)]
+        return sorted((int(m.group(1)), os.path.join(self.args.out_dir, m.group(0))) for m in found if m)
+
+    def _decide(self):
+        """True to resume. A checkpoint is never overwritten by accident: without --resume it is an error."""
+        args = self.args
+        if args.overwrite:
+            for n in os.listdir(args.out_dir):
+                if n in ("checkpoint.pt", "encoder.safetensors", "log.jsonl") or \
+                        re.fullmatch(r"checkpoint_step\d+\.pt|rank\d+\.json", n):
+                    os.remove(os.path.join(args.out_dir, n))
+            return False
+        if not os.path.exists(self.ckpt):
+            if args.resume == "yes":
+                raise UserError(f"--resume: no checkpoint at {self.ckpt}; drop --resume to start a new run "
+                                "(or use --resume auto)")
+            return False
+        if not args.resume:
+            step = torch.load(self.ckpt, map_location="cpu", weights_only=True, mmap=True).get("step", "?") \
+                if os.path.getsize(self.ckpt) else "?"
+            raise UserError(f"--out_dir {args.out_dir} already holds a run (checkpoint at step {step}): add --resume "
+                            "to continue it (--resume auto: continue if there is one, else start), or --overwrite to "
+                            "start over and delete it")
+        return True
+
+    def _read(self):
+        try:
+            return torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            older = ", ".join(os.path.basename(p) for _, p in self.older())
+            raise UserError(f"{self.ckpt} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                            + (f"older checkpoints here: {older} (rename one to checkpoint.pt)" if older else
+                               "start over with --overwrite or point --out_dir elsewhere"))
+
+    def _check_flags(self, saved):
+        """Refuse flags that differ from the checkpoint's and change the run (each named); list the allowed ones."""
+        args, norm = self.args, (lambda v: list(v) if isinstance(v, (tuple, list)) else v)
+        allowed = {a.lstrip("-") for a in args.allow_change}
+        unknown = sorted(a for a in allowed if not hasattr(args, a))
+        if unknown:
+            raise UserError(f"--allow_change: no such flag {', '.join(unknown)}")
+        changed = [(k, v, getattr(args, k)) for k, v in saved.items() if hasattr(args, k) and norm(v) != norm(getattr(args, k))]
+        refused = [c for c in changed if c[0] not in MAY_CHANGE | allowed]
+        if refused:
+            raise UserError("--resume: " + "; ".join(f"--{k} was {v} in the checkpoint, now {n}" for k, v, n in refused)
+                            + ". These change the run: drop them, name them in --allow_change to change them on "
+                              "purpose, or start over with --overwrite")
+        return ", ".join(f"--{k} {v} -> {n}" for k, v, n in changed if k not in ("resume", "allow_change", "preset",
+                                                                               "overwrite"))
+
+    def restore(self, jepa, target, opt, scaler, total):
+        """0 for a new run; else the checkpoint's step, with weights, optimiser, scaler and RNG restored, an export
+        older than its checkpoint repaired (a kill between the two), and what changed printed."""
+        if not self.resume:
+            return 0
+        ck, env = self.ck, self.env
+        step = self.last_good = ck["step"]
+        if step > total:
+            raise UserError(f"--resume: the checkpoint is at step {step}, past this run's end at step {total}: give "
+                            "a larger --max_steps or --epochs")
+        bad = nonfinite([*ck["encoder"].values(), *ck["predictor"].values(), *ck["target_encoder"].values()], env)
+        if bad:
+            raise UserError(f"{self.ckpt} holds {bad} non-finite values: start over with --overwrite, or rename an "
+                            "older checkpoint_step<N>.pt to checkpoint.pt")
+        jepa.encoder.load_state_dict(ck["encoder"])
+        jepa.predictor.load_state_dict(ck["predictor"])
+        target.load_state_dict(ck["target_encoder"])
+        opt.load_state_dict(ck["optimizer"])
+        if ck["scaler"]:  # a disabled scaler (no fp16) saves an empty state, which it cannot load
+            scaler.load_state_dict(ck["scaler"])
+        if ck["world"] != env.world:
+            env.print(f"warning: checkpoint was written by {ck['world']} processes, this run has {env.world}: "
+                      "training continues, but the data order differs from an uninterrupted run")
+        torch.set_rng_state(ck["rng"]["torch"])
+        env.print(f"resumed from {self.ckpt} at step {step}" + (f"; changed: {self.changes}" if self.changes else "")
+                  + (f"; the schedules now end at step {total} (were {ck['total']})" if ck["total"] != total else ""))
+        enc_path = os.path.join(self.args.out_dir, "encoder.safetensors")
+        if on_main(env, lambda: exported_step(enc_path) != step):  # killed between checkpoint and export: repair
+            on_main(env, lambda: self._export(target, step, "the checkpoint is intact"))
+            env.print(f"re-exported {enc_path} at step {step} (it was older than its checkpoint)")
+        self.ck = None
+        return step
+
+    def saved_note(self):
+        return f"the checkpoint of step {self.last_good} ({self.ckpt})" if self.last_good is not None else \
+            "the start (no checkpoint was saved yet)"
+
+    def save(self, step, jepa, target, opt, scaler, total):
+        """Checkpoint, then export, of this step; refused if any value is non-finite (all ranks agree)."""
+        tensors = [*jepa.parameters(), *target.parameters(), *(v for s in opt.state.values() for v in s.values())]
+        bad = nonfinite(tensors, self.env)
+        if bad:
+            raise UserError(f"the weights became non-finite ({bad} values) by step {step} although the loss was "
+                            f"finite; nothing after {self.saved_note()} was written. Lower --lr, then --resume "
+                            "--allow_change lr (or start over with --overwrite)")
+        args = self.args
+        state = {"encoder": jepa.encoder.state_dict(), "predictor": jepa.predictor.state_dict(),
+                 "target_encoder": target.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                 "step": step, "total": total, "world": self.env.world, "rng": {"torch": torch.get_rng_state()},
+                 "args": {k: v for k, v in vars(args).items()
+                          if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}}
+
+        def write():
+            if args.keep_ckpts > 1 and self.last_good is not None and os.path.exists(self.ckpt):
+                try:  # the current checkpoint.pt lives on as checkpoint_step<N>.pt
+                    os.link(self.ckpt, os.path.join(args.out_dir, f"checkpoint_step{self.last_good}.pt"))
+                except FileExistsError:
+                    pass
+            save_torch(state, self.ckpt, f"{self.saved_note()} is intact")
+            old = [p for s, p in self.older() if s < step]
+            for p in old[:max(0, len(old) - (args.keep_ckpts - 1))]:  # prune beyond the last K
+                os.remove(p)
+            self._export(target, step, f"the checkpoint of step {step} is written; --resume re-exports")
+        on_main(self.env, write)
+        self.last_good = step
+
+    def _export(self, target, step, if_failed):
+        """The run's exports of the target encoder, written right after the checkpoint of the same step (which is
+        the commit point: --resume re-exports an export older than its checkpoint)."""
+        out = self.args.out_dir
+        save_encoder(target, os.path.join(out, "encoder.safetensors"), if_failed, step=step, model=self.args.model)
+        # the same encoder as a Hugging Face IJepaModel folder (encoders.export_hf): built beside, then swapped in
+        hf, old = os.path.join(out, "hf"), os.path.join(out, f"hf.old{os.getpid()}")
+        atomic_write(hf + ".new", lambda tmp: export_hf(target, tmp), if_failed)
+        if os.path.isdir(hf):
+            os.replace(hf, old)
+        os.replace(hf + ".new", hf)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def exported_step(path):
+    try:
+        with safe_open(path, "pt") as f:
+            return json.loads((f.metadata() or {}).get("step", "null"))
+    except Exception:
+        return None
 
 
 def worker_init(_):

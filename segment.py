@@ -20,7 +20,7 @@ identically to image and mask: affine, elastic, brightness / contrast, gamma, an
 that do not tell left from right; 70/15/15 split by subject; the checkpoint with the lowest validation loss is
 evaluated on the test set. Without data flags the "demo" preset runs (vit_tiny at 112 px, 15 epochs, batch 8).
 Images and label maps are centre-cropped to a square and resized together (the paper's preprocessing; each
-published encoder keeps its own card's crop, see common.crop_frac); Dice is measured on the crop at its original
+published encoder keeps its own card's crop, see downstream.crop_frac); Dice is measured on the crop at its original
 resolution. A loaded encoder runs at its own resolution (--enc_img_size overrides it; --img_size only shapes a
 random one).
 
@@ -49,18 +49,20 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-import common
+import base
+import downstream
 import data
 import archives
 import figures
-from common import UserError, nanmean
+from base import UserError, nanmean
 from archives import RIBS, ZONES
-from model import LinearDecoder, SegModel, UPerNet, count_params
+from model import VIT_CONFIGS, LinearDecoder, SegModel, UPerNet, count_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CSV = os.path.join(HERE, "sample_data", "lungseg", "manifest.csv")
 IGNORE = 255            # label value excluded from loss and Dice
 STILL_FALLING = 0.02    # a validation loss that fell more than this over the last quarter of the epochs: not converged
+EVAL_BATCH = 16         # images per forward pass when validating and testing
 SEG_CHUNK = 64          # images per transfer to the device when the linear decoder's objective is evaluated
 SEG_GRAD_TOL = 1e-5     # the linear decoder's L-BFGS tolerance: its upsampled pixel loss is ill-conditioned, and
                         # the last decade of gradient (1e-5 -> 1e-6) moved validation Dice by < 0.1 at 5x the time
@@ -78,7 +80,7 @@ AUG = dict(rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, shear=0.05, elasti
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = common.add_data_args(p, "data (default: the bundled lungseg sample, task lungs)", ["vindr_rib", "mimic_lungs"],
+    g = downstream.add_data_args(p, "data (default: the bundled lungseg sample, task lungs)", ["vindr_rib", "mimic_lungs"],
                              "image path (or `image`), mask path, subject (absent: one subject per image)")
     g.add_argument("--task", default="lungs", choices=list(TASKS))
     g.add_argument("--mask_col", default="mask", help="mask image column (optional for --task zones)")
@@ -91,15 +93,16 @@ def get_args(argv=None):
     g.add_argument("--no_augment", action="store_true", help="no training augmentations at all")
     g.add_argument("--dice_loss", type=float, default=0.0, help="weight of a soft Dice loss added to CE")
     g.add_argument("--n_overlays", type=int, default=8, help="test images drawn to overlays/")
-    g.add_argument("--eval_batch_size", type=int, default=16)
     g = p.add_argument_group("comparing two runs")
     g.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
                    help="two per_image_dice.csv (or run folders): paired bootstrap, one-tailed 'A better than B'")
-    common.add_eval_args(p)
-    common.add_common_args(p, "segment", batch_size=None, epochs=None, lr=None, model=None, img_size=None)
-    common.add_preset_arg(p, PRESETS)
+    downstream.add_eval_args(p)
+    base.add_common_args(p, "segment")
+    base.add_preset_arg(p, PRESETS, "paper (the default with data flags): ViT-B/14 at 224 px, Adam lr 5e-4, batch "
+                                    "80, 100 epochs; demo (without): vit_tiny at 112 px, 15 epochs, batch 8")
     args = p.parse_args(argv)
-    args = common.check_args(common.apply_preset(args, PRESETS, bool(args.csv or args.dataset)))
+    base.apply_preset(args, PRESETS, "paper" if args.csv or args.dataset else "demo")
+    base.check(args, *base.COMMON_RULES, "dice_loss >= 0", "box_scale > 0", "n_overlays >= 0", "n_boot >= 1", models=VIT_CONFIGS)
     if args.img_size % args.patch_size:
         raise UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
     lateral = TASKS[args.task][1]
@@ -244,7 +247,7 @@ def load_csv(path, args, boxes=None):
 
 
 def load_parts(args):
-    """{'train', 'val', 'test'} -> samples, subjects kept apart (common.split_samples: 70/15/15 by subject of what
+    """{'train', 'val', 'test'} -> samples, subjects kept apart (downstream.split_samples: 70/15/15 by subject of what
     has no fixed part; the official splits and --val_csv / --test_csv where given)."""
     if args.dataset:
         pool, _ = archives.load(args.dataset, args)
@@ -255,7 +258,7 @@ def load_parts(args):
         pool = load_csv(args.csv or DEMO_CSV, args, boxes)
         for k, f in (("val", args.val_csv), ("test", args.test_csv)):
             pool += [{**s, "part": k} for s in load_csv(f, args, boxes)] if f else []
-    parts = common.split_samples(pool, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=args.seed)
+    parts = downstream.split_samples(pool, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=args.seed)
     files = [f for k in parts for s in parts[k] for f in (s["path"], s.get("mask")) if f]
     bad = data.verify_images(files)  # upfront: a wrong --image_root fails here in one line, not in a worker
     if bad:
@@ -283,7 +286,7 @@ class SegDataset(torch.utils.data.Dataset):
             img = archives.read_composed(s["compose"]) if s.get("compose") else data.read_image(s["path"])
         except data.ImageReadError as e:
             raise UserError(str(e))
-        t, l, side = common.center_box(*img.shape, self.frac)
+        t, l, side = downstream.center_box(*img.shape, self.frac)
         lab = torch.from_numpy(make_label(s, self.task, img.shape)[t:t + side, l:l + side].copy())
         x = data.resize(img[t:t + side, l:l + side], self.size)[None]
         y = F.interpolate(lab[None, None].float(), size=(self.size, self.size), mode="nearest-exact")[0, 0].long()
@@ -403,13 +406,13 @@ def compare(args):
     pb, paths_b, cls_b, B = load_per_image(args.compare[1])
     if cls != cls_b:
         raise UserError(f"{pa} and {pb} segment different classes ({cls} vs {cls_b})")
-    common.same_items(pa, paths, pb, paths_b)
+    downstream.same_items(pa, paths, pb, paths_b)
     stats = {}
     for c, cname in list(enumerate(cls)) + [(None, "mean Dice")]:
         # per class: mean over images; mean Dice: mean over classes of those (as in the table)
         f = (lambda D, idx: nanmean(nanmean(D[idx], 0))) if c is None else (lambda D, idx, c=c: nanmean(D[idx, c]))
         stats[("dice", cname)] = lambda idx, f=f: (f(A, idx), f(B, idx))
-    return common.paired_compare(args, pa, pb, stats, len(paths), digits=4)
+    return downstream.paired_compare(args, pa, pb, stats, len(paths), digits=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -498,10 +501,10 @@ def patch_features(model, ds, env, norm, batch_size):
 def fit_linear(model, decoder, train_ds, val_dl, env, norm, args, logger, save):
     """The linear decoder is a convex problem on frozen features: a 1x1 conv (a per-patch linear map), upsampled
     bilinearly (linear too), under pixel cross-entropy. So it is solved, not trained: L-BFGS to convergence
-    (common.lbfgs) for each L2 strength of common.L2_GRID on the un-augmented training images, the strength with the
+    (downstream.lbfgs) for each L2 strength of downstream.L2_GRID on the un-augmented training images, the strength with the
     lowest validation loss kept. Adam on this problem converges slowly and, at a high lr, not at all."""
-    Ftr, Ytr = patch_features(model, train_ds, env, norm, args.eval_batch_size)
-    Fva, Yva = patch_features(model, val_dl.dataset, env, norm, args.eval_batch_size)
+    Ftr, Ytr = patch_features(model, train_ds, env, norm, EVAL_BATCH)
+    Fva, Yva = patch_features(model, val_dl.dataset, env, norm, EVAL_BATCH)
     K, D = decoder.conv_seg.weight.shape[:2]
     W = torch.zeros(K, D, dtype=torch.float64, device=env.device, requires_grad=True)
     b = torch.zeros(K, dtype=torch.float64, device=env.device, requires_grad=True)
@@ -524,8 +527,8 @@ def fit_linear(model, decoder, train_ds, val_dl, env, norm, args, logger, save):
         return total + pen.detach()
 
     best, iters = None, 0
-    for step, l2 in enumerate(common.L2_GRID[::2], start=1):  # decades: the pixel loss is smooth in the strength
-        facts = common.lbfgs([W, b], lambda: objective(Ftr, Ytr, float(l2)), SEG_GRAD_TOL, args.max_steps or 1000)
+    for step, l2 in enumerate(downstream.L2_GRID[::2], start=1):  # decades: the pixel loss is smooth in the strength
+        facts = downstream.lbfgs([W, b], lambda: objective(Ftr, Ytr, float(l2)), SEG_GRAD_TOL, args.max_steps or 1000)
         val_loss, iters = float(objective(Fva, Yva, 0.0, grad=False)), iters + facts["iterations"]
         logger.log(step=step, l2=float(l2), loss=facts["objective"], val_loss=val_loss, iterations=facts["iterations"])
         env.print(f"L2 {l2:.0e}: train objective {facts['objective']:.4f} ({facts['iterations']} L-BFGS iterations), "
@@ -551,11 +554,11 @@ def main(argv=None):
     args = get_args(argv)
     if args.compare:
         return compare(args)
-    env, t0 = common.setup(args), time.time()
+    env, t0 = base.setup(args), time.time()
     parts = load_parts(args)
     classes = TASKS[args.task][0]
     n_fg = len(classes)  # foreground classes; the decoder predicts n_fg + 1 with background
-    vit, info, name = common.load_frozen_encoder(args)
+    vit, info, name = downstream.load_frozen_encoder(args, env)
     size = info["img_size"]  # a loaded encoder's own (or --enc_img_size); --img_size shaped a random one
     if size % vit.patch_size:
         raise UserError(f"image size {size} is not a multiple of the encoder's patch size {vit.patch_size}")
@@ -596,16 +599,16 @@ def main(argv=None):
                                            drop_last=len(train_ds) > args.batch_size * env.world,
                                            persistent_workers=args.num_workers > 0)
     val_dl, test_dl = (torch.utils.data.DataLoader(SegDataset(parts[k], args.task, size, True, info["crop_frac"]),
-                                                   args.eval_batch_size, num_workers=args.num_workers,
+                                                   EVAL_BATCH, num_workers=args.num_workers,
                                                    collate_fn=collate) for k in ("val", "test"))
 
     os.makedirs(args.out_dir, exist_ok=True)
-    logger = common.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
+    logger = base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
     ckpt = os.path.join(args.out_dir, "checkpoint.pt")
 
     def save(**facts):  # the selected decoder, with what it was selected by
         if env.is_main:
-            common.atomic_save({"decoder": decoder.state_dict(), "task": args.task, "classes": classes,
+            base.save_torch({"decoder": decoder.state_dict(), "task": args.task, "classes": classes,
                                 "decoder_name": args.decoder, "layers": layers, "encoder": info["source"], **facts}, ckpt)
     if args.decoder == "linear":
         fit = fit_linear(eval_model, decoder, train_ds, val_dl, env, norm, args, logger, save)
@@ -621,7 +624,7 @@ def main(argv=None):
     _, test_dice, kept = evaluate(eval_model, test_dl, env, norm, n_fg, keep=args.n_overlays)
     per_class = nanmean(test_dice, 0)
     mean_dice = nanmean(per_class)
-    ci = common.bootstrap_ci(lambda idx: nanmean(nanmean(test_dice[idx], 0)), len(test_dice))["ci95"]
+    ci = base.bootstrap_ci(lambda idx: nanmean(nanmean(test_dice[idx], 0)), len(test_dice))["ci95"]
     print(f"\nSegmentation ({args.task}), Dice x100 on the test set ({len(test_dice)} images), {fit['selected']}; "
           f"encoder: {info['source']}")
     print_table(name, "UPerNet" if args.decoder == "upernet" else "Linear", n_params, classes, per_class, mean_dice, ci)
@@ -635,14 +638,14 @@ def main(argv=None):
            "protocol": "70/15/15 by subject" if not args.dataset else f"{args.dataset} (archives.py)",
            "preprocess": {k: info[k] for k in ("img_size", "mean", "std", "crop_frac")},
            "deviations": deviations(args)}
-    common.write_json(res, os.path.join(args.out_dir, "results.json"))
+    base.write_json(res, os.path.join(args.out_dir, "results.json"))
     write_per_image(os.path.join(args.out_dir, "per_image_dice.csv"), parts["test"], classes, test_dice)
     figures.save_overlays(kept, parts["test"], args.out_dir, test_dice)
     print(f"deviations from the paper: {'; '.join(res['deviations']) or 'none'}")
     print(f"wrote results.json, per_image_dice.csv, checkpoint.pt, overlays/ to {args.out_dir}")
-    res["baseline"] = common.run_baseline(main, args, argv)
+    res["baseline"] = downstream.run_baseline(main, args, argv)
     return res
 
 
 if __name__ == "__main__":
-    common.run(main)
+    base.run(main)

@@ -14,7 +14,7 @@ import zipfile
 import torch
 from safetensors import safe_open
 
-from common import UserError
+from base import UserError
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """archives.py: every published layout, written from real X-rays in that layout, read back as generic samples;
-the MIMIC-CXR report parser; the shared split and leak check (common.split_samples)."""
+the MIMIC-CXR report parser; the shared split and leak check (downstream.split_samples)."""
 import csv
 import gzip
 import json
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common
+import downstream
 import archives
 import report
 import segment
-from common import UserError
+from base import UserError
 from conftest import SAMPLE
 
 LUNGSEG = SAMPLE / "lungseg"
@@ -209,15 +209,15 @@ def test_lung_segment_mimic_cxr_layout(tmp_path, monkeypatch):
 def test_split_keeps_fixed_parts_and_refuses_a_leak():
     pool = [{"path": f"{i}.png", "subject": f"s{i // 2}", "part": None} for i in range(40)]
     fixed = [{"path": f"t{i}.png", "subject": f"t{i}", "part": "test"} for i in range(5)]
-    parts = common.split_samples(pool + fixed, {"train": 0.8, "val": 0.2, "test": 0.2}, seed=3)
+    parts = downstream.split_samples(pool + fixed, {"train": 0.8, "val": 0.2, "test": 0.2}, seed=3)
     assert parts["test"] == fixed and len(parts["train"]) + len(parts["val"]) == 40
     assert len({s["subject"] for s in parts["val"]}) == 4  # 20% of the 20 subjects, both images of each
     assert not {s["subject"] for s in parts["train"]} & {s["subject"] for s in parts["val"]}
     leak = fixed + [{"path": "x.png", "subject": "t0", "part": None}] + pool
     with pytest.raises(UserError, match="subject leak: subject t0"):
-        common.split_samples(leak, {"train": 0.8, "val": 0.2}, seed=3)
+        downstream.split_samples(leak, {"train": 0.8, "val": 0.2}, seed=3)
     with pytest.raises(UserError, match="the val part is empty"):
-        common.split_samples(fixed + [{**s, "part": "train"} for s in pool])
+        downstream.split_samples(fixed + [{**s, "part": "train"} for s in pool])
 
 
 def test_unknown_layout_and_missing_root_are_one_line(tmp_path):

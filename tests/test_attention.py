@@ -187,9 +187,9 @@ def test_vit_and_predictor_match_sdpa():
 
 
 def test_bench_parses_shapes():
-    import common
+    import base
     from triton_attn import bench_attention
     assert bench_attention.parse_shapes("128x12x256x64,1X2X7X80") == [(128, 12, 256, 64), (1, 2, 7, 80)]
     for bad in ("128x12x256", "1x1x4x160", "0x1x4x64"):
-        with pytest.raises(common.UserError):
+        with pytest.raises(base.UserError):
             bench_attention.parse_shapes(bad)

@@ -69,9 +69,11 @@ def test_triton_not_importable_falls_back(monkeypatch, capsys):
 def test_setup_uses_the_check_only_on_cuda(monkeypatch):
     import argparse
 
-    import common
+    import base
+    import model
     calls = []
     monkeypatch.setattr(selfcheck, "default_attention", lambda d: calls.append(d) or "sdpa")
     args = argparse.Namespace(device="cpu", dtype=None, attn=None, seed=0)
-    env = common.setup(args)
+    env = base.setup(args)
+    args.attn = model.default_attention(env.device)  # what every script does with an unset --attn
     assert env.device.type == "cpu" and args.attn == "sdpa" and calls == []  # no check off CUDA

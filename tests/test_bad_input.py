@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import base
+import downstream
 import probe
 import report
 import segment
-from common import UserError
+from base import UserError
 from conftest import SAMPLE
 from encoders import load_encoder, save_encoder
 from model import VisionTransformer, build_vit
@@ -54,7 +55,7 @@ def kermany_csv(tmp_path, n=16, edit=None, images=None):
 
 def one_line_error(main, argv, capsys):
     with pytest.raises(SystemExit) as e:
-        common.run(lambda: main(argv))
+        base.run(lambda: main(argv))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err, err
     return err
@@ -127,9 +128,9 @@ def test_feature_cache_follows_the_file_content_and_survives_corruption(tmp_path
 # impossible flags, in every script
 
 @pytest.mark.parametrize("flags,msg", [(["--model", "bogus"], "--model 'bogus' unknown"),
-                                       (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
-                                       (["--lr", "-0.1"], "--lr -0.1: the learning rate must be positive"),
-                                       (["--epochs", "0"], "--epochs 0: must be at least 1")])
+                                       (["--batch_size", "0"], "--batch_size 0: must be a whole number >= 1"),
+                                       (["--lr", "-0.1"], "--lr -0.1: must be a finite number > 0"),
+                                       (["--epochs", "0"], "--epochs 0: must be a whole number >= 1")])
 @pytest.mark.parametrize("script", [probe, segment, report])
 def test_impossible_flags_are_one_line(script, flags, msg, capsys, tmp_path):
     err = one_line_error(script.main, flags + ["--out_dir", str(tmp_path / "o")], capsys)
@@ -161,7 +162,7 @@ def test_random_like_has_the_architecture_and_preprocessing_but_not_the_weights(
         vit.pos_embed.add_(1.0)  # unlike any init
     save_encoder(vit, str(tmp_path / "e.safetensors"), mean=[0.3], std=[0.2])
     loaded, info = load_encoder(str(tmp_path / "e.safetensors"))
-    rand, rinfo = common.random_like(loaded, info)
+    rand, rinfo = downstream.random_like(loaded, info)
     assert rand.config == loaded.config and rinfo["format"] == "random-init"
     assert (rinfo["img_size"], rinfo["mean"], rinfo["std"]) == (info["img_size"], info["mean"], info["std"])
     sa, sb = loaded.state_dict(), rand.state_dict()

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import common
+import downstream
 import data
 import encoders
-from common import UserError
+from base import UserError
 from encoders import load_encoder
 from test_encoders import (TOL, Exploit, hf_forward, ijepa_forward64, ijepa_state, make_hf, perturb,
                            small_kermany_csv, tiny_jepa, to_meta_dinov2, xray)
@@ -254,12 +254,12 @@ def test_biovil_t_resnet_against_float64(tmp_path):
 
 def test_crop_preprocess_is_shortest_edge_then_centre_crop():
     """A preset with resize_to (CLIP, RAD-DINO, ...) keeps img_size / resize_to of the shorter side, centred
-    (common.crop_frac, what probe.py and segment.py apply); report.py's whole-image resize squashes it all in."""
+    (downstream.crop_frac, what probe.py and segment.py apply); report.py's whole-image resize squashes it all in."""
     img = np.zeros((100, 200), np.float32)
     img[:, 50:150] = 1.0  # the centre square is white, the sides black
     info = encoders.preset(50, [0.0], [1.0], resize_to=50)
     pre = data.Preprocess(50, [0.0], [1.0])
-    out = pre(common.center_crop(img, common.crop_frac(info)))
+    out = pre(downstream.center_crop(img, downstream.crop_frac(info)))
     assert out.shape == (1, 50, 50) and out[:, :, 1:-1].min() > 0.99  # the centre only: no black sides
     sq = pre(img)
     assert sq.shape == (1, 50, 50) and sq.min() < 0.01  # the square resize squashes the whole image in

@@ -11,7 +11,7 @@ from conftest import SAMPLE
 from encoders import save_encoder
 from model import build_vit
 
-LIGHT = {"probe": "--epochs 2 --folds 2 --extract_batch_size 64",
+LIGHT = {"probe": "--epochs 2 --folds 2",
          "segment": "--decoder linear --max_steps 20 --n_overlays 0",
          "report": "--max_steps 2 --lm_layers 1 --lm_dim 64 --lm_heads 2 --vocab_size 400 --max_new_tokens 4"}
 
@@ -57,7 +57,7 @@ def test_compare_two_encoders_tables_and_marks(tmp_path, monkeypatch, capsys):
 
 def test_compare_flags(tmp_path):
     import pytest
-    from common import UserError
+    from base import UserError
     (tmp_path / "a.safetensors").write_bytes(b"")
     a = str(tmp_path / "a.safetensors")
     assert compare.get_args(["--encoders", "random", a, "--baseline", "a"]).baseline == "a"  # by name

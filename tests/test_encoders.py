@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import common
+import downstream
 import encoders
-from common import UserError
+from base import UserError
 from conftest import SAMPLE
 from encoders import load_encoder, save_encoder
 from model import VisionTransformer, resize_pos_embed
@@ -438,14 +438,14 @@ def test_probe_with_hf_dinov2_registers(tmp_path, monkeypatch):
                       "patient", "--folds", "2", "--max_steps", "20", "--num_workers", "0", "--encoder",
                       str(tmp_path / "hf"), "--out_dir", str(tmp_path / "probe")])
     assert res["encoder_format"] == "dinov2-hf" and str(tmp_path / "hf") in res["encoder"]
-    # DINOv2's card: shorter side 256, centre crop 224 (common.crop_frac)
+    # DINOv2's card: shorter side 256, centre crop 224 (downstream.crop_frac)
     assert res["preprocess"] == {"img_size": 224, "mean": encoders.IMAGENET_MEAN, "std": encoders.IMAGENET_STD,
                                  "crop_frac": 224 / 256}
     assert res["feature_dim"] == 64 and np.isfinite(res["agg"]["auroc"]["mean"])
     # the probe's embedding of an image is transformers' pooler output (CLS after the final layernorm)
     cached = torch.load(next((tmp_path / "probe" / "features").glob("*.pt")), weights_only=True)
     pre = data.Preprocess(224, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
-    x = torch.stack([pre(common.center_crop(data.read_image(p), 224 / 256)) for p in cached["paths"][:3]])
+    x = torch.stack([pre(downstream.center_crop(data.read_image(p), 224 / 256)) for p in cached["paths"][:3]])
     torch.testing.assert_close(cached["feats"][:3], hf_forward(m, x).pooler_output, atol=1e-4, rtol=0)
 
 

@@ -17,7 +17,7 @@ from conftest import ROOT, SAMPLE
 transformers = pytest.importorskip("transformers")
 
 RUN = ["--model", "vit_tiny", "--img_size", "56", "--max_steps", "4", "--max_new_tokens", "4", "--n_boot", "10",
-       "--num_workers", "0", "--device", "cpu", "--log_every", "1", "--n_examples", "0", "--lr", "1e-3",
+       "--num_workers", "0", "--device", "cpu", "--log_every", "1", "--lr", "1e-3",
        "--global_batch", "4"]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import base
 import masks
 from conftest import SAMPLE
 
@@ -196,13 +196,13 @@ def test_flags_and_validation():
            dict(grid=(4, 6)),  # default min_keep 10 > the 3-4 patch targets of a 4x6 grid
            dict(grid=(0, 16))]
     for kw in bad:
-        with pytest.raises(common.UserError):
+        with pytest.raises(base.UserError):
             masks.MaskCollator(**kw)
     # the smallest target at 16x16, scale 0.15, is 6x6=36 or 5x7=35 patches: blocks must keep MORE than min_keep
     # (I-JEPA's strict >), so min_keep 34 is fine and 35 is refused
     # (h = round(sqrt(38.4 r)), w = round(sqrt(38.4 / r)): r in [0.75, 0.94) gives 5 x 7 = 35)
     masks.MaskCollator(min_keep=34)
-    with pytest.raises(common.UserError, match="min_keep"):
+    with pytest.raises(base.UserError, match="min_keep"):
         masks.MaskCollator(min_keep=35)
     masks.MaskCollator(min_keep=0)  # 0: any non-empty block
 

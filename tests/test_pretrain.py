@@ -149,9 +149,9 @@ def test_killed_and_sigtermed_runs_resume_exactly(tmp_path):
 
 
 def test_torchrun_and_srun_two_processes_gloo(tmp_path):
-    args = ["--data_dir", NIH, *FAST, "--max_steps", "5", "--device", "cpu", "--dump_rank_state"]
+    args = ["--data_dir", NIH, *FAST, "--max_steps", "5", "--device", "cpu"]
     out = tmp_path / "ddp"
-    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e = dict(os.environ, OMP_NUM_THREADS="1", RADJEPA_DUMP_RANK_STATE="1")  # each rank writes rank<N>.json
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "pretrain.py"), "--out_dir", str(out), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
@@ -170,7 +170,8 @@ def test_torchrun_and_srun_two_processes_gloo(tmp_path):
     port = str(free_port())
     procs = []
     for rank in range(2):
-        e = dict(os.environ, OMP_NUM_THREADS="1", SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+        e = dict(os.environ, OMP_NUM_THREADS="1", RADJEPA_DUMP_RANK_STATE="1", SLURM_PROCID=str(rank), SLURM_NTASKS="2",
+                 SLURM_LOCALID=str(rank),
                  SLURM_JOB_NUM_NODES="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             e.pop(k, None)
@@ -197,7 +198,7 @@ def test_bad_input_fails_cleanly_before_work(tmp_path):
 
 def test_bad_numeric_flags_are_one_line_errors(tmp_path):
     import pretrain
-    from common import UserError
+    from base import UserError
     bad = [["--batch_size", "-2"], ["--batch_size", "0"], ["--ckpt_every", "0"], ["--log_every", "0"],
            ["--num_workers", "-1"], ["--lr", "-1"], ["--lr", "nan"], ["--epochs", "0"], ["--max_steps", "0"],
            ["--keep_ckpts", "0"], ["--warmup", "-1"], ["--crop_scale", "0", "1"], ["--ema", "0.9", "1.5"],
@@ -317,12 +318,12 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, how):
         finally:
             subprocess.run(["umount", str(out)])
     else:  # every write after the first checkpoint fails half-way with ENOSPC
-        code = ("import errno, sys, torch; import common, pretrain; real = torch.save; n = [0]\n"
+        code = ("import errno, sys, torch; import base, pretrain; real = torch.save; n = [0]\n"
                 "def save(obj, f, *a, **k):\n"
                 "    n[0] += 1\n"
                 "    if n[0] == 1: return real(obj, f, *a, **k)\n"
                 "    f.write(b'x' * 4096); raise OSError(errno.ENOSPC, 'No space left on device')\n"
-                "torch.save = save; sys.argv[0] = 'pretrain.py'; common.run(pretrain.main)")
+                "torch.save = save; sys.argv[0] = 'pretrain.py'; base.run(pretrain.main)")
         e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # the test runs in its own folder
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=e,
                            timeout=600)

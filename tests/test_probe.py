@@ -13,11 +13,12 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-import common
+import base
+import downstream
 import data
 import archives
 import probe
-from common import UserError
+from base import UserError
 from encoders import load_encoder, save_encoder
 from model import build_vit
 
@@ -26,7 +27,7 @@ SAMPLE = ROOT / "sample_data"
 KERMANY = SAMPLE / "kermany" / "labels.csv"
 NIH = SAMPLE / "nih14" / "labels.csv"
 # vit_tiny at 56 px (4 x 4 patches) keeps every end-to-end run to a second or two on a shared CPU
-TINY = ["--model", "vit_tiny", "--img_size", "56", "--num_workers", "0", "--extract_batch_size", "64"]
+TINY = ["--model", "vit_tiny", "--img_size", "56", "--num_workers", "0"]
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +139,7 @@ def test_converged_head_reaches_the_optimum(task):
     tr, va, te = data.split_by_subject(subjects, (0.6, 0.2, 0.2), seed=0)
     norm = (f[tr].mean(0), f[tr].std(0).clamp_min(1e-6))
     W, b, head = probe.fit_converged(f, torch.tensor(Y, dtype=torch.float32), [(tr, va)], task, norm, torch.device("cpu"))
-    assert head["converged"] and head["grad_max"] <= common.GRAD_TOL
+    assert head["converged"] and head["grad_max"] <= downstream.GRAD_TOL
     P = probe.predict(W, b, f, te, task, norm)
     Z = ((f - norm[0]) / norm[1]).double().numpy()
     both = np.concatenate([tr, va])
@@ -269,7 +270,7 @@ def test_random_and_trained_encoders_end_to_end(tmp_path, monkeypatch, capsys):
     cached = torch.load(next((tmp_path / "trained" / "features").glob("*.pt")), weights_only=True)
     loaded, info = load_encoder(str(enc), model="vit_tiny")
     i = 5
-    img = common.center_crop(data.read_image(cached["paths"][i]))  # the paper's centre crop, then the resize
+    img = downstream.center_crop(data.read_image(cached["paths"][i]))  # the paper's centre crop, then the resize
     assert img.shape[0] == img.shape[1] == min(data.read_image(cached["paths"][i]).shape)
     ref = loaded.global_embedding(data.Preprocess(info["img_size"], info["mean"], info["std"])(img)[None])[0]
     assert torch.allclose(cached["feats"][i], ref, atol=1e-4)
@@ -476,8 +477,8 @@ def test_unreadable_image_is_named(tmp_path):
 
 
 def test_user_mistake_is_one_line(capsys):
-    # what `python probe.py ...` does (common.run(main)), in-process: a start-up of torch costs more than the test
+    # what `python probe.py ...` does (base.run(main)), in-process: a start-up of torch costs more than the test
     with pytest.raises(SystemExit) as e:
-        common.run(lambda: probe.main(["--csv", "no_such.csv", "--label_cols", "a"]))
+        base.run(lambda: probe.main(["--csv", "no_such.csv", "--label_cols", "a"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error:") and "no_such.csv" in err and "Traceback" not in err

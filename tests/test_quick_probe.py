@@ -15,10 +15,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 
-import common
+import downstream
 import data
 import probe
-from common import UserError
+from base import UserError
 from conftest import ROOT, SAMPLE
 from model import build_vit
 
@@ -65,12 +65,12 @@ def test_quick_probe_matches_sklearn_by_hand_and_is_deterministic():
         fit = lambda idx, lam: LogisticRegression(C=1 / (lam * len(idx)), tol=1e-12, max_iter=100000).fit(z(idx), y[idx])  # noqa: E731
         inner = [(train[a], train[b]) for a, b in data.kfold_by_subject(subjects[train], k=5, seed=k)]
         best, since = (np.inf, None), 0
-        for lam in common.L2_GRID:
+        for lam in downstream.L2_GRID:
             held = np.concatenate([va for _, va in inner])
             p = np.concatenate([fit(tr, lam).predict_proba(z(va))[:, 1] for tr, va in inner])
             loss = log_loss(y[held], p, labels=[0, 1])
             best, since = ((loss, lam), 0) if loss < best[0] else (best, since + 1)
-            if since >= common.PATIENCE:
+            if since >= downstream.PATIENCE:
                 break
         aucs.append(roc_auc_score(y[test], fit(train, best[1]).predict_proba(z(test))[:, 1]))
     assert got == pytest.approx(float(np.mean(aucs)), abs=1e-6)

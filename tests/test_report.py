@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import report
-from common import UserError
+from base import UserError
 from labeler import OBSERVATIONS, Scorer, chexpert_f1, label_report
 from llama import Llama, LlamaConfig, apply_lora, generate, load_hf_llama
 from conftest import SAMPLE
@@ -363,7 +363,7 @@ def test_end_to_end_with_a_hf_checkpoint_and_lora(hf_model, tok, tmp_path):
     out = tmp_path / "run"
     res = report.main(["--lm", str(lm_dir), "--train", "lora", "--grad_ckpt", "--model", "vit_tiny", "--img_size", "56",
                        "--max_steps", "2", "--lr", "1e-3", "--max_new_tokens", "5", "--n_boot", "10",
-                       "--num_workers", "0", "--out_dir", str(out), "--device", "cpu", "--n_examples", "0"])
+                       "--num_workers", "0", "--out_dir", str(out), "--device", "cpu"])
     assert res["train_mode"] == "lora" and res["lm"] == str(lm_dir)
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert any("lora_A" in k for k in ck["model"]) and not any(k.endswith("q_proj.weight") for k in ck["model"])
@@ -389,7 +389,7 @@ def test_end_to_end_with_a_hf_checkpoint_and_lora(hf_model, tok, tmp_path):
     (iu / "annotation.json").write_text(json.dumps(ann))
     ev = report.main(["--eval_only", "--checkpoint", str(out), "--dataset", "iu_xray", "--data_dir", str(iu),
                       "--max_new_tokens", "5", "--n_boot", "10", "--num_workers", "0", "--device", "cpu",
-                      "--out_dir", str(tmp_path / "iu_eval"), "--n_examples", "0"])
+                      "--out_dir", str(tmp_path / "iu_eval")])
     assert ev["n_test"] == 2 and ev["train_mode"] == "lora" and ev["lm"] == str(lm_dir)
     rows = list(csv.DictReader(open(tmp_path / "iu_eval" / "predictions.csv")))
     assert [r["reference"] for r in rows] == ["the heart is normal.", "no effusion."]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-import common
+import base
 import archives
 import segment
 from conftest import SAMPLE
@@ -85,7 +85,7 @@ def test_touching_lungs_are_cut_between_them():
 def test_left_right_survives_the_full_training_pipeline():
     args = segment.get_args([])
     assert args.task == "lungs" and args.use_flip is False  # flips never for a task with laterality
-    with pytest.raises(common.UserError):
+    with pytest.raises(base.UserError):
         segment.get_args(["--flip", "on"])
     for task in ("zones", "ribs"):
         assert segment.TASKS[task][1], task

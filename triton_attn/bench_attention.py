@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for a plain run
-import common  # noqa: E402
+import base  # noqa: E402
 import triton_attn.attention as ka  # noqa: E402
 import model  # noqa: E402
 
@@ -47,9 +47,9 @@ def parse_shapes(text):
         try:
             B, H, N, D = (int(x) for x in item.lower().split("x"))
         except ValueError:
-            raise common.UserError(f"--shapes: {item!r} is not BxHxNxD (e.g. 128x12x256x64)") from None
+            raise base.UserError(f"--shapes: {item!r} is not BxHxNxD (e.g. 128x12x256x64)") from None
         if min(B, H, N, D) < 1 or D > 128:
-            raise common.UserError(f"--shapes: {item!r} needs positive sizes and a head dim of at most 128")
+            raise base.UserError(f"--shapes: {item!r} needs positive sizes and a head dim of at most 128")
         shapes.append((B, H, N, D))
     return shapes
 
@@ -206,4 +206,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    base.run(main)

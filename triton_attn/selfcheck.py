@@ -64,7 +64,7 @@ def triton_works(device):
 
 def default_attention(device):
     """The attention implementation to use by default on `device`: "triton" when the self-check passes there, else
-    "sdpa", with one warning line on stderr (once per device). common.setup asks this for CUDA devices only (on a
+    "sdpa", with one warning line on stderr (once per device). base.setup asks this for CUDA devices only (on a
     CPU the kernel runs only in Triton's interpreter, which the tests use to exercise this function)."""
     device = torch.device(device)
     first = str(device) not in _RESULTS

@@ -1,0 +1,278 @@
+"""
+What the three evaluations (probe.py, segment.py, report.py) share, written once: their data and encoder flags,
+the frozen encoder (and a random one of the same architecture, the floor it must beat), images with the paper's
+centre crop, embeddings computed once and cached, the subject-level split with fixed validation / test sets, the
+paired comparison of two runs, and the L-BFGS solver of the convex heads.
+
+    vit, info, name = load_frozen_encoder(args, env)       # info: source, format, img_size, mean, std, crop_frac
+    feats = encode_images(paths, info, fn, env, 64, 4, cache="out/probe/features/x.pt")
+    parts = split_samples(samples)                         # {'train', 'val', 'test'}: subjects never in two
+    main(["--compare", A, B])  ->  paired_compare(args, A, B, stats, n)   # compare.json, Table 6's marks
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import model
+from base import UserError, mark, paired_bootstrap, save_torch, write_json
+from encoders import add_encoder_args, load_encoder_from_args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flags
+
+def add_data_args(p, title, layouts, what, subject_default="subject"):
+    """The data flags of the three evaluations (docs/CONVENTIONS.md): a generic CSV with fixed val / test sets, or
+    a published layout (archives.py). `what`: the CSV's columns, for the help."""
+    g = p.add_argument_group(title)
+    g.add_argument("--csv", default=None, help=f"table of samples: {what}")
+    g.add_argument("--image_root", default=None, help="folder the CSV's paths are relative to (default: its folder)")
+    g.add_argument("--path_col", default="path", help="image path column")
+    g.add_argument("--subject_col", default=None, help=f"subject / patient id column (default: {subject_default})")
+    g.add_argument("--val_csv", default=None, help="fixed validation set, same columns (replaces the inner split)")
+    g.add_argument("--test_csv", default=None, help="fixed test set, same columns (replaces the split / CV)")
+    g.add_argument("--dataset", default=None, choices=layouts, help="a published layout under --data_dir "
+                   "(archives.py)")
+    g.add_argument("--data_dir", default=None, help="root folder of --dataset")
+    return g
+
+
+def add_eval_args(p, n_boot=1000):
+    """Encoder flags (encoders.py) plus what every evaluation adds: its row label and the random baseline."""
+    add_encoder_args(p)
+    g = p.add_argument_group("baseline")
+    g.add_argument("--name", default=None, help="the encoder's row label in the table")
+    g.add_argument("--baseline", default="none", choices=["none", "random"],
+                   help="random: also run a randomly initialised encoder of the SAME architecture and preprocessing "
+                        "as --encoder, and test (paired, one-tailed) whether --encoder beats it")
+    g.add_argument("--random_like", action="store_true",
+                   help="evaluate a random init of --encoder's architecture instead of its weights (the baseline)")
+    g.add_argument("--n_boot", type=int, default=n_boot, help="bootstrap resamples (CIs and comparisons)")
+
+
+def load_frozen_encoder(args, env):
+    """(encoder, info, name) by docs/CONVENTIONS.md's resolution rule: --img_size / --patch_size / --model build a
+    random encoder; a loaded one keeps its own resolution unless --enc_img_size says otherwise. --random_like
+    swaps the weights for a seeded random init of exactly the loaded architecture (same preprocessing). The
+    attention is --attn, else the device's default (model.default_attention)."""
+    args.attn = args.attn or model.default_attention(env.device)
+    vit, info = load_encoder_from_args(args)
+    name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
+    if args.random_like and info["format"] != "random-init":
+        vit, info = random_like(vit, info, args.attn)
+    if args.random_like:
+        name = args.name or f"random {name}"
+    info["crop_frac"] = crop_frac(info)
+    return vit, info, name
+
+
+def random_like(vit, info, attn="sdpa", seed=0):
+    """A randomly initialised ViT of vit's architecture (its config), frozen, with the same preprocessing."""
+    torch.manual_seed(seed)
+    rand = model.VisionTransformer(attn=attn, **vit.config).eval().requires_grad_(False)
+    info = {**info, "format": "random-init", "source": f"random-init of the architecture of {info['source']}"}
+    return rand, info
+
+
+def run_baseline(main, args, argv):
+    """--baseline random: run the same evaluation with --random_like into out_dir/baseline_random, then the paired
+    comparison of the two runs (main(['--compare', A, B])). Returns the comparison."""
+    if args.baseline != "random" or args.random_like:
+        return None
+    base = os.path.join(args.out_dir, "baseline_random")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    print(f"\nbaseline: a random encoder of the same architecture, in {base}")
+    main(argv + ["--random_like", "--baseline", "none", "--out_dir", base])
+    return compare_runs(main, args.out_dir, base, args.out_dir, args)
+
+
+def compare_runs(main, a, b, out_dir, args):
+    """The paired comparison of two run folders of the same script: main(['--compare', A, B, ...])."""
+    return main(["--compare", a, b, "--out_dir", out_dir, "--n_boot", str(args.n_boot), "--seed", str(args.seed)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images: centre crop + resize (the paper's preprocessing), loaded in DataLoader workers
+
+# Share of the shorter side the centre crop keeps, from the encoder's own preset (encoders.preset): an encoder whose
+# card resizes the shorter side to resize_to and crops img_size keeps img_size / resize_to of it (DINOv2 224 / 256,
+# CLIP and RAD-DINO 1, BioViL-T 448 / 512); one without (RadJEPa, I-JEPA, this project's) keeps the largest centred
+# square, as the paper's "centre crop and resize" says. Cropping first and resizing after is the same geometry.
+def crop_frac(info):
+    return min(1.0, info["img_size"] / info["resize_to"]) if info.get("resize_to") else 1.0
+
+
+def center_box(h, w, frac=1.0):
+    """(top, left, side) of the centred square covering frac of the shorter side."""
+    side = max(1, int(round(min(h, w) * frac)))
+    return (h - side) // 2, (w - side) // 2, side
+
+
+def center_crop(img, frac=1.0):
+    t, l, s = center_box(img.shape[0], img.shape[1], frac)
+    return img[t:t + s, l:l + s]
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """(image tensor, index, error) per path: centre crop, resize, normalise (info's img_size / mean / std). A bad
+    file yields a placeholder and its error, reported by the main process in one line (not a worker traceback)."""
+
+    def __init__(self, paths, info, crop=True):
+        self.paths = paths
+        self.frac = info.get("crop_frac", 1.0) if crop else None
+        self.pre = data.Preprocess(info["img_size"], info["mean"], info["std"])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            img = data.read_image(self.paths[i])
+            return self.pre(center_crop(img, self.frac) if self.frac else img), i, ""
+        except data.ImageReadError as e:
+            return torch.zeros(len(self.pre.mean), self.pre.img_size, self.pre.img_size), i, str(e)
+
+
+def image_batches(paths, info, batch_size, num_workers, crop=True):
+    """Batches (x, indices) of EvalImages(paths); the first unreadable file ends the run with its one-line error."""
+    for x, idx, err in torch.utils.data.DataLoader(EvalImages(paths, info, crop), batch_size=batch_size,
+                                                   num_workers=num_workers):
+        if any(err):
+            raise UserError([e for e in err if e][0])
+        yield x, idx
+
+
+def file_identity(paths):
+    """[real path, size, modification time] per file: a file rewritten in place gets a new identity."""
+    return [[os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+
+
+@torch.no_grad()
+def encode_images(paths, info, fn, env, batch_size, num_workers, cache=None):
+    """fn(x) (a frozen encoder's features of a batch) for every image, in order, as one CPU tensor; cached in the
+    file `cache` when given (a cache that does not load is recomputed, with a warning: it is only a shortcut).
+    Under torchrun each rank encodes every world-th image and rank 0 gathers them (the other ranks get None)."""
+    if cache and os.path.exists(cache):
+        try:
+            got = torch.load(cache, weights_only=True, mmap=True)  # mapped: the features need not fit in memory
+            ok = got["paths"] == list(paths) and got["feats"].shape[0] == len(paths)
+        except Exception as e:  # truncated, or not ours
+            env.print(f"warning: feature cache {cache} is unreadable ({type(e).__name__}): recomputing it")
+            ok = False
+        if ok:
+            env.print(f"features: reusing {cache}")
+            return got["feats"]
+    mine = list(range(env.rank, len(paths), env.world))
+    feats, bar = [], tqdm(total=len(mine), desc="embedding images", disable=not env.is_main)
+    for x, _ in image_batches([paths[i] for i in mine], info, batch_size, num_workers):
+        feats.append(fn(x).cpu())
+        bar.update(len(x))
+    bar.close()
+    feats = torch.cat(feats)
+    if env.distributed:
+        gathered = [None] * env.world
+        dist.all_gather_object(gathered, (mine, feats.numpy()))
+        if not env.is_main:
+            return None
+        feats = torch.empty(len(paths), *feats.shape[1:], dtype=feats.dtype)
+        for idx, f in gathered:
+            feats[idx] = torch.from_numpy(f)
+    if cache:
+        os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+        save_torch({"paths": list(paths), "feats": feats, "source": info["source"]}, cache)
+        env.print(f"features: {tuple(feats.shape)} cached in {cache}")
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# splits: fixed validation / test sets where the data has them, subjects never in two parts
+
+def split_samples(samples, fractions=None, seed=0, need=("train", "val", "test")):
+    """{'train', 'val', 'test'} -> samples. A sample's 'part' (a published split, --val_csv / --test_csv) is kept;
+    the others are split by subject over the parts still missing, with fractions {part: share}. Then the leak
+    check: no subject in two parts (e.g. one patient in both --csv and --test_csv) and no empty part."""
+    fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
+    parts = {k: [s for s in samples if s.get("part") == k] for k in ("train", "val", "test")}
+    pool = [s for s in samples if s.get("part") not in parts]
+    want = [k for k in ("train", "val", "test") if not parts[k] and fractions.get(k)]
+    if pool and want:
+        idx = data.split_by_subject([s["subject"] for s in pool], [fractions[k] for k in want], seed=seed)
+        for k, ix in zip(want, idx):
+            parts[k] = [pool[i] for i in ix]
+    elif pool:
+        parts["train"] += pool
+    for k in need:
+        if not parts[k]:
+            raise UserError(f"the {k} part is empty: give more data or a --{k}_csv")
+    names = ("train", "val", "test")
+    bounds = np.cumsum([len(parts[k]) for k in names])
+    data.check_disjoint([s["subject"] for k in names for s in parts[k]], *np.split(np.arange(bounds[-1]), bounds[:-1]),
+                        names=names)
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# comparing two runs over the same test items (the paper's Table 6)
+
+def paired_compare(args, a, b, stats, n_items, unit="test images", digits=3):
+    """The compare driver of the three evaluations: a paired bootstrap per row of stats {row: stat(idx) -> (value of
+    A, value of B)} over the same n_items, printed as a table and written to out_dir/compare.json. A row named by a
+    tuple (metric, class) is filed as out['metrics'][metric][class], a plain name as out['metrics'][name]."""
+    out = {"a": a, "b": b, f"n_{unit.split()[-1]}": n_items, "n_boot": args.n_boot, "metrics": {}}
+    print(f"A = {a}\nB = {b}\npaired bootstrap over {n_items} {unit}, {args.n_boot} resamples")
+    print(f"{'':30s} {'A':>8s} {'B':>8s} {'A-B':>9s}   {'95% CI of A-B':21s} {'p(A>B)':>8s}")
+    for key, stat in stats.items():
+        r = paired_bootstrap(stat, n_items, n_boot=args.n_boot, seed=args.seed)
+        if isinstance(key, tuple):
+            out["metrics"].setdefault(key[0], {})[key[1]] = r
+        else:
+            out["metrics"][key] = r
+        name, d = " ".join(key) if isinstance(key, tuple) else key, digits
+        ci = f"[{r['ci95'][0]:+.{d}f}, {r['ci95'][1]:+.{d}f}]"
+        print(f"{name[:30]:30s} {r['a']:8.{d}f} {r['b']:8.{d}f} {r['delta']:+9.{d}f}   {ci:21s} "
+              f"{r['p_one_tailed']:8.4f}{mark(r['p_one_tailed'])}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(out, os.path.join(args.out_dir, "compare.json"))
+    print(f"one-tailed p = share of resamples where A is not better (* p < 0.05, ** p < 0.01); wrote "
+          f"{os.path.join(args.out_dir, 'compare.json')}")
+    return out
+
+
+def same_items(pa, keys_a, pb, keys_b, what="test images"):
+    if list(keys_a) != list(keys_b):
+        n = len(set(keys_a) ^ set(keys_b))
+        raise UserError(f"{pa} and {pb} cover different {what} ({n} not in both): run both encoders on the same data "
+                        f"and split (same --seed)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# convex heads on frozen features (probe.py's linear head, segment.py's linear decoder): solved, not trained
+
+# L2 strengths tried, strongest first, each fit warm-starting the next: half-decades spanning what standardised
+# features of 10^2 to 10^5 images need; a sweep stops once PATIENCE strengths in a row bring nothing better
+L2_GRID = np.logspace(0, -6, 13)
+PATIENCE = 3
+GRAD_TOL = 1e-6  # L-BFGS stops when no gradient entry is larger: converged in float64 for every practical purpose
+
+
+def lbfgs(params, objective, tol=GRAD_TOL, max_iter=2000):
+    """Minimise objective() (which returns its value and leaves its gradient in the params' .grad) by L-BFGS with
+    a strong-Wolfe line search, until no gradient entry exceeds tol. Returns the facts results.json reports."""
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-15,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        return objective()
+    opt.step(closure)
+    opt.zero_grad()
+    f = float(objective())
+    g = max(float(p.grad.abs().max()) for p in params)
+    return {"objective": f, "grad_max": g, "iterations": opt.state[params[0]]["n_iter"], "converged": g <= tol}
+
+
