@@ -245,7 +245,7 @@ class JsonlLogger:
     rest, a line cut short by a kill included."""
 
     def __init__(self, path, enabled=True, resume_step=None):
-        self.path, self.enabled = path, enabled
+        self.path, self.enabled, self.mirror = path, enabled, None  # mirror: e.g. a TensorBoard writer
         if not enabled or not os.path.exists(path):
             return
         keep = []
@@ -263,6 +263,8 @@ class JsonlLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.mirror is not None:
+                self.mirror.log(**row)
 
 
 def cosine(t, start, end):

@@ -16,19 +16,11 @@ Without --data_dir the "demo" preset runs (vit_tiny at 112 px on sample_data/); 
 (ViT-B/14 at 224 px, Meta's I-JEPA recipe). Any flag given explicitly overrides the preset.
 
 Writes to --out_dir (default out/pretrain): log.jsonl (one line per step), checkpoint.pt (full training state for
---resume), encoder.safetensors (the target encoder alone, for probe.py / segment.py / report.py), masks.png (what
-the masking looks like on your data). A run never loses or poisons that work:
-  - a checkpoint and its encoder export are only written when every value is finite (a diverging run stops with
-    the step of the last good checkpoint); the checkpoint is written first, atomically, and --resume (also of a
-    finished run) re-exports an encoder older than its checkpoint; --keep_ckpts K keeps the last K checkpoints;
-  - a folder holding a checkpoint is never overwritten: --resume continues it (refusing flags that would change the
-    run, unless named in --allow_change), --resume auto continues if there is a checkpoint and starts otherwise
-    (one command line for SLURM requeue and torchrun --max-restarts), --overwrite starts over on purpose;
-  - a lock file refuses a second run in the same folder while one runs (a killed run's lock never blocks);
-  - SIGTERM / SIGUSR1 (SLURM, Kubernetes, preemption): the step finishes, a checkpoint is written, one line says
-    how to resume, and the process exits with 128 + the signal number; every rank stops at the same step;
-  - a full disk or read-only folder is one line, leaves the previous checkpoint intact and no temp file behind.
-Launch with python, torchrun (one or many nodes), or srun without torchrun (ranks from SLURM's variables).
+--resume), encoder.safetensors and hf/ (the target encoder alone, for probe.py / segment.py / report.py, and as a
+Hugging Face IJepaModel), masks.png (what the masking looks like on your data). runsafe.py keeps that work from being
+lost or poisoned (finite, atomic checkpoints; no overwrite without --resume / --overwrite; a lock; SIGTERM / SIGUSR1
+checkpoint and exit 128 + signal): the README's "Runs that cannot be lost or poisoned" has the details. Launch with
+python, torchrun (one or many nodes), or srun without torchrun (ranks from SLURM's variables).
 """
 import argparse
 import copy
@@ -49,6 +41,7 @@ import base
 import data
 import imagecache
 import masks as masks_lib
+import monitor
 from base import UserError
 from model import INIT_SCHEMES, VIT_CONFIGS, Predictor, apply_masks, build_vit, default_attention, \
     repeat_interleave_batch
@@ -63,14 +56,15 @@ DUMP_RANK_STATE = os.environ.get("RADJEPA_DUMP_RANK_STATE") == "1"
 # Flags whose default depends on the preset; every one can still be given explicitly.
 PRESETS = {
     "paper": dict(model="vit_base", img_size=224, batch_size=128, epochs=300, warmup=40, lr=1e-3, start_lr=2e-4,
-                  final_lr=1e-6, pred_depth=12, pred_dim=384, log_every=10, ckpt_every=1000, crop_scale=(0.3, 1.0)),
+                  final_lr=1e-6, pred_depth=12, pred_dim=384, log_every=10, ckpt_every=1000, crop_scale=(0.3, 1.0),
+                  monitor_every=1000),
     # demo: the recipe that beat a same-architecture random encoder per CPU-minute (docs/ablations.md): the
     # paper's lr 1e-3 is for batch 2048; at batch 16 it destroys the random features faster than it builds new ones.
     # Whole images (crop area 1): in a few hundred steps, zoomed-in crops teach features for a scale the
     # evaluations never show (they see the whole, centre-cropped image). An 8x8 grid cannot keep 10 patches a block.
     "demo": dict(model="vit_tiny", img_size=112, batch_size=16, epochs=12, warmup=1, lr=2.5e-4, start_lr=2.5e-5,
                  final_lr=1e-6, pred_depth=4, pred_dim=96, min_keep=4, log_every=1, ckpt_every=50,
-                 crop_scale=(1.0, 1.0)),
+                 crop_scale=(1.0, 1.0), monitor_every=48),
 }
 
 
@@ -118,6 +112,11 @@ def get_args(argv=None):
     p.add_argument("--probe_every", type=int, default=0,
                    help="every N steps (and at steps 0 and the last) a quick linear probe of the target encoder "
                         "(probe.quick_probe): its AUROC is logged as probe_auroc (0: off)")
+    p.add_argument("--monitor_every", type=int, default=None,
+                   help="every N steps (and at steps 0 and the last) RankMe and LiDAR of the target encoder on a "
+                        "fixed set of the run's images, logged (0: off; paper preset 1000, demo 48; monitor.py)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also mirror log.jsonl to TensorBoard in out_dir/tensorboard (needs the tensorboard package)")
     p.add_argument("--probe_csv", default=DEMO_CSV,
                    help="labelled images for --probe_every: columns path, pneumonia (0/1), patient "
                         "(default: the bundled Kermany sample)")
@@ -129,8 +128,8 @@ def get_args(argv=None):
     if args.data_dir is None:
         args.data_dir = [os.path.join(SAMPLE, d) for d in ("nih14", "kermany", "reports")]
     base.check(args, *base.COMMON_RULES, "log_every >= 1", "ckpt_every >= 1", "keep_ckpts >= 1", "pred_depth >= 1",
-               "pred_dim >= 1", "probe_every >= 0", "frontal_ratio > 0", "ipe_scale > 0", "lr > 0", "start_lr >= 0",
-               "final_lr >= 0", "warmup >= 0", "grad_clip >= 0", models=VIT_CONFIGS)
+               "pred_dim >= 1", "probe_every >= 0", "monitor_every >= 0", "frontal_ratio > 0", "ipe_scale > 0",
+               "start_lr >= 0", "final_lr >= 0", "warmup >= 0", "grad_clip >= 0", models=VIT_CONFIGS)
     base.ordered_pair(args, "crop_scale", 1e-9, 1.0)
     base.ordered_pair(args, "ema", 0.0, 1.0)
     base.ordered_pair(args, "weight_decay")
@@ -330,6 +329,10 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)  # fp16 needs loss scaling
     step = run.restore(jepa, target, opt, scaler, total)
     log = base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), env.is_main, step if run.resume else None)
+    if env.is_main:  # the settings as resolved (preset values included), readable beside the run's outputs
+        base.write_json(vars(args), os.path.join(args.out_dir, "args.json"))
+        if args.tensorboard:
+            log.mirror = monitor.TensorBoard(os.path.join(args.out_dir, "tensorboard"))
     if step >= total:
         env.print(f"done: the run in {args.out_dir} is already at step {step} of {total}; give a larger --max_steps "
                   "or --epochs to continue it")
@@ -344,7 +347,9 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(collator),
                                          num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
                                          worker_init_fn=worker_init)
-    step, stop, skipped = train(args, env, run, jepa, target, opt, scaler, loader, batches, log, step, total, ipe)
+    watch = monitor.Monitor(dataset, collator) if args.monitor_every and env.is_main else None
+    step, stop, skipped = train(args, env, run, jepa, target, opt, scaler, loader, batches, log, step, total, ipe,
+                                watch)
     if stop:
         env.print(f"stopped by {signal.Signals(stop).name} at step {step}: checkpoint {run.ckpt}; continue with the "
                   "same command plus --resume (or --resume auto)")
@@ -361,9 +366,10 @@ def main(argv=None):
     env.print(f"done: {step} steps; checkpoint {run.ckpt}; encoder {os.path.join(args.out_dir, 'encoder.safetensors')}")
 
 
-def train(args, env, run, jepa, target, opt, scaler, loader, batches, log, step, total, ipe):
-    """The training loop: one I-JEPA step per batch; the log, the quick probe, checkpoints and stop signals at their
-    steps. Returns (step reached, stop signal or 0, files skipped in DataLoader workers)."""
+def train(args, env, run, jepa, target, opt, scaler, loader, batches, log, step, total, ipe, watch):
+    """The training loop: one I-JEPA step per batch; the log, the label-free signals (RankMe, LiDAR) and the quick
+    probe, checkpoints (and curves.png) and stop signals at their steps. Returns (step reached, stop signal or 0,
+    files skipped in DataLoader workers)."""
     model, target_fwd = jepa, target  # the compiled wrapper only runs forwards; checkpoints and EMA use the plain ones
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(jepa, device_ids=[env.device.index] if env.device.type == "cuda"
@@ -371,13 +377,15 @@ def train(args, env, run, jepa, target, opt, scaler, loader, batches, log, step,
     if args.compile:
         model, target_fwd = torch.compile(model), torch.compile(target)
 
-    def probe_now(step):  # --probe_every: is the target encoder getting better than it started? (not timed)
-        if not (env.is_main and args.probe_every and (step % args.probe_every == 0 or step == total)):
-            return {}
-        return {"probe_auroc": quick_probe(target, args.probe_csv)}
+    def due(every, step):
+        return env.is_main and every and (step % every == 0 or step == total)
 
-    if step == 0 and args.probe_every:  # step 0: the same-architecture random encoder, the floor to beat
-        on_main(env, lambda: log.log(step=0, **probe_now(0)))
+    def signals(step):  # is the target encoder learning? (label-free: --monitor_every; a quick probe: --probe_every)
+        out = watch(target) if watch is not None and due(args.monitor_every, step) else {}
+        return {**out, **({"probe_auroc": quick_probe(target, args.probe_csv)} if due(args.probe_every, step) else {})}
+
+    if step == 0 and (args.probe_every or args.monitor_every):  # the same-architecture random encoder: the floor
+        on_main(env, lambda: log.log(step=0, **signals(0)))
     jepa.train()
     t_last, last_log, warmup = time.perf_counter(), step, int(args.warmup * ipe)
     seen, mask_sums, skipped, stop = [], [], set(), 0
@@ -409,8 +417,8 @@ def train(args, env, run, jepa, target, opt, scaler, loader, batches, log, step,
             step += 1
             bar.update(1)
             stop = run.stopper.agreed()
-            log_now = step % args.log_every == 0 or step == total or bool(args.probe_every and
-                                                                          step % args.probe_every == 0)
+            log_now = step % args.log_every == 0 or step == total or any(
+                every and step % every == 0 for every in (args.probe_every, args.monitor_every))
             save_now = stop or step % args.ckpt_every == 0 or step % ipe == 0 or step == total
             if log_now or save_now:
                 if env.distributed:
@@ -429,13 +437,15 @@ def train(args, env, run, jepa, target, opt, scaler, loader, batches, log, step,
                            ctx_len=masks_enc[0].shape[1], tgt_len=masks_pred[0].shape[1])
                 if scaler.is_enabled():
                     row["loss_scale"] = scaler.get_scale()
-                row.update(probe_now(step))
-                t_last, last_log = time.perf_counter(), step  # the probe's seconds stay out of the next img_per_s
+                row.update(signals(step))
+                t_last, last_log = time.perf_counter(), step  # the signals' seconds stay out of the next img_per_s
                 log.log(**row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", img_s=f"{row['img_per_s']:.0f}",
                                 **({"probe_auroc": f"{row['probe_auroc']:.3f}"} if "probe_auroc" in row else {}))
             if save_now:
                 run.save(step, jepa, target, opt, scaler, total)
+                if env.is_main:
+                    monitor.draw_curves(log.path, os.path.join(args.out_dir, "curves.png"))
             if stop:
                 break
     if DUMP_RANK_STATE and not stop:

@@ -30,7 +30,7 @@ TEMP = re.compile(r".*\.(tmp|old)\d+")  # what atomic writes leave behind when k
 # epochs extend or shorten the run); every other flag saved in the checkpoint must match unless in --allow_change
 MAY_CHANGE = {"max_steps", "epochs", "num_workers", "log_every", "ckpt_every", "keep_ckpts", "out_dir", "resume",
               "overwrite", "allow_change", "device", "attn", "compile", "verify", "cache_dir", "preset",
-              "probe_every", "probe_csv"}
+              "probe_every", "probe_csv", "monitor_every", "tensorboard", "init_from"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -37,7 +37,6 @@ import triton_attn.attention as ka  # noqa: E402
 import model  # noqa: E402
 
 DEFAULT_SHAPES = "128x12x256x64,128x12x150x64,32x12x1369x64,128x12x300x32"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHECK_BATCH = 4  # batch items compared against the fp32 reference (the batch items are independent)
 
 
@@ -137,10 +136,10 @@ def interpreted_sanity_check():
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BxHxNxD (default: %(default)s)")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="input dtype (default: bf16)")
+    p.add_argument("--dtype", default="bf16", choices=list(base.DTYPES), help="input dtype (default: bf16)")
     p.add_argument("--check-only", action="store_true", help="numerics checks only, no timing")
     args = p.parse_args()
-    shapes, dtype = parse_shapes(args.shapes), DTYPES[args.dtype]
+    shapes, dtype = parse_shapes(args.shapes), base.DTYPES[args.dtype]
 
     if not torch.cuda.is_available():
         if ka.INTERPRET:
