@@ -9,8 +9,7 @@ Every loader returns the same generic sample list the CSV path returns (read_csv
      "text" (report.py)}
 and a one-line description of where it came from. Nothing here trains or scores; the scripts do.
 
-  vindr        VinDr-CXR (PhysioNet 1.0.0): annotations/image_labels_{train,test}.csv, {train,test}/<id>.dicom;
-               the official split, 15,000 training and 3,000 test images                           (probe.py)
+  vindr        VinDr-CXR (PhysioNet 1.0.0): image_labels_{train,test}.csv, the official split      (probe.py)
   rsna         RSNA Pneumonia Detection Challenge: stage_2_train_labels.csv, stage_2_train_images/  (probe.py)
   vindr_rib    VinDr-RibCXR: Annotations/{train,val}/*.json in pandas' column layout               (segment.py)
   mimic_lungs  PhysioNet lung-segment-mimic-cxr: per CXR a pair of segmented images, lungs and the rest (segment.py)
@@ -36,7 +35,7 @@ VINDR_SIX = ["Lung Opacity", "Cardiomegaly", "Pleural thickening", "Aortic enlar
 ZONES = ["right upper lung zone", "right mid lung zone", "right lower lung zone",
          "left upper lung zone", "left mid lung zone", "left lower lung zone"]
 RIBS = [f"R{i}" for i in range(1, 11)] + [f"L{i}" for i in range(1, 11)]
-IMAGE_EXT = (".png", ".jpg", ".jpeg")
+BINARY = ("0", "1", "0.0", "1.0")  # the only label values of a binary / multi-label column
 
 
 def load(name, args):
@@ -52,7 +51,7 @@ def load(name, args):
 
 def as_01(value, where):
     v = str(value).strip()
-    if v not in ("0", "1", "0.0", "1.0"):
+    if v not in BINARY:
         raise UserError(f"{where}: label {value!r} is not 0 or 1 (multi-label and binary columns hold 0/1)")
     return float(v)
 
@@ -102,7 +101,7 @@ def label_matrix(samples, task="auto"):
                             f"drop those rows")
         classes = sorted({v[0] for v in values})
         return task, classes, [[float(v[0] == c) for c in classes] for v in values]
-    bad = [(w, v) for w, vals in zip(where, values) for v in vals if v not in ("0", "1", "0.0", "1.0")]
+    bad = [(w, v) for w, vals in zip(where, values) for v in vals if v not in BINARY]
     if bad:
         hint = " (one column of class names? pass --task multiclass)" if len(cols) == 1 else ""
         raise UserError(f"{bad[0][0]}: label {bad[0][1]!r} is not 0 or 1 ({len(bad)} such values): blanks, -1 "
@@ -124,11 +123,10 @@ def load_vindr(args):
     radiologists (one row each), each test image by the consensus of five (one row). The dataset prescribes no rule
     for fusing the three training reads, so we take the majority (2 of 3); --vindr_consensus any makes one reader
     enough. VinDr has no patient id: subject = image_id."""
-    root = args.data_dir
+    root, rule = args.data_dir, args.vindr_consensus
     wanted = [c.strip() for c in args.label_cols.split(",")] if args.label_cols else VINDR_SIX
-    rule = getattr(args, "vindr_consensus", "majority")
     out = []
-    for part, split in (("train", "train"), ("test", "test")):
+    for split in ("train", "test"):
         f = os.path.join(root, "annotations", f"image_labels_{split}.csv")
         rows = data.read_csv(f, required=["image_id"])
         lower = {h.lower(): h for h in rows[0]}  # VinDr writes 'Pleural thickening', papers 'Pleural Thickening'
@@ -141,7 +139,7 @@ def load_vindr(args):
         for image_id, v in votes.items():
             n_pos = np.sum(v, axis=0)
             lab = n_pos * 2 > len(v) if rule == "majority" else n_pos >= 1
-            out.append({"path": os.path.join(root, split, f"{image_id}.dicom"), "subject": image_id, "part": part,
+            out.append({"path": os.path.join(root, split, f"{image_id}.dicom"), "subject": image_id, "part": split,
                         "labels": dict(zip(wanted, map(float, lab)))})
     return out, f"VinDr-CXR {root} (official split; training labels: {rule} of the readers)"
 
@@ -202,17 +200,12 @@ def load_mimic_lungs(args):
     root, pairs = args.data_dir, {}
     for f in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
         stem, ext = os.path.splitext(os.path.basename(f))
-        if ext.lower() not in IMAGE_EXT:
-            continue
         kind = "lung" if "lung" in stem.lower() else "rest" if "rest" in stem.lower() else None
-        if kind is None:
-            continue
-        key = re.sub(r"[_\-. ]*(lungs?|rest)[_\-. ]*", "", stem, flags=re.I) or stem
-        pairs.setdefault((os.path.dirname(f), key), {})[kind] = f
-    originals = {}
-    if args.image_root:
-        for f in glob.glob(os.path.join(args.image_root, "**", "*.jpg"), recursive=True):
-            originals[os.path.splitext(os.path.basename(f))[0]] = f
+        if kind and ext.lower() in data.IMAGE_EXTS:
+            key = re.sub(r"[_\-. ]*(lungs?|rest)[_\-. ]*", "", stem, flags=re.I) or stem
+            pairs.setdefault((os.path.dirname(f), key), {})[kind] = f
+    jpgs = glob.glob(os.path.join(args.image_root, "**", "*.jpg"), recursive=True) if args.image_root else []
+    originals = {os.path.splitext(os.path.basename(f))[0]: f for f in jpgs}
     out, unpaired = [], 0
     for (folder, key), files in sorted(pairs.items()):
         if "lung" not in files:
@@ -316,9 +309,8 @@ def load_mimic(args):
     image (ViewPosition PA or AP) whose report has a non-empty Findings section, as the paper states it (146,909 /
     7,250 / 2,461 image-report pairs); --mimic_rule study: one frontal image per study (PA preferred) with its
     Findings, else its Impression. The counts kept and dropped per split are printed."""
-    root = args.data_dir
-    rep_root = getattr(args, "reports_dir", None) or root
-    rule = getattr(args, "mimic_rule", "paper")
+    root, rule = args.data_dir, args.mimic_rule
+    rep_root = args.reports_dir or root
     split = {r["dicom_id"]: r for r in _read_table(os.path.join(root, "mimic-cxr-2.0.0-split.csv"))}
     meta = _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"))
     frontal = {}  # study -> [(rank of view, dicom_id)] of its frontal images
@@ -338,8 +330,7 @@ def load_mimic(args):
                 txt = os.path.join(rep_root, rel + ".txt")
                 sections[study] = report_sections(open(txt).read()) if os.path.exists(txt) else None
             sec = sections[study]
-            text = None if sec is None else sec.get("findings") if rule == "paper" else \
-                sec.get("findings") or sec.get("impression")
+            text = sec and (sec.get("findings") if rule == "paper" else sec.get("findings") or sec.get("impression"))
             if not text:
                 dropped[part]["no report" if sec is None else "no findings"] += 1
                 continue
@@ -366,7 +357,7 @@ def load_iu_xray(args):
     with open(ann) as f:
         a = json.load(f)
     img_root = args.image_root or os.path.join(args.data_dir, "images")
-    iu_split = getattr(args, "iu_split", "r2gen")
+    iu_split = args.iu_split
     out, blank = [], 0
     for part in ("train", "val", "test"):
         for e in a.get(part, []):

@@ -13,14 +13,11 @@ Usage (downstream scripts):
 Usage (pretraining):
     sources = data.parse_sources(["/data/nih:2", "/data/chexpert/train.csv:1"])  # PATH[:WEIGHT]
     paths = data.concat_paths(sources)            # dataset index = position in this list
-    # prepare.py builds the prepared 8-bit cache once (imagecache.py); the dataset then reads it:
-    ds = data.PretrainDataset(paths, 224, cache="out/cache")   # or verify=True to drop unreadable files upfront
+    cache = imagecache.open_cache("out/cache", paths)   # optional: the 8-bit cache prepare.py built
+    ds = data.PretrainDataset(paths, 224, cache=cache)   # or verify=True to drop unreadable files upfront
     sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed, frontal_ratio=3.0)
     idx = sampler.epoch_indices(epoch)            # this rank's list; slice it to resume mid-epoch
     x, step = ds[(idx[0], step)]                  # crop is a pure function of (seed, index, step)
-
-Unreadable files never stop an epoch: they are skipped (the next readable item is used instead), counted in
-`dataset.skipped` and named once in a warning on the "data" logger (stderr when logging is not configured).
 """
 import collections.abc
 import concurrent.futures
@@ -169,13 +166,8 @@ def find_images(root):
             continue
         seen.add(real)
         dirs[:] = [x for x in dirs if not x.startswith(".")]
-        for f in files:
-            if f.startswith("."):  # hidden files, e.g. macOS "._x.png" resource forks, are not images
-                continue
-            ext = os.path.splitext(f)[1].lower()
-            p = os.path.join(d, f)
-            if ext in IMAGE_EXTS or _is_dicom(p):
-                out.append(os.path.abspath(p))
+        paths = [os.path.join(d, f) for f in files if not f.startswith(".")]  # hidden: e.g. macOS "._x.png" forks
+        out += [os.path.abspath(p) for p in paths if os.path.splitext(p)[1].lower() in IMAGE_EXTS or _is_dicom(p)]
     if not out:
         raise UserError(f"no images found under {root!r} (searched recursively for {', '.join(IMAGE_EXTS)} "
                         f"in any case, and DICOM files without an extension)")
@@ -316,11 +308,8 @@ def kfold_by_subject(subjects, k=5, seed=0):
     subj, order = _subject_groups(subjects, seed)
     if len(order) < k:
         raise UserError(f"only {len(order)} distinct subjects: too few for {k}-fold cross-validation")
-    folds = []
-    for chunk in np.array_split(order, k):
-        test = np.isin(subj, chunk)
-        folds.append((np.flatnonzero(~test).astype(np.int64), np.flatnonzero(test).astype(np.int64)))
-    return folds
+    tests = [np.isin(subj, chunk) for chunk in np.array_split(order, k)]
+    return [(np.flatnonzero(~t).astype(np.int64), np.flatnonzero(t).astype(np.int64)) for t in tests]
 
 
 def check_disjoint(subjects, *index_arrays, names=("train", "validation", "test")):
@@ -534,8 +523,7 @@ class MixSampler(torch.utils.data.Sampler):
         if not self.sizes or min(self.sizes) == 0:
             raise UserError(f"every data source needs images (sizes: {self.sizes})")
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-        weights = [getattr(s, "weight", 1.0) for s in sources] if weights is None else weights
-        self.weights = [float(w) for w in weights]
+        self.weights = [float(w) for w in ([s.weight for s in sources] if weights is None else weights)]
         if len(self.weights) != len(self.sizes) or min(self.weights) <= 0:
             raise UserError(f"need one positive weight per source, got {self.weights}")
         self.rank, self.world, self.seed, self.epoch = int(rank), int(world), int(seed), 0
@@ -544,9 +532,8 @@ class MixSampler(torch.utils.data.Sampler):
         # per source: {kind: local indices}; one group "all" when views are unknown or no ratio is asked for
         self.groups = []
         for s, size in zip(sources, self.sizes):
-            views = getattr(s, "views", None)
-            if frontal_ratio and views:
-                kinds = np.array([view_kind(v) for v in views])
+            if frontal_ratio and s.views:
+                kinds = np.array([view_kind(v) for v in s.views])
                 self.groups.append({k: np.flatnonzero(kinds == k) for k in ("frontal", "lateral", "other")})
             else:
                 self.groups.append({"all": np.arange(size)})

@@ -1,16 +1,27 @@
 """
 The prepared pretraining cache that prepare.py builds and data.PretrainDataset reads: every image decoded once,
-its short side shrunk to min_stored_side (no training crop is ever upsampled), stored 8-bit, raw or PNG, in
-chunks that a killed build keeps or drops whole and that any number of processes share with no coordination.
+its short side shrunk to min_stored_side (no training crop is ever upsampled), stored 8-bit, raw or PNG.
 
     side = imagecache.min_stored_side(224, (0.3, 1.0))   # 473 px for the paper's crops
     imagecache.prepare_cache(paths, "out/cache", side, shard=imagecache.shard_from_env())  # resumable
     cache = imagecache.open_cache("out/cache", paths, side)   # refused if unfinished, stale or too small
     img = cache[i]                                            # np.uint8 HxW; ImageReadError if it was unreadable
+
+A cache folder holds
+  manifest.json          what is being built: version, key (hash of the path list and storage settings), paths
+  chunks/NNNNNN.bin      the images of chunk NNNNNN (chunk_size of them) back to back: raw uint8 rows or PNG files
+  chunks/NNNNNN.json     that chunk's completion marker: per image [offset, nbytes, height, width, small] or an error
+  index.json, index.npz  the merged index, written once every chunk is done: the cache is usable only then
+Every file is written to a temporary name and renamed, so a killed build leaves whole chunks or nothing; a rerun
+skips the chunks whose marker exists. Chunk k belongs to shard k % n, so n processes (ranks, nodes, SLURM tasks)
+share the work with no coordination; whichever finishes last finds every marker and writes the index.
 """
+import contextlib
 import hashlib
+import io
 import json
 import math
+import mmap
 import multiprocessing
 import os
 
@@ -20,20 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from base import UserError, atomic_write
-from data import ImageReadError, _summarise_skipped, _to_tensor, log, read_image, resize
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# prepared cache (prepare.py): every image decoded once, shrunk so that no training crop is ever upsampled, 8-bit
-#
-# Layout of a cache folder:
-#   manifest.json          what is being built: version, key (hash of the path list and storage settings), paths
-#   chunks/NNNNNN.bin      images CHUNK_SIZE-aligned chunk NNNNNN, back to back (raw uint8 rows or PNG files)
-#   chunks/NNNNNN.json     that chunk's completion marker: per image [offset, nbytes, height, width] or an error
-#   index.json, index.npz  the merged index, written once every chunk is done: the cache is usable only then
-# Every file is written to a temporary name and renamed, so a killed build leaves whole chunks or nothing; a rerun
-# skips the chunks whose marker exists. Chunk k belongs to shard k % n, so n processes (ranks, nodes, SLURM tasks)
-# share the work with no coordination; whichever finishes last finds every marker and writes the index.
+from data import ImageReadError, _summarise_skipped, log, read_image, resize
 
 CACHE_VERSION = 2
 CACHE_FORMATS = ("raw", "png")
@@ -53,9 +51,7 @@ def stored_shape(h, w, side):
     """(h, w) after shrinking the short side to `side`, aspect kept; images already at or below it are kept as
     they are (never upsampled: that would only cost disk and invent no detail)."""
     s = min(h, w)
-    if s <= side:
-        return h, w
-    return max(side, round(h * side / s)), max(side, round(w * side / s))
+    return (h, w) if s <= side else (max(side, round(h * side / s)), max(side, round(w * side / s)))
 
 
 def _cache_key(paths, side, fmt):
@@ -73,18 +69,9 @@ def _atomic_write(path, payload):
 def _encode(img_u8, fmt):
     if fmt == "raw":
         return img_u8.tobytes()
-    import io
     buf = io.BytesIO()
     Image.fromarray(img_u8).save(buf, format="PNG", compress_level=6)  # lossless; decode cost is level-independent
     return buf.getvalue()
-
-
-def _decode(buf, h, w, fmt):
-    if fmt == "raw":
-        return np.frombuffer(buf, dtype=np.uint8).reshape(h, w)
-    import io
-    with Image.open(io.BytesIO(buf)) as im:
-        return np.asarray(im, dtype=np.uint8)
 
 
 def _prepare_image(path, side):
@@ -92,8 +79,7 @@ def _prepare_image(path, side):
     # draft: JPEGs decode in the DCT domain at >= 2x the stored side (several times faster on 2-3k px files, and
     # the 2x margin keeps the result within a fraction of a grey level of a full decode + resize)
     img = read_image(path, draft=2 * side)
-    shape = stored_shape(*img.shape, side)
-    x = resize(img, shape) if shape != img.shape else _to_tensor(img)
+    x = resize(img, stored_shape(*img.shape, side))  # a no-op (but the conversion to a tensor) when not shrunk
     return (x * 255).round_().clamp_(0, 255).to(torch.uint8).numpy(), min(img.shape) < side
 
 
@@ -166,23 +152,15 @@ def prepare_cache(paths, cache_dir, side, fmt="raw", shard=(0, 1), workers=None,
     todo = [k for k in range(si, n_chunks, sn) if not done(k)]
     jobs = [(cache_dir, k, paths[k * chunk_size:(k + 1) * chunk_size], side, fmt) for k in todo]
     workers = min(len(jobs), (os.cpu_count() or 1) if workers is None else int(workers))
-    pool = None
-    try:
-        if workers > 1:
-            # spawn, not fork: forking a process whose torch/OpenMP threads already ran can deadlock the children;
-            # one torch thread each, since every worker resizes one image at a time
-            pool = multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (1,))
+    # spawn, not fork: forking a process whose torch/OpenMP threads already ran can deadlock the children; one torch
+    # thread each, since every worker resizes one image at a time. Leaving the `with` terminates the pool.
+    with (multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (1,)) if workers > 1
+          else contextlib.nullcontext()) as pool:
         results = pool.imap_unordered(_prepare_chunk, jobs) if pool else map(_prepare_chunk, jobs)
-        bar = tqdm(total=sum(len(j[2]) for j in jobs), desc=f"prepare shard {si}/{sn}", disable=not progress)
-        for _, n in results:
-            bar.update(n)
-        bar.close()
-    finally:
-        if pool is not None:
-            pool.terminate()
-    if all(done(k) for k in range(n_chunks)):
-        return merge_cache(cache_dir)
-    return None
+        with tqdm(total=sum(len(j[2]) for j in jobs), desc=f"prepare shard {si}/{sn}", disable=not progress) as bar:
+            for _, n in results:
+                bar.update(n)
+    return merge_cache(cache_dir) if all(done(k) for k in range(n_chunks)) else None
 
 
 def merge_cache(cache_dir):
@@ -263,9 +241,9 @@ class PreparedCache:
 
     def _map(self, k):
         if k not in self._maps:
-            import mmap
             with open(os.path.join(self.cache_dir, "chunks", f"{k:06d}.bin"), "rb") as f:
-                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+                size = os.fstat(f.fileno()).st_size  # mmap refuses an empty file (a chunk of unreadable images)
+                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         return self._maps[k]
 
     def __getitem__(self, i):
@@ -275,7 +253,8 @@ class PreparedCache:
         m = self._map(int(self.chunk[i]))
         if self.format == "raw":  # a read-only view of the mapped pages: only the crop taken from it is copied
             return np.frombuffer(m, dtype=np.uint8, count=n, offset=o).reshape(h, w)
-        return _decode(m[o:o + n], h, w, self.format)
+        with Image.open(io.BytesIO(m[o:o + n])) as im:
+            return np.asarray(im, dtype=np.uint8)
 
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}}
