@@ -3,24 +3,21 @@ Published dataset layouts, read once for all three evaluations (`--dataset NAME 
 
     samples, source = archives.load("vindr", args)   # args: the script's flags (data_dir, label_cols, seed, ...)
 
-Every loader returns the same generic sample list the CSV path returns (read_csv_samples): one dict per image,
-    {"path": image file, "subject": patient id, "part": "train" | "val" | "test" | None (None: split by subject),
-     ... what the task needs: "labels" {class: 0/1} (probe.py), "mask" / "polys" / "boxes" (segment.py),
-     "text" (report.py)}
-and a one-line description of where it came from. Nothing here trains or scores; the scripts do.
+Every loader returns what the CSV path returns (read_csv_samples; docs/CONVENTIONS.md, Samples): one dict per
+image with "path", "subject", "part" ("train" | "val" | "test" | None: split by subject) and what the task needs
+("labels", "mask" / "polys" / "boxes", "text"), and a one-line description of where it came from.
 
   vindr        VinDr-CXR (PhysioNet 1.0.0): image_labels_{train,test}.csv, the official split      (probe.py)
   rsna         RSNA Pneumonia Detection Challenge: stage_2_train_labels.csv, stage_2_train_images/  (probe.py)
   vindr_rib    VinDr-RibCXR: Annotations/{train,val}/*.json in pandas' column layout               (segment.py)
   mimic_lungs  PhysioNet lung-segment-mimic-cxr: per CXR a pair of segmented images, lungs and the rest (segment.py)
-  mimic        MIMIC-CXR-JPG + MIMIC-CXR reports: official split, one frontal image per study      (report.py)
+  mimic        MIMIC-CXR-JPG + MIMIC-CXR reports: official split, frontal images with Findings     (report.py)
   iu_xray      IU-Xray in R2Gen's layout: annotation.json + images/                                 (report.py)
 Chest ImaGenome's zone boxes (segment.py --task zones --boxes) are read by load_boxes.
 """
 import csv
 import glob
 import gzip
-import json
 import os
 import re
 
@@ -35,6 +32,7 @@ VINDR_SIX = ["Lung Opacity", "Cardiomegaly", "Pleural thickening", "Aortic enlar
 ZONES = ["right upper lung zone", "right mid lung zone", "right lower lung zone",
          "left upper lung zone", "left mid lung zone", "left lower lung zone"]
 RIBS = [f"R{i}" for i in range(1, 11)] + [f"L{i}" for i in range(1, 11)]
+XYXY = ("x1", "y1", "x2", "y2")
 BINARY = ("0", "1", "0.0", "1.0")  # the only label values of a binary / multi-label column
 
 
@@ -172,8 +170,7 @@ def load_vindr_rib(args):
         split = next((s for s in ("train", "val", "test") if s in name), None)
         if split is None:
             continue
-        with open(f) as fh:
-            j = json.load(fh)
+        j = data.read_json(f)
         if "img" not in j:
             raise UserError(f"{f}: no 'img' key; is this a VinDr-RibCXR annotation JSON?")
         for k, rel in j["img"].items():
@@ -190,13 +187,11 @@ def load_vindr_rib(args):
 
 
 def load_mimic_lungs(args):
-    """PhysioNet's lung-segment-mimic-cxr (Chen et al. 2022): 1,141 frontal MIMIC-CXR images, each "processed into
-    a pair of segmented images with the lung lobes and the rest parts" (its documentation): two image files per
-    CXR, named by the MIMIC dicom_id with 'lung' or 'rest' in the file name, in any folder structure under
-    --data_dir. The lungs' mask is the non-black part of the lung image (> 0); the X-ray is the sum of the two
-    segmented images (they partition it), or the MIMIC-CXR-JPG original when --image_root holds files/p*/.../
-    <dicom_id>.jpg. MIMIC's path (p<subject>/s<study>) gives the subject where present, else the dicom_id.
-    No official split: part None (segment.py splits by subject)."""
+    """PhysioNet's lung-segment-mimic-cxr (Chen et al. 2022): 1,141 frontal MIMIC-CXR images, each stored as two
+    segmented images (the lungs, and the rest) named by the MIMIC dicom_id with 'lung' or 'rest' in the file name,
+    in any folders under --data_dir. Mask: the lung image's non-black part; X-ray: the two images summed (they
+    partition it), or the MIMIC-CXR-JPG original when --image_root holds <dicom_id>.jpg. Subject: MIMIC's
+    p<subject> in the path, else the dicom_id. No official split: part None (segment.py splits by subject)."""
     root, pairs = args.data_dir, {}
     for f in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
         stem, ext = os.path.splitext(os.path.basename(f))
@@ -246,20 +241,18 @@ def load_boxes(path, scale=1.0):
         if not files:
             raise UserError(f"--boxes {path}: no .json scene graphs in it")
         for f in files:
-            with open(f) as fh:
-                g = json.load(fh)
+            g = data.read_json(f)
             key = str(g.get("image_id") or os.path.basename(f).replace("_SceneGraph.json", "").replace(".json", ""))
             for o in g.get("objects", []):
                 if o.get("bbox_name") in ZONES:
-                    out.setdefault(key, {})[o["bbox_name"]] = tuple(scale * float(o[f"original_{c}"])
-                                                                   for c in ("x1", "y1", "x2", "y2"))
+                    out.setdefault(key, {})[o["bbox_name"]] = tuple(scale * float(o[f"original_{c}"]) for c in XYXY)
     else:
-        for r in data.read_csv(path, required=("path", "zone", "x1", "y1", "x2", "y2")):
+        for r in data.read_csv(path, required=("path", "zone", *XYXY)):
             zone = r["zone"].strip().replace("_", " ").lower()
             if zone not in ZONES:
                 raise UserError(f"--boxes {path}: zone {r['zone']!r} is not one of {', '.join(ZONES)}")
             key = os.path.splitext(os.path.basename(r["path"]))[0]
-            out.setdefault(key, {})[zone] = tuple(scale * float(r[c]) for c in ("x1", "y1", "x2", "y2"))
+            out.setdefault(key, {})[zone] = tuple(scale * float(r[c]) for c in XYXY)
     return out
 
 
@@ -271,10 +264,9 @@ SECTION = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*[A-Z)]):", re.M)
 
 def report_sections(text):
     """{"findings": ..., "impression": ...} of a MIMIC-CXR free-text report (whichever it has). Headers are
-    upper-case words ending in ':' at a line start (as in MIT-LCP's section_parser); names are normalised the same
-    way: 'findings and impression' / 'conclusion' count as impression, any other name containing 'findings' as
-    findings. Whitespace is collapsed; the first non-empty section of a kind wins (some reports have an empty
-    FINDINGS header and a second one with the text)."""
+    upper-case words ending in ':' at a line start, named as in MIT-LCP's section_parser: 'conclusion' and any name
+    with 'impression' count as impression, any other with 'finding' as findings. Whitespace is collapsed; the first
+    non-empty section of a kind wins (some reports have an empty FINDINGS header and a second one with the text)."""
     heads = list(SECTION.finditer(text))
     found = {}
     for h, nxt in zip(heads, heads[1:] + [None]):
@@ -354,11 +346,8 @@ def load_iu_xray(args):
     ann = os.path.join(args.data_dir, "annotation.json")
     if not os.path.exists(ann):
         raise UserError(f"{ann} not found: --data_dir must hold R2Gen's annotation.json and images/")
-    with open(ann) as f:
-        a = json.load(f)
-    img_root = args.image_root or os.path.join(args.data_dir, "images")
-    iu_split = args.iu_split
-    out, blank = [], 0
+    a, img_root = data.read_json(ann), args.image_root or os.path.join(args.data_dir, "images")
+    out, blank, iu_split = [], 0, args.iu_split
     for part in ("train", "val", "test"):
         for e in a.get(part, []):
             if not (e.get("report") or "").strip():

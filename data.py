@@ -24,6 +24,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
@@ -82,16 +83,15 @@ def _read_pil(path, draft):
         im.load()  # force the full decode here, so truncated files fail inside this function
         if im.format == "JPEG":
             im = ImageOps.exif_transpose(im)  # phone photos of films carry an orientation tag
-        mode = im.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
             # 16-bit: scale by the dtype's range, not the image's max, so intensities mean the same in every file
             return np.asarray(im, dtype=np.uint16).astype(np.float32) / 65535.0
-        if mode == "I":  # 32-bit int; older Pillow opens 16-bit PNGs this way
+        if im.mode == "I":  # 32-bit int; older Pillow opens 16-bit PNGs this way
             a = np.asarray(im)
             return a.astype(np.float32) / 65535.0 if a.min() >= 0 and a.max() <= 65535 else _minmax(a)
-        if mode in ("F", "I;16S"):  # float or signed TIFF: no natural range
+        if im.mode in ("F", "I;16S"):  # float or signed TIFF: no natural range
             return _minmax(np.asarray(im))
-        if mode != "L":  # RGB, RGBA, P, LA, 1, CMYK: ITU-R 601 luma
+        if im.mode != "L":  # RGB, RGBA, P, LA, 1, CMYK: ITU-R 601 luma
             im = im.convert("L")
         return np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
 
@@ -196,13 +196,15 @@ def read_csv(path, required=()):
     return rows
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def resolve(csv_path, image_root, p):
     """Absolute path of image `p` from a CSV: absolute stays, relative is under image_root (default: CSV's folder)."""
-    p = os.path.expanduser(str(p).strip())
-    if os.path.isabs(p):
-        return os.path.normpath(p)
-    base = image_root if image_root else os.path.dirname(os.path.abspath(os.fspath(csv_path)))
-    return os.path.abspath(os.path.join(base, p))
+    base = image_root or os.path.dirname(os.path.abspath(os.fspath(csv_path)))
+    return os.path.abspath(os.path.join(base, os.path.expanduser(str(p).strip())))  # join keeps an absolute p
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,14 +369,12 @@ def verify_images(paths, workers=8, progress=False):
 class PretrainDataset(torch.utils.data.Dataset):
     """Images for I-JEPA: RandomResizedCrop (area ~U(crop_scale), aspect ~U(crop_ratio)) to img_size, normalised,
     in_chans channels. No horizontal flip by default: chest X-rays have laterality (the heart is on the left).
-
-    ds[(index, step)] -> (tensor (C, H, W), step): the crop is drawn from an RNG seeded by (seed, step, index), so
-    a resumed run sees exactly the same crops. ds[index] draws from torch's RNG instead and returns step -1.
-    An unreadable file is replaced by the next readable item (deterministically), named once in a warning and
-    added to `self.skipped` (paths; per process, so per DataLoader worker); so is an image whose short side is
-    under min_side (a folder of 1x1 files would otherwise train on flat images). verify=True checks every header
-    upfront and never tries the bad ones; with `cache` (imagecache.open_cache of these items: see prepare.py)
-    images come from the prepared 8-bit cache and files it could not read are skipped the same way."""
+    ds[(index, step)] -> (tensor (C, H, W), step), the crop drawn from an RNG seeded by (seed, step, index), so a
+    resumed run sees the same crops; ds[index] draws from torch's RNG and returns step -1. An unreadable file, or an
+    image under min_side px on its short side (a folder of 1x1 files would train on flat images), is replaced by the
+    next readable item, named once in a warning on the "data" logger and added to `self.skipped` (per process, so
+    per DataLoader worker). verify=True checks every header upfront; with `cache` (imagecache.open_cache of these
+    items) images come from the prepared 8-bit cache, and the files it could not read are skipped the same way."""
 
     def __init__(self, items, img_size=224, crop_scale=(0.3, 1.0), mean=CXR_MEAN, std=CXR_STD, cache=None,
                  in_chans=1, crop_ratio=(3 / 4, 4 / 3), hflip=False, seed=0, verify=False, min_side=1):

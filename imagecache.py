@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from base import UserError, atomic_write
-from data import ImageReadError, _summarise_skipped, log, read_image, resize
+from data import ImageReadError, _summarise_skipped, log, read_image, read_json, resize
 
 CACHE_VERSION = 2
 CACHE_FORMATS = ("raw", "png")
@@ -136,8 +136,7 @@ def prepare_cache(paths, cache_dir, side, fmt="raw", shard=(0, 1), workers=None,
     os.makedirs(os.path.join(cache_dir, "chunks"), exist_ok=True)
     manifest = os.path.join(cache_dir, "manifest.json")
     if os.path.exists(manifest):
-        with open(manifest) as f:
-            m = json.load(f)
+        m = read_json(manifest)
         if m.get("key") != key:
             raise UserError(f"{cache_dir} holds a cache of another image list or other settings (side "
                             f"{m.get('side')} px, format {m.get('format')}, {len(m.get('paths', []))} images): "
@@ -166,8 +165,7 @@ def prepare_cache(paths, cache_dir, side, fmt="raw", shard=(0, 1), workers=None,
 def merge_cache(cache_dir):
     """Write index.json / index.npz from the chunk markers (all must exist). Idempotent. Returns PreparedCache."""
     cache_dir = os.fspath(cache_dir)
-    with open(os.path.join(cache_dir, "manifest.json")) as f:
-        m = json.load(f)
+    m = read_json(os.path.join(cache_dir, "manifest.json"))
     paths, cs = m["paths"], int(m["chunk_size"])
     n = len(paths)
     cols = {k: np.zeros(n, np.int64) for k in ("chunk", "offset", "nbytes", "height", "width", "small")}
@@ -176,16 +174,14 @@ def merge_cache(cache_dir):
         marker = os.path.join(cache_dir, "chunks", f"{k:06d}.json")
         if not os.path.exists(marker):
             raise UserError(f"cache {cache_dir} is incomplete (chunk {k} missing): run prepare.py again (all shards)")
-        with open(marker) as f:
-            for j, it in enumerate(json.load(f)):
-                i = k * cs + j
-                cols["chunk"][i] = k
-                if isinstance(it, dict):
-                    skipped[paths[i]] = it["error"]
-                    cols["nbytes"][i] = -1
-                else:
-                    for c, v in zip(("offset", "nbytes", "height", "width", "small"), it):
-                        cols[c][i] = v
+        for j, it in enumerate(read_json(marker)):
+            i = k * cs + j
+            cols["chunk"][i] = k
+            if isinstance(it, dict):
+                skipped[paths[i]] = it["error"]
+                it = [0, -1, 0, 0, 0]  # nbytes -1: unreadable
+            for c, v in zip(("offset", "nbytes", "height", "width", "small"), it):
+                cols[c][i] = v
     atomic_write(os.path.join(cache_dir, "index.npz"), lambda tmp: np.savez(open(tmp, "wb"), **cols))
     ok = cols["nbytes"] >= 0
     info = {"version": CACHE_VERSION, "key": m["key"], "side": m["side"], "format": m["format"], "images": n,
@@ -205,8 +201,7 @@ def open_cache(cache_dir, paths=None, min_side=None):
         state = "an unfinished" if os.path.exists(os.path.join(cache_dir, "manifest.json")) else "no"
         raise UserError(f"{cache_dir} holds {state} prepared cache: run `python prepare.py --data_dir ... "
                         f"--cache_dir {cache_dir}` first (with the same sources; it resumes)")
-    with open(index) as f:
-        info = json.load(f)
+    info = read_json(index)
     if info.get("version") != CACHE_VERSION:
         raise UserError(f"{cache_dir} was prepared by another version of prepare.py: delete it and prepare again")
     if paths is not None:

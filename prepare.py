@@ -1,6 +1,7 @@
 """
 Prepare the pretraining images once: decode every file of an archive (folders, CSVs with a `path` column, DICOM),
-shrink it so that no training crop is ever upsampled, and store it 8-bit in a cache that pretrain.py reads.
+shrink it so that no training crop is ever upsampled, and store it 8-bit in a cache that pretrain.py reads (the
+README's Input says what it stores and costs, imagecache.py how). A killed run continues when run again.
 
     python prepare.py --data_dir /data/mimic /data/chexpert/train.csv --cache_dir /fast/radjepa-cache
     python pretrain.py --data_dir /data/mimic /data/chexpert/train.csv --cache_dir /fast/radjepa-cache
@@ -8,13 +9,7 @@ shrink it so that no training crop is ever upsampled, and store it 8-bit in a ca
     # split over machines / SLURM tasks: each process builds its share, the last to finish writes the index
     srun -n 8 python prepare.py --data_dir ... --cache_dir /shared/cache          # shard from SLURM_PROCID/NTASKS
     python prepare.py --data_dir ... --cache_dir C --shard 3/8                   # or explicitly, shard 3 of 8
-
-Each image is stored with its short side shrunk to the least that never upsamples a training crop (473 px for the
-paper's 224 px crops of 30-100% of the area), aspect kept, antialiased, 8-bit grey; smaller originals are stored as
-they are and counted. --format raw: uint8 rows, no decode when read (22.4 GB per 100k images at 473 x 473); png:
-lossless and smaller, one PNG decode per training sample. A killed run loses at most the chunks in flight: run the
-same command again and it continues (imagecache.py describes the layout). Every pretraining process must be able
-to read the cache folder (shared storage, or a copy on each node).
+    # the cache folder must be readable by every pretraining process: shared storage, or a copy on each node
 """
 import argparse
 import time
