@@ -115,12 +115,10 @@ def label_matrix(samples, task="auto"):
 
 
 def load_vindr(args):
-    """VinDr-CXR as published on PhysioNet: ROOT/{train,test}/<image_id>.dicom and ROOT/annotations/
-    image_labels_{train,test}.csv with columns image_id, rad_id and one 0/1 column per finding: the official split
-    (15,000 training images, 3,000 test images). Each training image was labelled independently by three
-    radiologists (one row each), each test image by the consensus of five (one row). The dataset prescribes no rule
-    for fusing the three training reads, so we take the majority (2 of 3); --vindr_consensus any makes one reader
-    enough. VinDr has no patient id: subject = image_id."""
+    """VinDr-CXR on PhysioNet: ROOT/{train,test}/<image_id>.dicom, ROOT/annotations/image_labels_{train,test}.csv
+    (image_id, rad_id, one 0/1 column per finding): the official 15,000 / 3,000 split. Three radiologists read each
+    training image (a row each), five each test image (one consensus row); the dataset gives no fusion rule, so we
+    take the majority, 2 of 3 (--vindr_consensus any: one reader is enough). No patient id: subject = image_id."""
     root, rule = args.data_dir, args.vindr_consensus
     wanted = [c.strip() for c in args.label_cols.split(",")] if args.label_cols else VINDR_SIX
     out = []
@@ -144,9 +142,8 @@ def load_vindr(args):
 
 def load_rsna(args):
     """RSNA Pneumonia Detection Challenge: ROOT/stage_2_train_labels.csv (patientId, x, y, width, height, Target;
-    one row per box, so a patient with two opacities has two rows) and ROOT/stage_2_train_images/<patientId>.dcm.
-    One image per patientId, labelled Target (max over its rows). Only the training files carry labels, so the
-    split is made here: part None (probe.py: 60/20/20 by subject, or k-fold with --protocol cv)."""
+    a row per box) and ROOT/stage_2_train_images/<patientId>.dcm: one image per patient, labelled max(Target). Only
+    the training files carry labels: part None (probe.py: 60/20/20 by subject, or k-fold with --protocol cv)."""
     root = args.data_dir
     f = os.path.join(root, "stage_2_train_labels.csv")
     target = {}
@@ -304,9 +301,8 @@ def load_mimic(args):
     root, rule = args.data_dir, args.mimic_rule
     rep_root = args.reports_dir or root
     split = {r["dicom_id"]: r for r in _read_table(os.path.join(root, "mimic-cxr-2.0.0-split.csv"))}
-    meta = _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"))
     frontal = {}  # study -> [(rank of view, dicom_id)] of its frontal images
-    for m in meta:
+    for m in _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv")):
         view = (m.get("ViewPosition") or "").upper()
         if view in ("PA", "AP") and m["dicom_id"] in split:
             frontal.setdefault(m["study_id"], []).append((0 if view == "PA" else 1, m["dicom_id"]))
@@ -339,10 +335,9 @@ def load_mimic(args):
 
 def load_iu_xray(args):
     """IU-Xray in R2Gen's layout: annotation.json {"train"|"val"|"test": [{"id", "report", "image_path": [...]}]},
-    image paths relative to DATA_DIR/images; the first image (frontal) of each study; blank reports dropped and
-    counted. Reports are lower-cased, as R2Gen's IU cleaning and the papers scoring on it do (so generated reports
-    are scored lower-cased too). --iu_split test (default): every study is test data, the paper's
-    out-of-distribution test; --iu_split r2gen keeps R2Gen's train / val / test."""
+    images under DATA_DIR/images; the first (frontal) image of each study; blank reports dropped and counted;
+    reports lower-cased as R2Gen and the papers scoring on it do. --iu_split test (default): every study is test
+    data (the paper's out-of-distribution test); --iu_split r2gen keeps R2Gen's train / val / test."""
     ann = os.path.join(args.data_dir, "annotation.json")
     if not os.path.exists(ann):
         raise UserError(f"{ann} not found: --data_dir must hold R2Gen's annotation.json and images/")

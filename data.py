@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 from base import UserError
 
@@ -351,12 +350,11 @@ def _summarise_skipped(bad):
     return f"skipped {len(names)} unreadable files: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}"
 
 
-def verify_images(paths, workers=8, progress=False):
+def verify_images(paths, workers=8):
     """Open every file's header (threads: the cost is I/O latency). Returns {index: reason} of the bad ones and
     logs a one-line summary naming them."""
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as ex:
-        reasons = list(tqdm(ex.map(_check_header, paths, chunksize=64), total=len(paths), desc="verify images",
-                            disable=not progress))
+        reasons = list(ex.map(_check_header, paths, chunksize=64))
     bad = {i: r for i, r in enumerate(reasons) if r is not None}
     if bad:
         log.warning(_summarise_skipped(os.fspath(paths[i]) for i in bad))
@@ -529,27 +527,21 @@ class MixSampler(torch.utils.data.Sampler):
         self.rank, self.world, self.seed, self.epoch = int(rank), int(world), int(seed), 0
         self.epoch_size = int(epoch_size or sum(self.sizes))
         self.frontal_ratio = frontal_ratio
-        # per source: {kind: local indices}; one group "all" when views are unknown or no ratio is asked for
-        self.groups = []
-        for s, size in zip(sources, self.sizes):
-            if frontal_ratio and s.views:
-                kinds = np.array([view_kind(v) for v in s.views])
-                self.groups.append({k: np.flatnonzero(kinds == k) for k in ("frontal", "lateral", "other")})
-            else:
-                self.groups.append({"all": np.arange(size)})
+        # per source: (frontal, lateral, other) local indices; all "other" when views are unknown or no ratio is asked
+        kinds = [[view_kind(v) for v in s.views] if frontal_ratio and s.views else ["other"] * len(s) for s in sources]
+        self.groups = [[np.flatnonzero(np.array(k) == kind) for kind in ("frontal", "lateral", "other")] for k in kinds]
         self.per_rank = self.epoch_size // self.world
         if self.per_rank == 0:
             raise UserError(f"epoch of {self.epoch_size} samples is smaller than the {self.world} processes")
 
-    def _source_draw(self, rng, g, n):
-        f, l = len(g.get("frontal", ())), len(g.get("lateral", ()))
-        if not (f or l):  # views unknown or all "other": nothing to rebalance
-            return _draw(rng, np.concatenate(list(g.values())), n)
-        n_other = int(round(n * len(g["other"]) / (f + l + len(g["other"]))))
-        m = n - n_other
-        n_front = int(round(m * self.frontal_ratio / (1 + self.frontal_ratio))) if f and l else (m if f else 0)
-        return np.concatenate([_draw(rng, g["frontal"], n_front), _draw(rng, g["lateral"], m - n_front),
-                               _draw(rng, g["other"], n_other)])
+    def _source_draw(self, rng, groups, n):
+        front, lat, other = groups
+        if not (len(front) or len(lat)):  # views unknown or all "other": nothing to rebalance
+            return _draw(rng, other, n)
+        n_other = int(round(n * len(other) / (len(front) + len(lat) + len(other))))
+        m, r = n - n_other, self.frontal_ratio
+        n_front = int(round(m * r / (1 + r))) if len(front) and len(lat) else (m if len(front) else 0)
+        return np.concatenate([_draw(rng, front, n_front), _draw(rng, lat, m - n_front), _draw(rng, other, n_other)])
 
     def epoch_list(self, epoch):
         """The whole epoch's shuffled index list (all ranks), a pure function of (seed, epoch)."""

@@ -38,11 +38,10 @@ CACHE_FORMATS = ("raw", "png")
 
 
 def min_stored_side(img_size, crop_scale=(0.3, 1.0), crop_ratio=(3 / 4, 4 / 3)):
-    """Shortest stored side so that no random resized crop is upsampled: the smallest crop (area crop_scale[0] of
-    the image, at the most extreme aspect ratio) must still be img_size px on its short side. For an image of short
-    side s (long side >= s) that crop's short side is at least s * sqrt(scale_min * min(ratio_min, 1/ratio_max)),
-    so s >= img_size / sqrt(...): 473 px at 224 px, scale 0.3, ratio 3/4-4/3 (2 x img_size = 448 is not enough: a
-    0.3-area, 3:4 crop of a 448 px square is 212 px wide). At least 2 x img_size, a margin for the resize filter."""
+    """Shortest stored side so that no random resized crop is upsampled: the smallest crop (area crop_scale[0], at
+    the most extreme aspect ratio) of an image of short side s has a short side of at least s * sqrt(scale_min *
+    min(ratio_min, 1/ratio_max)), so s >= img_size / sqrt(...): 473 px for 224 px crops, scale 0.3, ratio 3/4-4/3
+    (448 is not enough: such a crop of a 448 px square is 212 px wide). At least 2 x img_size, for the filter."""
     worst = float(crop_scale[0]) * min(float(crop_ratio[0]), 1.0 / float(crop_ratio[1]))
     return max(2 * int(img_size), math.ceil(int(img_size) / math.sqrt(worst) + 0.5))  # +0.5: crop sides are rounded
 
@@ -64,14 +63,6 @@ def _cache_key(paths, side, fmt):
 def _atomic_write(path, payload):
     atomic_write(path, lambda tmp: open(tmp, "wb").write(payload), "the cache's finished chunks are intact; run "
                  "prepare.py again once there is space")
-
-
-def _encode(img_u8, fmt):
-    if fmt == "raw":
-        return img_u8.tobytes()
-    buf = io.BytesIO()
-    Image.fromarray(img_u8).save(buf, format="PNG", compress_level=6)  # lossless; decode cost is level-independent
-    return buf.getvalue()
 
 
 def _prepare_image(path, side):
@@ -97,7 +88,12 @@ def _prepare_chunk(job):
         except ImageReadError as e:
             items.append({"error": str(e)})
             continue
-        b = _encode(img, fmt)
+        if fmt == "raw":
+            b = img.tobytes()
+        else:  # lossless; the decode cost is the same at every compression level
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG", compress_level=6)
+            b = buf.getvalue()
         items.append([off, len(b), img.shape[0], img.shape[1], int(small)])
         blobs.append(b)
         off += len(b)
