@@ -6,14 +6,9 @@ Published dataset layouts, read once for all three evaluations (`--dataset NAME 
 Every loader returns what the CSV path returns (read_csv_samples; docs/CONVENTIONS.md, Samples): one dict per
 image with "path", "subject", "part" ("train" | "val" | "test" | None: split by subject) and what the task needs
 ("labels", "mask" / "polys" / "boxes", "text"), and a one-line description of where it came from.
-
-  vindr        VinDr-CXR (PhysioNet 1.0.0): image_labels_{train,test}.csv, the official split      (probe.py)
-  rsna         RSNA Pneumonia Detection Challenge: stage_2_train_labels.csv, stage_2_train_images/  (probe.py)
-  vindr_rib    VinDr-RibCXR: Annotations/{train,val}/*.json in pandas' column layout               (segment.py)
-  mimic_lungs  PhysioNet lung-segment-mimic-cxr: per CXR a pair of segmented images, lungs and the rest (segment.py)
-  mimic        MIMIC-CXR-JPG + MIMIC-CXR reports: official split, frontal images with Findings     (report.py)
-  iu_xray      IU-Xray in R2Gen's layout: annotation.json + images/                                 (report.py)
-Chest ImaGenome's zone boxes (segment.py --task zones --boxes) are read by load_boxes.
+The layouts (LAYOUTS; each loader's docstring names its files): vindr (VinDr-CXR), rsna (RSNA Pneumonia) for
+probe.py; vindr_rib (VinDr-RibCXR), mimic_lungs (lung-segment-mimic-cxr) for segment.py; mimic (MIMIC-CXR-JPG),
+iu_xray (IU-Xray, R2Gen's layout) for report.py. load_boxes reads Chest ImaGenome's zone boxes (--task zones).
 """
 import csv
 import glob

@@ -119,9 +119,8 @@ def shard_from_env(spec=None):
 
 
 def prepare_cache(paths, cache_dir, side, fmt="raw", shard=(0, 1), workers=None, chunk_size=512, progress=True):
-    """Build this shard's chunks of the cache of `paths` in `cache_dir` (in parallel over `workers` processes),
-    skipping chunks already done, then merge the index if every shard is done. Returns the PreparedCache when the
-    index exists afterwards, else None (other shards still running; the last one to finish merges)."""
+    """Build this shard's missing chunks of the cache of `paths` (over `workers` processes), then the index if every
+    chunk is done: returns the PreparedCache then, else None (other shards still running)."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise UserError("no images to prepare")
@@ -188,9 +187,8 @@ def merge_cache(cache_dir):
 
 
 def open_cache(cache_dir, paths=None, min_side=None):
-    """The PreparedCache in `cache_dir`. With `paths`: checks it holds exactly those images (in that order); with
-    `min_side`: that it stores images at least that large. Any mismatch or an unfinished cache is a UserError
-    that says what to run."""
+    """The PreparedCache in `cache_dir`; with `paths`, checked to hold exactly those images (in that order), with
+    `min_side`, to store short sides at least that large: a UserError that says what to run otherwise."""
     cache_dir = os.fspath(cache_dir)
     index = os.path.join(cache_dir, "index.json")
     if not os.path.exists(index):
