@@ -3,25 +3,16 @@ Published dataset layouts, read once for all three evaluations (`--dataset NAME 
 
     samples, source = archives.load("vindr", args)   # args: the script's flags (data_dir, label_cols, seed, ...)
 
-Every loader returns the same generic sample list the CSV path returns (read_csv_samples): one dict per image,
-    {"path": image file, "subject": patient id, "part": "train" | "val" | "test" | None (None: split by subject),
-     ... what the task needs: "labels" {class: 0/1} (probe.py), "mask" / "polys" / "boxes" (segment.py),
-     "text" (report.py)}
-and a one-line description of where it came from. Nothing here trains or scores; the scripts do.
-
-  vindr        VinDr-CXR (PhysioNet 1.0.0): annotations/image_labels_{train,test}.csv, {train,test}/<id>.dicom;
-               the official split, 15,000 training and 3,000 test images                           (probe.py)
-  rsna         RSNA Pneumonia Detection Challenge: stage_2_train_labels.csv, stage_2_train_images/  (probe.py)
-  vindr_rib    VinDr-RibCXR: Annotations/{train,val}/*.json in pandas' column layout               (segment.py)
-  mimic_lungs  PhysioNet lung-segment-mimic-cxr: per CXR a pair of segmented images, lungs and the rest (segment.py)
-  mimic        MIMIC-CXR-JPG + MIMIC-CXR reports: official split, one frontal image per study      (report.py)
-  iu_xray      IU-Xray in R2Gen's layout: annotation.json + images/                                 (report.py)
-Chest ImaGenome's zone boxes (segment.py --task zones --boxes) are read by load_boxes.
+Every loader returns what the CSV path returns (read_csv_samples; docs/CONVENTIONS.md, Samples): one dict per
+image with "path", "subject", "part" ("train" | "val" | "test" | None: split by subject) and what the task needs
+("labels", "mask" / "polys" / "boxes", "text"), and a one-line description of where it came from.
+The layouts (LAYOUTS; each loader's docstring names its files): vindr (VinDr-CXR), rsna (RSNA Pneumonia) for
+probe.py; vindr_rib (VinDr-RibCXR), mimic_lungs (lung-segment-mimic-cxr) for segment.py; mimic (MIMIC-CXR-JPG),
+iu_xray (IU-Xray, R2Gen's layout) for report.py. load_boxes reads Chest ImaGenome's zone boxes (--task zones).
 """
 import csv
 import glob
 import gzip
-import json
 import os
 import re
 
@@ -36,7 +27,8 @@ VINDR_SIX = ["Lung Opacity", "Cardiomegaly", "Pleural thickening", "Aortic enlar
 ZONES = ["right upper lung zone", "right mid lung zone", "right lower lung zone",
          "left upper lung zone", "left mid lung zone", "left lower lung zone"]
 RIBS = [f"R{i}" for i in range(1, 11)] + [f"L{i}" for i in range(1, 11)]
-IMAGE_EXT = (".png", ".jpg", ".jpeg")
+XYXY = ("x1", "y1", "x2", "y2")
+BINARY = ("0", "1", "0.0", "1.0")  # the only label values of a binary / multi-label column
 
 
 def load(name, args):
@@ -52,7 +44,7 @@ def load(name, args):
 
 def as_01(value, where):
     v = str(value).strip()
-    if v not in ("0", "1", "0.0", "1.0"):
+    if v not in BINARY:
         raise UserError(f"{where}: label {value!r} is not 0 or 1 (multi-label and binary columns hold 0/1)")
     return float(v)
 
@@ -102,7 +94,7 @@ def label_matrix(samples, task="auto"):
                             f"drop those rows")
         classes = sorted({v[0] for v in values})
         return task, classes, [[float(v[0] == c) for c in classes] for v in values]
-    bad = [(w, v) for w, vals in zip(where, values) for v in vals if v not in ("0", "1", "0.0", "1.0")]
+    bad = [(w, v) for w, vals in zip(where, values) for v in vals if v not in BINARY]
     if bad:
         hint = " (one column of class names? pass --task multiclass)" if len(cols) == 1 else ""
         raise UserError(f"{bad[0][0]}: label {bad[0][1]!r} is not 0 or 1 ({len(bad)} such values): blanks, -1 "
@@ -118,17 +110,14 @@ def label_matrix(samples, task="auto"):
 
 
 def load_vindr(args):
-    """VinDr-CXR as published on PhysioNet: ROOT/{train,test}/<image_id>.dicom and ROOT/annotations/
-    image_labels_{train,test}.csv with columns image_id, rad_id and one 0/1 column per finding: the official split
-    (15,000 training images, 3,000 test images). Each training image was labelled independently by three
-    radiologists (one row each), each test image by the consensus of five (one row). The dataset prescribes no rule
-    for fusing the three training reads, so we take the majority (2 of 3); --vindr_consensus any makes one reader
-    enough. VinDr has no patient id: subject = image_id."""
-    root = args.data_dir
+    """VinDr-CXR on PhysioNet: ROOT/{train,test}/<image_id>.dicom, ROOT/annotations/image_labels_{train,test}.csv
+    (image_id, rad_id, one 0/1 column per finding): the official 15,000 / 3,000 split. Three radiologists read each
+    training image (a row each), five each test image (one consensus row); the dataset gives no fusion rule, so we
+    take the majority, 2 of 3 (--vindr_consensus any: one reader is enough). No patient id: subject = image_id."""
+    root, rule = args.data_dir, args.vindr_consensus
     wanted = [c.strip() for c in args.label_cols.split(",")] if args.label_cols else VINDR_SIX
-    rule = getattr(args, "vindr_consensus", "majority")
     out = []
-    for part, split in (("train", "train"), ("test", "test")):
+    for split in ("train", "test"):
         f = os.path.join(root, "annotations", f"image_labels_{split}.csv")
         rows = data.read_csv(f, required=["image_id"])
         lower = {h.lower(): h for h in rows[0]}  # VinDr writes 'Pleural thickening', papers 'Pleural Thickening'
@@ -141,16 +130,15 @@ def load_vindr(args):
         for image_id, v in votes.items():
             n_pos = np.sum(v, axis=0)
             lab = n_pos * 2 > len(v) if rule == "majority" else n_pos >= 1
-            out.append({"path": os.path.join(root, split, f"{image_id}.dicom"), "subject": image_id, "part": part,
+            out.append({"path": os.path.join(root, split, f"{image_id}.dicom"), "subject": image_id, "part": split,
                         "labels": dict(zip(wanted, map(float, lab)))})
     return out, f"VinDr-CXR {root} (official split; training labels: {rule} of the readers)"
 
 
 def load_rsna(args):
     """RSNA Pneumonia Detection Challenge: ROOT/stage_2_train_labels.csv (patientId, x, y, width, height, Target;
-    one row per box, so a patient with two opacities has two rows) and ROOT/stage_2_train_images/<patientId>.dcm.
-    One image per patientId, labelled Target (max over its rows). Only the training files carry labels, so the
-    split is made here: part None (probe.py: 60/20/20 by subject, or k-fold with --protocol cv)."""
+    a row per box) and ROOT/stage_2_train_images/<patientId>.dcm: one image per patient, labelled max(Target). Only
+    the training files carry labels: part None (probe.py: 60/20/20 by subject, or k-fold with --protocol cv)."""
     root = args.data_dir
     f = os.path.join(root, "stage_2_train_labels.csv")
     target = {}
@@ -174,8 +162,7 @@ def load_vindr_rib(args):
         split = next((s for s in ("train", "val", "test") if s in name), None)
         if split is None:
             continue
-        with open(f) as fh:
-            j = json.load(fh)
+        j = data.read_json(f)
         if "img" not in j:
             raise UserError(f"{f}: no 'img' key; is this a VinDr-RibCXR annotation JSON?")
         for k, rel in j["img"].items():
@@ -192,27 +179,20 @@ def load_vindr_rib(args):
 
 
 def load_mimic_lungs(args):
-    """PhysioNet's lung-segment-mimic-cxr (Chen et al. 2022): 1,141 frontal MIMIC-CXR images, each "processed into
-    a pair of segmented images with the lung lobes and the rest parts" (its documentation): two image files per
-    CXR, named by the MIMIC dicom_id with 'lung' or 'rest' in the file name, in any folder structure under
-    --data_dir. The lungs' mask is the non-black part of the lung image (> 0); the X-ray is the sum of the two
-    segmented images (they partition it), or the MIMIC-CXR-JPG original when --image_root holds files/p*/.../
-    <dicom_id>.jpg. MIMIC's path (p<subject>/s<study>) gives the subject where present, else the dicom_id.
-    No official split: part None (segment.py splits by subject)."""
+    """PhysioNet's lung-segment-mimic-cxr (Chen et al. 2022): 1,141 frontal MIMIC-CXR images, each stored as two
+    segmented images (the lungs, and the rest) named by the MIMIC dicom_id with 'lung' or 'rest' in the file name,
+    in any folders under --data_dir. Mask: the lung image's non-black part; X-ray: the two images summed (they
+    partition it), or the MIMIC-CXR-JPG original when --image_root holds <dicom_id>.jpg. Subject: MIMIC's
+    p<subject> in the path, else the dicom_id. No official split: part None (segment.py splits by subject)."""
     root, pairs = args.data_dir, {}
     for f in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
         stem, ext = os.path.splitext(os.path.basename(f))
-        if ext.lower() not in IMAGE_EXT:
-            continue
         kind = "lung" if "lung" in stem.lower() else "rest" if "rest" in stem.lower() else None
-        if kind is None:
-            continue
-        key = re.sub(r"[_\-. ]*(lungs?|rest)[_\-. ]*", "", stem, flags=re.I) or stem
-        pairs.setdefault((os.path.dirname(f), key), {})[kind] = f
-    originals = {}
-    if args.image_root:
-        for f in glob.glob(os.path.join(args.image_root, "**", "*.jpg"), recursive=True):
-            originals[os.path.splitext(os.path.basename(f))[0]] = f
+        if kind and ext.lower() in data.IMAGE_EXTS:
+            key = re.sub(r"[_\-. ]*(lungs?|rest)[_\-. ]*", "", stem, flags=re.I) or stem
+            pairs.setdefault((os.path.dirname(f), key), {})[kind] = f
+    jpgs = glob.glob(os.path.join(args.image_root, "**", "*.jpg"), recursive=True) if args.image_root else []
+    originals = {os.path.splitext(os.path.basename(f))[0]: f for f in jpgs}
     out, unpaired = [], 0
     for (folder, key), files in sorted(pairs.items()):
         if "lung" not in files:
@@ -253,20 +233,18 @@ def load_boxes(path, scale=1.0):
         if not files:
             raise UserError(f"--boxes {path}: no .json scene graphs in it")
         for f in files:
-            with open(f) as fh:
-                g = json.load(fh)
+            g = data.read_json(f)
             key = str(g.get("image_id") or os.path.basename(f).replace("_SceneGraph.json", "").replace(".json", ""))
             for o in g.get("objects", []):
                 if o.get("bbox_name") in ZONES:
-                    out.setdefault(key, {})[o["bbox_name"]] = tuple(scale * float(o[f"original_{c}"])
-                                                                   for c in ("x1", "y1", "x2", "y2"))
+                    out.setdefault(key, {})[o["bbox_name"]] = tuple(scale * float(o[f"original_{c}"]) for c in XYXY)
     else:
-        for r in data.read_csv(path, required=("path", "zone", "x1", "y1", "x2", "y2")):
+        for r in data.read_csv(path, required=("path", "zone", *XYXY)):
             zone = r["zone"].strip().replace("_", " ").lower()
             if zone not in ZONES:
                 raise UserError(f"--boxes {path}: zone {r['zone']!r} is not one of {', '.join(ZONES)}")
             key = os.path.splitext(os.path.basename(r["path"]))[0]
-            out.setdefault(key, {})[zone] = tuple(scale * float(r[c]) for c in ("x1", "y1", "x2", "y2"))
+            out.setdefault(key, {})[zone] = tuple(scale * float(r[c]) for c in XYXY)
     return out
 
 
@@ -278,10 +256,9 @@ SECTION = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*[A-Z)]):", re.M)
 
 def report_sections(text):
     """{"findings": ..., "impression": ...} of a MIMIC-CXR free-text report (whichever it has). Headers are
-    upper-case words ending in ':' at a line start (as in MIT-LCP's section_parser); names are normalised the same
-    way: 'findings and impression' / 'conclusion' count as impression, any other name containing 'findings' as
-    findings. Whitespace is collapsed; the first non-empty section of a kind wins (some reports have an empty
-    FINDINGS header and a second one with the text)."""
+    upper-case words ending in ':' at a line start, named as in MIT-LCP's section_parser: 'conclusion' and any name
+    with 'impression' count as impression, any other with 'finding' as findings. Whitespace is collapsed; the first
+    non-empty section of a kind wins (some reports have an empty FINDINGS header and a second one with the text)."""
     heads = list(SECTION.finditer(text))
     found = {}
     for h, nxt in zip(heads, heads[1:] + [None]):
@@ -316,13 +293,11 @@ def load_mimic(args):
     image (ViewPosition PA or AP) whose report has a non-empty Findings section, as the paper states it (146,909 /
     7,250 / 2,461 image-report pairs); --mimic_rule study: one frontal image per study (PA preferred) with its
     Findings, else its Impression. The counts kept and dropped per split are printed."""
-    root = args.data_dir
-    rep_root = getattr(args, "reports_dir", None) or root
-    rule = getattr(args, "mimic_rule", "paper")
+    root, rule = args.data_dir, args.mimic_rule
+    rep_root = args.reports_dir or root
     split = {r["dicom_id"]: r for r in _read_table(os.path.join(root, "mimic-cxr-2.0.0-split.csv"))}
-    meta = _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"))
     frontal = {}  # study -> [(rank of view, dicom_id)] of its frontal images
-    for m in meta:
+    for m in _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv")):
         view = (m.get("ViewPosition") or "").upper()
         if view in ("PA", "AP") and m["dicom_id"] in split:
             frontal.setdefault(m["study_id"], []).append((0 if view == "PA" else 1, m["dicom_id"]))
@@ -338,8 +313,7 @@ def load_mimic(args):
                 txt = os.path.join(rep_root, rel + ".txt")
                 sections[study] = report_sections(open(txt).read()) if os.path.exists(txt) else None
             sec = sections[study]
-            text = None if sec is None else sec.get("findings") if rule == "paper" else \
-                sec.get("findings") or sec.get("impression")
+            text = sec and (sec.get("findings") if rule == "paper" else sec.get("findings") or sec.get("impression"))
             if not text:
                 dropped[part]["no report" if sec is None else "no findings"] += 1
                 continue
@@ -356,18 +330,14 @@ def load_mimic(args):
 
 def load_iu_xray(args):
     """IU-Xray in R2Gen's layout: annotation.json {"train"|"val"|"test": [{"id", "report", "image_path": [...]}]},
-    image paths relative to DATA_DIR/images; the first image (frontal) of each study; blank reports dropped and
-    counted. Reports are lower-cased, as R2Gen's IU cleaning and the papers scoring on it do (so generated reports
-    are scored lower-cased too). --iu_split test (default): every study is test data, the paper's
-    out-of-distribution test; --iu_split r2gen keeps R2Gen's train / val / test."""
+    images under DATA_DIR/images; the first (frontal) image of each study; blank reports dropped and counted;
+    reports lower-cased as R2Gen and the papers scoring on it do. --iu_split test (default): every study is test
+    data (the paper's out-of-distribution test); --iu_split r2gen keeps R2Gen's train / val / test."""
     ann = os.path.join(args.data_dir, "annotation.json")
     if not os.path.exists(ann):
         raise UserError(f"{ann} not found: --data_dir must hold R2Gen's annotation.json and images/")
-    with open(ann) as f:
-        a = json.load(f)
-    img_root = args.image_root or os.path.join(args.data_dir, "images")
-    iu_split = getattr(args, "iu_split", "r2gen")
-    out, blank = [], 0
+    a, img_root = data.read_json(ann), args.image_root or os.path.join(args.data_dir, "images")
+    out, blank, iu_split = [], 0, args.iu_split
     for part in ("train", "val", "test"):
         for e in a.get(part, []):
             if not (e.get("report") or "").strip():

@@ -13,20 +13,18 @@ Usage (downstream scripts):
 Usage (pretraining):
     sources = data.parse_sources(["/data/nih:2", "/data/chexpert/train.csv:1"])  # PATH[:WEIGHT]
     paths = data.concat_paths(sources)            # dataset index = position in this list
-    # prepare.py builds the prepared 8-bit cache once (imagecache.py); the dataset then reads it:
-    ds = data.PretrainDataset(paths, 224, cache="out/cache")   # or verify=True to drop unreadable files upfront
+    cache = imagecache.open_cache("out/cache", paths)   # optional: the 8-bit cache prepare.py built
+    ds = data.PretrainDataset(paths, 224, cache=cache)   # or verify=True to drop unreadable files upfront
     sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed, frontal_ratio=3.0)
     idx = sampler.epoch_indices(epoch)            # this rank's list; slice it to resume mid-epoch
     x, step = ds[(idx[0], step)]                  # crop is a pure function of (seed, index, step)
-
-Unreadable files never stop an epoch: they are skipped (the next readable item is used instead), counted in
-`dataset.skipped` and named once in a warning on the "data" logger (stderr when logging is not configured).
 """
 import collections.abc
 import concurrent.futures
 import csv
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
@@ -35,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 from base import UserError
 
@@ -85,16 +82,15 @@ def _read_pil(path, draft):
         im.load()  # force the full decode here, so truncated files fail inside this function
         if im.format == "JPEG":
             im = ImageOps.exif_transpose(im)  # phone photos of films carry an orientation tag
-        mode = im.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
             # 16-bit: scale by the dtype's range, not the image's max, so intensities mean the same in every file
             return np.asarray(im, dtype=np.uint16).astype(np.float32) / 65535.0
-        if mode == "I":  # 32-bit int; older Pillow opens 16-bit PNGs this way
+        if im.mode == "I":  # 32-bit int; older Pillow opens 16-bit PNGs this way
             a = np.asarray(im)
             return a.astype(np.float32) / 65535.0 if a.min() >= 0 and a.max() <= 65535 else _minmax(a)
-        if mode in ("F", "I;16S"):  # float or signed TIFF: no natural range
+        if im.mode in ("F", "I;16S"):  # float or signed TIFF: no natural range
             return _minmax(np.asarray(im))
-        if mode != "L":  # RGB, RGBA, P, LA, 1, CMYK: ITU-R 601 luma
+        if im.mode != "L":  # RGB, RGBA, P, LA, 1, CMYK: ITU-R 601 luma
             im = im.convert("L")
         return np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
 
@@ -169,13 +165,8 @@ def find_images(root):
             continue
         seen.add(real)
         dirs[:] = [x for x in dirs if not x.startswith(".")]
-        for f in files:
-            if f.startswith("."):  # hidden files, e.g. macOS "._x.png" resource forks, are not images
-                continue
-            ext = os.path.splitext(f)[1].lower()
-            p = os.path.join(d, f)
-            if ext in IMAGE_EXTS or _is_dicom(p):
-                out.append(os.path.abspath(p))
+        paths = [os.path.join(d, f) for f in files if not f.startswith(".")]  # hidden: e.g. macOS "._x.png" forks
+        out += [os.path.abspath(p) for p in paths if os.path.splitext(p)[1].lower() in IMAGE_EXTS or _is_dicom(p)]
     if not out:
         raise UserError(f"no images found under {root!r} (searched recursively for {', '.join(IMAGE_EXTS)} "
                         f"in any case, and DICOM files without an extension)")
@@ -204,13 +195,15 @@ def read_csv(path, required=()):
     return rows
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def resolve(csv_path, image_root, p):
     """Absolute path of image `p` from a CSV: absolute stays, relative is under image_root (default: CSV's folder)."""
-    p = os.path.expanduser(str(p).strip())
-    if os.path.isabs(p):
-        return os.path.normpath(p)
-    base = image_root if image_root else os.path.dirname(os.path.abspath(os.fspath(csv_path)))
-    return os.path.abspath(os.path.join(base, p))
+    base = image_root or os.path.dirname(os.path.abspath(os.fspath(csv_path)))
+    return os.path.abspath(os.path.join(base, os.path.expanduser(str(p).strip())))  # join keeps an absolute p
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,11 +309,8 @@ def kfold_by_subject(subjects, k=5, seed=0):
     subj, order = _subject_groups(subjects, seed)
     if len(order) < k:
         raise UserError(f"only {len(order)} distinct subjects: too few for {k}-fold cross-validation")
-    folds = []
-    for chunk in np.array_split(order, k):
-        test = np.isin(subj, chunk)
-        folds.append((np.flatnonzero(~test).astype(np.int64), np.flatnonzero(test).astype(np.int64)))
-    return folds
+    tests = [np.isin(subj, chunk) for chunk in np.array_split(order, k)]
+    return [(np.flatnonzero(~t).astype(np.int64), np.flatnonzero(t).astype(np.int64)) for t in tests]
 
 
 def check_disjoint(subjects, *index_arrays, names=("train", "validation", "test")):
@@ -360,12 +350,11 @@ def _summarise_skipped(bad):
     return f"skipped {len(names)} unreadable files: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}"
 
 
-def verify_images(paths, workers=8, progress=False):
+def verify_images(paths, workers=8):
     """Open every file's header (threads: the cost is I/O latency). Returns {index: reason} of the bad ones and
     logs a one-line summary naming them."""
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as ex:
-        reasons = list(tqdm(ex.map(_check_header, paths, chunksize=64), total=len(paths), desc="verify images",
-                            disable=not progress))
+        reasons = list(ex.map(_check_header, paths, chunksize=64))
     bad = {i: r for i, r in enumerate(reasons) if r is not None}
     if bad:
         log.warning(_summarise_skipped(os.fspath(paths[i]) for i in bad))
@@ -378,14 +367,12 @@ def verify_images(paths, workers=8, progress=False):
 class PretrainDataset(torch.utils.data.Dataset):
     """Images for I-JEPA: RandomResizedCrop (area ~U(crop_scale), aspect ~U(crop_ratio)) to img_size, normalised,
     in_chans channels. No horizontal flip by default: chest X-rays have laterality (the heart is on the left).
-
-    ds[(index, step)] -> (tensor (C, H, W), step): the crop is drawn from an RNG seeded by (seed, step, index), so
-    a resumed run sees exactly the same crops. ds[index] draws from torch's RNG instead and returns step -1.
-    An unreadable file is replaced by the next readable item (deterministically), named once in a warning and
-    added to `self.skipped` (paths; per process, so per DataLoader worker); so is an image whose short side is
-    under min_side (a folder of 1x1 files would otherwise train on flat images). verify=True checks every header
-    upfront and never tries the bad ones; with `cache` (imagecache.open_cache of these items: see prepare.py)
-    images come from the prepared 8-bit cache and files it could not read are skipped the same way."""
+    ds[(index, step)] -> (tensor (C, H, W), step), the crop drawn from an RNG seeded by (seed, step, index), so a
+    resumed run sees the same crops; ds[index] draws from torch's RNG and returns step -1. An unreadable file, or an
+    image under min_side px on its short side (a folder of 1x1 files would train on flat images), is replaced by the
+    next readable item, named once in a warning on the "data" logger and added to `self.skipped` (per process, so
+    per DataLoader worker). verify=True checks every header upfront; with `cache` (imagecache.open_cache of these
+    items) images come from the prepared 8-bit cache, and the files it could not read are skipped the same way."""
 
     def __init__(self, items, img_size=224, crop_scale=(0.3, 1.0), mean=CXR_MEAN, std=CXR_STD, cache=None,
                  in_chans=1, crop_ratio=(3 / 4, 4 / 3), hflip=False, seed=0, verify=False, min_side=1):
@@ -534,35 +521,27 @@ class MixSampler(torch.utils.data.Sampler):
         if not self.sizes or min(self.sizes) == 0:
             raise UserError(f"every data source needs images (sizes: {self.sizes})")
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-        weights = [getattr(s, "weight", 1.0) for s in sources] if weights is None else weights
-        self.weights = [float(w) for w in weights]
+        self.weights = [float(w) for w in ([s.weight for s in sources] if weights is None else weights)]
         if len(self.weights) != len(self.sizes) or min(self.weights) <= 0:
             raise UserError(f"need one positive weight per source, got {self.weights}")
         self.rank, self.world, self.seed, self.epoch = int(rank), int(world), int(seed), 0
         self.epoch_size = int(epoch_size or sum(self.sizes))
         self.frontal_ratio = frontal_ratio
-        # per source: {kind: local indices}; one group "all" when views are unknown or no ratio is asked for
-        self.groups = []
-        for s, size in zip(sources, self.sizes):
-            views = getattr(s, "views", None)
-            if frontal_ratio and views:
-                kinds = np.array([view_kind(v) for v in views])
-                self.groups.append({k: np.flatnonzero(kinds == k) for k in ("frontal", "lateral", "other")})
-            else:
-                self.groups.append({"all": np.arange(size)})
+        # per source: (frontal, lateral, other) local indices; all "other" when views are unknown or no ratio is asked
+        kinds = [[view_kind(v) for v in s.views] if frontal_ratio and s.views else ["other"] * len(s) for s in sources]
+        self.groups = [[np.flatnonzero(np.array(k) == kind) for kind in ("frontal", "lateral", "other")] for k in kinds]
         self.per_rank = self.epoch_size // self.world
         if self.per_rank == 0:
             raise UserError(f"epoch of {self.epoch_size} samples is smaller than the {self.world} processes")
 
-    def _source_draw(self, rng, g, n):
-        f, l = len(g.get("frontal", ())), len(g.get("lateral", ()))
-        if not (f or l):  # views unknown or all "other": nothing to rebalance
-            return _draw(rng, np.concatenate(list(g.values())), n)
-        n_other = int(round(n * len(g["other"]) / (f + l + len(g["other"]))))
-        m = n - n_other
-        n_front = int(round(m * self.frontal_ratio / (1 + self.frontal_ratio))) if f and l else (m if f else 0)
-        return np.concatenate([_draw(rng, g["frontal"], n_front), _draw(rng, g["lateral"], m - n_front),
-                               _draw(rng, g["other"], n_other)])
+    def _source_draw(self, rng, groups, n):
+        front, lat, other = groups
+        if not (len(front) or len(lat)):  # views unknown or all "other": nothing to rebalance
+            return _draw(rng, other, n)
+        n_other = int(round(n * len(other) / (len(front) + len(lat) + len(other))))
+        m, r = n - n_other, self.frontal_ratio
+        n_front = int(round(m * r / (1 + r))) if len(front) and len(lat) else (m if len(front) else 0)
+        return np.concatenate([_draw(rng, front, n_front), _draw(rng, lat, m - n_front), _draw(rng, other, n_other)])
 
     def epoch_list(self, epoch):
         """The whole epoch's shuffled index list (all ranks), a pure function of (seed, epoch)."""

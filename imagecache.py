@@ -1,16 +1,27 @@
 """
 The prepared pretraining cache that prepare.py builds and data.PretrainDataset reads: every image decoded once,
-its short side shrunk to min_stored_side (no training crop is ever upsampled), stored 8-bit, raw or PNG, in
-chunks that a killed build keeps or drops whole and that any number of processes share with no coordination.
+its short side shrunk to min_stored_side (no training crop is ever upsampled), stored 8-bit, raw or PNG.
 
     side = imagecache.min_stored_side(224, (0.3, 1.0))   # 473 px for the paper's crops
     imagecache.prepare_cache(paths, "out/cache", side, shard=imagecache.shard_from_env())  # resumable
     cache = imagecache.open_cache("out/cache", paths, side)   # refused if unfinished, stale or too small
     img = cache[i]                                            # np.uint8 HxW; ImageReadError if it was unreadable
+
+A cache folder holds
+  manifest.json          what is being built: version, key (hash of the path list and storage settings), paths
+  chunks/NNNNNN.bin      the images of chunk NNNNNN (chunk_size of them) back to back: raw uint8 rows or PNG files
+  chunks/NNNNNN.json     that chunk's completion marker: per image [offset, nbytes, height, width, small] or an error
+  index.json, index.npz  the merged index, written once every chunk is done: the cache is usable only then
+Every file is written to a temporary name and renamed, so a killed build leaves whole chunks or nothing; a rerun
+skips the chunks whose marker exists. Chunk k belongs to shard k % n, so n processes (ranks, nodes, SLURM tasks)
+share the work with no coordination; whichever finishes last finds every marker and writes the index.
 """
+import contextlib
 import hashlib
+import io
 import json
 import math
+import mmap
 import multiprocessing
 import os
 
@@ -20,31 +31,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from base import UserError, atomic_write
-from data import ImageReadError, _summarise_skipped, _to_tensor, log, read_image, resize
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# prepared cache (prepare.py): every image decoded once, shrunk so that no training crop is ever upsampled, 8-bit
-#
-# Layout of a cache folder:
-#   manifest.json          what is being built: version, key (hash of the path list and storage settings), paths
-#   chunks/NNNNNN.bin      images CHUNK_SIZE-aligned chunk NNNNNN, back to back (raw uint8 rows or PNG files)
-#   chunks/NNNNNN.json     that chunk's completion marker: per image [offset, nbytes, height, width] or an error
-#   index.json, index.npz  the merged index, written once every chunk is done: the cache is usable only then
-# Every file is written to a temporary name and renamed, so a killed build leaves whole chunks or nothing; a rerun
-# skips the chunks whose marker exists. Chunk k belongs to shard k % n, so n processes (ranks, nodes, SLURM tasks)
-# share the work with no coordination; whichever finishes last finds every marker and writes the index.
+from data import ImageReadError, _summarise_skipped, log, read_image, read_json, resize
 
 CACHE_VERSION = 2
 CACHE_FORMATS = ("raw", "png")
 
 
 def min_stored_side(img_size, crop_scale=(0.3, 1.0), crop_ratio=(3 / 4, 4 / 3)):
-    """Shortest stored side so that no random resized crop is upsampled: the smallest crop (area crop_scale[0] of
-    the image, at the most extreme aspect ratio) must still be img_size px on its short side. For an image of short
-    side s (long side >= s) that crop's short side is at least s * sqrt(scale_min * min(ratio_min, 1/ratio_max)),
-    so s >= img_size / sqrt(...): 473 px at 224 px, scale 0.3, ratio 3/4-4/3 (2 x img_size = 448 is not enough: a
-    0.3-area, 3:4 crop of a 448 px square is 212 px wide). At least 2 x img_size, a margin for the resize filter."""
+    """Shortest stored side so that no random resized crop is upsampled: the smallest crop (area crop_scale[0], at
+    the most extreme aspect ratio) of an image of short side s has a short side of at least s * sqrt(scale_min *
+    min(ratio_min, 1/ratio_max)), so s >= img_size / sqrt(...): 473 px for 224 px crops, scale 0.3, ratio 3/4-4/3
+    (448 is not enough: such a crop of a 448 px square is 212 px wide). At least 2 x img_size, for the filter."""
     worst = float(crop_scale[0]) * min(float(crop_ratio[0]), 1.0 / float(crop_ratio[1]))
     return max(2 * int(img_size), math.ceil(int(img_size) / math.sqrt(worst) + 0.5))  # +0.5: crop sides are rounded
 
@@ -53,9 +50,7 @@ def stored_shape(h, w, side):
     """(h, w) after shrinking the short side to `side`, aspect kept; images already at or below it are kept as
     they are (never upsampled: that would only cost disk and invent no detail)."""
     s = min(h, w)
-    if s <= side:
-        return h, w
-    return max(side, round(h * side / s)), max(side, round(w * side / s))
+    return (h, w) if s <= side else (max(side, round(h * side / s)), max(side, round(w * side / s)))
 
 
 def _cache_key(paths, side, fmt):
@@ -70,30 +65,12 @@ def _atomic_write(path, payload):
                  "prepare.py again once there is space")
 
 
-def _encode(img_u8, fmt):
-    if fmt == "raw":
-        return img_u8.tobytes()
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(img_u8).save(buf, format="PNG", compress_level=6)  # lossless; decode cost is level-independent
-    return buf.getvalue()
-
-
-def _decode(buf, h, w, fmt):
-    if fmt == "raw":
-        return np.frombuffer(buf, dtype=np.uint8).reshape(h, w)
-    import io
-    with Image.open(io.BytesIO(buf)) as im:
-        return np.asarray(im, dtype=np.uint8)
-
-
 def _prepare_image(path, side):
     """Decode, shrink (antialiased) so the short side is `side`, 8-bit. Returns (uint8 HxW, was_small)."""
     # draft: JPEGs decode in the DCT domain at >= 2x the stored side (several times faster on 2-3k px files, and
     # the 2x margin keeps the result within a fraction of a grey level of a full decode + resize)
     img = read_image(path, draft=2 * side)
-    shape = stored_shape(*img.shape, side)
-    x = resize(img, shape) if shape != img.shape else _to_tensor(img)
+    x = resize(img, stored_shape(*img.shape, side))  # a no-op (but the conversion to a tensor) when not shrunk
     return (x * 255).round_().clamp_(0, 255).to(torch.uint8).numpy(), min(img.shape) < side
 
 
@@ -111,7 +88,12 @@ def _prepare_chunk(job):
         except ImageReadError as e:
             items.append({"error": str(e)})
             continue
-        b = _encode(img, fmt)
+        if fmt == "raw":
+            b = img.tobytes()
+        else:  # lossless; the decode cost is the same at every compression level
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG", compress_level=6)
+            b = buf.getvalue()
         items.append([off, len(b), img.shape[0], img.shape[1], int(small)])
         blobs.append(b)
         off += len(b)
@@ -137,9 +119,8 @@ def shard_from_env(spec=None):
 
 
 def prepare_cache(paths, cache_dir, side, fmt="raw", shard=(0, 1), workers=None, chunk_size=512, progress=True):
-    """Build this shard's chunks of the cache of `paths` in `cache_dir` (in parallel over `workers` processes),
-    skipping chunks already done, then merge the index if every shard is done. Returns the PreparedCache when the
-    index exists afterwards, else None (other shards still running; the last one to finish merges)."""
+    """Build this shard's missing chunks of the cache of `paths` (over `workers` processes), then the index if every
+    chunk is done: returns the PreparedCache then, else None (other shards still running)."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise UserError("no images to prepare")
@@ -150,8 +131,7 @@ def prepare_cache(paths, cache_dir, side, fmt="raw", shard=(0, 1), workers=None,
     os.makedirs(os.path.join(cache_dir, "chunks"), exist_ok=True)
     manifest = os.path.join(cache_dir, "manifest.json")
     if os.path.exists(manifest):
-        with open(manifest) as f:
-            m = json.load(f)
+        m = read_json(manifest)
         if m.get("key") != key:
             raise UserError(f"{cache_dir} holds a cache of another image list or other settings (side "
                             f"{m.get('side')} px, format {m.get('format')}, {len(m.get('paths', []))} images): "
@@ -166,30 +146,21 @@ def prepare_cache(paths, cache_dir, side, fmt="raw", shard=(0, 1), workers=None,
     todo = [k for k in range(si, n_chunks, sn) if not done(k)]
     jobs = [(cache_dir, k, paths[k * chunk_size:(k + 1) * chunk_size], side, fmt) for k in todo]
     workers = min(len(jobs), (os.cpu_count() or 1) if workers is None else int(workers))
-    pool = None
-    try:
-        if workers > 1:
-            # spawn, not fork: forking a process whose torch/OpenMP threads already ran can deadlock the children;
-            # one torch thread each, since every worker resizes one image at a time
-            pool = multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (1,))
+    # spawn, not fork: forking a process whose torch/OpenMP threads already ran can deadlock the children; one torch
+    # thread each, since every worker resizes one image at a time. Leaving the `with` terminates the pool.
+    with (multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (1,)) if workers > 1
+          else contextlib.nullcontext()) as pool:
         results = pool.imap_unordered(_prepare_chunk, jobs) if pool else map(_prepare_chunk, jobs)
-        bar = tqdm(total=sum(len(j[2]) for j in jobs), desc=f"prepare shard {si}/{sn}", disable=not progress)
-        for _, n in results:
-            bar.update(n)
-        bar.close()
-    finally:
-        if pool is not None:
-            pool.terminate()
-    if all(done(k) for k in range(n_chunks)):
-        return merge_cache(cache_dir)
-    return None
+        with tqdm(total=sum(len(j[2]) for j in jobs), desc=f"prepare shard {si}/{sn}", disable=not progress) as bar:
+            for _, n in results:
+                bar.update(n)
+    return merge_cache(cache_dir) if all(done(k) for k in range(n_chunks)) else None
 
 
 def merge_cache(cache_dir):
     """Write index.json / index.npz from the chunk markers (all must exist). Idempotent. Returns PreparedCache."""
     cache_dir = os.fspath(cache_dir)
-    with open(os.path.join(cache_dir, "manifest.json")) as f:
-        m = json.load(f)
+    m = read_json(os.path.join(cache_dir, "manifest.json"))
     paths, cs = m["paths"], int(m["chunk_size"])
     n = len(paths)
     cols = {k: np.zeros(n, np.int64) for k in ("chunk", "offset", "nbytes", "height", "width", "small")}
@@ -198,16 +169,14 @@ def merge_cache(cache_dir):
         marker = os.path.join(cache_dir, "chunks", f"{k:06d}.json")
         if not os.path.exists(marker):
             raise UserError(f"cache {cache_dir} is incomplete (chunk {k} missing): run prepare.py again (all shards)")
-        with open(marker) as f:
-            for j, it in enumerate(json.load(f)):
-                i = k * cs + j
-                cols["chunk"][i] = k
-                if isinstance(it, dict):
-                    skipped[paths[i]] = it["error"]
-                    cols["nbytes"][i] = -1
-                else:
-                    for c, v in zip(("offset", "nbytes", "height", "width", "small"), it):
-                        cols[c][i] = v
+        for j, it in enumerate(read_json(marker)):
+            i = k * cs + j
+            cols["chunk"][i] = k
+            if isinstance(it, dict):
+                skipped[paths[i]] = it["error"]
+                it = [0, -1, 0, 0, 0]  # nbytes -1: unreadable
+            for c, v in zip(("offset", "nbytes", "height", "width", "small"), it):
+                cols[c][i] = v
     atomic_write(os.path.join(cache_dir, "index.npz"), lambda tmp: np.savez(open(tmp, "wb"), **cols))
     ok = cols["nbytes"] >= 0
     info = {"version": CACHE_VERSION, "key": m["key"], "side": m["side"], "format": m["format"], "images": n,
@@ -218,17 +187,15 @@ def merge_cache(cache_dir):
 
 
 def open_cache(cache_dir, paths=None, min_side=None):
-    """The PreparedCache in `cache_dir`. With `paths`: checks it holds exactly those images (in that order); with
-    `min_side`: that it stores images at least that large. Any mismatch or an unfinished cache is a UserError
-    that says what to run."""
+    """The PreparedCache in `cache_dir`; with `paths`, checked to hold exactly those images (in that order), with
+    `min_side`, to store short sides at least that large: a UserError that says what to run otherwise."""
     cache_dir = os.fspath(cache_dir)
     index = os.path.join(cache_dir, "index.json")
     if not os.path.exists(index):
         state = "an unfinished" if os.path.exists(os.path.join(cache_dir, "manifest.json")) else "no"
         raise UserError(f"{cache_dir} holds {state} prepared cache: run `python prepare.py --data_dir ... "
                         f"--cache_dir {cache_dir}` first (with the same sources; it resumes)")
-    with open(index) as f:
-        info = json.load(f)
+    info = read_json(index)
     if info.get("version") != CACHE_VERSION:
         raise UserError(f"{cache_dir} was prepared by another version of prepare.py: delete it and prepare again")
     if paths is not None:
@@ -263,9 +230,9 @@ class PreparedCache:
 
     def _map(self, k):
         if k not in self._maps:
-            import mmap
             with open(os.path.join(self.cache_dir, "chunks", f"{k:06d}.bin"), "rb") as f:
-                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+                size = os.fstat(f.fileno()).st_size  # mmap refuses an empty file (a chunk of unreadable images)
+                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         return self._maps[k]
 
     def __getitem__(self, i):
@@ -275,7 +242,8 @@ class PreparedCache:
         m = self._map(int(self.chunk[i]))
         if self.format == "raw":  # a read-only view of the mapped pages: only the crop taken from it is copied
             return np.frombuffer(m, dtype=np.uint8, count=n, offset=o).reshape(h, w)
-        return _decode(m[o:o + n], h, w, self.format)
+        with Image.open(io.BytesIO(m[o:o + n])) as im:
+            return np.asarray(im, dtype=np.uint8)
 
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}}

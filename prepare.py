@@ -1,6 +1,7 @@
 """
 Prepare the pretraining images once: decode every file of an archive (folders, CSVs with a `path` column, DICOM),
-shrink it so that no training crop is ever upsampled, and store it 8-bit in a cache that pretrain.py reads.
+shrink it so that no training crop is ever upsampled, and store it 8-bit in a cache that pretrain.py reads (the
+README's Input says what it stores and costs, imagecache.py how). A killed run continues when run again.
 
     python prepare.py --data_dir /data/mimic /data/chexpert/train.csv --cache_dir /fast/radjepa-cache
     python pretrain.py --data_dir /data/mimic /data/chexpert/train.csv --cache_dir /fast/radjepa-cache
@@ -8,41 +9,25 @@ shrink it so that no training crop is ever upsampled, and store it 8-bit in a ca
     # split over machines / SLURM tasks: each process builds its share, the last to finish writes the index
     srun -n 8 python prepare.py --data_dir ... --cache_dir /shared/cache          # shard from SLURM_PROCID/NTASKS
     python prepare.py --data_dir ... --cache_dir C --shard 3/8                   # or explicitly, shard 3 of 8
-
-What is stored: each image with its short side shrunk to imagecache.min_stored_side(img_size, crop_scale) (473 px for
-224 px crops of 30-100% of the area at aspect 3/4-4/3: the smallest such crop is still 224 px on its short side),
-aspect kept, antialiased, 8-bit grey; originals already smaller are stored as they are and counted (their crops
-are upsampled in training whatever the cache does). --format raw (default) stores uint8 rows, read with no decode
-at all; --format png is lossless and smaller on disk, at the price of a PNG decode per training sample. Disk per
-100k images (measured on 512 px NIH frontals, stored at 473 x 473): raw 22.4 GB, png see the closing summary.
-
-How: the image list is cut into chunks of --chunk_size; chunk k belongs to shard k % N and is built by one of
---workers processes on this machine (default: every core), written to a temporary file and renamed, then marked
-done. A killed run loses at most the chunks in flight: run the same command again and it continues. No process
-ever waits for another: each one finishing checks whether every chunk is done and, if so, writes the index.
-The cache folder must be one that every pretraining process can read (shared storage, or copied to each node).
+    # the cache folder must be readable by every pretraining process: shared storage, or a copy on each node
 """
 import argparse
-import json
-import os
 import time
 
 import base
 import data
 import imagecache
-from base import UserError
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", nargs="+", required=True, metavar="SOURCE",
-                   help="the same sources pretrain.py gets: image folders or CSVs (column `path`), optionally PATH:WEIGHT")
+                   help="the sources pretrain.py gets: image folders or CSVs (column `path`), optionally PATH:WEIGHT")
     p.add_argument("--cache_dir", required=True, help="folder of the cache (created; resumed if it holds part of one)")
     p.add_argument("--img_size", type=int, default=224, help="training crop size the cache must serve (paper: 224)")
     p.add_argument("--crop_scale", type=float, nargs=2, default=(0.3, 1.0), help="training crop area range")
     p.add_argument("--side", type=int, default=None,
-                   help="stored short side in px (default: the least that never upsamples a crop at --img_size and "
-                        "--crop_scale)")
+                   help="stored short side in px (default: the least that never upsamples an --img_size crop)")
     p.add_argument("--format", choices=list(imagecache.CACHE_FORMATS), default="raw",
                    help="raw: uint8 rows, fastest to read; png: lossless, smaller, one PNG decode per sample")
     p.add_argument("--workers", type=int, default=None, help="processes on this machine (default: every core)")
@@ -50,11 +35,8 @@ def get_args(argv=None):
                    help="build shard I of N (default: from RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS, else 0/1)")
     p.add_argument("--chunk_size", type=int, default=512, help="images per chunk (the unit of work and of resuming)")
     p.add_argument("--merge", action="store_true", help="only write the index from finished chunks")
-    args = p.parse_args(argv)
-    if args.img_size < 1 or args.chunk_size < 1 or (args.side is not None and args.side < 1):
-        raise UserError("--img_size, --side and --chunk_size must be positive")
-    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        raise UserError(f"--crop_scale {args.crop_scale[0]} {args.crop_scale[1]}: need 0 < MIN <= MAX <= 1")
+    args = base.check(p.parse_args(argv), "img_size >= 1", "side >= 1", "chunk_size >= 1")
+    base.ordered_pair(args, "crop_scale", 1e-9, 1.0)
     return args
 
 
@@ -86,8 +68,7 @@ def main(argv=None):
               f"finish writes the index; or run again with --merge once all are done)")
         return None
     print(summary(cache) + f"; {dt:.0f} s")
-    with open(os.path.join(args.cache_dir, "index.json")) as f:
-        return json.load(f)
+    return cache.info  # index.json as written
 
 
 if __name__ == "__main__":
