@@ -261,8 +261,12 @@ class JsonlLogger:
 
     def log(self, **row):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:  # a full disk: one line, and the last checkpoint is intact
+                raise UserError(f"could not append to {self.path} ({e.strerror or e}); the last checkpoint is intact: "
+                                "free space, then run again (--resume continues a pretraining run)")
             if self.mirror is not None:
                 self.mirror.log(**row)
 

@@ -24,6 +24,7 @@ python, torchrun (one or many nodes), or srun without torchrun (ranks from SLURM
 """
 import argparse
 import copy
+import hashlib
 import logging
 import os
 import resource
@@ -302,6 +303,7 @@ def main(argv=None):
     # data: find and check everything before any model is built, so a bad path fails in seconds
     sources = data.parse_sources(args.data_dir)
     paths = data.concat_paths(sources)
+    run.data = {"images": len(paths), "list": hashlib.sha1("\0".join(paths).encode()).hexdigest()}
     # opened, never built here (no rank waits for another); a missing, unfinished or mismatched cache is an error
     cache = imagecache.open_cache(args.cache_dir, paths, imagecache.min_stored_side(args.img_size, args.crop_scale)) \
         if args.cache_dir else None

@@ -29,9 +29,11 @@ TEMP = re.compile(r".*\.(tmp|old)\d+")  # what atomic writes leave behind when k
 # flags that may differ on --resume without changing what is computed (or that exist to be changed: max_steps and
 # epochs extend or shorten the run); every other flag saved in the checkpoint must match unless in --allow_change
 MAY_CHANGE = {"max_steps", "epochs", "num_workers", "log_every", "ckpt_every", "keep_ckpts", "out_dir", "resume",
-              "overwrite", "allow_change", "device", "attn", "compile", "verify", "cache_dir", "preset",
+              "overwrite", "allow_change", "device", "attn", "compile", "verify", "preset",
               "probe_every", "probe_csv", "monitor_every", "tensorboard", "init_from"}
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# a closed terminal or ssh session (SIGHUP) stops a run as a scheduler does: a checkpoint of the step, then exit
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+LOCK = []  # the locked out_dir's file descriptor: DataLoader workers close their inherited copy (worker_init)
 
 
 def on_main(env, fn):
@@ -68,6 +70,7 @@ class Run:
         self.args, self.env = args, env
         self.ckpt = os.path.join(args.out_dir, "checkpoint.pt")
         self.last_good = None  # step of the last checkpoint written or resumed from
+        self.data = None  # what the run trains on (set once the sources are read): saved, and checked on --resume
         on_main(env, self._open)
         self.resume = on_main(env, self._decide)
         self.ck = self._read() if self.resume else None  # every rank reads it; the flag check is deterministic
@@ -75,26 +78,27 @@ class Run:
         self.stopper = Stopper(env)
 
     def _open(self):
-        """Create out_dir, check it is writable, take its lock, remove temp files of killed runs. The lock is an flock
-        on out_dir/.lock: the kernel drops it when the holder dies, so a killed run never blocks the next one."""
-        out = self.args.out_dir
+        """Create out_dir, check it is writable, lock it, remove temp files of killed runs. The lock is an flock on
+        the folder itself (deleting a file cannot steal it), which the kernel drops when the holder dies, so a
+        killed run never blocks the next one; DataLoader workers close their inherited copy at once, so a
+        scheduler's immediate requeue after kill -9 is not refused while they wind down. out_dir/.lock names the
+        holder."""
+        out, info = self.args.out_dir, os.path.join(self.args.out_dir, ".lock")
         try:
             os.makedirs(out, exist_ok=True)
             tempfile.TemporaryFile(dir=out).close()
-            lock = open(os.path.join(out, ".lock"), "a+")
+            fd = os.open(out, os.O_RDONLY)
         except OSError as e:
             raise UserError(f"--out_dir {out} is not writable ({e.strerror or e}): choose another folder")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            lock.seek(0)
-            raise UserError(f"--out_dir {out} is in use by another pretrain.py run ({lock.read().strip() or 'unknown'}):"
-                            " wait for it to end, stop it, or choose another --out_dir")
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
-        self.lock = lock  # held (and the lock with it) until the process ends
+            holder = open(info).read().strip() if os.path.exists(info) else "unknown"
+            raise UserError(f"--out_dir {out} is in use by another pretrain.py run ({holder}): wait for it to end, "
+                            "stop it, or choose another --out_dir")
+        LOCK[:] = [fd]  # held (and the lock with it) until the process ends
+        with open(info, "w") as f:
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         stale = sorted(n for n in os.listdir(out) if TEMP.fullmatch(n) or n == "hf.new")
         for n in stale:
             p = os.path.join(out, n)
@@ -161,6 +165,12 @@ class Run:
             return 0
         ck, env = self.ck, self.env
         step = self.last_good = ck["step"]
+        was = ck.get("data")
+        if was and was != self.data and "data_dir" not in {a.lstrip("-") for a in self.args.allow_change}:
+            raise UserError(f"--resume: the sources now hold {self.data['images']} images in another list than the "
+                            f"checkpoint's {was['images']} (files added, removed or renamed): the data order and the "
+                            "schedule would change mid-run. Restore the files, or continue anyway with --allow_change "
+                            "data_dir, or start over with --overwrite")
         if step > total:
             raise UserError(f"--resume: the checkpoint is at step {step}, past this run's end at step {total}: give "
                             "a larger --max_steps or --epochs")
@@ -203,6 +213,7 @@ class Run:
         state = {"encoder": jepa.encoder.state_dict(), "predictor": jepa.predictor.state_dict(),
                  "target_encoder": target.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                  "step": step, "total": total, "world": self.env.world, "rng": {"torch": torch.get_rng_state()},
+                 "data": self.data,
                  "args": {k: v for k, v in vars(args).items()
                           if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}}
 
@@ -244,9 +255,13 @@ def exported_step(path):
 
 def worker_init(_):
     """SLURM signals every process of a step: workers ignore the stop signals and leave the stopping to the main
-    process (which ends them), instead of dying and taking the run down with a traceback."""
+    process (which ends them), instead of dying and taking the run down with a traceback. They close their copy of
+    the out_dir lock, which only the main process holds."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    for fd in LOCK:
+        os.close(fd)
+    LOCK.clear()
 
 
 class Stopper:

@@ -20,7 +20,7 @@ from model import VIT_CONFIGS, Predictor, build_vit, count_params
 
 # a small, fast configuration: 84 px -> 6x6 patch grid
 FAST = ["--model", "vit_tiny", "--img_size", "84", "--batch_size", "8", "--pred_depth", "2", "--pred_dim", "96",
-        "--num_workers", "0", "--min_keep", "3", "--log_every", "1"]
+        "--num_workers", "0", "--min_keep", "3", "--log_every", "1", "--monitor_every", "0"]
 NIH = str(SAMPLE / "nih14")
 
 
@@ -62,7 +62,8 @@ def wait_for_steps(out, n, proc, timeout=300):
 
 def losses(out):
     with open(os.path.join(out, "log.jsonl")) as f:
-        return {row["step"]: row["loss"] for row in map(json.loads, [l for l in f if l.endswith("\n")])}
+        return {row["step"]: row["loss"] for row in map(json.loads, [l for l in f if l.endswith("\n")])
+                if "loss" in row}
 
 
 def expected_vit_params(dim, depth, patch, chans, n_patches):
@@ -297,8 +298,8 @@ def test_out_dir_is_locked_and_never_overwritten(tmp_path):
     assert "--max_steps 2 -> 4" in r.stdout and "--num_workers 0 -> 1" in r.stdout
     assert sorted(losses(out)) == [1, 2, 3, 4]
     # --keep_ckpts 2: the latest and the one before it
-    assert sorted(os.listdir(out)) == [".lock", "checkpoint.pt", "checkpoint_step3.pt", "encoder.safetensors", "hf",
-                                       "log.jsonl", "masks.png"]
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint.pt", "checkpoint_step3.pt", "curves.png",
+                                       "encoder.safetensors", "hf", "log.jsonl", "masks.png"]
     assert torch.load(out / "checkpoint_step3.pt", weights_only=True)["step"] == 3
 
 
