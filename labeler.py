@@ -51,12 +51,9 @@ OTHER = "_other finding"  # findings outside the 14 that still mean the study is
 MENTIONS = {
     "Enlarged Cardiomediastinum": [
         ("finding", r"(widen\w*|enlarge\w*) (of the )?(cardio)?mediastin\w*|mediastinal (widening|enlargement)"),
-        ("anatomy", r"(cardio)?mediastin(um|al)( silhouette| contours?| configuration)?|pericardial silhouette"),
-    ],
-    "Cardiomegaly": [
-        ("finding", r"cardiomegaly|cardiac enlargement|enlarged (heart|cardiac silhouette)"),
-        ("anatomy", r"(the )?heart( size)?\b|cardiac (size|shadow|contours?|silhouette)"),
-    ],
+        ("anatomy", r"(cardio)?mediastin(um|al)( silhouette| contours?| configuration)?|pericardial silhouette")],
+    "Cardiomegaly": [("finding", r"cardiomegaly|cardiac enlargement|enlarged (heart|cardiac silhouette)"),
+                     ("anatomy", r"(the )?heart( size)?\b|cardiac (size|shadow|contours?|silhouette)")],
     "Lung Lesion": [("finding", r"mass(es)?\b|nodul(e|es)\b|nodular (densit|opacit|opacification)\w*|lump\b|"
                                 r"cavitary lesion|cavitation|carcinoma|neoplasm|tumou?r|malignan\w*|metasta\w*")],
     "Lung Opacity": [("finding", r"opaci\w*|decreased translucency|increased density|air[- ]?space (disease|shadowing)|"
@@ -169,8 +166,8 @@ _JOIN = re.compile(r"^\W*(or|versus|vs\.?|and/or)\W+(\w+\W+){0,3}$")
 def normalise(text):
     """Lower case, British spellings to American (the mention lists are American), whitespace collapsed."""
     t = " " + str(text).lower() + " "
-    for a, b in (("oedema", "edema"), ("haemo", "hemo"), ("haema", "hema"), ("tumour", "tumor"),
-                 ("opacif", "opacif"), ("oesoph", "esoph"), ("paediatric", "pediatric"), ("centre", "center")):
+    for a, b in (("oedema", "edema"), ("haemo", "hemo"), ("haema", "hema"), ("tumour", "tumor"), ("oesoph", "esoph"),
+                 ("paediatric", "pediatric"), ("centre", "center")):
         t = t.replace(a, b)
     return re.sub(r"[ \t]+", " ", t).strip()
 
@@ -193,11 +190,8 @@ def _cue_spans(clause):
     """All cue matches (kind, start, end, reach), longest first where they overlap (so 'cannot exclude' beats
     'exclude' and 'no new' beats 'no'); pseudo-negations ('no change in') are removed first."""
     masked = _PSEUDO.sub(lambda m: "#" * len(m.group(0)), clause)
-    found = []
-    for kind, rx, reach in _CUES:
-        for m in rx.finditer(masked):
-            found.append((kind, m.start(), m.end(), reach))
-    found.sort(key=lambda c: (c[1], -(c[2] - c[1])))
+    found = sorted(((kind, m.start(), m.end(), reach) for kind, rx, reach in _CUES for m in rx.finditer(masked)),
+                   key=lambda c: (c[1], -(c[2] - c[1])))
     out, last_end = [], -1
     for c in found:
         if c[1] >= last_end:
@@ -354,20 +348,15 @@ class Scorer:
     def __init__(self, hyps, refs):
         from rouge_score import rouge_scorer
         from sacrebleu.metrics import BLEU
-        self.hyps, self.refs, self.bleu = hyps, refs, BLEU()
-        try:  # sacrebleu's per-sentence statistics (an internal API); without it each resample is scored afresh
-            self.bleu_stats = np.array([self.bleu._extract_corpus_statistics([h], [[r]])[0]
-                                        for h, r in zip(hyps, refs)])
-        except AttributeError:
-            self.bleu_stats = None
+        self.bleu = BLEU()
+        # sacrebleu's per-sentence statistics (an internal API of sacrebleu >= 2), summed per resample
+        self.bleu_stats = np.array([self.bleu._extract_corpus_statistics([h], [[r]])[0] for h, r in zip(hyps, refs)])
         rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         self.rouge = np.array([rs.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)])
         self.gen_labels = [label_report(h) for h in hyps]
         self.ref_labels = [label_report(r) for r in refs]
 
     def bleu4(self, idx):
-        if self.bleu_stats is None:
-            return self.bleu.corpus_score([self.hyps[i] for i in idx], [[self.refs[i] for i in idx]]).score
         return self.bleu._compute_score_from_stats(self.bleu_stats[idx].sum(0).tolist()).score
 
     def rouge_l(self, idx):

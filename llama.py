@@ -1,7 +1,7 @@
 """
-A Llama decoder in plain PyTorch, the language model of report.py: small and trained from scratch by default, or a
+The language model of report.py: a Llama decoder in plain PyTorch, small and trained from scratch by default, or a
 local Hugging Face Llama / Vicuna checkpoint (the paper's Vicuna-7B v1.5) loaded by name into the same code; its
-sentencepiece tokenizer, LoRA adapters saved for peft, and FSDP2 sharding with a sharded training state.
+sentencepiece tokenizer, LoRA adapters saved for peft, and fine-tuning over the ranks with DDP or FSDP2.
 
     from llama import LlamaConfig, Llama, load_hf_llama, generate, apply_lora
     lm = Llama(LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -13,10 +13,9 @@ sentencepiece tokenizer, LoRA adapters saved for peft, and FSDP2 sharding with a
     save_peft_adapter(lm, "out/adapter", base="/models/vicuna-7b-v1.5")  # adapter_config.json + safetensors
     shard_fsdp(model, lm.model.layers, "cuda", param_dtype=torch.bfloat16)  # FSDP2 under torchrun (report.py --fsdp)
 
-Parameter names are Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., model.norm, lm_head),
-so a checkpoint's state dict loads by name with a strict key check. The numerics follow transformers'
-LlamaForCausalLM (RMSNorm in float32, rotary embeddings in the "rotate_half" layout, SwiGLU MLP, grouped-query
-attention), which tests/test_report.py checks to 1e-4 against transformers itself.
+Parameter names are Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head), so a
+checkpoint loads by name with a strict key check; the numerics follow transformers' LlamaForCausalLM (RMSNorm in
+float32, "rotate_half" rotary embeddings, SwiGLU, grouped-query attention), checked to 1e-4 against transformers.
 """
 import contextlib
 import json
@@ -99,10 +98,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalised in float32 and cast back before the gain, exactly as transformers does (matters in bf16)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_inv_freq(cfg):
@@ -208,9 +205,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the model
-
 class Llama(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -251,10 +245,8 @@ class Llama(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
-        if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
-        else:
-            position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+        position_ids = ((attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+                        if attention_mask is not None else torch.arange(past, past + T, device=x.device).expand(B, T))
         # rotary angles (B, T, hd / 2) in float32, as transformers computes them
         freqs = position_ids[..., None].float() * self._inv_freq.to(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -331,13 +323,11 @@ def train_tokenizer(texts, path, vocab_size):
     seen in training becomes its UTF-8 bytes instead of <unk>, so text round-trips exactly (for 256 byte pieces).
     No Unicode normalisation either (Llama's has none): NFKC would turn "SpO₂" into "SpO2"."""
     import sentencepiece as spm
-    if vocab_size < 300:
-        raise UserError(f"--vocab_size {vocab_size}: the byte-fallback tokenizer needs at least 300 "
-                        "(256 byte pieces + specials + words)")
-    need = 256 + 3 + len(set("".join(texts)) - {" "}) + 1  # bytes, specials, every character seen, word boundary
+    # bytes, specials, every character seen and the word boundary; at least 300, to leave pieces for words
+    need = max(300, 256 + 3 + len(set("".join(texts)) - {" "}) + 1)
     if vocab_size < need:
         raise UserError(f"--vocab_size {vocab_size}: these reports need at least {need} pieces (256 byte pieces, "
-                        f"3 specials and one per distinct character); give --vocab_size {need} or more")
+                        f"3 specials, one per distinct character and some words); give --vocab_size {need} or more")
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=path[:-len(".model")],
                                    vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
                                    byte_fallback=True, normalization_rule_name="identity", unk_id=0, bos_id=1,
@@ -474,13 +464,12 @@ def save_peft_adapter(lm, out_dir, base=None, dropout=0.0):
 # FSDP2: sharded parameters, gradients and optimizer state, saved and resumed with torch.distributed.checkpoint
 
 def shard_fsdp(model, layers, device, param_dtype=None, reduce_dtype=torch.float32, from_rank0=False):
-    """Shard `model` in place with FSDP2 over all ranks: each of `layers` (the decoder layers) is a unit whose
-    parameters are all-gathered just before its forward / backward and freed after; the root holds the rest
-    (embedding, final norm, lm_head, the caller's projector). Each unit is moved to `device` in float32 just before
-    it is sharded, so a rank never holds more than one float32 layer unsharded. The shards, their gradients and
-    AdamW's state stay float32; they are all-gathered in param_dtype (the compute dtype, bf16 on GPU; None keeps
-    float32) and gradients reduce-scattered in reduce_dtype. from_rank0: only rank 0 holds real weights (the
-    others built the model on the meta device) and every rank receives its shards of them."""
+    """Shard `model` in place with FSDP2 over all ranks: each of `layers` is a unit whose parameters are all-gathered
+    just before its forward / backward and freed after; the root holds the rest (embedding, norm, lm_head, the
+    caller's projector). Each unit is moved to `device` in float32 just before it is sharded, so a rank never holds
+    more than one float32 layer unsharded. Shards, gradients and AdamW state stay float32, all-gathered in
+    param_dtype (None: float32) and reduce-scattered in reduce_dtype. from_rank0: only rank 0 holds real weights
+    (the others built the model on the meta device) and every rank receives its shards of them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}  # references, no copy

@@ -31,7 +31,6 @@ import csv
 import os
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -191,8 +190,7 @@ def load_samples(args):
 # the prompt, sequences and the model
 
 def train_tokenizer(texts, path, vocab_size):
-    """The small LM's tokenizer (llama.train_tokenizer) on the training reports plus the prompt, so it has pieces
-    for the prompt too."""
+    """llama.train_tokenizer on the training reports, plus the prompt so that it has pieces for it too."""
     return llama.train_tokenizer(list(texts) + [PROMPT.replace("<image>", "")] * 20, path, vocab_size)
 
 
