@@ -12,6 +12,7 @@ sentencepiece tokenizer, LoRA adapters saved for peft, and fine-tuning over the 
     apply_lora(lm, r=8, alpha=16)                 # q/k/v/o get low-rank adapters; everything else frozen
     save_peft_adapter(lm, "out/adapter", base="/models/vicuna-7b-v1.5")  # adapter_config.json + safetensors
     shard_fsdp(model, lm.model.layers, "cuda", param_dtype=torch.bfloat16)  # FSDP2 under torchrun (report.py --fsdp)
+    steps, mem, total = fine_tune(model, n, batch_of, args, env, warmup=0.03)  # report.py's training loop
 
 Parameter names are Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head), so a
 checkpoint loads by name with a strict key check; the numerics follow transformers' LlamaForCausalLM (RMSNorm in
