@@ -132,8 +132,8 @@ PRE_UNCERTAIN = [
 POST_UNCERTAIN_STRONG = r"(is|are|was|were)? ?(can ?not|could not|not) (be )?(excluded|ruled out)"
 POST_NEGATION = (r"\b(is|are|appears?|remains?|otherwise|now|has|have|been|within|seems?|looks?|\s)*"
                  r"(normal|unremarkable|within normal limits|resolved|cleared|removed|no longer|absent|negative|"
-                 r"not (seen|identified|present|enlarged|widened|dilated|demonstrated|visuali[sz]ed|appreciated|evident|"
-                 r"detected))")
+                 r"not (seen|identified|present|enlarged|widened|dilated|demonstrated|visuali[sz]ed|appreciated|"
+                 r"evident|detected))")
 POST_UNCERTAIN = (r"\b(is|are|was|were|could|may|might|also|be|\s)*(suspected|possible|possibly|less likely|"
                   r"questionable|versus|vs\b|or\b|(not|poorly|incompletely) (well |clearly )?(seen|visuali[sz]ed|"
                   r"evaluated|appreciated)|obscured)")
