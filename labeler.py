@@ -1,11 +1,10 @@
 """
 A rule-based CheXpert-14 report labeler, written for this project after the design of the CheXpert labeler (Irvin
 et al., AAAI 2019: mention phrases per observation, then negation and uncertainty rules, then aggregation), with
-compact regular-expression rules instead of its dependency-parse patterns; and the report metrics of report.py:
-CheXpert F1 as LLaVA-Rad's evaluation computes it (Macro-F1-14 with uncertain as negative, Macro-F1-14+ with
-uncertain as positive, Micro-F1-5), BLEU-4 (sacrebleu) and ROUGE-L (rouge-score, no stemmer), with bootstrap
-confidence intervals; CheXbert F1 and RadGraph F1 from the f1chexbert / radgraph packages when they and their
-weights are on the machine (never downloaded at run time, never approximated).
+compact regular-expression rules instead of its dependency-parse patterns; and report.py's metrics as LLaVA-Rad's
+evaluation computes them: BLEU-4 (sacrebleu), ROUGE-L (rouge-score, no stemmer) and CheXpert F1, with bootstrap
+CIs; CheXbert F1 and RadGraph F1 only from f1chexbert / radgraph weights already on the machine (never downloaded
+at run time, never approximated).
 
     from labeler import label_report, chexpert_f1, score, OBSERVATIONS
     label_report("Heart size normal. Small left effusion. No pneumothorax. Possible pneumonia.")
@@ -29,10 +28,14 @@ Labels: 1 positive, 0 negative, -1 uncertain, None not mentioned. How a report i
   5. No Finding = 1 when no observation other than Support Devices (and no other finding) is positive or uncertain,
      else blank (CheXpert never writes No Finding = 0).
 """
+import csv
+import importlib.util
 import os
 import re
+from unittest import mock
 
 import numpy as np
+from tqdm import tqdm
 
 from base import bootstrap_ci
 
@@ -48,12 +51,9 @@ OTHER = "_other finding"  # findings outside the 14 that still mean the study is
 MENTIONS = {
     "Enlarged Cardiomediastinum": [
         ("finding", r"(widen\w*|enlarge\w*) (of the )?(cardio)?mediastin\w*|mediastinal (widening|enlargement)"),
-        ("anatomy", r"(cardio)?mediastin(um|al)( silhouette| contours?| configuration)?|pericardial silhouette"),
-    ],
-    "Cardiomegaly": [
-        ("finding", r"cardiomegaly|cardiac enlargement|enlarged (heart|cardiac silhouette)"),
-        ("anatomy", r"(the )?heart( size)?\b|cardiac (size|shadow|contours?|silhouette)"),
-    ],
+        ("anatomy", r"(cardio)?mediastin(um|al)( silhouette| contours?| configuration)?|pericardial silhouette")],
+    "Cardiomegaly": [("finding", r"cardiomegaly|cardiac enlargement|enlarged (heart|cardiac silhouette)"),
+                     ("anatomy", r"(the )?heart( size)?\b|cardiac (size|shadow|contours?|silhouette)")],
     "Lung Lesion": [("finding", r"mass(es)?\b|nodul(e|es)\b|nodular (densit|opacit|opacification)\w*|lump\b|"
                                 r"cavitary lesion|cavitation|carcinoma|neoplasm|tumou?r|malignan\w*|metasta\w*")],
     "Lung Opacity": [("finding", r"opaci\w*|decreased translucency|increased density|air[- ]?space (disease|shadowing)|"
@@ -132,8 +132,8 @@ PRE_UNCERTAIN = [
 POST_UNCERTAIN_STRONG = r"(is|are|was|were)? ?(can ?not|could not|not) (be )?(excluded|ruled out)"
 POST_NEGATION = (r"\b(is|are|appears?|remains?|otherwise|now|has|have|been|within|seems?|looks?|\s)*"
                  r"(normal|unremarkable|within normal limits|resolved|cleared|removed|no longer|absent|negative|"
-                 r"not (seen|identified|present|enlarged|widened|dilated|demonstrated|visuali[sz]ed|appreciated|evident|"
-                 r"detected))")
+                 r"not (seen|identified|present|enlarged|widened|dilated|demonstrated|visuali[sz]ed|appreciated|"
+                 r"evident|detected))")
 POST_UNCERTAIN = (r"\b(is|are|was|were|could|may|might|also|be|\s)*(suspected|possible|possibly|less likely|"
                   r"questionable|versus|vs\b|or\b|(not|poorly|incompletely) (well |clearly )?(seen|visuali[sz]ed|"
                   r"evaluated|appreciated)|obscured)")
@@ -166,8 +166,8 @@ _JOIN = re.compile(r"^\W*(or|versus|vs\.?|and/or)\W+(\w+\W+){0,3}$")
 def normalise(text):
     """Lower case, British spellings to American (the mention lists are American), whitespace collapsed."""
     t = " " + str(text).lower() + " "
-    for a, b in (("oedema", "edema"), ("haemo", "hemo"), ("haema", "hema"), ("tumour", "tumor"),
-                 ("opacif", "opacif"), ("oesoph", "esoph"), ("paediatric", "pediatric"), ("centre", "center")):
+    for a, b in (("oedema", "edema"), ("haemo", "hemo"), ("haema", "hema"), ("tumour", "tumor"), ("oesoph", "esoph"),
+                 ("paediatric", "pediatric"), ("centre", "center")):
         t = t.replace(a, b)
     return re.sub(r"[ \t]+", " ", t).strip()
 
@@ -190,11 +190,8 @@ def _cue_spans(clause):
     """All cue matches (kind, start, end, reach), longest first where they overlap (so 'cannot exclude' beats
     'exclude' and 'no new' beats 'no'); pseudo-negations ('no change in') are removed first."""
     masked = _PSEUDO.sub(lambda m: "#" * len(m.group(0)), clause)
-    found = []
-    for kind, rx, reach in _CUES:
-        for m in rx.finditer(masked):
-            found.append((kind, m.start(), m.end(), reach))
-    found.sort(key=lambda c: (c[1], -(c[2] - c[1])))
+    found = sorted(((kind, m.start(), m.end(), reach) for kind, rx, reach in _CUES for m in rx.finditer(masked)),
+                   key=lambda c: (c[1], -(c[2] - c[1])))
     out, last_end = [], -1
     for c in found:
         if c[1] >= last_end:
@@ -293,28 +290,18 @@ def binarise(labels, uncertain_as=0, observations=OBSERVATIONS):
 
 
 def chexpert_f1(gen_labels, ref_labels, uncertain_as=0, idx=None, observations=OBSERVATIONS):
-    """CheXpert F1 of generated vs reference label dicts (lists of label_report outputs, same order).
-
-    Conventions (LLaVA-Rad's evaluation, after the CheXbert practice of report-generation papers): a label counts
-    as positive when it is 1; uncertain (-1) counts as negative by default (`uncertain_as=0`, LLaVA-Rad's "rrg"
-    mode, its Macro-F1-14), as positive with `uncertain_as=1` ("rrg+", Macro-F1-14+); negative and not mentioned
-    are negative. Per observation F1 = 2TP / (2TP + FP + FN); an observation positive in neither the generated nor
-    the reference reports has F1 0 (scikit-learn's zero_division=0), so `macro_f1` averages all of `observations`.
-    `macro_f1_present` averages only observations positive in some reference, `micro_f1` pools the counts.
-    idx: optional resample of report indices (bootstrap)."""
+    """CheXpert F1 of generated vs reference label dicts (lists of label_report outputs, same order), over the
+    reports idx (a bootstrap resample; default all). Uncertain counts as negative (uncertain_as=0: LLaVA-Rad's
+    "rrg", its Macro-F1-14) or positive (1: "rrg+", Macro-F1-14+). An observation positive in neither generated
+    nor reference reports has F1 0 (scikit-learn's zero_division=0), so `macro_f1` averages all of `observations`;
+    `macro_f1_present` averages those positive in some reference, `micro_f1` pools the counts."""
     idx = range(len(ref_labels)) if idx is None else idx
     K = len(observations)
-    tp, fp, fn = [0] * K, [0] * K, [0] * K
-    present = [False] * K
-    for i in idx:
-        g, r = binarise(gen_labels[i], uncertain_as, observations), binarise(ref_labels[i], uncertain_as, observations)
-        for k in range(K):
-            tp[k] += g[k] and r[k]
-            fp[k] += g[k] and not r[k]
-            fn[k] += r[k] and not g[k]
-            present[k] |= bool(r[k])
+    g = np.array([binarise(gen_labels[i], uncertain_as, observations) for i in idx], dtype=bool).reshape(-1, K)
+    r = np.array([binarise(ref_labels[i], uncertain_as, observations) for i in idx], dtype=bool).reshape(-1, K)
+    tp, fp, fn = ((g & r).sum(0).tolist(), (g & ~r).sum(0).tolist(), (~g & r).sum(0).tolist())
     f1 = [2 * tp[k] / (2 * tp[k] + fp[k] + fn[k]) if tp[k] + fp[k] + fn[k] else 0.0 for k in range(K)]
-    pres = [f for f, p in zip(f1, present) if p]
+    pres = [f for f, p in zip(f1, r.any(0)) if p]
     T, P, N = sum(tp), sum(fp), sum(fn)
     return {"macro_f1": sum(f1) / K, "macro_f1_present": sum(pres) / len(pres) if pres else float("nan"),
             "micro_f1": 2 * T / (2 * T + P + N) if T + P + N else 0.0,
@@ -322,24 +309,15 @@ def chexpert_f1(gen_labels, ref_labels, uncertain_as=0, idx=None, observations=O
 
 
 def _offline_model_metric(name, fn):
-    """Run a metric that needs a downloaded model (f1chexbert, radgraph) only from files already on this machine:
-    Hugging Face Hub downloads are switched off for the call. Returns (value, None) or (None, why not)."""
-    import importlib.util
+    """fn() of a metric that needs a downloaded model (f1chexbert, radgraph), with Hugging Face Hub downloads
+    switched off: (value, None), or (None, why not)."""
     if importlib.util.find_spec(name) is None:
         return None, f"not available: the `{name}` package is not installed (pip install {name}, plus its weights)"
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
     try:
-        return fn(), None
+        with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
+            return fn(), None
     except Exception as e:  # missing weights or any failure of the external model: say so, never guess a number
         return None, f"not available: `{name}` could not run from local files ({type(e).__name__}: {str(e)[:120]})"
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def chexbert_f1(hyps, refs):
@@ -365,26 +343,20 @@ def radgraph_f1(hyps, refs):
 
 class Scorer:
     """Per-report sufficient statistics computed once, so each bootstrap resample only sums them: BLEU's n-gram
-    counts (sacrebleu), ROUGE-L F per report (rouge-score without a stemmer, as LLaVA-Rad's evaluation calls it),
-    CheXpert labels per report (labeler.py)."""
+    counts (sacrebleu), ROUGE-L F per report, CheXpert labels per report."""
 
     def __init__(self, hyps, refs):
         from rouge_score import rouge_scorer
         from sacrebleu.metrics import BLEU
-        self.hyps, self.refs, self.bleu = hyps, refs, BLEU()
-        try:  # sacrebleu's per-sentence statistics (an internal API); without it each resample is scored afresh
-            self.bleu_stats = np.array([self.bleu._extract_corpus_statistics([h], [[r]])[0]
-                                        for h, r in zip(hyps, refs)])
-        except AttributeError:
-            self.bleu_stats = None
+        self.bleu = BLEU()
+        # sacrebleu's per-sentence statistics (an internal API of sacrebleu >= 2), summed per resample
+        self.bleu_stats = np.array([self.bleu._extract_corpus_statistics([h], [[r]])[0] for h, r in zip(hyps, refs)])
         rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         self.rouge = np.array([rs.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)])
         self.gen_labels = [label_report(h) for h in hyps]
         self.ref_labels = [label_report(r) for r in refs]
 
     def bleu4(self, idx):
-        if self.bleu_stats is None:
-            return self.bleu.corpus_score([self.hyps[i] for i in idx], [[self.refs[i] for i in idx]]).score
         return self.bleu._compute_score_from_stats(self.bleu_stats[idx].sum(0).tolist()).score
 
     def rouge_l(self, idx):
@@ -400,8 +372,7 @@ class Scorer:
         return 100 * chexpert_f1(self.gen_labels, self.ref_labels, 0, idx, FIVE)["micro_f1"]
 
 
-# name in the table, Scorer method. The first CheXpert one is the headline (LLaVA-Rad's Macro-F1-14: uncertain as
-# negative); "+" counts uncertain as positive; Micro-F1-5 pools the five competition observations.
+# name in the table, Scorer method; Macro-F1-14 (uncertain as negative) is the headline
 METRICS = (("BLEU-4", "bleu4"), ("ROUGE-L", "rouge_l"), ("Macro-F1-14", "macro14"), ("Macro-F1-14+", "macro14_upos"),
            ("Micro-F1-5", "micro5"))
 
@@ -423,3 +394,38 @@ def score(hyps, refs, n_boot, seed=0):
     val, why = radgraph_f1(hyps, refs)
     out["RadGraph F1"] = {"value": val, "note": why or "radgraph partial reward, local weights"}
     return out, s
+
+
+def print_table(name, metrics, n_boot):
+    """The paper's Table 5 layout: median [95% CI] per metric, then the model-based metrics."""
+    cols = [m for m, _ in METRICS] + ["CheXbert F1", "RadGraph F1"]
+    cells = [f"{metrics[c]['median']:.2f} [{metrics[c]['ci95'][0]:.2f}, {metrics[c]['ci95'][1]:.2f}]"
+             for c, _ in METRICS]
+    for c in cols[-2:]:
+        v = metrics[c]["value"]
+        cells.append("n/a*" if v is None else f"{v['macro_f1_14'] if isinstance(v, dict) else v:.2f}")
+    print("\n" + f"{'encoder':28s}" + "".join(f"{c:>22s}" for c in cols))
+    print(f"{name[:28]:28s}" + "".join(f"{c:>22s}" for c in cells))
+    print(f"(0-100; median and 95% CI of {n_boot} bootstrap resamples of the test reports. Macro-F1-14: CheXpert-14 "
+          f"labels of labeler.py, uncertain as negative (the headline); Macro-F1-14+: uncertain as positive; "
+          f"Micro-F1-5: the five competition observations)")
+    for c in cols[-2:]:
+        if metrics[c]["value"] is None:
+            print(f"* {c} {metrics[c]['note']}")
+
+
+def write_labels(rows, text_col, out_dir):
+    """report.py --label_only: CheXpert-14 labels of every row's text_col, written to out_dir/labels.csv after the
+    row's own columns, and a count per observation."""
+    labels = [label_report(r[text_col]) for r in tqdm(rows, desc="labelling")]
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "labels.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + OBSERVATIONS)
+        w.writeheader()
+        w.writerows({**r, **{o: "" if v is None else v for o, v in lab.items()}} for r, lab in zip(rows, labels))
+    print(f"{'observation':28s} {'pos':>5s} {'neg':>5s} {'unc':>5s}")
+    for o in OBSERVATIONS:
+        print(f"{o:28s}" + "".join(f" {sum(lab[o] == v for lab in labels):5d}" for v in (1, 0, -1)))
+    print(f"wrote {path} ({len(rows)} reports)")
+    return path

@@ -1,6 +1,7 @@
 """
-A Llama decoder in plain PyTorch: the language model of report.py, small and trained from scratch by default, or a
-local Hugging Face Llama / Vicuna checkpoint (the paper's Vicuna-7B v1.5) loaded by name into the same code.
+The language model of report.py: a Llama decoder in plain PyTorch, small and trained from scratch by default, or a
+local Hugging Face Llama / Vicuna checkpoint (the paper's Vicuna-7B v1.5) loaded by name into the same code; its
+sentencepiece tokenizer, LoRA adapters saved for peft, and fine-tuning over the ranks with DDP or FSDP2.
 
     from llama import LlamaConfig, Llama, load_hf_llama, generate, apply_lora
     lm = Llama(LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -11,30 +12,28 @@ local Hugging Face Llama / Vicuna checkpoint (the paper's Vicuna-7B v1.5) loaded
     apply_lora(lm, r=8, alpha=16)                 # q/k/v/o get low-rank adapters; everything else frozen
     save_peft_adapter(lm, "out/adapter", base="/models/vicuna-7b-v1.5")  # adapter_config.json + safetensors
     shard_fsdp(model, lm.model.layers, "cuda", param_dtype=torch.bfloat16)  # FSDP2 under torchrun (report.py --fsdp)
+    steps, mem, total = fine_tune(model, n, batch_of, args, env, warmup=0.03)  # report.py's training loop
 
-Parameter names are Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., model.norm, lm_head),
-so a checkpoint's state dict loads by name with a strict key check. The numerics follow transformers'
-LlamaForCausalLM (RMSNorm in float32, rotary embeddings in the "rotate_half" layout, SwiGLU MLP, grouped-query
-attention), which tests/test_report.py checks to 1e-4 against transformers itself.
-
-Sharded training (report.py --fsdp) uses PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard): every decoder layer
-is one unit whose parameters are all-gathered just before its forward / backward and freed after, the rest (embedding,
-final norm, lm_head and whatever the caller adds, e.g. the projector) is the root unit. Parameters, gradients and
-AdamW state live as 1/world shards in float32; compute runs in --dtype (bf16 on GPU) and gradients are reduced in
-float32 (MixedPrecisionPolicy). Training state is saved and resumed with torch.distributed.checkpoint (one file per
-rank, any world size can read it back).
+Parameter names are Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head), so a
+checkpoint loads by name with a strict key check; the numerics follow transformers' LlamaForCausalLM (RMSNorm in
+float32, "rotate_half" rotary embeddings, SwiGLU, grouped-query attention), checked to 1e-4 against transformers.
 """
+import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+import shutil
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
-from base import UserError
+from base import JsonlLogger, UserError, cosine
 
 
 @dataclass
@@ -57,7 +56,6 @@ class LlamaConfig:
     eos_token_id: int = 2
     hidden_act: str = "silu"
     dtype: str = None                   # the checkpoint's dtype (config.json "torch_dtype" / "dtype")
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -69,30 +67,25 @@ class LlamaConfig:
             raise UserError(f"hidden_act {self.hidden_act!r} is not supported (Llama uses silu)")
 
     @classmethod
-    def from_hf(cls, d):
-        """From a Hugging Face config.json dict (transformers 4.x and 5.x spellings)."""
+    def from_json(cls, path):
+        """From a Hugging Face config.json (transformers 4.x and 5.x spellings)."""
+        with open(path) as f:
+            d = json.load(f)
         if d.get("model_type", "llama") not in ("llama", "mistral"):
             raise UserError(f"config.json model_type {d.get('model_type')!r}: --lm needs a Llama-architecture model")
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names and k not in ("extra", "dtype")}
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name != "dtype"}
         kw["dtype"] = d.get("torch_dtype") or d.get("dtype")
         # transformers 5 moved rope_theta / rope_scaling into one "rope_parameters" dict
         rp = d.get("rope_parameters") or {}
         if "rope_theta" in rp:
             kw["rope_theta"] = rp["rope_theta"]
-        scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
-        kw["rope_scaling"] = scaling
+        kw["rope_scaling"] = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
         if isinstance(kw.get("eos_token_id"), list):  # Llama 3 lists several stop tokens; the first is </s>-like
             kw["eos_token_id"] = kw["eos_token_id"][0]
         return cls(**kw)
 
-    @classmethod
-    def from_json(cls, path):
-        with open(path) as f:
-            return cls.from_hf(json.load(f))
-
     def to_dict(self):
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,23 +99,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalised in float32 and cast back before the gain, exactly as transformers does (matters in bf16)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_inv_freq(cfg):
-    """Rotary inverse frequencies (head_dim / 2,) on the CPU in float32, with the config's scaling applied, and the
-    attention scaling factor (1.0 except for scaling types that change it)."""
+    """Rotary inverse frequencies (head_dim / 2,) on the CPU in float32, with the config's scaling applied."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type", "default"))
     if kind == "default":
-        return inv, 1.0
+        return inv
     if kind == "linear":
-        return inv / sc["factor"], 1.0
+        return inv / sc["factor"]
     if kind == "llama3":  # Llama 3.1: long wavelengths divided by `factor`, short kept, smooth blend in between
         factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
         old = sc["original_max_position_embeddings"]
@@ -131,7 +121,7 @@ def rope_inv_freq(cfg):
         blended = (1 - smooth) * inv / factor + smooth * inv
         out = torch.where(wavelen > old / lo, inv / factor, inv)
         mid = (wavelen <= old / lo) & (wavelen >= old / hi)
-        return torch.where(mid, blended, out), 1.0
+        return torch.where(mid, blended, out)
     raise UserError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
 
 
@@ -141,14 +131,8 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 class KVCache:
-    """Preallocated keys / values for every layer, (B, n_kv_heads, max_len, head_dim) each; `length` tokens are
-    filled. Preallocation avoids re-concatenating the whole cache at every generated token."""
+    """Preallocated keys / values of every layer, (B, n_kv_heads, max_len, head_dim), `length` tokens filled."""
 
     def __init__(self, cfg, batch, max_len):
         self.shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -160,10 +144,7 @@ class KVCache:
         if self.k is None:  # allocated at first use, in the dtype autocast gives k and v (bf16 on GPU)
             self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-        T = k.shape[2]
-        end = self.length + T
-        if end > self.shape[3]:
-            raise RuntimeError(f"KV cache full: {end} tokens > {self.k.shape[3]}")
+        end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k.to(self.k.dtype)
         self.v[layer, :, :, self.length:end] = v.to(self.v.dtype)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -184,16 +165,15 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.h, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, k, cos, sin)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.idx, k, v)
         if self.kv != self.h:  # grouped-query attention: each key/value head serves h // kv query heads
             k = k.repeat_interleave(self.h // self.kv, dim=1)
             v = v.repeat_interleave(self.h // self.kv, dim=1)
-        if mask is None:  # plain causal self-attention over exactly these T tokens: SDPA's fastest path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # no mask: plain causal self-attention over exactly these T tokens, SDPA's fastest path
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.h * self.hd))
 
 
@@ -224,9 +204,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the model
-
 class Llama(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -240,7 +217,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # kept off the module state (not a buffer): checkpoints never carry it and meta-device construction
         # (load_hf_llama) cannot lose it
-        self._inv_freq, self._rope_scale = rope_inv_freq(cfg)
+        self._inv_freq = rope_inv_freq(cfg)
         self.gradient_checkpointing = False
         if self.lm_head.weight.device.type != "meta":
             self.reset_parameters()
@@ -258,28 +235,21 @@ class Llama(nn.Module):
     def embed(self, input_ids):
         return self.model.embed_tokens(input_ids)
 
-    def rope(self, position_ids, dtype):
-        inv = self._inv_freq.to(position_ids.device)
-        freqs = position_ids[..., None].float() * inv  # (B, T, hd / 2), in float32 like transformers
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self._rope_scale).to(dtype), (emb.sin() * self._rope_scale).to(dtype)
-
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
-                last_only=False, hidden_only=False):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, last_only=False,
+                hidden_only=False):
         """Logits (B, T, vocab) (or (B, 1, vocab) with last_only; the final-normed hidden states (B, T, d) with
-        hidden_only, so a caller can apply lm_head to the few positions it needs). Give input_ids or inputs_embeds.
-        attention_mask (B, past + T), 1 = real token, 0 = padding (left padding for generation, right padding
-        for training); it also covers the tokens already in `cache`. Positions count real tokens only, so a
-        left-padded prompt gets the same positions as the unpadded one."""
+        hidden_only, so a caller can apply lm_head to the few positions it needs). attention_mask (B, past + T):
+        1 = real token, 0 = padding (left for generation, right for training), also over the tokens in `cache`.
+        Positions count real tokens only, so a left-padded prompt gets the same positions as the unpadded one."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
-            else:
-                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
-        cos, sin = self.rope(position_ids, x.dtype)
+        position_ids = ((attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+                        if attention_mask is not None else torch.arange(past, past + T, device=x.device).expand(B, T))
+        # rotary angles (B, T, hd / 2) in float32, as transformers computes them
+        freqs = position_ids[..., None].float() * self._inv_freq.to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = None
         if attention_mask is not None or past > 0:
             # bool mask (B, 1, T, past + T): causal AND key not padding. Each query also always sees itself, so
@@ -300,9 +270,7 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
-        if last_only:
-            x = x[:, -1:]
-        x = self.model.norm(x)
+        x = self.model.norm(x[:, -1:] if last_only else x)
         return x if hidden_only else self.lm_head(x)
 
 
@@ -315,15 +283,13 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
     the whole sequence at every step (the reference the cached path is tested against)."""
     x = model.embed(input_ids) if inputs_embeds is None else inputs_embeds
     B, T, _ = x.shape
-    mask = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=x.device)
-    mask = mask.long()
+    mask = attention_mask.long() if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=x.device)
     cache = KVCache(model.config, B, T + max_new_tokens) if use_cache else None
     out = torch.zeros(B, 0, dtype=torch.long, device=x.device)
     done = torch.zeros(B, dtype=torch.bool, device=x.device)
     step_in = x
     for _ in range(max_new_tokens):
-        logits = model(inputs_embeds=step_in, attention_mask=mask, cache=cache, last_only=True)
-        nxt = logits[:, -1].float().argmax(-1)
+        nxt = model(inputs_embeds=step_in, attention_mask=mask, cache=cache, last_only=True)[:, -1].float().argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)
         done |= nxt == eos_token_id
@@ -332,10 +298,40 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
         e = model.embed(nxt[:, None]).to(x.dtype)
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         step_in = e if use_cache else torch.cat([step_in, e], dim=1)
-    result = []
-    for row in out.tolist():
-        result.append(row[:row.index(eos_token_id)] if eos_token_id in row else row)
-    return result
+    return [row[:row.index(eos_token_id)] if eos_token_id in row else row for row in out.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the tokenizer
+
+class Tokenizer:
+    """sentencepiece model with Llama's ids: unk 0, bos 1, eos 2 (no pad id: padding positions are masked)."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+        self.path, self.sp = path, spm.SentencePieceProcessor(model_file=path)
+        self.bos, self.eos, self.encode = self.sp.bos_id(), self.sp.eos_id(), self.sp.encode
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if 0 <= i < self.sp.get_piece_size()])
+
+
+def train_tokenizer(texts, path, vocab_size):
+    """A sentencepiece unigram model of `texts`, saved to `path` (*.model); hard_vocab_limit=False lets a small
+    corpus end with fewer pieces than asked for. byte_fallback=True, as in Llama's own tokenizer: a character never
+    seen in training becomes its UTF-8 bytes instead of <unk>, so text round-trips exactly (for 256 byte pieces).
+    No Unicode normalisation either (Llama's has none): NFKC would turn "SpO₂" into "SpO2"."""
+    import sentencepiece as spm
+    # bytes, specials, every character seen and the word boundary; at least 300, to leave pieces for words
+    need = max(300, 256 + 3 + len(set("".join(texts)) - {" "}) + 1)
+    if vocab_size < need:
+        raise UserError(f"--vocab_size {vocab_size}: these reports need at least {need} pieces (256 byte pieces, "
+                        f"3 specials, one per distinct character and some words); give --vocab_size {need} or more")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=path[:-len(".model")],
+                                   vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
+                                   byte_fallback=True, normalization_rule_name="identity", unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    return Tokenizer(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,18 +341,14 @@ def _read_state(path):
     """All tensors of a HF checkpoint folder: model.safetensors, sharded safetensors (+ index), pytorch_model.bin,
     or sharded .bin (+ index). .bin files are read with weights_only=True (no code is unpickled)."""
     from safetensors.torch import load_file
-    for index, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
-        ip = os.path.join(path, index)
-        if os.path.exists(ip):
-            with open(ip) as f:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.exists(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
             break
     else:
-        if os.path.exists(os.path.join(path, "model.safetensors")):
-            files, kind = ["model.safetensors"], "st"
-        elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
-            files, kind = ["pytorch_model.bin"], "bin"
-        else:
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, f))][:1]
+        if not files:
             raise UserError(f"--lm {path}: no model.safetensors, pytorch_model.bin or shard index in the folder")
     state = {}
     for name in files:
@@ -364,26 +356,28 @@ def _read_state(path):
         if not os.path.exists(fp):
             raise UserError(f"--lm {path}: shard {name} named in the index is missing")
         try:
-            part = load_file(fp) if kind == "st" else torch.load(fp, map_location="cpu", weights_only=True, mmap=True)
+            state.update(load_file(fp) if name.endswith(".safetensors") else
+                         torch.load(fp, map_location="cpu", weights_only=True, mmap=True))
         except Exception as e:
             raise UserError(f"--lm {path}: cannot read {name} ({type(e).__name__}: {e})")
-        state.update(part)
     return state
 
 
-def load_hf_llama(path, dtype=None, device="cpu"):
+def load_hf_llama(path, dtype=None, device="cpu", meta=False):
     """A Llama from a HF-format folder (config.json + weights). The model is built on the meta device and the
     checkpoint tensors are assigned in place, so a 7B model needs its weights' memory once, not twice. dtype:
-    default the checkpoint's. Every missing or unexpected key is named in the error."""
+    default the checkpoint's. Every missing or unexpected key is named in the error. meta: config.json only, the
+    model left on the meta device (an FSDP rank that receives its shards from rank 0: shard_fsdp)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise UserError(f"--lm {path}: no config.json (expected a Hugging Face model folder)")
     cfg = LlamaConfig.from_json(cfg_path)
-    state = _read_state(path)
-    # pre-2023 transformers saved the rotary inverse frequencies; they are recomputed here from the config
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     with torch.device("meta"):
         model = Llama(cfg)
+    if meta:
+        return model
+    # pre-2023 transformers saved the rotary inverse frequencies; they are recomputed here from the config
+    state = {k: v for k, v in _read_state(path).items() if not k.endswith("rotary_emb.inv_freq")}
     want = set(model.state_dict())
     if cfg.tie_word_embeddings:
         want.discard("lm_head.weight")
@@ -400,8 +394,8 @@ def load_hf_llama(path, dtype=None, device="cpu"):
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if dtype is None:
-        dtype = getattr(torch, cfg.dtype) if isinstance(cfg.dtype, str) and hasattr(torch, cfg.dtype) else None
+    if dtype is None and isinstance(cfg.dtype, str) and hasattr(torch, cfg.dtype):
+        dtype = getattr(torch, cfg.dtype)
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
@@ -441,10 +435,6 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "k_proj", "
     return model
 
 
-def count_params(model, trainable_only=False):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def save_peft_adapter(lm, out_dir, base=None, dropout=0.0):
     """Write the LoRA adapters of `lm` as peft saves them (adapter_config.json + adapter_model.safetensors), so
     `PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), out_dir)` loads them: peft names the tensors
@@ -470,28 +460,23 @@ def save_peft_adapter(lm, out_dir, base=None, dropout=0.0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FSDP2: sharded parameters, gradients and optimizer state
+# FSDP2: sharded parameters, gradients and optimizer state, saved and resumed with torch.distributed.checkpoint
 
 def shard_fsdp(model, layers, device, param_dtype=None, reduce_dtype=torch.float32, from_rank0=False):
-    """Shard `model` in place with FSDP2 over all ranks: each module of `layers` (the decoder layers) is its own
-    unit, the root holds what is left. Each unit is moved to `device` in float32 just before it is sharded, so a
-    rank never holds more than one float32 layer unsharded (a checkpoint loaded in bf16 on the CPU becomes float32
-    shards on the GPU). param_dtype: the compute dtype the shards are all-gathered in (bf16 on GPU; None keeps
-    float32); the stored shards, their gradients and AdamW's state stay float32, and gradients are
-    reduce-scattered in reduce_dtype. from_rank0: only rank 0 holds real weights (the others built the model on
-    the meta device); after sharding every rank receives its shards of rank 0's weights. Activation checkpointing
-    stays Llama.gradient_checkpointing: it recomputes each (sharded) layer in the backward pass, which all-gathers
-    that layer once more."""
-    import torch.distributed as dist
+    """Shard `model` in place with FSDP2 over all ranks: each of `layers` is a unit whose parameters are all-gathered
+    just before its forward / backward and freed after; the root holds the rest (embedding, norm, lm_head, the
+    caller's projector). Each unit is moved to `device` in float32 just before it is sharded, so a rank never holds
+    more than one float32 layer unsharded. Shards, gradients and AdamW state stay float32, all-gathered in
+    param_dtype (None: float32) and reduce-scattered in reduce_dtype. from_rank0: only rank 0 holds real weights
+    (the others built the model on the meta device) and every rank receives its shards of them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}  # references, no copy
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
     def place(t):  # float32 on the device; meta tensors get (uninitialised) storage, filled from rank 0 below
-        if t.is_meta:
-            return torch.empty(t.shape, device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
-        return t.detach().to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+        dtype = torch.float32 if t.is_floating_point() else t.dtype
+        return torch.empty(t.shape, device=device, dtype=dtype) if t.is_meta else t.detach().to(device, dtype)
 
     moved = {}  # parameter by parameter: tied weights stay tied
 
@@ -506,65 +491,48 @@ def shard_fsdp(model, layers, device, param_dtype=None, reduce_dtype=torch.float
                 if b is not None:
                     m._buffers[name] = place(b)
 
-    for layer in layers:
-        move(layer)
-        fully_shard(layer, mp_policy=mp)
-    move(model)
-    fully_shard(model, mp_policy=mp)
+    for unit in [*layers, model]:
+        move(unit)
+        fully_shard(unit, mp_policy=mp)
     if from_rank0:
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 
-def local_numel(tensors):
-    """Elements and bytes this rank holds of `tensors` (a DTensor counts its local shard only)."""
-    n = b = 0
-    for t in tensors:
-        if t is None:
-            continue
-        loc = t.to_local() if hasattr(t, "to_local") else t
-        n, b = n + loc.numel(), b + loc.numel() * loc.element_size()
-    return n, b
-
-
 def memory_per_rank(model, opt):
-    """What this rank stores of parameters, gradients and optimizer state (elements and bytes): the shards FSDP
-    keeps between steps, i.e. what sharding divides by the world size (activations and the all-gathered layer in
-    flight come on top)."""
+    """Elements and bytes this rank stores of parameters, gradients and optimizer state (a DTensor counts its local
+    shard only): what sharding divides by the world size (activations and the layer in flight come on top)."""
     params = list(model.parameters())
     state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
     out = {}
     for k, ts in (("param", params), ("grad", [p.grad for p in params]), ("optim", state)):
-        out[k + "_numel"], out[k + "_bytes"] = local_numel(ts)
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in ts if t is not None]
+        out[k + "_numel"] = sum(t.numel() for t in local)
+        out[k + "_bytes"] = sum(t.numel() * t.element_size() for t in local)
     return out
 
 
 def save_sharded(path, model, opt, extra):
     """Model + optimizer state with torch.distributed.checkpoint: every rank writes its own shards to the folder
-    `path` (world-size independent on reload). Written to path.tmp and renamed, so a kill mid-save keeps the last
+    `path` (any world size can read it back). Written to path.tmp and renamed, so a kill mid-save keeps the last
     complete checkpoint. extra: small JSON-able training state (step, ...), written by rank 0."""
-    import shutil
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    main = not dist.is_initialized() or dist.get_rank() == 0
-    tmp = path + ".tmp"
+    main, tmp = not dist.is_initialized() or dist.get_rank() == 0, path + ".tmp"
+    barrier = dist.barrier if dist.is_initialized() else lambda: None
     if main and os.path.exists(tmp):
         shutil.rmtree(tmp)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     if main:
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump(extra, f)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 def load_sharded(path, model, opt):
@@ -587,3 +555,88 @@ def full_state(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return {k: v.detach() for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fine-tuning over the ranks (DDP, or FSDP2 by shard_fsdp), with a sharded training state to stop and resume from
+
+def step_batches(n, G, step, accum, seed, env):
+    """This rank's micro-batches (lists of sample indices) for optimiser step `step`, and its epoch. Every epoch is
+    one seeded permutation of the n samples cut into global batches of G (the last partial one dropped); rank r
+    takes its r-th slice of each and cuts it into `accum` micro-batches. A step's batch depends only on (seed,
+    step), not on the world size or on a restart, so 1 process x 4 and 2 processes x 2 see the same samples, and
+    a resumed run continues exactly where it stopped."""
+    epoch, j = divmod(step, max(1, n // G))
+    glob = np.random.default_rng([seed, epoch]).permutation(n)[j * G:(j + 1) * G]
+    mine = np.array_split(glob, env.world)[env.rank]
+    return [m.tolist() for m in np.array_split(mine, accum)], epoch
+
+
+def fine_tune(model, n, batch_of, args, env, warmup):
+    """AdamW without weight decay, a linear warm-up over `warmup` of the steps then a cosine to 0, gradients clipped
+    at 1, over global batches of args.global_batch of the n samples (step_batches). batch_of(indices) -> (inputs,
+    labelled tokens): model(*inputs, n_tokens=N) is the summed loss / N, with N the labelled tokens of the whole
+    global batch, so a step's loss is their mean however it is split over micro-batches and ranks (DDP / FSDP
+    average gradients over ranks: hence x world). Under torchrun the model is wrapped in DDP unless args.fsdp
+    (sharded by the caller). Writes OUT_DIR/log.jsonl and OUT_DIR/train_state (--save_every, --stop_at, --resume).
+    Returns (steps done, this rank's memory_per_rank after its first step, steps of the schedule)."""
+    k = env.world * args.grad_accum
+    if n < k:
+        raise UserError(f"{n} training reports cannot fill {args.grad_accum} micro-batches on {env.world} ranks")
+    G = min(args.global_batch, n // k * k)
+    total = args.max_steps or args.epochs * max(1, n // G)
+    warm = max(1, int(round(total * warmup)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    ddp = env.distributed and not args.fsdp
+    wrap = nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if ddp else model
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
+    state_dir = os.path.join(args.out_dir, "train_state")
+    step = 0
+    if args.resume:
+        step = load_sharded(state_dir, model, opt)["step"]
+        env.print(f"resumed from {state_dir} at step {step}")
+    # on resume the log keeps the lines up to the step the training state was saved at
+    log = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main,
+                      resume_step=step if args.resume else None)
+    env.print(f"training {args.train}: {sum(p.numel() for p in params):,} trainable parameters, {total} steps of "
+              f"{G} reports (batch {args.batch_size} x accum {args.grad_accum} x {env.world} ranks"
+              f"{', FSDP' if args.fsdp else ''}), lr {args.lr}")
+    model.train()
+    mem = None
+    end = min(total, args.stop_at or total)
+    bar = tqdm(total=total, initial=step, desc="train", disable=not env.is_main)
+    while step < end:
+        micro, epoch = step_batches(n, G, step, args.grad_accum, args.seed, env)
+        batches = [batch_of(b) for b in micro]
+        # on the device: NCCL reduces GPU tensors only
+        n_tok = torch.tensor(float(sum(c for _, c in batches)), device=env.device)
+        if env.distributed:
+            dist.all_reduce(n_tok)
+        step_loss = torch.zeros((), device=env.device)
+        for i, (inputs, _) in enumerate(batches):
+            sync = contextlib.nullcontext() if not ddp or i == len(batches) - 1 else wrap.no_sync()
+            with sync, (contextlib.nullcontext() if args.fsdp else env.autocast()):
+                loss = wrap(*inputs, n_tokens=n_tok)
+                (loss * env.world).backward()
+            step_loss += loss.detach().float()
+        if env.distributed:
+            dist.all_reduce(step_loss)
+        factor = (step + 1) / warm if step < warm else cosine((step - warm) / max(1, total - warm), 1, 0)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * factor
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        mem = mem or memory_per_rank(model, opt)
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss.item():.3f}")
+        if env.is_main and (step % args.log_every == 0 or step == total):
+            log.log(step=step, loss=round(step_loss.item(), 6), lr=opt.param_groups[0]["lr"], epoch=epoch)
+        if args.save_every and step % args.save_every == 0 or step == end and (args.fsdp or args.save_every or
+                                                                            end < total):
+            save_sharded(state_dir, model, opt, {"step": step})
+    bar.close()
+    model.eval()
+    return step, mem, total
