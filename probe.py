@@ -14,12 +14,10 @@ Linear probe: is a frozen encoder's global embedding linearly predictive of find
     python probe.py --table out/probe_a out/probe_b   # the paper's Table 3: one row per encoder
     torchrun --nproc_per_node 4 probe.py ...          # images embedded by all ranks; rank 0 trains the heads
 
-The global embedding (--last_layers N: of N final layers) of the centre-cropped, resized image feeds one linear
-layer: sigmoid + BCE per finding, softmax + CE for classes. On frozen features that is convex, so by default it is
-solved (L-BFGS to convergence, the L2 strength per finding chosen on a validation part): an unconverged head, like
-the paper's AdamW one (--preset paper, which reports how far it stopped), ranks the optimiser, not the features.
-Images are split by subject (--protocol): fixed (a given test set, --repeats seeds), split (--split shares of the
-subjects, RSNA's 60/20/20), cv (--folds k-fold: a plain --csv). Writes results.json, results.csv, predictions.csv
+One linear layer on the frozen global embedding (sigmoid + BCE per finding, softmax + CE for classes) is a convex
+problem, so by default it is solved (L-BFGS to convergence, the L2 strength per finding chosen on a validation
+part): an unconverged head, like the paper's AdamW one (--preset paper, which reports how far it stopped), ranks
+the optimiser, not the features. Images are split by subject; writes results.json, results.csv, predictions.csv
 (what --compare reads), pr_curves.png and log.jsonl to --out_dir.
 """
 import argparse
@@ -69,7 +67,7 @@ def get_args(argv=None):
     g = p.add_argument_group("protocol")
     g.add_argument("--task", default="auto", choices=["auto", "multilabel", "multiclass", "binary"])
     g.add_argument("--protocol", default="auto", choices=["auto", "fixed", "split", "cv"],
-                   help="auto: fixed with a test set, split for RSNA, cv otherwise (see above)")
+                   help="auto: fixed with a test set (--repeats seeds), split for RSNA (--split), cv otherwise")
     g.add_argument("--split", default="0.6,0.2,0.2", help="--protocol split: train,val,test shares of the subjects")
     g.add_argument("--folds", type=int, default=5, help="k of k-fold cross-validation by subject")
     g.add_argument("--repeats", type=int, default=5, help="fixed / split: heads trained with this many seeds")
@@ -78,8 +76,7 @@ def get_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.01,
                    help="SGD head: AdamW's weight decay, also the L2 strength of the objective its gap is measured on")
     g.add_argument("--last_layers", type=int, default=1, help="concatenate the embedding of this many final layers")
-    g.add_argument("--augment", action="store_true",
-                   help="SGD head only: the paper's training-time augmentations, through the frozen encoder")
+    g.add_argument("--augment", action="store_true", help="SGD head: the paper's augmentations, through the encoder")
     g.add_argument("--feature_cache", help="embedding cache folder (default: OUT_DIR/features)")
     g = p.add_argument_group("comparing runs")
     g.add_argument("--compare", nargs=2, metavar=("A", "B"),
@@ -216,11 +213,9 @@ def augment(x, g):
     flip = torch.where(u(0, 1) < AUG["flip_p"], -1.0, 1.0)
     # affine_grid maps output coordinates in [-1, 1] to input ones: in = c R(a) / s (flip x, y) + offset, so c < 1
     # reads a crop, s > 1 zooms in, and the offset moves the crop (inside the image) plus a small translation
-    theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 0, 1] = c * torch.cos(a) / s * flip, -c * torch.sin(a) / s
-    theta[:, 1, 0], theta[:, 1, 1] = c * torch.sin(a) / s * flip, c * torch.cos(a) / s
-    for k in (0, 1):
-        theta[:, k, 2] = u(-1, 1) * (1 - c) + u(-2 * AUG["translate"], 2 * AUG["translate"])
+    cos, sin = c * torch.cos(a) / s, c * torch.sin(a) / s
+    shift = [u(-1, 1) * (1 - c) + u(-2 * AUG["translate"], 2 * AUG["translate"]) for _ in "xy"]
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[0]], 1), torch.stack([sin * flip, cos, shift[1]], 1)], 1)
     x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * u(*AUG["contrast"]).view(B, 1, 1, 1) + mean + u(-1, 1).view(B, 1, 1, 1) * AUG["brightness"]
@@ -447,19 +442,20 @@ def print_table(runs, metric):
 def write_outputs(res, table, preds, out_dir):
     results = [["encoder", "metric", "class", "mean", "std"] + [f"fold_{k}" for k in range(len(preds))]]
     for m in ("auprc", "auroc"):
-        results += [[res["name"], m, c, s["mean"], s["std"]] + s["folds"] for c, s in res[m].items()]
-        results.append([res["name"], m, "Agg.", res["agg"][m]["mean"], res["agg"][m]["std"]] + res["agg"][m]["folds"])
+        for c, s in [*res[m].items(), ("Agg.", res["agg"][m])]:
+            results.append([res["name"], m, c, s["mean"], s["std"]] + s["folds"])
     predictions = [["path", "subject", "fold"] + [f"{k}_{c}" for k in ("label", "prob") for c in table.classes]]
-    for fold, idx, P in preds:  # a blank label: not labelled
-        predictions += [[table.paths[i], table.subjects[i], fold] + ["" if np.isnan(v) else int(v) for v in
-                                                                     table.labels[i]] + [repr(float(v)) for v in p]
-                        for i, p in zip(idx, P)]
+    for fold, idx, P in preds:
+        for i, p in zip(idx, P):
+            labels = ["" if np.isnan(v) else int(v) for v in table.labels[i]]  # blank: not labelled
+            predictions.append([table.paths[i], table.subjects[i], fold] + labels + [repr(float(v)) for v in p])
     for name, rows in (("results.csv", results), ("predictions.csv", predictions)):
         with open(os.path.join(out_dir, name), "w", newline="") as f:
             csv.writer(f).writerows(rows)
     base.write_json(res, os.path.join(out_dir, "results.json"))
     Y, P = np.concatenate([table.labels[te] for _, te, _ in preds]), np.concatenate([P for *_, P in preds])
-    figures.draw_pr_curves(Y, P, table.classes, f"{res['name']}: {table.source}", os.path.join(out_dir, "pr_curves.png"))
+    figures.draw_pr_curves(Y, P, table.classes, f"{res['name']}: {table.source}",
+                           os.path.join(out_dir, "pr_curves.png"))
 
 
 def deviations(args, proto):
