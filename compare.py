@@ -1,7 +1,6 @@
 """
-One command for a whole comparison: the three evaluations (probe.py, segment.py, report.py) for each encoder on
-the same data, printed as the paper's Tables 3, 4 and 5 side by side, with Table 6's significance marks from
-one-tailed paired bootstrap tests against a baseline, and one results.json.
+One command for a whole comparison: probe.py, segment.py and report.py for each encoder on the same data, printed
+as the paper's Tables 3, 4 and 5 with Table 6's marks (one-tailed paired bootstrap tests against a baseline).
 
     python compare.py --encoders random out/pretrain/encoder.safetensors     # bundled data, CPU, minutes
     python compare.py --encoders A.safetensors B.pth.tar --baseline random   # each against a random encoder of
@@ -12,14 +11,9 @@ one-tailed paired bootstrap tests against a baseline, and one results.json.
     python compare.py --encoders A --stages probe segment                   # a subset of the evaluations
 
 An encoder is a checkpoint path (any format encoders.py reads) or `random` (a random init of --model at
---img_size). --probe / --segment / --report pass flags to that script as they are; without data flags each runs
-on its bundled sample with the light settings below (--quick, on by default there; --no_quick for the scripts' own
-presets). Baselines (--baseline): `random` runs each encoder's script again with --random_like (same architecture,
-same preprocessing, random weights); a name or path from --encoders compares every other encoder with that one;
-`none` skips the tests. Marks: ** p < 0.01, * p < 0.05 (one-tailed: "this encoder is better than the baseline").
-
-Writes to --out_dir (default out/compare): <encoder>/<stage>/ (each script's own outputs), compare/ (the paired
-tests), results.json (every table's numbers, the tests, the protocols and their deviations, the settings).
+--img_size). --probe / --segment / --report pass flags to that script as they are; a stage without data flags runs
+on its bundled sample with the light settings of QUICK (--no_quick: the scripts' own presets). Writes to --out_dir:
+<encoder>/<stage>/ (each script's outputs, its random baseline in baseline_random/), compare/, results.json.
 """
 import argparse
 import json
@@ -45,18 +39,18 @@ QUICK = {"probe": ["--folds", "3"],
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoders", nargs="+", required=True, help="checkpoint paths, or `random`")
-    p.add_argument("--names", nargs="+", default=None, help="row labels (default: from the paths)")
+    p.add_argument("--names", nargs="+", help="row labels (default: from the paths)")
     p.add_argument("--baseline", default="random", help="random | none | one of --encoders (name or path)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     for s in STAGES:
         p.add_argument(f"--{s}", default="", help=f"flags passed to {s}.py as they are (quote them)")
-    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction,
                    help="light settings (default: on for a stage without data flags)")
     p.add_argument("--model", default="vit_tiny", help="architecture of a `random` encoder")
     p.add_argument("--img_size", type=int, default=112, help="resolution of a `random` encoder")
     p.add_argument("--n_boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--out_dir", default=os.path.join("out", "compare"))
     args = p.parse_args(argv)
@@ -79,12 +73,10 @@ def get_args(argv=None):
 def stage_argv(args, stage, encoder, out_dir):
     """The flags one script gets: the shared ones, the encoder, the user's --<stage> flags, the quick settings."""
     own = shlex.split(getattr(args, stage))
-    has_data = any(f in own for f in ("--csv", "--dataset", "--data_dir"))
-    quick = args.quick if args.quick is not None else not has_data
+    quick = args.quick if args.quick is not None else not any(f in own for f in ("--csv", "--dataset", "--data_dir"))
     argv = ["--out_dir", out_dir, "--seed", str(args.seed), "--num_workers", str(args.num_workers),
             "--n_boot", str(args.n_boot), "--model", args.model, "--img_size", str(args.img_size)]
-    argv += ["--device", args.device] if args.device else []
-    argv += [] if encoder == "random" else ["--encoder", encoder]
+    argv += (["--device", args.device] if args.device else []) + ([] if encoder == "random" else ["--encoder", encoder])
     return argv + (QUICK[stage] if quick else []) + own
 
 
@@ -105,11 +97,10 @@ def run_all(args):
                 cmp[stage][name] = res[stage][name]["baseline"]
         if args.baseline not in ("random", "none"):
             against = os.path.join(args.out_dir, args.baseline, stage)
-            for name in args.names:
-                if name != args.baseline:
-                    cmp[stage][name] = downstream.compare_runs(main, os.path.join(args.out_dir, name, stage), against,
-                                                               os.path.join(args.out_dir, "compare", f"{name}_{stage}"),
-                                                               args)
+            for name in (n for n in args.names if n != args.baseline):
+                cmp[stage][name] = downstream.compare_runs(main, os.path.join(args.out_dir, name, stage), against,
+                                                           os.path.join(args.out_dir, "compare", f"{name}_{stage}"),
+                                                           args)
     return res, cmp
 
 
@@ -123,48 +114,38 @@ def print_rows(title, head, rows):
         print("| " + " | ".join(str(c).ljust(k) for c, k in zip(r, w)) + " |")
 
 
-def p_of(cmp, *keys):
-    try:
-        for k in keys:
-            cmp = cmp[k]
-        return cmp["p_one_tailed"]
-    except (KeyError, TypeError):
-        return None
+def mark_of(cmp, name, *keys):
+    """The mark of row `name`'s test at cmp[name]['metrics'][keys...] ('' without a test)."""
+    r = (cmp.get(name) or {}).get("metrics", {})
+    for k in keys:
+        r = r.get(k) or {}
+    return mark(r.get("p_one_tailed"))
 
 
 def probe_table(res, cmp, metric):
-    classes = next(iter(res.values()))["classes"]
-    fmt = lambda s: "-" if s["mean"] is None or s["mean"] != s["mean"] else f"{s['mean']:.3f}±{s['std']:.3f}"
-    rows = []
-    for name, r in res.items():
-        c = cmp.get(name, {}).get("metrics", {}).get(metric, {})
-        rows.append([name] + [fmt(r[metric][k]) + mark(p_of(c, k)) for k in classes]
-                    + [fmt(r["agg"][metric]) + mark(p_of(c, "Agg."))])
-    unit = probe.unit_of(next(iter(res.values()))["protocol"])
-    print_rows(f"Table 3 (linear probe): {metric.upper()}, mean ± std over {unit}s", ["Encoder"] + classes + ["Agg."],
-               rows)
+    first = next(iter(res.values()))
+    rows = [[name] + [probe.cell(r[metric][k]) + mark_of(cmp, name, metric, k) for k in first["classes"]]
+            + [probe.cell(r["agg"][metric]) + mark_of(cmp, name, metric, "Agg.")] for name, r in res.items()]
+    print_rows(f"Table 3 (linear probe): {metric.upper()}, mean ± std over {probe.unit_of(first['protocol'])}s",
+               ["Encoder"] + first["classes"] + ["Agg."], rows)
 
 
 def segment_table(res, cmp):
-    classes = next(iter(res.values()))["classes"]
-    rows = []
+    first, rows = next(iter(res.values())), []
     for name, r in res.items():
-        c = cmp.get(name, {}).get("metrics", {}).get("dice", {})
         n = r["decoder_params"]
         rows.append([name, r["decoder"], f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"]
-                    + [f"{r['test']['dice'][k] * 100:.1f}{mark(p_of(c, k))}" for k in classes]
-                    + [f"{r['test']['mean_dice'] * 100:.1f}{mark(p_of(c, 'mean Dice'))}"])
-    print_rows(f"Table 4 (segmentation, {next(iter(res.values()))['task']}): Dice x100 on the test set",
-               ["Encoder", "Decoder", "Params"] + classes + ["Mean Dice"], rows)
+                    + [f"{r['test']['dice'][k] * 100:.1f}{mark_of(cmp, name, 'dice', k)}" for k in first["classes"]]
+                    + [f"{r['test']['mean_dice'] * 100:.1f}{mark_of(cmp, name, 'dice', 'mean Dice')}"])
+    print_rows(f"Table 4 (segmentation, {first['task']}): Dice x100 on the test set",
+               ["Encoder", "Decoder", "Params"] + first["classes"] + ["Mean Dice"], rows)
 
 
 def report_table(res, cmp):
-    metrics = ["BLEU-4", "ROUGE-L", "Macro-F1-14", "Micro-F1-5"]  # labeler.METRICS: the headline F1 and the 5-finding one
-    rows = []
-    for name, r in res.items():
-        c = cmp.get(name, {}).get("metrics", {})
-        rows.append([name] + [f"{r['metrics'][m]['median']:.2f} [{r['metrics'][m]['ci95'][0]:.2f}, "
-                              f"{r['metrics'][m]['ci95'][1]:.2f}]{mark(p_of(c, m))}" for m in metrics])
+    metrics = ["BLEU-4", "ROUGE-L", "Macro-F1-14", "Micro-F1-5"]  # of labeler.METRICS: headline F1, 5-finding F1
+    rows = [[name] + [f"{r['metrics'][m]['median']:.2f} [{r['metrics'][m]['ci95'][0]:.2f}, "
+                      f"{r['metrics'][m]['ci95'][1]:.2f}]{mark_of(cmp, name, m)}" for m in metrics]
+            for name, r in res.items()]
     print_rows("Table 5 (report generation): median [95% CI] of bootstrap resamples, 0-100", ["Encoder"] + metrics,
                rows)
 
