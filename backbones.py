@@ -1,15 +1,13 @@
 """
 The published encoders that model.py's ViT cannot express as it is, in plain PyTorch, for encoders.py to load the
-paper's baselines into. Every one has the interface the downstream scripts use on model.VisionTransformer:
+paper's baselines into, each with the interface the downstream scripts use on model.VisionTransformer:
 
     tokens = enc(x)                                  # (B, prefix + N, D) final-normed tokens, N patch tokens
     feats = enc.forward_features(x, layers=[...])    # patch tokens of those stages, each (B, N, D) (segment.py)
     g = enc.global_embedding(x)                      # (B, D): CLS / pooled embedding (probe.py)
     enc.patch_size, enc.embed_dim, enc.blocks, enc.num_prefix_tokens, enc.cls_token, enc.config
 
-ViTVariant: model.VisionTransformer plus the options of CLIP (a LayerNorm before the blocks, QuickGELU, a
-bias-free patch conv) and of DINOv2 ViT-g (a SwiGLU feed-forward). ResNet50Encoder: torchvision's ResNet-50 trunk
-(v1.5: stride on the 3x3 conv), which hi-ml-multimodal's BioViL / BioViL-T image encoder is.
+ViTVariant adds CLIP's and DINOv2 ViT-g's options to the ViT; ResNet50Encoder is BioViL / BioViL-T's image trunk;
 build_encoder(config) rebuilds any of them (and the plain ViT) from its `config` dict.
 """
 import torch
@@ -71,7 +69,7 @@ class ViTVariant(VisionTransformer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ResNet-50 (BioViL / BioViL-T image trunk)
+# ResNet-50 (BioViL / BioViL-T image trunk): torchvision's v1.5 (stride on the 3x3 conv)
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -107,13 +105,12 @@ class ResNet50Encoder(nn.Module):
     def __init__(self, layers=(3, 4, 6, 3), width=64, in_chans=3, img_size=224):
         super().__init__()
         self.config = dict(variant="resnet50", layers=list(layers), width=width, in_chans=in_chans, img_size=img_size)
-        self.conv1 = nn.Conv2d(in_chans, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.conv1, self.bn1 = nn.Conv2d(in_chans, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width)
         cin, stages = width, []
         for i, n in enumerate(layers):
             w = width * 2 ** i
-            blocks = [Bottleneck(cin, w, stride=1 if i == 0 else 2)] + [Bottleneck(w * 4, w) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*blocks))
+            stages.append(nn.Sequential(Bottleneck(cin, w, stride=1 if i == 0 else 2),
+                                        *[Bottleneck(w * 4, w) for _ in range(n - 1)]))
             cin = w * 4
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.embed_dim, self.patch_size, self.num_heads = cin, 32, 0
@@ -125,6 +122,8 @@ class ResNet50Encoder(nn.Module):
         return [b for s in (self.layer1, self.layer2, self.layer3, self.layer4) for b in s]
 
     def stem(self, x):
+        if x.shape[-2] % 32 or x.shape[-1] % 32:
+            raise ValueError(f"image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of the ResNet stride 32")
         w = self.conv1.weight
         if x.shape[1] == 1 and w.shape[1] > 1:  # gray into an RGB stem: the same as replicating the channel
             x = F.conv2d(x, w.sum(1, keepdim=True), stride=2, padding=3)
@@ -132,19 +131,7 @@ class ResNet50Encoder(nn.Module):
             x = self.conv1(x)
         return F.max_pool2d(F.relu(self.bn1(x)), 3, 2, 1)
 
-    def _tokens(self, m, size):
-        if m.shape[-1] != size[1] or m.shape[-2] != size[0]:
-            m = F.adaptive_avg_pool2d(m, size)
-        if m.shape[1] < self.embed_dim:
-            m = F.pad(m, (0, 0, 0, 0, 0, self.embed_dim - m.shape[1]))
-        return m.flatten(2).transpose(1, 2)
-
-    def _check(self, x):
-        if x.shape[-2] % 32 or x.shape[-1] % 32:
-            raise ValueError(f"image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of the ResNet stride 32")
-
     def feature_map(self, x):
-        self._check(x)
         x = self.stem(x)
         for b in self.blocks:
             x = b(x)
@@ -160,19 +147,18 @@ class ResNet50Encoder(nn.Module):
         interface and does nothing (a ResNet has no final norm)."""
         if layers is None:
             return self.forward(x)
-        self._check(x)
         size = (x.shape[-2] // 32, x.shape[-1] // 32)
-        blocks, want, out = self.blocks, set(layers), {}
-        bad = [l for l in want if not 1 <= l <= len(blocks)]
+        x, blocks, out = self.stem(x), self.blocks, {}
+        bad = [l for l in set(layers) if not 1 <= l <= len(blocks)]
         if bad:
             raise ValueError(f"layers {bad} out of range 1..{len(blocks)}")
-        x = self.stem(x)
-        for i, b in enumerate(blocks, start=1):
+        for i, b in enumerate(blocks[:max(layers)], start=1):
             x = b(x)
-            if i in want:
-                out[i] = self._tokens(x, size)
-            if i == max(want):
-                break
+            if i in layers:
+                m = x if x.shape[-2:] == size else F.adaptive_avg_pool2d(x, size)
+                if m.shape[1] < self.embed_dim:
+                    m = F.pad(m, (0, 0, 0, 0, 0, self.embed_dim - m.shape[1]))
+                out[i] = m.flatten(2).transpose(1, 2)
         return [out[l] for l in layers]
 
     def global_embedding(self, x, last_layers=1):
