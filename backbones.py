@@ -1,14 +1,12 @@
 """
-The published encoders that model.py's ViT cannot express as it is, in plain PyTorch, for encoders.py to load the
-paper's baselines into, each with the interface the downstream scripts use on model.VisionTransformer:
+The paper's baselines that model.py's ViT cannot express, in plain PyTorch, with model.VisionTransformer's interface:
 
     tokens = enc(x)                                  # (B, prefix + N, D) final-normed tokens, N patch tokens
     feats = enc.forward_features(x, layers=[...])    # patch tokens of those stages, each (B, N, D) (segment.py)
     g = enc.global_embedding(x)                      # (B, D): CLS / pooled embedding (probe.py)
     enc.patch_size, enc.embed_dim, enc.blocks, enc.num_prefix_tokens, enc.cls_token, enc.config
 
-ViTVariant adds CLIP's and DINOv2 ViT-g's options to the ViT; ResNet50Encoder is BioViL / BioViL-T's image trunk;
-build_encoder(config) rebuilds any of them (and the plain ViT) from its `config` dict.
+build_encoder(config) rebuilds any of them (or the plain ViT) from its `config` dict.
 """
 import torch
 import torch.nn as nn
@@ -24,13 +22,17 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def swiglu_hidden(dim, mlp_ratio):
+    """SwiGLU's width as DINOv2 computes it: 2/3 of int(dim * mlp_ratio), rounded up to 8 (4096 for ViT-g)."""
+    return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
 class SwiGLU(nn.Module):
-    """DINOv2's SwiGLU feed-forward: w12 gives [gate, value], silu(gate) * value, then w3. Hidden width as DINOv2
-    and transformers compute it: two thirds of int(dim * mlp_ratio), rounded up to a multiple of 8 (4096 for ViT-g)."""
+    """DINOv2's SwiGLU feed-forward: w12 gives [gate, value], silu(gate) * value, then w3."""
 
     def __init__(self, dim, mlp_ratio):
         super().__init__()
-        hidden = (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+        hidden = swiglu_hidden(dim, mlp_ratio)
         self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
@@ -39,9 +41,8 @@ class SwiGLU(nn.Module):
 
 
 class ViTVariant(VisionTransformer):
-    """model.VisionTransformer with pre_norm (CLIP's ln_pre on [CLS, patches] before the first block), act
-    ("gelu" | "quick_gelu"), ffn ("mlp" | "swiglu") and patch_bias (CLIP's patch conv has none). The final norm
-    (CLIP's ln_post) is applied to every token, so the CLS token equals CLIP's pooled output before projection."""
+    """model.VisionTransformer with CLIP's options (pre_norm: ln_pre on [CLS, patches]; act "quick_gelu"; no
+    patch_bias; its final norm, ln_post, on every token) and DINOv2 ViT-g's (ffn "swiglu")."""
 
     def __init__(self, pre_norm=False, act="gelu", ffn="mlp", patch_bias=True, **kw):
         if ffn == "swiglu":  # build the plain MLPs one unit wide: they are replaced (ViT-g's would take 3 GB)
@@ -50,7 +51,7 @@ class ViTVariant(VisionTransformer):
         if ffn == "swiglu":
             self.config["mlp_ratio"] = ratio
         self.config.update(variant="vit", pre_norm=pre_norm, act=act, ffn=ffn, patch_bias=patch_bias)
-        dim, eps = self.embed_dim, self.config["eps"]
+        dim = self.embed_dim
         if not patch_bias:
             p = self.patch_embed.proj
             self.patch_embed.proj = nn.Conv2d(p.in_channels, dim, p.kernel_size, stride=p.stride, bias=False)
@@ -61,7 +62,7 @@ class ViTVariant(VisionTransformer):
                 blk.mlp.act = QuickGELU()
             elif act != "gelu":
                 raise ValueError(f"unknown activation {act!r}")
-        self.norm_pre = nn.LayerNorm(dim, eps=eps) if pre_norm else None
+        self.norm_pre = nn.LayerNorm(dim, eps=self.config["eps"]) if pre_norm else None
 
     def embed(self, x, masks=None):
         x = super().embed(x, masks)
@@ -72,17 +73,14 @@ class ViTVariant(VisionTransformer):
 # ResNet-50 (BioViL / BioViL-T image trunk): torchvision's v1.5 (stride on the 3x3 conv)
 
 class Bottleneck(nn.Module):
-    expansion = 4
-
     def __init__(self, cin, width, stride=1):
         super().__init__()
-        cout = width * self.expansion
+        cout = width * 4
         self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
         self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
         self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -92,15 +90,12 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50Encoder(nn.Module):
-    """torchvision's ResNet-50 without its classifier, with torchvision's parameter names (conv1, bn1, layer1.0.conv1,
-    ..., layer4.2.bn3), as a frozen encoder: the final stage's map (stride 32) is the patch tokens, its average the
-    global embedding (hi-ml-multimodal's ImageEncoder: adaptive_avg_pool2d of the last map).
-
-    forward_features(layers) counts the 16 bottleneck blocks as layers (segment.py's UPerNet takes blocks 5, 8,
-    10, 16 of 16: one in stage 2, two in stage 3 and the last). Each block's map is average-pooled to stride 32 and
-    zero-padded to the final width, so every layer is one (B, N, 2048) token grid like a ViT's; this adds no
-    parameters (the decoder's 1x1 convs see the padded channels as constants). BatchNorm uses its running
-    statistics (the encoder is frozen in eval mode)."""
+    """torchvision's ResNet-50 without its classifier, in torchvision's parameter names, as a frozen encoder (BatchNorm
+    on running statistics): the final map (stride 32) is the patch tokens, its average the global embedding
+    (hi-ml-multimodal's ImageEncoder). forward_features(layers) counts the 16 bottleneck blocks as layers (UPerNet
+    takes 5, 8, 10, 16); each block's map is average-pooled to stride 32 and zero-padded to the final width, so every
+    layer is one (B, N, 2048) token grid like a ViT's, with no added parameters (the decoder's 1x1 convs see the
+    padded channels as constants)."""
 
     def __init__(self, layers=(3, 4, 6, 3), width=64, in_chans=3, img_size=224):
         super().__init__()
@@ -176,6 +171,4 @@ def build_encoder(config, attn="sdpa"):
     variant = cfg.pop("variant", None)
     if variant == "resnet50":
         return ResNet50Encoder(**cfg)
-    if variant == "vit":
-        return ViTVariant(attn=attn, **cfg)
-    return VisionTransformer(attn=attn, **cfg)
+    return (ViTVariant if variant == "vit" else VisionTransformer)(attn=attn, **cfg)

@@ -1,7 +1,6 @@
 """
-Frozen encoders for the downstream scripts (probe.py, segment.py, report.py): the project's own export and the
-published encoders the paper compares against, each rebuilt as model.py's VisionTransformer or one of
-backbones.py's (CLIP's ViT, DINOv2 ViT-g's SwiGLU, BioViL-T's ResNet-50), all with the same interface.
+Frozen encoders for probe.py, segment.py and report.py: the project's own export and the published encoders the
+paper compares against, each rebuilt as model.py's VisionTransformer or one of backbones.py's.
 
     from encoders import save_encoder, load_encoder
     save_encoder(vit, "out/pretrain/encoder.safetensors", step=1000)
@@ -28,10 +27,10 @@ from safetensors.torch import save_file
 
 from base import UserError, atomic_write, write_json
 from data import CXR_MEAN, CXR_STD
-from backbones import ResNet50Encoder, ViTVariant, build_encoder
+from backbones import ResNet50Encoder, ViTVariant, build_encoder, swiglu_hidden
 from model import VIT_CONFIGS, VisionTransformer, build_vit, set_attn
-from weights import (Checkpoint, backbone_state, clip_source, dinov2_source, hf_source, load_mapped, plain_state,
-                     same_name, strip_prefixes, tensor_dict)
+from weights import (Checkpoint, backbone_state, clip_source, dinov2_source, hf_source, load_mapped, model_state,
+                     plain_state, same_name, tensor_dict)
 
 DEFAULT_EXPORT = os.path.join("out", "pretrain", "encoder.safetensors")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -58,11 +57,9 @@ def save_encoder(vit, path, if_failed="nothing was changed", **meta):
 
 
 def export_hf(vit, folder, img_size=None, mean=None, std=None):
-    """Write `folder` as a Hugging Face IJepaModel (config.json, model.safetensors in the hub's key names, and a
-    ViTImageProcessor's preprocessor_config.json: square resize, this encoder's mean / std), which
-    transformers.IJepaModel.from_pretrained loads to the same patch tokens. Only plain JEPA encoders (no CLS,
-    registers or layer scale) have this layout. A 1-channel stem is widened to RGB with the kernel split over the
-    three copies of the gray image (HF processors always give RGB): exact."""
+    """Write `folder` as a Hugging Face IJepaModel (config.json, model.safetensors, a ViTImageProcessor's
+    preprocessor_config.json) that transformers loads to the same patch tokens; only plain JEPA ViTs have this layout.
+    A gray stem is widened to RGB with the kernel split over the three copies of the image: exact."""
     c, dim = vit.config, vit.config["embed_dim"]
     if type(vit) is not VisionTransformer or c["cls_token"] or c["num_register_tokens"] or c["layer_scale"]:
         raise UserError("export_hf: only plain JEPA ViTs (no CLS token, registers or layer scale) are IJepaModels")
@@ -97,12 +94,12 @@ def export_hf(vit, folder, img_size=None, mean=None, std=None):
 # the loaders: build the right encoder, fill it, and say how it is fed
 
 def feed(img_size, mean, std, resize_to=None, source=None):
-    """How an encoder is fed (info's img_size, mean, std, resize, resize_to, preset). resize_to None: the evaluations
-    keep the largest centred square; resize_to N: as the encoder's own processor, which resizes the shortest edge to
-    N and crops the centre img_size, they keep img_size / N of the shorter side (downstream.crop_frac)."""
-    resize = {"resize": "shortest_edge+center_crop", "resize_to": int(resize_to)} if resize_to else {"resize": "square"}
-    return {"img_size": int(img_size), "mean": list(mean), "std": list(std), **resize,
-            **({"preset": source} if source else {})}
+    """How an encoder is fed (info's img_size, mean, std, resize, resize_to, preset). With resize_to N, as with the
+    encoder's own processor, the evaluations keep img_size / N of the shorter side (downstream.crop_frac)."""
+    out = {"img_size": int(img_size), "mean": list(mean), "std": list(std), "resize": "square"}
+    if resize_to:
+        out.update(resize="shortest_edge+center_crop", resize_to=int(resize_to))
+    return {**out, "preset": source} if source else out
 
 
 def _side(v):
@@ -113,8 +110,7 @@ def _side(v):
 
 
 def _hf_feed(pp):
-    """How a Hugging Face preprocessor_config.json feeds (shortest-edge resize + centre crop, or a square resize),
-    or None without one."""
+    """How a Hugging Face preprocessor_config.json feeds (shortest edge + centre crop, or square), if there is one."""
     if not isinstance(pp, dict) or "image_mean" not in pp or "image_std" not in pp:
         return None
     size, crop = pp.get("size"), _side(pp.get("crop_size")) if pp.get("do_center_crop", True) else None
@@ -137,18 +133,11 @@ def _count(state, pattern):
     return 1 + max([int(m.group(1)) for k in state if (m := re.match(pattern, k))], default=-1)
 
 
-def _swiglu_ratio(dim, hidden, path):
-    """The mlp_ratio whose SwiGLU hidden width (2/3 of it, rounded up to 8) is `hidden` (4 for ViT-g's 4096)."""
-    for r in (4.0, hidden * 1.5 / dim, hidden / dim):
-        if (int(int(dim * r) * 2 / 3) + 7) // 8 * 8 == hidden:
-            return r
-    raise UserError(f"{path}: SwiGLU width {hidden} for width {dim} matches no mlp_ratio")
-
-
 def _infer_vit(state, path, cls_slot, heads=None):
     """build_encoder's config from the shapes of an I-JEPA / DINOv2 / timm / MAE-named state dict."""
     swiglu = "blocks.0.mlp.w12.weight" in state
-    for k in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"):
+    fc = "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"
+    for k in ("patch_embed.proj.weight", "pos_embed", fc):
         if k not in state:
             raise UserError(f"{path}: missing key {k} (keys look like {sorted(state)[:4]})")
     dim, in_chans, p, _ = state["patch_embed.proj.weight"].shape
@@ -156,18 +145,18 @@ def _infer_vit(state, path, cls_slot, heads=None):
     grid = math.isqrt(n)
     if grid * grid != n:
         raise UserError(f"{path}: pos_embed holds {n} patch positions, not a square grid")
-    if swiglu:
-        ratio = _swiglu_ratio(dim, state["blocks.0.mlp.w12.weight"].shape[0] // 2, path)
-    else:
-        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-        if int(dim * (hidden / dim)) != hidden:  # model.py's MLP takes int(dim * mlp_ratio) hidden units
-            raise UserError(f"{path}: MLP width {hidden} for width {dim} cannot be expressed as an mlp_ratio")
-        ratio = hidden / dim
+    hidden = state[fc].shape[0] // (2 if swiglu else 1)
+    if swiglu:  # the mlp_ratio DINOv2 derives this width from (4 for ViT-g's 4096)
+        ratio = next((r for r in (4.0, hidden * 1.5 / dim, hidden / dim) if swiglu_hidden(dim, r) == hidden), None)
+    else:  # model.py's MLP takes int(dim * mlp_ratio) hidden units
+        ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else None
+    if ratio is None:
+        raise UserError(f"{path}: {'SwiGLU' if swiglu else 'MLP'} width {hidden} for width {dim} matches no mlp_ratio")
     regs = state["register_tokens"].shape[1] if "register_tokens" in state else 0
-    cfg = dict(img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=dim, depth=_count(state, r"blocks\.(\d+)\."),
-               num_heads=heads or _heads(dim, path), mlp_ratio=ratio, qkv_bias="blocks.0.attn.qkv.bias" in state,
-               cls_token="cls_token" in state, num_register_tokens=regs, learned_pos=cls_slot,
-               layer_scale=1.0 if "blocks.0.ls1.gamma" in state else None)
+    cfg = dict(img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=dim, mlp_ratio=ratio,
+               depth=_count(state, r"blocks\.(\d+)\."), num_heads=heads or _heads(dim, path),
+               qkv_bias="blocks.0.attn.qkv.bias" in state, cls_token="cls_token" in state, num_register_tokens=regs,
+               learned_pos=cls_slot, layer_scale=1.0 if "blocks.0.ls1.gamma" in state else None)
     return {**cfg, **SWIGLU} if swiglu else cfg
 
 
@@ -191,15 +180,15 @@ def _load_own(ck, attn, fmt):
 
 
 def _load_jepa(ck, attn, fmt):
-    """RadJEPa / I-JEPA / pretrain.py checkpoint.pt: a JEPA target encoder (no CLS, fixed sin-cos positions).
-    pretrain.py's checkpoint (its flags under 'args') is fed as it was trained, the others as Meta's I-JEPA code
-    (which RadJEPa was trained with) feeds them: ImageNet mean / std on RGB."""
+    """RadJEPa / I-JEPA / pretrain.py's checkpoint.pt (fed as it was trained; the others as Meta's I-JEPA code, which
+    RadJEPa was trained with, feeds them): a JEPA target encoder, no CLS, fixed sin-cos positions."""
     state = backbone_state(ck.obj, ck.path)
     args = ck.obj.get("args") if isinstance(ck.obj, dict) else None
     heads = VIT_CONFIGS[args["model"]][2] if isinstance(args, dict) and args.get("model") in VIT_CONFIGS else None
     cfg = _infer_vit(state, ck.path, cls_slot=False, heads=heads)
     if cfg["cls_token"] or cfg["num_register_tokens"]:
-        raise UserError(f"{ck.path}: has a CLS token / registers, so it is not a JEPA encoder: try --encoder_format dinov2")
+        raise UserError(f"{ck.path}: has a CLS token / registers, so it is not a JEPA encoder: "
+                        "try --encoder_format dinov2")
     hub = ck.hf_config or {}
     if isinstance(hub.get("num_attention_heads"), int) and not heads:
         cfg["num_heads"] = hub["num_attention_heads"]
@@ -212,10 +201,9 @@ def _load_jepa(ck, attn, fmt):
 
 
 def _load_timm_vit(ck, attn, fmt):
-    """Meta's DINOv2 naming (ViT-g's SwiGLU too; blocks chunked for FSDP: blocks.<chunk>.<index>.*), which timm's
-    and MAE's are: MRM (MAE ViT-B/16), BiomedCLIP (open_clip's visual.trunk.* is timm's vit_base_patch16_224).
-    Positions resized as each one's code does: DINOv2 with registers antialias, no offset; without, the historical
-    scale factor (new + 0.1) / old; timm antialiases; MAE resizes by size."""
+    """Meta's DINOv2 naming (blocks chunked for FSDP too), which timm's and MAE's are: MRM (MAE ViT-B/16), BiomedCLIP
+    (open_clip's visual.trunk.* is timm's ViT-B/16). Positions resized as each one's code does: DINOv2 with registers
+    antialias, no offset, without the historical (new + 0.1) / old; timm antialiases; MAE resizes by size."""
     if fmt == "rad-dino" and (ck.hf_config or {}).get("model_type") == "dinov2" \
             and os.path.basename(ck.file) != RAD_DINO_FILES[0]:
         return _load_hf(ck, attn, fmt)  # microsoft/rad-dino's hub folder: a Dinov2Model
@@ -249,30 +237,21 @@ def _load_timm_vit(ck, attn, fmt):
     return vit, feed(**(RAD_DINO_FEED if fmt == "rad-dino" else DINOV2_FEED))
 
 
-def _hf_state(ck, prefixes):
-    """A Hugging Face state dict; of a task model (Dinov2ForImageClassification, CLIPModel), the backbone under the
-    first of `prefixes` it has."""
-    state = tensor_dict(ck.obj, ck.path)
-    pre = next((p for p in prefixes if any(k.startswith(p) for k in state)), "")
-    state = strip_prefixes(state, ("module.", "_orig_mod."), ck.path)
-    return {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}, pre
-
-
 def _load_hf(ck, attn, fmt):
-    """Hugging Face Dinov2Model / Dinov2WithRegistersModel (ViT-g's SwiGLU too) / IJepaModel, as config.json says.
-    HF inserts the registers, without a position, after CLS: our embed()'s [CLS + cls_pos, registers, patches + pos];
-    the registers class resizes positions with antialias."""
+    """Hugging Face Dinov2Model / Dinov2WithRegistersModel / IJepaModel, as config.json says. HF inserts the registers,
+    without a position, after CLS: our embed()'s [CLS + cls_pos, registers, patches + pos]."""
     c = ck.hf_config
     if c is None:
         raise UserError(f"{ck.path}: Hugging Face weights need a readable config.json in the same folder")
     mt = c.get("model_type")
     want = ("ijepa",) if fmt == "ijepa-hf" else ("dinov2", "dinov2_with_registers")
     if mt not in want:
-        raise UserError(f"{ck.path}: config.json has model_type {mt!r}; --encoder_format {fmt} loads {' / '.join(want)}"
-                        + ("" if mt not in FORMAT_OF_MODEL_TYPE else f": try --encoder_format {FORMAT_OF_MODEL_TYPE[mt]}"))
+        hint = f": try --encoder_format {FORMAT_OF_MODEL_TYPE[mt]}" if mt in FORMAT_OF_MODEL_TYPE else ""
+        raise UserError(f"{ck.path}: config.json has model_type {mt!r}; --encoder_format {fmt} loads "
+                        f"{' / '.join(want)}{hint}")
     if c.get("hidden_act", "gelu") != "gelu":
         raise UserError(f"{ck.path}: hidden_act {c['hidden_act']!r} is not supported (only gelu)")
-    state = _hf_state(ck, ("dinov2.", "ijepa."))[0]
+    state = model_state(ck.obj, ck.path, ("dinov2.", "ijepa."))
     dim, ijepa, regs = c.get("hidden_size", 768), mt == "ijepa", mt == "dinov2_with_registers"
     ratio = c["intermediate_size"] / dim if ijepa and "intermediate_size" in c else c.get("mlp_ratio", 4)
     cfg = dict(img_size=_side(c.get("image_size", 224)), patch_size=_side(c.get("patch_size", 14)),
@@ -292,25 +271,24 @@ def _load_hf(ck, attn, fmt):
 
 
 def _load_clip(ck, attn, fmt):
-    """CLIP's ViT: Hugging Face CLIPVisionModel / CLIPModel folders (clip-hf), or OpenAI's state dict (clip: ViT-L/14,
-    ViT-L/14@336px; chexzero: CheXzero's fine-tuned ViT-B/32). A LayerNorm before the blocks (ln_pre), QuickGELU,
-    no patch bias."""
+    """CLIP's ViT (ln_pre, QuickGELU, no patch bias): a Hugging Face CLIPVisionModel / CLIPModel folder (clip-hf), or
+    OpenAI's state dict (clip: ViT-L/14, ViT-L/14@336px; chexzero: CheXzero's fine-tuned ViT-B/32)."""
     if fmt == "clip-hf":
         c = ck.hf_config or {}
         c = c.get("vision_config", c) if c.get("model_type") == "clip" else c
         if c.get("model_type", "clip_vision_model") != "clip_vision_model":
             raise UserError(f"{ck.path}: config.json is not CLIP's: --encoder_format clip-hf loads CLIPVisionModel / "
                             "CLIPModel folders")
-        state, pre = _hf_state(ck, ("vision_model.",))  # the text tower is set aside
+        state = model_state(ck.obj, ck.path, ("vision_model.",))  # the text tower is set aside
         if "embeddings.patch_embedding.weight" not in state:
-            raise UserError(f"{ck.path}: missing key {pre}embeddings.patch_embedding.weight: not a CLIP vision model")
+            raise UserError(f"{ck.path}: no (vision_model.)embeddings.patch_embedding.weight: not a CLIP vision model")
         ignore = {"embeddings.position_ids"}  # a buffer older transformers saved
         blocks = r"encoder\.layers\.(\d+)\."
     else:
         state, c = plain_state(ck.obj, ck.path), {}
         if "visual.conv1.weight" not in state:
-            raise UserError(f"{ck.path}: no visual.conv1.weight: not an OpenAI CLIP ViT state dict"
-                            + (" (a ResNet CLIP? only the ViT ones load)" if "visual.layer1.0.conv1.weight" in state else ""))
+            resnet = " (a ResNet CLIP? only the ViT ones load)" if "visual.layer1.0.conv1.weight" in state else ""
+            raise UserError(f"{ck.path}: no visual.conv1.weight: not an OpenAI CLIP ViT state dict{resnet}")
         ignore = {k for k in state if not k.startswith("visual.")} | {"visual.proj"}
         blocks = r"visual\.transformer\.resblocks\.(\d+)\."
     act = c.get("hidden_act", "quick_gelu")
@@ -322,7 +300,8 @@ def _load_clip(ck, attn, fmt):
     dim, npos, p = cls.shape[0], pos.shape[-2], patch.shape[-1]
     grid = math.isqrt(npos - 1)
     if grid * grid != npos - 1:
-        raise UserError(f"{ck.path}: {source_of('pos_embed')[0][0]} holds {npos - 1} patch positions, not a square grid")
+        raise UserError(f"{ck.path}: {source_of('pos_embed')[0][0]} holds {npos - 1} patch positions, not a "
+                        "square grid")
     vit = ViTVariant(attn=attn, pre_norm=True, act=act, patch_bias=False, img_size=grid * p, patch_size=p,
                      in_chans=patch.shape[1], embed_dim=dim, depth=_count(state, blocks), qkv_bias=True,
                      num_heads=c.get("num_attention_heads", _heads(dim, ck.path)), mlp_ratio=fc1.shape[0] / dim,
@@ -334,9 +313,8 @@ def _load_clip(ck, attn, fmt):
 
 
 def _load_biovil(ck, attn, fmt):
-    """BioViL / BioViL-T's image encoder (hi-ml-multimodal ImageModel): the ResNet-50 trunk under encoder.encoder.*
-    in torchvision naming; BioViL-T's temporal ViT pooler (only meaningful with a prior image) and the projector /
-    classifier heads are set aside."""
+    """BioViL(-T)'s image encoder: the ResNet-50 trunk (torchvision names) under encoder.encoder.*; BioViL-T's
+    temporal pooler (for a prior image) and the projector / classifier heads are set aside."""
     state = plain_state(ck.obj, ck.path)
     pre = next((p for p in ("encoder.encoder.", "image_model.encoder.encoder.", "encoder.", "") if
                 p + "layer4.0.conv1.weight" in state), None)
@@ -354,21 +332,18 @@ def _load_biovil(ck, attn, fmt):
 
 LOADERS = {  # name: (loader, what it reads); --help lists them in this order
     "radjepa-encoder": (_load_own, "this project's export: encoder.safetensors (pretrain.py writes it)"),
-    "radjepa": (_load_jepa, "RadJEPa: jepa_encoder.pth.tar, or its Hugging Face snapshot folder (config.json, "
-                "modeling file never imported); also pretrain.py's checkpoint.pt"),
+    "radjepa": (_load_jepa, "RadJEPa's jepa_encoder.pth.tar or hub snapshot folder; also pretrain.py's checkpoint.pt"),
     "ijepa": (_load_jepa, "Meta's I-JEPA .pth.tar (IN1K-vit.h.14-300e.pth.tar, ...)"),
     "ijepa-hf": (_load_hf, "Hugging Face IJepaModel folder (facebook/ijepa_*, and this project's out_dir/hf)"),
     "dinov2-hf": (_load_hf, "Hugging Face Dinov2Model / Dinov2WithRegistersModel folder (ViT-g's SwiGLU too)"),
-    "rad-dino": (_load_timm_vit, "microsoft/rad-dino: its hub folder, or its backbone_compatible.safetensors "
-                 "(DINOv2 naming)"),
+    "rad-dino": (_load_timm_vit, "microsoft/rad-dino's hub folder, or its backbone_compatible.safetensors"),
     "dinov2": (_load_timm_vit, "Meta's original DINOv2 .pth (dinov2_vitg14_pretrain.pth, ..._reg4_...)"),
     "clip-hf": (_load_clip, "Hugging Face CLIPVisionModel / CLIPModel folder (openai/clip-vit-large-patch14[-336])"),
-    "clip": (_load_clip, "OpenAI CLIP ViT state dict (visual.*; a TorchScript ViT-L-14.pt must be re-saved as a "
-             "state dict)"),
+    "clip": (_load_clip, "OpenAI CLIP ViT state dict (visual.*; re-save a TorchScript ViT-L-14.pt as one)"),
     "chexzero": (_load_clip, "CheXzero: OpenAI CLIP ViT-B/32 state dict"),
-    "biomedclip": (_load_timm_vit, "BiomedCLIP: open_clip folder (open_clip_pytorch_model.bin + open_clip_config.json)"),
+    "biomedclip": (_load_timm_vit, "BiomedCLIP's open_clip folder (open_clip_pytorch_model.bin, ..._config.json)"),
     "mrm": (_load_timm_vit, "MRM: ViT-B/16 in MAE / timm naming (MRM.pth)"),
-    "biovil-t": (_load_biovil, "BioViL / BioViL-T image model (hi-ml-multimodal ResNet-50, biovil_t_image_model_*.pt)"),
+    "biovil-t": (_load_biovil, "BioViL(-T) image model (hi-ml-multimodal's ResNet-50, biovil_t_image_model_*.pt)"),
 }
 FORMAT_OF_MODEL_TYPE = {"ijepa": "ijepa-hf", "dinov2": "dinov2-hf", "dinov2_with_registers": "dinov2-hf",
                         "clip": "clip-hf", "clip_vision_model": "clip-hf"}
@@ -386,8 +361,8 @@ def _is_rad_dino(ck):
 
 def detect_format(path):
     """(format, why) of a checkpoint path or Checkpoint, only when certain: where two formats share a layout but are
-    fed differently (RAD-DINO and DINOv2, CheXzero and CLIP ViT-B/32, MRM and other timm ViT-B/16s) and nothing in
-    the files tells them apart, a UserError asks for --encoder_format; so does an unknown layout, naming the closest."""
+    fed differently (RAD-DINO / DINOv2, CheXzero / CLIP ViT-B/32, MRM / timm ViT-B/16s) and the files do not tell,
+    or the layout is unknown, a UserError asks for --encoder_format."""
     ck = path if isinstance(path, Checkpoint) else Checkpoint(path)
     obj = ck.obj
     if ck.meta.get("format") == "radjepa-encoder":
@@ -460,9 +435,8 @@ def _closest(state):
 
 def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_size=14, attn="sdpa",
                  enc_img_size=None, enc_mean=None, enc_std=None):
-    """Return (vit, info) with the encoder in eval mode and frozen. path None: the default pretraining export if a
-    run left one, else a randomly initialised `model` (the floor every encoder should beat); info['source'] says
-    which, for the run's output. enc_img_size / enc_mean / enc_std override how the format feeds it."""
+    """(vit, info), the encoder frozen in eval mode. path None: the default pretraining export if a run left one, else
+    a randomly initialised `model` (the floor every encoder should beat), as info['source'] says."""
     if path is None and os.path.exists(DEFAULT_EXPORT):
         path = DEFAULT_EXPORT
     if path is None:
@@ -475,7 +449,8 @@ def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_si
             raise UserError(f"--encoder {path}: no such file or folder")
         if fmt not in (None, "auto") and fmt not in LOADERS:
             near = difflib.get_close_matches(str(fmt), LOADERS, n=1, cutoff=0)
-            raise UserError(f"--encoder_format {fmt!r} unknown: closest is {near[0]} (formats: auto, {', '.join(LOADERS)})")
+            raise UserError(f"--encoder_format {fmt!r} unknown: closest is {near[0]} (formats: auto, "
+                            f"{', '.join(LOADERS)})")
         ck = Checkpoint(path)
         fmt, why = detect_format(ck) if fmt in (None, "auto") else (fmt, None)
         vit, info = LOADERS[fmt][0](ck, attn, fmt)
@@ -526,7 +501,7 @@ def add_encoder_args(p):
 
 def load_encoder_from_args(args):
     """load_encoder with the flags of add_encoder_args and add_common_args."""
-    return load_encoder(args.encoder, args.encoder_format, getattr(args, "model", "vit_base"),
-                        getattr(args, "img_size", 224), getattr(args, "patch_size", 14),
-                        getattr(args, "attn", None) or "sdpa", enc_img_size=getattr(args, "enc_img_size", None),
-                        enc_mean=getattr(args, "enc_mean", None), enc_std=getattr(args, "enc_std", None))
+    opt = vars(args).get
+    return load_encoder(args.encoder, args.encoder_format, opt("model", "vit_base"), opt("img_size", 224),
+                        opt("patch_size", 14), opt("attn") or "sdpa", opt("enc_img_size"), opt("enc_mean"),
+                        opt("enc_std"))

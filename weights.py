@@ -21,8 +21,7 @@ from base import UserError
 # reading a checkpoint safely, once
 
 def _torch_load(path):
-    """torch.load that only rebuilds tensors and plain containers. A pickle that asks for anything else (a function
-    such as os.system, a class) is refused before any of it runs."""
+    """torch.load that only rebuilds tensors and containers: a pickle asking for anything else is refused unrun."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             if any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist()):
@@ -54,8 +53,7 @@ def _read_safetensors(path):
 
 
 def _read_json(path):
-    """A JSON file's contents, or None when it is absent or unreadable (a stray config.json beside a .pth is not
-    an error; a Hugging Face folder without a readable one is, in encoders._load_hf)."""
+    """A JSON file's contents, or None when it is absent or unreadable (a stray config.json is no error)."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -69,9 +67,8 @@ FOLDER_FILES = ("encoder.safetensors", "jepa_encoder.pth.tar", "open_clip_model.
 
 
 class Checkpoint:
-    """One --encoder path, read once: a torch file, a safetensors file, or a folder (a Hugging Face snapshot with
-    config.json, RadJEPa's hub snapshot, an open_clip hub folder, or a pretraining run's out_dir holding
-    encoder.safetensors). A modeling_*.py beside the weights is never imported: only the weights are read."""
+    """One --encoder path, read once: a torch or safetensors file, or a folder holding one of FOLDER_FILES (and
+    config.json files; a modeling_*.py beside them is never imported)."""
 
     def __init__(self, path):
         self.path = path
@@ -118,6 +115,14 @@ def strip_prefixes(state, prefixes, path):
     return out
 
 
+def model_state(obj, path, parts=()):
+    """obj's tensors without DDP's 'module.' and torch.compile's '_orig_mod.'; of a whole model (a task model's head
+    beside its backbone, DINOv2's training heads), only those under the first of `parts` that a key starts with."""
+    state = strip_prefixes(tensor_dict(obj, path), ("module.", "_orig_mod."), path)
+    pre = next((p for p in parts if any(k.startswith(p) for k in state)), "")
+    return {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
+
+
 def plain_state(obj, path):
     """A state dict saved as it is or under 'state_dict', without DDP's 'module.' (CLIP, open_clip, BioViL-T)."""
     return strip_prefixes(tensor_dict(obj.get("state_dict", obj) if isinstance(obj, dict) else obj, path),
@@ -126,17 +131,12 @@ def plain_state(obj, path):
 
 def backbone_state(obj, path):
     """The encoder's state dict from an I-JEPA / RadJEPa / DINOv2 torch file: under 'target_encoder' (the EMA
-    encoder the papers evaluate, preferred), 'encoder', 'teacher', 'model' or 'state_dict', or the file itself;
-    'module.' (DDP), '_orig_mod.' (torch.compile), 'encoder.' and 'backbone.' prefixes stripped. DINOv2 training
-    files keep heads beside the backbone: then only 'backbone.*' (the teacher's if both) is the encoder."""
+    encoder the papers evaluate, preferred), 'encoder', 'teacher', 'model' or 'state_dict', or the file itself; of
+    DINOv2's training files only 'backbone.*' (the teacher's if both); 'encoder.' and 'backbone.' prefixes stripped."""
     if isinstance(obj, dict):
         obj = next((obj[k] for k in ("target_encoder", "encoder", "teacher", "model", "state_dict")
                     if isinstance(obj.get(k), dict)), obj)
-    state = strip_prefixes(tensor_dict(obj, path), ("module.", "_orig_mod."), path)
-    for pre in ("teacher.backbone.", "backbone."):
-        if any(k.startswith(pre) for k in state):
-            state = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
-            break
+    state = model_state(obj, path, ("teacher.backbone.", "backbone."))
     return strip_prefixes(state, ("encoder.", "backbone.", "module."), path)
 
 
@@ -176,11 +176,10 @@ def same_name(k):
 
 
 def _split_cls_pos(key):
-    """Checkpoints that keep the CLS position in slot 0 of one position table (DINOv2, timm, MAE, CLIP); ours
-    keeps it apart in cls_pos_embed. Handles (1, 1 + N, D) and CLIP's (1 + N, D)."""
-    def batched(p):
-        return p if p.ndim == 3 else p[None]
-    return {"cls_pos_embed": ([key], lambda p: batched(p)[:, :1]), "pos_embed": ([key], lambda p: batched(p)[:, 1:])}
+    """Checkpoints that keep the CLS position in slot 0 of one position table, (1, 1 + N, D) or CLIP's (1 + N, D)
+    (DINOv2, timm, MAE, CLIP); ours keeps it apart in cls_pos_embed."""
+    return {"cls_pos_embed": ([key], lambda p: p.reshape(1, -1, p.shape[-1])[:, :1]),
+            "pos_embed": ([key], lambda p: p.reshape(1, -1, p.shape[-1])[:, 1:])}
 
 
 def dinov2_source(k):
@@ -193,9 +192,8 @@ def _concat(names):  # q, k, v into our fused qkv (heads-major inside each, as H
 
 
 def hf_source(k, new_names=False, ijepa=False):
-    """Our key -> Hugging Face Dinov2 / IJepa key(s). Checkpoints on the Hub (attention.attention.query/key/value,
-    attention.output.dense, mlp.weights_in) and transformers 5's in-memory names (attention.q_proj, ...,
-    attention.o_proj, mlp.gate_proj / up_proj / down_proj, and IJepa's layers.N without encoder.) both work."""
+    """Our key -> Hugging Face Dinov2 / IJepa key(s): as the Hub's files name them, or (new_names) as transformers 5
+    does in memory (attention.q_proj, mlp.gate_proj / up_proj / down_proj, IJepa's layers.N)."""
     if k in ("cls_pos_embed", "pos_embed") and not ijepa:
         return _split_cls_pos("embeddings.position_embeddings")[k]
     hub = {"pos_embed": "embeddings.position_embeddings", "cls_token": "embeddings.cls_token", "norm": "layernorm",
