@@ -108,8 +108,7 @@ class ResNet50Encoder(nn.Module):
                                         *[Bottleneck(w * 4, w) for _ in range(n - 1)]))
             cin = w * 4
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.embed_dim, self.patch_size, self.num_heads = cin, 32, 0
-        self.num_prefix_tokens, self.cls_token = 0, None
+        self.embed_dim, self.patch_size, self.num_heads, self.num_prefix_tokens, self.cls_token = cin, 32, 0, 0, None
         self.grid = (img_size // 32, img_size // 32)
 
     @property
@@ -119,11 +118,8 @@ class ResNet50Encoder(nn.Module):
     def stem(self, x):
         if x.shape[-2] % 32 or x.shape[-1] % 32:
             raise ValueError(f"image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of the ResNet stride 32")
-        w = self.conv1.weight
-        if x.shape[1] == 1 and w.shape[1] > 1:  # gray into an RGB stem: the same as replicating the channel
-            x = F.conv2d(x, w.sum(1, keepdim=True), stride=2, padding=3)
-        else:
-            x = self.conv1(x)
+        gray = x.shape[1] == 1 and self.conv1.in_channels > 1  # into an RGB stem: the same as replicating the channel
+        x = F.conv2d(x, self.conv1.weight.sum(1, keepdim=True), stride=2, padding=3) if gray else self.conv1(x)
         return F.max_pool2d(F.relu(self.bn1(x)), 3, 2, 1)
 
     def feature_map(self, x):
@@ -138,8 +134,7 @@ class ResNet50Encoder(nn.Module):
         return self.feature_map(x).flatten(2).transpose(1, 2)
 
     def forward_features(self, x, layers=None, norm=False):
-        """Token grids (B, N, D) of the bottleneck blocks in `layers` (1-based); norm is accepted for the ViT
-        interface and does nothing (a ResNet has no final norm)."""
+        """Token grids (B, N, D) of the bottleneck blocks in `layers` (1-based); norm: the ViT's interface, unused."""
         if layers is None:
             return self.forward(x)
         size = (x.shape[-2] // 32, x.shape[-1] // 32)

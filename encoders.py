@@ -40,8 +40,7 @@ DINOV2_FEED = dict(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_to
                    source="DINOv2 linear evaluation")
 HF_FEED_WINS = ("ijepa-hf", "dinov2-hf", "rad-dino", "clip-hf")  # a preprocessor_config.json beside them is obeyed
 SWIGLU = {"variant": "vit", "ffn": "swiglu"}  # DINOv2 ViT-g's feed-forward (backbones.ViTVariant)
-# Checkpoints in I-JEPA / DINOv2 naming do not store the head count; every published ViT uses 64-d heads except
-# these widths (I-JEPA's and DINOv2's own tables), so the width decides it.
+# I-JEPA / DINOv2 checkpoints store no head count: published ViTs have 64-d heads but at these widths (their tables)
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
 # only microsoft/rad-dino's hub folder holds these: the DINOv2-code checkpoint, DINO head and fine-tuning config
 RAD_DINO_FILES = ("backbone_compatible.safetensors", "dino_head.safetensors", "vitb14_cxr.yaml")
@@ -51,8 +50,7 @@ def save_encoder(vit, path, if_failed="nothing was changed", **meta):
     """Write vit's weights + config (safetensors metadata) atomically. Metadata img_size / mean / std, if given,
     are how the file is fed when loaded again (so a re-exported RAD-DINO keeps its own)."""
     state = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
-    md = {"format": "radjepa-encoder", "config": json.dumps(vit.config)}
-    md.update({k: json.dumps(v) for k, v in meta.items()})
+    md = {"format": "radjepa-encoder", "config": json.dumps(vit.config), **{k: json.dumps(v) for k, v in meta.items()}}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=md), if_failed)
 
 
@@ -63,8 +61,7 @@ def export_hf(vit, folder, img_size=None, mean=None, std=None):
     c, dim = vit.config, vit.config["embed_dim"]
     if type(vit) is not VisionTransformer or c["cls_token"] or c["num_register_tokens"] or c["layer_scale"]:
         raise UserError("export_hf: only plain JEPA ViTs (no CLS token, registers or layer scale) are IJepaModels")
-    if mean is None:
-        mean, std = [CXR_MEAN], [CXR_STD]
+    mean, std = ([CXR_MEAN], [CXR_STD]) if mean is None else (mean, std)
     mean, std = ([float(v) for v in m] * (3 if len(m) == 1 else 1) for m in (mean, std))
     out = {}
     for k, t in vit.state_dict().items():
@@ -102,8 +99,7 @@ def feed(img_size, mean, std, resize_to=None, source=None):
     return {**out, "preset": source} if source else out
 
 
-def _side(v):
-    """One side of a Hugging Face size: an int, a pair, or {height, width} / {shortest_edge}."""
+def _side(v):  # one side of a Hugging Face size: an int, a pair, or {height, width} / {shortest_edge}
     if isinstance(v, dict):
         return v.get("height", v.get("shortest_edge"))
     return v[0] if isinstance(v, (list, tuple)) else v
@@ -116,20 +112,17 @@ def _hf_feed(pp):
     size, crop = pp.get("size"), _side(pp.get("crop_size")) if pp.get("do_center_crop", True) else None
     short = size.get("shortest_edge") if isinstance(size, dict) else (size if isinstance(size, int) else None)
     side = crop or _side(size)
-    if not isinstance(side, int):
-        return None
-    return feed(side, pp["image_mean"], pp["image_std"], resize_to=short or crop, source="preprocessor_config.json")
+    return feed(side, pp["image_mean"], pp["image_std"], resize_to=short or crop,
+                source="preprocessor_config.json") if isinstance(side, int) else None
 
 
 def _heads(width, path):
     if width not in HEADS_BY_WIDTH and width % 64:
-        raise UserError(f"{path}: width {width} is no published ViT's and not a multiple of 64: cannot tell the "
-                        "number of attention heads")
+        raise UserError(f"{path}: width {width} is no published ViT's and not a multiple of 64: unknown head count")
     return HEADS_BY_WIDTH.get(width, width // 64)
 
 
-def _count(state, pattern):
-    """The number of numbered blocks: 1 + the largest index that `pattern`'s group matches in the keys (0 if none)."""
+def _count(state, pattern):  # how many numbered blocks: 1 + the largest index `pattern`'s group matches, 0 if none
     return 1 + max([int(m.group(1)) for k in state if (m := re.match(pattern, k))], default=-1)
 
 
@@ -160,23 +153,20 @@ def _infer_vit(state, path, cls_slot, heads=None):
     return {**cfg, **SWIGLU} if swiglu else cfg
 
 
-def _json_or_text(v):
-    try:
-        return json.loads(v)
-    except ValueError:
-        return v
-
-
 def _load_own(ck, attn, fmt):
     if ck.meta.get("format") != "radjepa-encoder" or "config" not in ck.meta:
         raise UserError(f"{ck.path}: not a radjepa-encoder export (no config in its safetensors metadata)")
     cfg = json.loads(ck.meta["config"])
     vit = build_encoder(cfg, attn=attn)
     load_mapped(vit, tensor_dict(ck.obj, ck.path), same_name, ck.path)
-    meta = {k: _json_or_text(v) for k, v in ck.meta.items() if k not in ("config", "format")}
-    info = feed(cfg["img_size"], [CXR_MEAN], [CXR_STD])
-    info.update({k: meta[k] for k in ("img_size", "mean", "std", "resize", "resize_to") if k in meta})
-    return vit, {**info, "meta": meta}
+    meta = {k: v for k, v in ck.meta.items() if k not in ("config", "format")}
+    for k, v in meta.items():
+        try:
+            meta[k] = json.loads(v)
+        except ValueError:  # metadata another tool wrote stays text
+            pass
+    own = {k: meta[k] for k in ("img_size", "mean", "std", "resize", "resize_to") if k in meta}
+    return vit, {**feed(cfg["img_size"], [CXR_MEAN], [CXR_STD]), **own, "meta": meta}
 
 
 def _load_jepa(ck, attn, fmt):
@@ -282,8 +272,7 @@ def _load_clip(ck, attn, fmt):
         state = model_state(ck.obj, ck.path, ("vision_model.",))  # the text tower is set aside
         if "embeddings.patch_embedding.weight" not in state:
             raise UserError(f"{ck.path}: no (vision_model.)embeddings.patch_embedding.weight: not a CLIP vision model")
-        ignore = {"embeddings.position_ids"}  # a buffer older transformers saved
-        blocks = r"encoder\.layers\.(\d+)\."
+        ignore, blocks = {"embeddings.position_ids"}, r"encoder\.layers\.(\d+)\."  # a buffer older transformers saved
     else:
         state, c = plain_state(ck.obj, ck.path), {}
         if "visual.conv1.weight" not in state:
@@ -354,25 +343,21 @@ def _ambiguous(path, a, b, why):
                      f"differently: pass --encoder_format {a} or --encoder_format {b}")
 
 
-def _is_rad_dino(ck):
-    return os.path.basename(ck.file) == RAD_DINO_FILES[0] or any(
-        os.path.exists(os.path.join(ck.folder, f)) for f in RAD_DINO_FILES)
-
-
 def detect_format(path):
     """(format, why) of a checkpoint path or Checkpoint, only when certain: where two formats share a layout but are
     fed differently (RAD-DINO / DINOv2, CheXzero / CLIP ViT-B/32, MRM / timm ViT-B/16s) and the files do not tell,
     or the layout is unknown, a UserError asks for --encoder_format."""
     ck = path if isinstance(path, Checkpoint) else Checkpoint(path)
-    obj = ck.obj
+    obj, name = ck.obj, os.path.basename(ck.file)
+    rad_dino = name == RAD_DINO_FILES[0] or any(os.path.exists(os.path.join(ck.folder, f)) for f in RAD_DINO_FILES)
     if ck.meta.get("format") == "radjepa-encoder":
         return "radjepa-encoder", "project export"
     keys = list(obj) if isinstance(obj, dict) else []
     mt = (ck.hf_config or {}).get("model_type", "")
     if mt in FORMAT_OF_MODEL_TYPE and ck.file.endswith((".safetensors", ".bin", ".index.json")) \
-            and os.path.basename(ck.file) != RAD_DINO_FILES[0]:
+            and name != RAD_DINO_FILES[0]:
         if mt == "dinov2":  # microsoft/rad-dino's config.json is a plain Dinov2Model's
-            if _is_rad_dino(ck):
+            if rad_dino:
                 return "rad-dino", f"Hugging Face Dinov2 folder with RAD-DINO's {', '.join(RAD_DINO_FILES)}"
             if ck.hf_preprocess is None:
                 raise _ambiguous(ck.path, "dinov2-hf", "rad-dino", "a Dinov2 config.json and no "
@@ -383,14 +368,13 @@ def detect_format(path):
     if any(k.startswith("visual.transformer.resblocks.") for k in keys):
         w = obj.get("visual.conv1.weight")
         if torch.is_tensor(w) and tuple(w.shape[::2]) == (768, 32):
-            raise _ambiguous(ck.path, "clip", "chexzero", "an OpenAI CLIP ViT-B/32 state dict, the architecture of "
-                             "both OpenAI's ViT-B/32 and CheXzero's release")
+            raise _ambiguous(ck.path, "clip", "chexzero", "an OpenAI CLIP ViT-B/32: OpenAI's and CheXzero's share it")
         return "clip", "OpenAI CLIP state dict (not ViT-B/32, so not CheXzero)"
     if any(k.endswith("layer4.0.conv1.weight") for k in keys):
         return "biovil-t", "ResNet trunk (torchvision naming)"
     if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("target_encoder", "encoder")):
         # Meta's files (IN1K-vit.h.14-300e.pth.tar, ...) are whole training states; the RadJEPa release is named
-        if "predictor" in obj and "opt" in obj and "jepa_encoder" not in os.path.basename(ck.file):
+        if "predictor" in obj and "opt" in obj and "jepa_encoder" not in name:
             return "ijepa", "I-JEPA training checkpoint (predictor + opt)"
         return "radjepa", "JEPA encoder state dict"
     if any(k.endswith("patch_embeddings.projection.weight") for k in keys):
@@ -399,12 +383,11 @@ def detect_format(path):
     if "cls_token" in state and any(k.startswith("blocks.") for k in state):
         if any(k.startswith("decoder") for k in state):
             return "mrm", "MAE naming with a decoder (MRM)"
-        if _is_rad_dino(ck):
-            return "rad-dino", f"DINOv2 naming, RAD-DINO's {os.path.basename(ck.file)}"
+        if rad_dino:
+            return "rad-dino", f"DINOv2 naming, RAD-DINO's {name}"
         patch = state["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in state else None
         if patch != 14:
-            raise _ambiguous(ck.path, "mrm", "dinov2", f"timm / MAE naming with a CLS token, patch {patch}, no MAE "
-                             "decoder")
+            raise _ambiguous(ck.path, "mrm", "dinov2", f"timm / MAE naming, a CLS token, patch {patch}, no decoder")
         if ck.file.endswith(".safetensors"):  # Meta ships DINOv2 as .pth; RAD-DINO's DINOv2-code file is safetensors
             raise _ambiguous(ck.path, "dinov2", "rad-dino", "DINOv2 naming in a safetensors file")
         return "dinov2", "Meta's DINOv2 key names in a .pth"
@@ -429,9 +412,6 @@ def _closest(state):
              "biovil-t": "encoder conv1 bn1 layer1 layer2 layer3 layer4 downsample running mean var"}
     return max(vocab, key=lambda f: len(words & set(vocab[f].split())))
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# the entry point
 
 def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_size=14, attn="sdpa",
                  enc_img_size=None, enc_mean=None, enc_std=None):
@@ -496,7 +476,6 @@ def add_encoder_args(p):
     g.add_argument("--enc_mean", type=float, nargs="+", default=None,
                    help="normalisation mean, 1 value (grayscale) or 3 (RGB) (default: the format's)")
     g.add_argument("--enc_std", type=float, nargs="+", default=None, help="normalisation std (see --enc_mean)")
-    return g
 
 
 def load_encoder_from_args(args):

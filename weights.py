@@ -1,8 +1,7 @@
 """
-Reading published weight files safely and mapping their keys onto this project's modules (encoders.py's plumbing,
-apart so its loaders read top to bottom): a checkpoint is opened once, never unpickling code (safetensors, or
-torch.load with weights_only=True; TorchScript archives refused), and every parameter of the model names the
-checkpoint tensor(s) it comes from, so a missing or unused key is an error that names it, never a partial load.
+encoders.py's plumbing: reading published weight files safely, once (safetensors, or torch.load with
+weights_only=True; TorchScript archives refused), and mapping their keys onto this project's modules: every
+parameter names the checkpoint tensor(s) it comes from, so a missing or unused key is an error that names it.
 """
 import json
 import os
@@ -124,9 +123,8 @@ def model_state(obj, path, parts=()):
 
 
 def plain_state(obj, path):
-    """A state dict saved as it is or under 'state_dict', without DDP's 'module.' (CLIP, open_clip, BioViL-T)."""
-    return strip_prefixes(tensor_dict(obj.get("state_dict", obj) if isinstance(obj, dict) else obj, path),
-                          ("module.",), path)
+    """A state dict saved as it is or under 'state_dict' (CLIP, open_clip, BioViL-T), as model_state gives it."""
+    return model_state(obj.get("state_dict", obj) if isinstance(obj, dict) else obj, path)
 
 
 def backbone_state(obj, path):
@@ -149,9 +147,8 @@ def load_mapped(vit, state, source_of, path, ignore=()):
     out, used, missing, shape = {}, set(), [], []
     for k, ref in vit.state_dict().items():
         srcs, combine = source_of(k)
-        lack = [s for s in srcs if s not in state]
-        if lack:
-            missing += lack
+        missing += [s for s in srcs if s not in state]
+        if any(s not in state for s in srcs):
             continue
         used.update(srcs)
         try:
@@ -202,10 +199,7 @@ def hf_source(k, new_names=False, ijepa=False):
     head, _, wb = k.rpartition(".")
     if k in hub or head in hub:
         return [hub[k] if k in hub else f"{hub[head]}.{wb}"], None
-    m = re.match(r"blocks\.(\d+)\.(.+)\.(\w+)$", k)
-    if not m:
-        return [k], None
-    i, part, wb = m.groups()
+    i, part, wb = re.match(r"blocks\.(\d+)\.(.+)\.(\w+)$", k).groups()
     pre = f"layers.{i}." if ijepa and new_names else f"encoder.layer.{i}."
     if part == "attn.qkv":
         qkv = ["q_proj", "k_proj", "v_proj"] if new_names else ["attention.query", "attention.key", "attention.value"]
@@ -228,10 +222,9 @@ CLIP_NAMES = {"cls_token": ("embeddings.class_embedding", "visual.class_embeddin
               "patch_embed.proj": ("embeddings.patch_embedding", "visual.conv1"),
               "pos": ("embeddings.position_embedding.weight", "visual.positional_embedding"),
               "norm_pre": ("pre_layrnorm", "visual.ln_pre"), "norm": ("post_layernorm", "visual.ln_post"),
-              "blocks": ("encoder.layers.{}.", "visual.transformer.resblocks.{}."),
-              "attn.proj": ("self_attn.out_proj", "attn.out_proj"), "norm1": ("layer_norm1", "ln_1"),
-              "norm2": ("layer_norm2", "ln_2"), "mlp.fc1": ("mlp.fc1", "mlp.c_fc"),
-              "mlp.fc2": ("mlp.fc2", "mlp.c_proj")}
+              "blocks": ("encoder.layers.{}.", "visual.transformer.resblocks.{}."), "norm1": ("layer_norm1", "ln_1"),
+              "attn.proj": ("self_attn.out_proj", "attn.out_proj"), "norm2": ("layer_norm2", "ln_2"),
+              "mlp.fc1": ("mlp.fc1", "mlp.c_fc"), "mlp.fc2": ("mlp.fc2", "mlp.c_proj")}
 
 
 def clip_source(k, openai=False):
