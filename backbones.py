@@ -1,16 +1,12 @@
 """
-The published encoders that model.py's ViT cannot express as it is, in plain PyTorch, for encoders.py to load the
-paper's baselines into. Every one has the interface the downstream scripts use on model.VisionTransformer:
+The paper's baselines that model.py's ViT cannot express, in plain PyTorch, with model.VisionTransformer's interface:
 
     tokens = enc(x)                                  # (B, prefix + N, D) final-normed tokens, N patch tokens
     feats = enc.forward_features(x, layers=[...])    # patch tokens of those stages, each (B, N, D) (segment.py)
     g = enc.global_embedding(x)                      # (B, D): CLS / pooled embedding (probe.py)
     enc.patch_size, enc.embed_dim, enc.blocks, enc.num_prefix_tokens, enc.cls_token, enc.config
 
-ViTVariant: model.VisionTransformer plus the options of CLIP (a LayerNorm before the blocks, QuickGELU, a
-bias-free patch conv) and of DINOv2 ViT-g (a SwiGLU feed-forward). ResNet50Encoder: torchvision's ResNet-50 trunk
-(v1.5: stride on the 3x3 conv), which hi-ml-multimodal's BioViL / BioViL-T image encoder is.
-build_encoder(config) rebuilds any of them (and the plain ViT) from its `config` dict.
+build_encoder(config) rebuilds any of them (or the plain ViT) from its `config` dict.
 """
 import torch
 import torch.nn as nn
@@ -26,13 +22,17 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def swiglu_hidden(dim, mlp_ratio):
+    """SwiGLU's width as DINOv2 computes it: 2/3 of int(dim * mlp_ratio), rounded up to 8 (4096 for ViT-g)."""
+    return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
 class SwiGLU(nn.Module):
-    """DINOv2's SwiGLU feed-forward: w12 gives [gate, value], silu(gate) * value, then w3. Hidden width as DINOv2
-    and transformers compute it: two thirds of int(dim * mlp_ratio), rounded up to a multiple of 8 (4096 for ViT-g)."""
+    """DINOv2's SwiGLU feed-forward: w12 gives [gate, value], silu(gate) * value, then w3."""
 
     def __init__(self, dim, mlp_ratio):
         super().__init__()
-        hidden = (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+        hidden = swiglu_hidden(dim, mlp_ratio)
         self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
@@ -41,9 +41,8 @@ class SwiGLU(nn.Module):
 
 
 class ViTVariant(VisionTransformer):
-    """model.VisionTransformer with pre_norm (CLIP's ln_pre on [CLS, patches] before the first block), act
-    ("gelu" | "quick_gelu"), ffn ("mlp" | "swiglu") and patch_bias (CLIP's patch conv has none). The final norm
-    (CLIP's ln_post) is applied to every token, so the CLS token equals CLIP's pooled output before projection."""
+    """model.VisionTransformer with CLIP's options (pre_norm: ln_pre on [CLS, patches]; act "quick_gelu"; no
+    patch_bias; its final norm, ln_post, on every token) and DINOv2 ViT-g's (ffn "swiglu")."""
 
     def __init__(self, pre_norm=False, act="gelu", ffn="mlp", patch_bias=True, **kw):
         if ffn == "swiglu":  # build the plain MLPs one unit wide: they are replaced (ViT-g's would take 3 GB)
@@ -52,7 +51,7 @@ class ViTVariant(VisionTransformer):
         if ffn == "swiglu":
             self.config["mlp_ratio"] = ratio
         self.config.update(variant="vit", pre_norm=pre_norm, act=act, ffn=ffn, patch_bias=patch_bias)
-        dim, eps = self.embed_dim, self.config["eps"]
+        dim = self.embed_dim
         if not patch_bias:
             p = self.patch_embed.proj
             self.patch_embed.proj = nn.Conv2d(p.in_channels, dim, p.kernel_size, stride=p.stride, bias=False)
@@ -63,7 +62,7 @@ class ViTVariant(VisionTransformer):
                 blk.mlp.act = QuickGELU()
             elif act != "gelu":
                 raise ValueError(f"unknown activation {act!r}")
-        self.norm_pre = nn.LayerNorm(dim, eps=eps) if pre_norm else None
+        self.norm_pre = nn.LayerNorm(dim, eps=self.config["eps"]) if pre_norm else None
 
     def embed(self, x, masks=None):
         x = super().embed(x, masks)
@@ -71,20 +70,17 @@ class ViTVariant(VisionTransformer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ResNet-50 (BioViL / BioViL-T image trunk)
+# ResNet-50 (BioViL / BioViL-T image trunk): torchvision's v1.5 (stride on the 3x3 conv)
 
 class Bottleneck(nn.Module):
-    expansion = 4
-
     def __init__(self, cin, width, stride=1):
         super().__init__()
-        cout = width * self.expansion
+        cout = width * 4
         self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
         self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
         self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -94,30 +90,25 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50Encoder(nn.Module):
-    """torchvision's ResNet-50 without its classifier, with torchvision's parameter names (conv1, bn1, layer1.0.conv1,
-    ..., layer4.2.bn3), as a frozen encoder: the final stage's map (stride 32) is the patch tokens, its average the
-    global embedding (hi-ml-multimodal's ImageEncoder: adaptive_avg_pool2d of the last map).
-
-    forward_features(layers) counts the 16 bottleneck blocks as layers (segment.py's UPerNet takes blocks 5, 8,
-    10, 16 of 16: one in stage 2, two in stage 3 and the last). Each block's map is average-pooled to stride 32 and
-    zero-padded to the final width, so every layer is one (B, N, 2048) token grid like a ViT's; this adds no
-    parameters (the decoder's 1x1 convs see the padded channels as constants). BatchNorm uses its running
-    statistics (the encoder is frozen in eval mode)."""
+    """torchvision's ResNet-50 without its classifier, in torchvision's parameter names, as a frozen encoder (BatchNorm
+    on running statistics): the final map (stride 32) is the patch tokens, its average the global embedding
+    (hi-ml-multimodal's ImageEncoder). forward_features(layers) counts the 16 bottleneck blocks as layers (UPerNet
+    takes 5, 8, 10, 16); each block's map is average-pooled to stride 32 and zero-padded to the final width, so every
+    layer is one (B, N, 2048) token grid like a ViT's, with no added parameters (the decoder's 1x1 convs see the
+    padded channels as constants)."""
 
     def __init__(self, layers=(3, 4, 6, 3), width=64, in_chans=3, img_size=224):
         super().__init__()
         self.config = dict(variant="resnet50", layers=list(layers), width=width, in_chans=in_chans, img_size=img_size)
-        self.conv1 = nn.Conv2d(in_chans, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.conv1, self.bn1 = nn.Conv2d(in_chans, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width)
         cin, stages = width, []
         for i, n in enumerate(layers):
             w = width * 2 ** i
-            blocks = [Bottleneck(cin, w, stride=1 if i == 0 else 2)] + [Bottleneck(w * 4, w) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*blocks))
+            stages.append(nn.Sequential(Bottleneck(cin, w, stride=1 if i == 0 else 2),
+                                        *[Bottleneck(w * 4, w) for _ in range(n - 1)]))
             cin = w * 4
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.embed_dim, self.patch_size, self.num_heads = cin, 32, 0
-        self.num_prefix_tokens, self.cls_token = 0, None
+        self.embed_dim, self.patch_size, self.num_heads, self.num_prefix_tokens, self.cls_token = cin, 32, 0, 0, None
         self.grid = (img_size // 32, img_size // 32)
 
     @property
@@ -125,26 +116,13 @@ class ResNet50Encoder(nn.Module):
         return [b for s in (self.layer1, self.layer2, self.layer3, self.layer4) for b in s]
 
     def stem(self, x):
-        w = self.conv1.weight
-        if x.shape[1] == 1 and w.shape[1] > 1:  # gray into an RGB stem: the same as replicating the channel
-            x = F.conv2d(x, w.sum(1, keepdim=True), stride=2, padding=3)
-        else:
-            x = self.conv1(x)
-        return F.max_pool2d(F.relu(self.bn1(x)), 3, 2, 1)
-
-    def _tokens(self, m, size):
-        if m.shape[-1] != size[1] or m.shape[-2] != size[0]:
-            m = F.adaptive_avg_pool2d(m, size)
-        if m.shape[1] < self.embed_dim:
-            m = F.pad(m, (0, 0, 0, 0, 0, self.embed_dim - m.shape[1]))
-        return m.flatten(2).transpose(1, 2)
-
-    def _check(self, x):
         if x.shape[-2] % 32 or x.shape[-1] % 32:
             raise ValueError(f"image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of the ResNet stride 32")
+        gray = x.shape[1] == 1 and self.conv1.in_channels > 1  # into an RGB stem: the same as replicating the channel
+        x = F.conv2d(x, self.conv1.weight.sum(1, keepdim=True), stride=2, padding=3) if gray else self.conv1(x)
+        return F.max_pool2d(F.relu(self.bn1(x)), 3, 2, 1)
 
     def feature_map(self, x):
-        self._check(x)
         x = self.stem(x)
         for b in self.blocks:
             x = b(x)
@@ -156,23 +134,21 @@ class ResNet50Encoder(nn.Module):
         return self.feature_map(x).flatten(2).transpose(1, 2)
 
     def forward_features(self, x, layers=None, norm=False):
-        """Token grids (B, N, D) of the bottleneck blocks in `layers` (1-based); norm is accepted for the ViT
-        interface and does nothing (a ResNet has no final norm)."""
+        """Token grids (B, N, D) of the bottleneck blocks in `layers` (1-based); norm: the ViT's interface, unused."""
         if layers is None:
             return self.forward(x)
-        self._check(x)
         size = (x.shape[-2] // 32, x.shape[-1] // 32)
-        blocks, want, out = self.blocks, set(layers), {}
-        bad = [l for l in want if not 1 <= l <= len(blocks)]
+        x, blocks, out = self.stem(x), self.blocks, {}
+        bad = [l for l in set(layers) if not 1 <= l <= len(blocks)]
         if bad:
             raise ValueError(f"layers {bad} out of range 1..{len(blocks)}")
-        x = self.stem(x)
-        for i, b in enumerate(blocks, start=1):
+        for i, b in enumerate(blocks[:max(layers)], start=1):
             x = b(x)
-            if i in want:
-                out[i] = self._tokens(x, size)
-            if i == max(want):
-                break
+            if i in layers:
+                m = x if x.shape[-2:] == size else F.adaptive_avg_pool2d(x, size)
+                if m.shape[1] < self.embed_dim:
+                    m = F.pad(m, (0, 0, 0, 0, 0, self.embed_dim - m.shape[1]))
+                out[i] = m.flatten(2).transpose(1, 2)
         return [out[l] for l in layers]
 
     def global_embedding(self, x, last_layers=1):
@@ -190,6 +166,4 @@ def build_encoder(config, attn="sdpa"):
     variant = cfg.pop("variant", None)
     if variant == "resnet50":
         return ResNet50Encoder(**cfg)
-    if variant == "vit":
-        return ViTVariant(attn=attn, **cfg)
-    return VisionTransformer(attn=attn, **cfg)
+    return (ViTVariant if variant == "vit" else VisionTransformer)(attn=attn, **cfg)

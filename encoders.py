@@ -1,7 +1,6 @@
 """
-Frozen encoders for the downstream scripts (probe.py, segment.py, report.py): the project's own export and the
-published encoders the paper compares against, each rebuilt as model.py's VisionTransformer or one of
-backbones.py's (CLIP's ViT, DINOv2 ViT-g's SwiGLU, BioViL-T's ResNet-50), all with the same interface.
+Frozen encoders for probe.py, segment.py and report.py: the project's own export and the published encoders the
+paper compares against, each rebuilt as model.py's VisionTransformer or one of backbones.py's.
 
     from encoders import save_encoder, load_encoder
     save_encoder(vit, "out/pretrain/encoder.safetensors", step=1000)
@@ -11,29 +10,10 @@ backbones.py's (CLIP's ViT, DINOv2 ViT-g's SwiGLU, BioViL-T's ResNet-50), all wi
     vit, info = load_encoder(None, model="vit_small")             # default export if present, else random init
     vit, info = load_encoder_from_args(args)                      # the flags add_encoder_args() defines
 
-Formats (--encoder_format; `auto` tells them apart by their contents and says what it picked in info['source']).
-LOADERS below lists each with what it reads; in short:
-  radjepa-encoder  the project's export (pretrain.py writes it; export_hf writes the same as a HF IJepaModel)
-  radjepa          RadJEPa's jepa_encoder.pth.tar or hub snapshot folder; pretrain.py's checkpoint.pt
-  ijepa, ijepa-hf  Meta's I-JEPA .pth.tar; Hugging Face IJepaModel folders (facebook/ijepa_*, out_dir/hf)
-  dinov2, dinov2-hf, rad-dino   DINOv2 (ViT-g's SwiGLU included) in Meta's or Hugging Face's layout; RAD-DINO
-  clip-hf, clip, chexzero       CLIP ViT: HF CLIPVisionModel / CLIPModel; OpenAI's state dict; CheXzero's ViT-B/32
-  biomedclip, mrm  timm-named ViTs: open_clip's visual.trunk.* (BiomedCLIP), MAE's (MRM)
-  biovil-t         hi-ml-multimodal's ResNet-50 image encoder (backbones.ResNet50Encoder)
-
-Preprocessing preset per format (info img_size / mean / std / resize / resize_to; --enc_img_size, --enc_mean,
---enc_std override): each encoder is fed as its own release feeds it (README, "Encoders", has the table), e.g.
-  radjepa-encoder, pretrain.py's checkpoint.pt   grayscale, CXR intensity statistics (data.CXR_MEAN / CXR_STD)
-  radjepa, ijepa   ImageNet mean / std on RGB (Meta's I-JEPA transforms, which RadJEPa was trained with)
-  rad-dino         shortest edge 518, centre crop 518, mean 0.5307, std 0.2583 (its preprocessor_config.json)
-  clip, biomedclip, dinov2, biovil-t   shortest-edge resize + centre crop, each with its own statistics
-A preprocessor_config.json beside a Hugging Face config.json wins. The evaluations apply it with downstream.crop_frac
-(the centre crop) and data.Preprocess (resize, normalise).
-
-Loading never unpickles code: safetensors, or torch.load(weights_only=True). Every parameter must be filled and
-every tensor of the checkpoint used (mask tokens, training heads, a CLIP model's text tower, MAE's decoder
-and BioViL-T's temporal pooler aside): a missing or unknown key is an error
-that names it, never a partial load.
+--encoder_format: LOADERS lists each format with what it reads; `auto` (detect_format) tells them apart by their
+contents. Each is fed as its own release feeds it (feed(); the README's "Encoders" table). Loading never runs code
+from the checkpoint (weights.py), and every tensor of it is used (mask tokens, training heads, a CLIP text tower,
+MAE's decoder, BioViL-T's temporal pooler aside): a missing or unknown key is an error that names it.
 """
 import difflib
 import functools
@@ -47,71 +27,57 @@ from safetensors.torch import save_file
 
 from base import UserError, atomic_write, write_json
 from data import CXR_MEAN, CXR_STD
-from backbones import ResNet50Encoder, ViTVariant, build_encoder
+from backbones import ResNet50Encoder, ViTVariant, build_encoder, swiglu_hidden
 from model import VIT_CONFIGS, VisionTransformer, build_vit, set_attn
-from weights import (Checkpoint, backbone_state, clip_hf_source, dinov2_source, hf_source, load_mapped,
-                     openai_clip_source, same_name, strip_prefixes, tensor_dict)
+from weights import (Checkpoint, backbone_state, clip_source, dinov2_source, hf_source, load_mapped, model_state,
+                     plain_state, same_name, tensor_dict)
 
 DEFAULT_EXPORT = os.path.join("out", "pretrain", "encoder.safetensors")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-RAD_DINO_MEAN, RAD_DINO_STD = [0.5307] * 3, [0.2583] * 3
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP's
-# Checkpoints in I-JEPA / DINOv2 naming do not store the head count; every published ViT uses 64-d heads except
-# these widths (I-JEPA's and DINOv2's own tables), so the width decides it.
+RAD_DINO_FEED = dict(img_size=518, mean=[0.5307] * 3, std=[0.2583] * 3, resize_to=518, source="RAD-DINO's processor")
+DINOV2_FEED = dict(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_to=256,
+                   source="DINOv2 linear evaluation")
+HF_FEED_WINS = ("ijepa-hf", "dinov2-hf", "rad-dino", "clip-hf")  # a preprocessor_config.json beside them is obeyed
+SWIGLU = {"variant": "vit", "ffn": "swiglu"}  # DINOv2 ViT-g's feed-forward (backbones.ViTVariant)
+# I-JEPA / DINOv2 checkpoints store no head count: published ViTs have 64-d heads but at these widths (their tables)
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
+# only microsoft/rad-dino's hub folder holds these: the DINOv2-code checkpoint, DINO head and fine-tuning config
+RAD_DINO_FILES = ("backbone_compatible.safetensors", "dino_head.safetensors", "vitb14_cxr.yaml")
 
 
 def save_encoder(vit, path, if_failed="nothing was changed", **meta):
     """Write vit's weights + config (safetensors metadata) atomically. Metadata img_size / mean / std, if given,
-    become the preprocessing preset when the file is loaded again (so a re-exported RAD-DINO keeps its own)."""
+    are how the file is fed when loaded again (so a re-exported RAD-DINO keeps its own)."""
     state = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
-    md = {"format": "radjepa-encoder", "config": json.dumps(vit.config)}
-    md.update({k: json.dumps(v) for k, v in meta.items()})
+    md = {"format": "radjepa-encoder", "config": json.dumps(vit.config), **{k: json.dumps(v) for k, v in meta.items()}}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=md), if_failed)
 
 
 def export_hf(vit, folder, img_size=None, mean=None, std=None):
-    """Write `folder` as a Hugging Face IJepaModel: config.json (model_type ijepa), model.safetensors (the hub's
-    key names, as transformers' save_pretrained writes them) and preprocessor_config.json (a ViTImageProcessor:
-    square resize to the encoder's resolution, this encoder's mean / std). transformers.IJepaModel.from_pretrained
-    (folder) then gives the same patch tokens with no code from this project, and push_to_hub uploads it as it is.
-    Only plain JEPA encoders (no CLS, registers or layer scale) have this layout. A 1-channel stem is widened to
-    RGB with the kernel split over the three copies of the gray image (HF processors always give RGB): exact."""
-    c = vit.config
+    """Write `folder` as a Hugging Face IJepaModel (config.json, model.safetensors, a ViTImageProcessor's
+    preprocessor_config.json) that transformers loads to the same patch tokens; only plain JEPA ViTs have this layout.
+    A gray stem is widened to RGB with the kernel split over the three copies of the image: exact."""
+    c, dim = vit.config, vit.config["embed_dim"]
     if type(vit) is not VisionTransformer or c["cls_token"] or c["num_register_tokens"] or c["layer_scale"]:
         raise UserError("export_hf: only plain JEPA ViTs (no CLS token, registers or layer scale) are IJepaModels")
-    img_size = img_size or c["img_size"]
-    if mean is None:
-        mean, std = [CXR_MEAN], [CXR_STD]
-    mean, std = [float(v) for v in mean], [float(v) for v in std]
-    mean, std = (mean * 3 if len(mean) == 1 else mean), (std * 3 if len(std) == 1 else std)
-    sd = {k: v.detach().float().cpu() for k, v in vit.state_dict().items()}
-    w = sd["patch_embed.proj.weight"]
-    if w.shape[1] == 1:
-        w = w.repeat(1, 3, 1, 1) / 3
-    out = {"embeddings.patch_embeddings.projection.weight": w,
-           "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-           "embeddings.position_embeddings": sd["pos_embed"],
-           "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
-    dim = c["embed_dim"]
-    for i in range(c["depth"]):
-        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
-        for wb in ("weight", "bias"):
-            if wb == "weight" or c["qkv_bias"]:
-                q, k, v = sd[f"{src}attn.qkv.{wb}"].split(dim, 0)
-                for n, t in zip(("query", "key", "value"), (q, k, v)):
-                    out[f"{dst}attention.attention.{n}.{wb}"] = t
-            for ours, theirs in (("attn.proj", "attention.output.dense"), ("norm1", "layernorm_before"),
-                                 ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"),
-                                 ("mlp.fc2", "output.dense")):
-                out[f"{dst}{theirs}.{wb}"] = sd[f"{src}{ours}.{wb}"]
+    mean, std = ([CXR_MEAN], [CXR_STD]) if mean is None else (mean, std)
+    mean, std = ([float(v) for v in m] * (3 if len(m) == 1 else 1) for m in (mean, std))
+    out = {}
+    for k, t in vit.state_dict().items():
+        t = t.detach().float().cpu()
+        if k == "patch_embed.proj.weight" and t.shape[1] == 1:
+            t = t.repeat(1, 3, 1, 1) / 3
+        names = hf_source(k, ijepa=True)[0]
+        out.update(zip(names, t.split(dim) if len(names) == 3 else [t]))  # our fused qkv: q, k, v
     config = {"architectures": ["IJepaModel"], "model_type": "ijepa", "hidden_size": dim,
               "num_hidden_layers": c["depth"], "num_attention_heads": c["num_heads"],
               "intermediate_size": int(dim * c["mlp_ratio"]), "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
               "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": c["eps"],
               "image_size": c["img_size"], "patch_size": c["patch_size"], "num_channels": 3,
               "qkv_bias": c["qkv_bias"], "torch_dtype": "float32"}
-    pre = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": img_size, "width": img_size},
+    side = img_size or c["img_size"]
+    pre = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean,
            "image_std": std, "do_convert_rgb": True}
     os.makedirs(folder, exist_ok=True)
@@ -122,29 +88,49 @@ def export_hf(vit, folder, img_size=None, mean=None, std=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the loaders: build the right encoder, fill it, and give the preprocessing preset
+# the loaders: build the right encoder, fill it, and say how it is fed
+
+def feed(img_size, mean, std, resize_to=None, source=None):
+    """How an encoder is fed (info's img_size, mean, std, resize, resize_to, preset). With resize_to N, as with the
+    encoder's own processor, the evaluations keep img_size / N of the shorter side (downstream.crop_frac)."""
+    out = {"img_size": int(img_size), "mean": list(mean), "std": list(std), "resize": "square"}
+    if resize_to:
+        out.update(resize="shortest_edge+center_crop", resize_to=int(resize_to))
+    return {**out, "preset": source} if source else out
+
+
+def _side(v):  # one side of a Hugging Face size: an int, a pair, or {height, width} / {shortest_edge}
+    if isinstance(v, dict):
+        return v.get("height", v.get("shortest_edge"))
+    return v[0] if isinstance(v, (list, tuple)) else v
+
+
+def _hf_feed(pp):
+    """How a Hugging Face preprocessor_config.json feeds (shortest edge + centre crop, or square), if there is one."""
+    if not isinstance(pp, dict) or "image_mean" not in pp or "image_std" not in pp:
+        return None
+    size, crop = pp.get("size"), _side(pp.get("crop_size")) if pp.get("do_center_crop", True) else None
+    short = size.get("shortest_edge") if isinstance(size, dict) else (size if isinstance(size, int) else None)
+    side = crop or _side(size)
+    return feed(side, pp["image_mean"], pp["image_std"], resize_to=short or crop,
+                source="preprocessor_config.json") if isinstance(side, int) else None
+
 
 def _heads(width, path):
-    if width in HEADS_BY_WIDTH:
-        return HEADS_BY_WIDTH[width]
-    if width % 64:
-        raise UserError(f"{path}: width {width} is no published ViT's and not a multiple of 64: cannot tell the "
-                        "number of attention heads")
-    return width // 64
+    if width not in HEADS_BY_WIDTH and width % 64:
+        raise UserError(f"{path}: width {width} is no published ViT's and not a multiple of 64: unknown head count")
+    return HEADS_BY_WIDTH.get(width, width // 64)
 
 
-def _swiglu_ratio(dim, hidden, path):
-    """The mlp_ratio whose SwiGLU hidden width (2/3 of it, rounded up to 8) is `hidden` (4 for ViT-g's 4096)."""
-    for r in (4.0, hidden * 1.5 / dim, hidden / dim):
-        if (int(int(dim * r) * 2 / 3) + 7) // 8 * 8 == hidden:
-            return r
-    raise UserError(f"{path}: SwiGLU width {hidden} for width {dim} matches no mlp_ratio")
+def _count(state, pattern):  # how many numbered blocks: 1 + the largest index `pattern`'s group matches, 0 if none
+    return 1 + max([int(m.group(1)) for k in state if (m := re.match(pattern, k))], default=-1)
 
 
 def _infer_vit(state, path, cls_slot, heads=None):
-    """ViT constructor arguments from the tensor shapes of an I-JEPA / DINOv2 / timm / MAE-named state dict."""
+    """build_encoder's config from the shapes of an I-JEPA / DINOv2 / timm / MAE-named state dict."""
     swiglu = "blocks.0.mlp.w12.weight" in state
-    for k in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"):
+    fc = "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"
+    for k in ("patch_embed.proj.weight", "pos_embed", fc):
         if k not in state:
             raise UserError(f"{path}: missing key {k} (keys look like {sorted(state)[:4]})")
     dim, in_chans, p, _ = state["patch_embed.proj.weight"].shape
@@ -152,321 +138,204 @@ def _infer_vit(state, path, cls_slot, heads=None):
     grid = math.isqrt(n)
     if grid * grid != n:
         raise UserError(f"{path}: pos_embed holds {n} patch positions, not a square grid")
-    if swiglu:
-        ratio = _swiglu_ratio(dim, state["blocks.0.mlp.w12.weight"].shape[0] // 2, path)
-    else:
-        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-        if int(dim * (hidden / dim)) != hidden:  # model.py's MLP takes int(dim * mlp_ratio) hidden units
-            raise UserError(f"{path}: MLP width {hidden} for width {dim} cannot be expressed as an mlp_ratio")
-        ratio = hidden / dim
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    hidden = state[fc].shape[0] // (2 if swiglu else 1)
+    if swiglu:  # the mlp_ratio DINOv2 derives this width from (4 for ViT-g's 4096)
+        ratio = next((r for r in (4.0, hidden * 1.5 / dim, hidden / dim) if swiglu_hidden(dim, r) == hidden), None)
+    else:  # model.py's MLP takes int(dim * mlp_ratio) hidden units
+        ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else None
+    if ratio is None:
+        raise UserError(f"{path}: {'SwiGLU' if swiglu else 'MLP'} width {hidden} for width {dim} matches no mlp_ratio")
     regs = state["register_tokens"].shape[1] if "register_tokens" in state else 0
-    cfg = dict(img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=dim, depth=depth,
-               num_heads=heads or _heads(dim, path), mlp_ratio=ratio, qkv_bias="blocks.0.attn.qkv.bias" in state,
-               cls_token="cls_token" in state, num_register_tokens=regs, learned_pos=cls_slot,
-               layer_scale=1.0 if "blocks.0.ls1.gamma" in state else None)
-    return cfg, swiglu
+    cfg = dict(img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=dim, mlp_ratio=ratio,
+               depth=_count(state, r"blocks\.(\d+)\."), num_heads=heads or _heads(dim, path),
+               qkv_bias="blocks.0.attn.qkv.bias" in state, cls_token="cls_token" in state, num_register_tokens=regs,
+               learned_pos=cls_slot, layer_scale=1.0 if "blocks.0.ls1.gamma" in state else None)
+    return {**cfg, **SWIGLU} if swiglu else cfg
 
 
-def _build(cfg, attn, **variant):
-    """model.py's ViT, or a backbones.ViTVariant when the checkpoint needs CLIP's / DINOv2 ViT-g's options."""
-    if not any(variant.values()):
-        return VisionTransformer(attn=attn, **cfg)
-    return ViTVariant(attn=attn, **variant, **cfg)
-
-
-def preset(img_size, mean, std, resize_to=None, source=None):
-    """A preprocessing preset: resolution, mean / std, and how much of the image the evaluations keep
-    (downstream.crop_frac). resize_to None: the largest centred square; resize_to N: the encoder's own processor
-    (CLIP, RAD-DINO, DINOv2, BioViL-T) resizes the shortest edge to N and crops the centre img_size, i.e. keeps
-    img_size / N of the shorter side."""
-    out = {"img_size": int(img_size), "mean": list(mean), "std": list(std), "resize": "square"}
-    if resize_to:
-        out.update(resize="shortest_edge+center_crop", resize_to=int(resize_to))
-    if source:
-        out["preset"] = source
-    return out
-
-
-def rad_dino_preset():
-    """microsoft/rad-dino's processor (its preprocessor_config.json): shortest edge 518, centre crop 518."""
-    return preset(518, RAD_DINO_MEAN, RAD_DINO_STD, resize_to=518, source="RAD-DINO's processor")
-
-
-def cxr_preset(img_size):
-    """Preprocessing for the encoders this project trains: grayscale, CXR intensity statistics."""
-    return preset(img_size, [CXR_MEAN], [CXR_STD])
-
-
-def _load_own(ck, attn):
+def _load_own(ck, attn, fmt):
     if ck.meta.get("format") != "radjepa-encoder" or "config" not in ck.meta:
         raise UserError(f"{ck.path}: not a radjepa-encoder export (no config in its safetensors metadata)")
     cfg = json.loads(ck.meta["config"])
     vit = build_encoder(cfg, attn=attn)
     load_mapped(vit, tensor_dict(ck.obj, ck.path), same_name, ck.path)
-    meta = {}
-    for k, v in ck.meta.items():
-        if k not in ("config", "format"):
-            try:
-                meta[k] = json.loads(v)
-            except ValueError:
-                meta[k] = v
-    info = cxr_preset(cfg["img_size"])
-    info.update({k: meta[k] for k in ("img_size", "mean", "std", "resize", "resize_to") if k in meta})
-    return vit, {**info, "meta": meta}
+    meta = {k: v for k, v in ck.meta.items() if k not in ("config", "format")}
+    for k, v in meta.items():
+        try:
+            meta[k] = json.loads(v)
+        except ValueError:  # metadata another tool wrote stays text
+            pass
+    own = {k: meta[k] for k in ("img_size", "mean", "std", "resize", "resize_to") if k in meta}
+    return vit, {**feed(cfg["img_size"], [CXR_MEAN], [CXR_STD]), **own, "meta": meta}
 
 
 def _load_jepa(ck, attn, fmt):
-    """RadJEPa / I-JEPA / pretrain.py checkpoint.pt: a JEPA target encoder (no CLS, fixed sin-cos positions).
-    Preset: pretrain.py's own checkpoint (it records its flags under 'args') is fed as it was trained, grayscale
-    with CXR statistics; Meta's I-JEPA and the RadJEPa release (trained with Meta's I-JEPA code, whose transforms
-    normalise RGB with ImageNet mean / std, and fed that way by its users) get ImageNet mean / std on 3 channels,
-    at the resolution of RadJEPa's config.json (image_size) or of the position embeddings."""
+    """RadJEPa / I-JEPA / pretrain.py's checkpoint.pt (fed as it was trained; the others as Meta's I-JEPA code, which
+    RadJEPa was trained with, feeds them): a JEPA target encoder, no CLS, fixed sin-cos positions."""
     state = backbone_state(ck.obj, ck.path)
-    args = ck.obj.get("args") if isinstance(ck.obj, dict) else None  # pretrain.py's checkpoint records its flags
+    args = ck.obj.get("args") if isinstance(ck.obj, dict) else None
     heads = VIT_CONFIGS[args["model"]][2] if isinstance(args, dict) and args.get("model") in VIT_CONFIGS else None
-    cfg, swiglu = _infer_vit(state, ck.path, cls_slot=False, heads=heads)
+    cfg = _infer_vit(state, ck.path, cls_slot=False, heads=heads)
     if cfg["cls_token"] or cfg["num_register_tokens"]:
-        raise UserError(f"{ck.path}: has a CLS token / registers, so it is not a JEPA encoder: try --encoder_format dinov2")
+        raise UserError(f"{ck.path}: has a CLS token / registers, so it is not a JEPA encoder: "
+                        "try --encoder_format dinov2")
     hub = ck.hf_config or {}
     if isinstance(hub.get("num_attention_heads"), int) and not heads:
         cfg["num_heads"] = hub["num_attention_heads"]
-    vit = _build(cfg, attn, ffn="swiglu" if swiglu else None)
+    vit = build_encoder(cfg, attn)
     load_mapped(vit, state, same_name, ck.path)
     if isinstance(args, dict):
-        return vit, cxr_preset(cfg["img_size"])
+        return vit, feed(cfg["img_size"], [CXR_MEAN], [CXR_STD])
     size = hub.get("image_size") if isinstance(hub.get("image_size"), int) else cfg["img_size"]
-    return vit, preset(size, IMAGENET_MEAN, IMAGENET_STD, source="Meta's I-JEPA transforms (ImageNet mean / std)")
+    return vit, feed(size, IMAGENET_MEAN, IMAGENET_STD, source="Meta's I-JEPA transforms (ImageNet mean / std)")
 
 
 def _load_timm_vit(ck, attn, fmt):
-    """Meta's DINOv2 naming, and timm / MAE ViTs (the same names: cls_token, pos_embed with the CLS slot, blocks.N.
-    {norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm): DINOv2 (ViT-g's SwiGLU mlp.w12 / w3 too), MRM
-    (MAE ViT-B/16), BiomedCLIP (open_clip: visual.trunk.* is timm's vit_base_patch16_224). DINOv2 blocks may be
-    chunked for FSDP (blocks.<chunk>.<index>.*). Position resizing as each one's code: Meta's DINOv2 register
-    models antialias with no offset, the others the historical scale factor (new + 0.1) / old; timm antialiases;
-    MAE resizes by size."""
-    obj = ck.obj
-    ignore = {"mask_token"}
-    if fmt == "biomedclip":
-        obj = tensor_dict(obj.get("state_dict", obj) if isinstance(obj, dict) else obj, ck.path)
-        obj = strip_prefixes(obj, ("module.",), ck.path)
-        if not any(k.startswith("visual.trunk.") for k in obj):
+    """Meta's DINOv2 naming (blocks chunked for FSDP too), which timm's and MAE's are: MRM (MAE ViT-B/16), BiomedCLIP
+    (open_clip's visual.trunk.* is timm's ViT-B/16). Positions resized as each one's code does: DINOv2 with registers
+    antialias, no offset, without the historical (new + 0.1) / old; timm antialiases; MAE resizes by size."""
+    if fmt == "rad-dino" and (ck.hf_config or {}).get("model_type") == "dinov2" \
+            and os.path.basename(ck.file) != RAD_DINO_FILES[0]:
+        return _load_hf(ck, attn, fmt)  # microsoft/rad-dino's hub folder: a Dinov2Model
+    if fmt == "biomedclip":  # the text tower, head.proj and logit_scale are set aside
+        state = plain_state(ck.obj, ck.path)
+        if not any(k.startswith("visual.trunk.") for k in state):
             raise UserError(f"{ck.path}: no visual.trunk.* keys: not an open_clip timm-ViT checkpoint (BiomedCLIP)")
-        ignore |= {k for k in obj if not k.startswith("visual.trunk.")}  # the text tower, head.proj, logit_scale
-        obj = {k[len("visual.trunk."):]: v for k, v in obj.items() if k.startswith("visual.trunk.")}
-        state = obj
+        state = {k[len("visual.trunk."):]: v for k, v in state.items() if k.startswith("visual.trunk.")}
     else:
-        state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in backbone_state(obj, ck.path).items()}
+        state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v
+                 for k, v in backbone_state(ck.obj, ck.path).items()}
     if fmt == "mrm":  # MRM's pretraining file also holds the MAE decoder and the report branch
-        ignore |= {k for k in state if k.startswith(("decoder", "bert", "text", "head", "fc_norm", "mlm", "cls."))}
-        state = {k: v for k, v in state.items() if k not in ignore}
+        state = {k: v for k, v in state.items()
+                 if not k.startswith(("decoder", "bert", "text", "head", "fc_norm", "mlm", "cls."))}
     if "cls_token" not in state:
         raise UserError(f"{ck.path}: no cls_token, so not DINOv2 / timm / MAE: try --encoder_format radjepa or ijepa")
-    cfg, swiglu = _infer_vit(state, ck.path, cls_slot=True)
+    cfg = _infer_vit(state, ck.path, cls_slot=True)
     reg = cfg["num_register_tokens"] > 0
     dino = dict(interp_antialias=reg, interp_offset=0.0 if reg else 0.1)
-    interp = {"dinov2": dino, "rad-dino": dino,
-              "biomedclip": dict(interp_antialias=True), "mrm": {}}[fmt]
-    vit = _build({**cfg, **interp}, attn, ffn="swiglu" if swiglu else None)
-    load_mapped(vit, state, dinov2_source, ck.path, ignore=ignore)
+    interp = {"dinov2": dino, "rad-dino": dino, "biomedclip": dict(interp_antialias=True), "mrm": {}}[fmt]
+    vit = build_encoder({**cfg, **interp}, attn)
+    load_mapped(vit, state, dinov2_source, ck.path, ignore={"mask_token"})
     if fmt == "biomedclip":
         pc = (ck.open_clip or {}).get("preprocess_cfg", {})
-        vc = (ck.open_clip or {}).get("model_cfg", {}).get("vision_cfg", {})
-        size = vc.get("image_size", cfg["img_size"])
-        return vit, preset(size, pc.get("mean", CLIP_MEAN), pc.get("std", CLIP_STD), resize_to=size,
-                           source="open_clip_config.json" if ck.open_clip else "open_clip defaults")
-    if fmt == "rad-dino":
-        return vit, _hf_preset(ck.hf_preprocess) or rad_dino_preset()
+        size = (ck.open_clip or {}).get("model_cfg", {}).get("vision_cfg", {}).get("image_size", cfg["img_size"])
+        return vit, feed(size, pc.get("mean", CLIP_MEAN), pc.get("std", CLIP_STD), resize_to=size,
+                         source="open_clip_config.json" if ck.open_clip else "open_clip defaults")
     if fmt == "mrm":  # MRM's fine-tuning test transform: Resize + CenterCrop, gray to 3 channels, 0.4978 / 0.2449
-        return vit, preset(cfg["img_size"], [0.4978] * 3, [0.2449] * 3, resize_to=cfg["img_size"],
-                           source="MRM's evaluation transform")
-    return vit, preset(224, IMAGENET_MEAN, IMAGENET_STD, resize_to=256, source="DINOv2 linear evaluation")
-
-
-def _hf_preset(pp):
-    """A preset from a Hugging Face preprocessor_config.json: shortest-edge resize + centre crop, or a square
-    resize (size height / width), with its mean / std."""
-    if not isinstance(pp, dict) or "image_mean" not in pp or "image_std" not in pp:
-        return None
-    size, crop = pp.get("size"), pp.get("crop_size") if pp.get("do_center_crop", True) else None
-    one = lambda v: v.get("height", v.get("shortest_edge")) if isinstance(v, dict) else v  # noqa: E731
-    short = size.get("shortest_edge") if isinstance(size, dict) else (size if isinstance(size, int) else None)
-    if crop and one(crop):
-        return preset(one(crop), pp["image_mean"], pp["image_std"], resize_to=short or one(crop),
-                      source="preprocessor_config.json")
-    if isinstance(one(size), int):
-        return preset(one(size), pp["image_mean"], pp["image_std"], resize_to=short,
-                      source="preprocessor_config.json")
-    return None
-
-
-def _one(v):
-    return v if isinstance(v, int) else v[0]  # image_size / patch_size may be pairs
-
-
-def _hf_state(ck, prefixes):
-    state = tensor_dict(ck.obj, ck.path)
-    for pre in prefixes:  # a task model (Dinov2ForImageClassification, CLIPModel): keep the backbone
-        if any(k.startswith(pre) for k in state):
-            return strip_prefixes(state, ("module.", "_orig_mod."), ck.path), pre
-    return strip_prefixes(state, ("module.", "_orig_mod."), ck.path), ""
+        return vit, feed(cfg["img_size"], [0.4978] * 3, [0.2449] * 3, resize_to=cfg["img_size"],
+                         source="MRM's evaluation transform")
+    return vit, feed(**(RAD_DINO_FEED if fmt == "rad-dino" else DINOV2_FEED))
 
 
 def _load_hf(ck, attn, fmt):
-    """Hugging Face Dinov2Model / Dinov2WithRegistersModel (SwiGLU too: ViT-g) / IJepaModel: architecture from
-    config.json. HF adds the position embedding to [CLS, patches], then inserts the registers after CLS without
-    one: our embed() builds exactly [CLS + cls_pos, registers, patches + pos]. Positions are resized as HF does
-    (antialias for the registers class)."""
+    """Hugging Face Dinov2Model / Dinov2WithRegistersModel / IJepaModel, as config.json says. HF inserts the registers,
+    without a position, after CLS: our embed()'s [CLS + cls_pos, registers, patches + pos]."""
     c = ck.hf_config
     if c is None:
         raise UserError(f"{ck.path}: Hugging Face weights need a readable config.json in the same folder")
     mt = c.get("model_type")
     want = ("ijepa",) if fmt == "ijepa-hf" else ("dinov2", "dinov2_with_registers")
     if mt not in want:
-        raise UserError(f"{ck.path}: config.json has model_type {mt!r}; --encoder_format {fmt} loads {' / '.join(want)}"
-                        + ("" if mt not in FORMAT_OF_MODEL_TYPE else f": try --encoder_format {FORMAT_OF_MODEL_TYPE[mt]}"))
+        hint = f": try --encoder_format {FORMAT_OF_MODEL_TYPE[mt]}" if mt in FORMAT_OF_MODEL_TYPE else ""
+        raise UserError(f"{ck.path}: config.json has model_type {mt!r}; --encoder_format {fmt} loads "
+                        f"{' / '.join(want)}{hint}")
     if c.get("hidden_act", "gelu") != "gelu":
         raise UserError(f"{ck.path}: hidden_act {c['hidden_act']!r} is not supported (only gelu)")
-    state, pre = _hf_state(ck, ("dinov2.", "ijepa."))
-    if pre:  # a task model: its classifier head is set aside
-        state = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
-    dim, ijepa = c.get("hidden_size", 768), mt == "ijepa"
+    state = model_state(ck.obj, ck.path, ("dinov2.", "ijepa."))
+    dim, ijepa, regs = c.get("hidden_size", 768), mt == "ijepa", mt == "dinov2_with_registers"
     ratio = c["intermediate_size"] / dim if ijepa and "intermediate_size" in c else c.get("mlp_ratio", 4)
-    cfg = dict(img_size=_one(c.get("image_size", 224)), patch_size=_one(c.get("patch_size", 14)),
+    cfg = dict(img_size=_side(c.get("image_size", 224)), patch_size=_side(c.get("patch_size", 14)),
                in_chans=c.get("num_channels", 3), embed_dim=dim, depth=c.get("num_hidden_layers", 12),
                num_heads=c.get("num_attention_heads", 12), mlp_ratio=ratio, qkv_bias=c.get("qkv_bias", True),
                cls_token=not ijepa, learned_pos=True, layer_scale=None if ijepa else 1.0,
-               num_register_tokens=c.get("num_register_tokens", 4) if mt == "dinov2_with_registers" else 0,
-               eps=c.get("layer_norm_eps", 1e-12 if ijepa else 1e-6), interp_antialias=mt == "dinov2_with_registers")
-    vit = _build(cfg, attn, ffn="swiglu" if c.get("use_swiglu_ffn") else None)
+               num_register_tokens=c.get("num_register_tokens", 4) if regs else 0,
+               eps=c.get("layer_norm_eps", 1e-12 if ijepa else 1e-6), interp_antialias=regs,
+               **(SWIGLU if c.get("use_swiglu_ffn") else {}))
+    vit = build_encoder(cfg, attn)
     new = any(".attention.q_proj." in k for k in state)
     load_mapped(vit, state, functools.partial(hf_source, new_names=new, ijepa=ijepa), ck.path,
-                 ignore={"embeddings.mask_token"})
-    pp = _hf_preset(ck.hf_preprocess)
-    if fmt == "rad-dino":  # microsoft/rad-dino's processor: shortest edge 518, centre crop 518
-        return vit, pp or rad_dino_preset()
-    if pp:
-        return vit, pp
+                ignore={"embeddings.mask_token"})
     if ijepa:
-        return vit, preset(cfg["img_size"], IMAGENET_MEAN, IMAGENET_STD, source="I-JEPA (ImageNet mean / std)")
-    return vit, preset(224, IMAGENET_MEAN, IMAGENET_STD, resize_to=256, source="DINOv2 linear evaluation")
-
-
-def _clip_cfg(state, width_key, path, n_blocks, fc1_key, pos_key):
-    dim = state[width_key].shape[0]
-    npos = state[pos_key].shape[-2]
-    grid = math.isqrt(npos - 1)
-    if grid * grid != npos - 1:
-        raise UserError(f"{path}: {pos_key} holds {npos - 1} patch positions, not a square grid")
-    return dict(embed_dim=dim, depth=n_blocks, num_heads=_heads(dim, path), mlp_ratio=state[fc1_key].shape[0] / dim,
-                qkv_bias=True, cls_token=True, learned_pos=True, eps=1e-5), grid
+        return vit, feed(cfg["img_size"], IMAGENET_MEAN, IMAGENET_STD, source="I-JEPA (ImageNet mean / std)")
+    return vit, feed(**(RAD_DINO_FEED if fmt == "rad-dino" else DINOV2_FEED))
 
 
 def _load_clip(ck, attn, fmt):
-    """CLIP's ViT: Hugging Face CLIPVisionModel / CLIPModel folders (clip-hf), or OpenAI's state dict (clip: ViT-L/14,
-    ViT-L/14@336px; chexzero: CheXzero's fine-tuned ViT-B/32). A LayerNorm before the blocks (ln_pre), QuickGELU,
-    no patch bias; the global embedding is ln_post(CLS), the 1024-d (ViT-L) feature before CLIP's projection."""
+    """CLIP's ViT (ln_pre, QuickGELU, no patch bias): a Hugging Face CLIPVisionModel / CLIPModel folder (clip-hf), or
+    OpenAI's state dict (clip: ViT-L/14, ViT-L/14@336px; chexzero: CheXzero's fine-tuned ViT-B/32)."""
     if fmt == "clip-hf":
         c = ck.hf_config or {}
         c = c.get("vision_config", c) if c.get("model_type") == "clip" else c
-        if c.get("model_type", "clip_vision_model") not in ("clip_vision_model",):
+        if c.get("model_type", "clip_vision_model") != "clip_vision_model":
             raise UserError(f"{ck.path}: config.json is not CLIP's: --encoder_format clip-hf loads CLIPVisionModel / "
                             "CLIPModel folders")
-        state, pre = _hf_state(ck, ("vision_model.",))
-        state = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}  # the text tower is set aside
-        ignore = {"embeddings.position_ids"}  # a buffer older transformers saved
-        n = 1 + max([int(m.group(1)) for k in state if (m := re.match(r"encoder\.layers\.(\d+)\.", k))], default=-1)
-        need = "embeddings.patch_embedding.weight"
-        if need not in state:
-            raise UserError(f"{ck.path}: missing key {pre}{need}: not a CLIP vision model")
-        cfg, grid = _clip_cfg(state, "embeddings.class_embedding", ck.path, n, "encoder.layers.0.mlp.fc1.weight",
-                              "embeddings.position_embedding.weight")
-        cfg["num_heads"] = c.get("num_attention_heads", cfg["num_heads"])
-        cfg["eps"] = c.get("layer_norm_eps", 1e-5)
-        act, w, source_of = c.get("hidden_act", "quick_gelu"), state[need], clip_hf_source
+        state = model_state(ck.obj, ck.path, ("vision_model.",))  # the text tower is set aside
+        if "embeddings.patch_embedding.weight" not in state:
+            raise UserError(f"{ck.path}: no (vision_model.)embeddings.patch_embedding.weight: not a CLIP vision model")
+        ignore, blocks = {"embeddings.position_ids"}, r"encoder\.layers\.(\d+)\."  # a buffer older transformers saved
     else:
-        state = strip_prefixes(tensor_dict(ck.obj.get("state_dict", ck.obj) if isinstance(ck.obj, dict) else ck.obj,
-                                    ck.path), ("module.",), ck.path)
+        state, c = plain_state(ck.obj, ck.path), {}
         if "visual.conv1.weight" not in state:
-            raise UserError(f"{ck.path}: no visual.conv1.weight: not an OpenAI CLIP ViT state dict"
-                            + (" (a ResNet CLIP? only the ViT ones load)" if "visual.layer1.0.conv1.weight" in state else ""))
+            resnet = " (a ResNet CLIP? only the ViT ones load)" if "visual.layer1.0.conv1.weight" in state else ""
+            raise UserError(f"{ck.path}: no visual.conv1.weight: not an OpenAI CLIP ViT state dict{resnet}")
         ignore = {k for k in state if not k.startswith("visual.")} | {"visual.proj"}
-        n = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k)))
-        cfg, grid = _clip_cfg(state, "visual.class_embedding", ck.path, n,
-                              "visual.transformer.resblocks.0.mlp.c_fc.weight", "visual.positional_embedding")
-        act, w, source_of = "quick_gelu", state["visual.conv1.weight"], openai_clip_source
+        blocks = r"visual\.transformer\.resblocks\.(\d+)\."
+    act = c.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"):
         raise UserError(f"{ck.path}: hidden_act {act!r} is not supported (quick_gelu or gelu)")
-    p = w.shape[-1]
-    cfg.update(img_size=grid * p, patch_size=p, in_chans=w.shape[1])
-    vit = _build(cfg, attn, pre_norm=True, act=act, patch_bias=False)
+    source_of = functools.partial(clip_source, openai=fmt != "clip-hf")
+    cls, pos, patch, fc1 = (state[source_of(k)[0][0]] for k in ("cls_token", "pos_embed", "patch_embed.proj.weight",
+                                                                  "blocks.0.mlp.fc1.weight"))
+    dim, npos, p = cls.shape[0], pos.shape[-2], patch.shape[-1]
+    grid = math.isqrt(npos - 1)
+    if grid * grid != npos - 1:
+        raise UserError(f"{ck.path}: {source_of('pos_embed')[0][0]} holds {npos - 1} patch positions, not a "
+                        "square grid")
+    vit = ViTVariant(attn=attn, pre_norm=True, act=act, patch_bias=False, img_size=grid * p, patch_size=p,
+                     in_chans=patch.shape[1], embed_dim=dim, depth=_count(state, blocks), qkv_bias=True,
+                     num_heads=c.get("num_attention_heads", _heads(dim, ck.path)), mlp_ratio=fc1.shape[0] / dim,
+                     cls_token=True, learned_pos=True, eps=c.get("layer_norm_eps", 1e-5))
     load_mapped(vit, state, source_of, ck.path, ignore=ignore)
-    size = cfg["img_size"]
     if fmt == "chexzero":  # CheXzero's zero_shot.py: Normalize(101.48761, 83.43944) on 0-255 pixels, 224 px
-        return vit, preset(size, [101.48761 / 255] * 3, [83.43944 / 255] * 3, source="CheXzero's transforms")
-    pp = _hf_preset(ck.hf_preprocess) if fmt == "clip-hf" else None
-    return vit, pp or preset(size, CLIP_MEAN, CLIP_STD, resize_to=size, source="CLIP's preprocessing")
+        return vit, feed(grid * p, [101.48761 / 255] * 3, [83.43944 / 255] * 3, source="CheXzero's transforms")
+    return vit, feed(grid * p, CLIP_MEAN, CLIP_STD, resize_to=grid * p, source="CLIP's preprocessing")
 
 
-def _load_biovil(ck, attn):
-    """BioViL / BioViL-T's image encoder (hi-ml-multimodal ImageModel): the ResNet-50 trunk under
-    encoder.encoder.* in torchvision naming; its final map is the patch embedding and its average the image
-    embedding, as ImageEncoder returns them. BioViL-T's temporal ViT pooler (encoder.backbone_to_vit,
-    encoder.vit_pooler, encoder.missing_previous_emb: only meaningful with a prior image) and the projector /
-    classifier heads are set aside. Preprocessing: BioViL-T's inference transform (shortest edge 512, centre crop
-    448, [0, 1] pixels with no normalisation, the gray channel replicated)."""
-    state = strip_prefixes(tensor_dict(ck.obj.get("state_dict", ck.obj) if isinstance(ck.obj, dict) else ck.obj, ck.path),
-                   ("module.",), ck.path)
+def _load_biovil(ck, attn, fmt):
+    """BioViL(-T)'s image encoder: the ResNet-50 trunk (torchvision names) under encoder.encoder.*; BioViL-T's
+    temporal pooler (for a prior image) and the projector / classifier heads are set aside."""
+    state = plain_state(ck.obj, ck.path)
     pre = next((p for p in ("encoder.encoder.", "image_model.encoder.encoder.", "encoder.", "") if
                 p + "layer4.0.conv1.weight" in state), None)
     if pre is None:
         raise UserError(f"{ck.path}: no layer4.0.conv1.weight under encoder.encoder.: not a ResNet-50 image encoder")
-    ignore = {k for k in state if not k.startswith(pre) or k[len(pre):].startswith("fc.")}
-    trunk = {k[len(pre):]: v for k, v in state.items() if k not in ignore}
-    n = [1 + max([int(m.group(1)) for k in trunk if (m := re.match(rf"layer{s}\.(\d+)\.", k))], default=-1)
-         for s in (1, 2, 3, 4)]
+    trunk = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre) and not k[len(pre):].startswith("fc.")}
+    n = [_count(trunk, rf"layer{s}\.(\d+)\.") for s in (1, 2, 3, 4)]
     if "conv1.weight" not in trunk or "layer1.0.conv3.weight" not in trunk or min(n) < 1:
         raise UserError(f"{ck.path}: not a ResNet with bottleneck blocks (stages of {n} blocks)")
     w = trunk["conv1.weight"]
     vit = ResNet50Encoder(layers=n, width=w.shape[0], in_chans=w.shape[1], img_size=448)
-    load_mapped(vit, trunk, same_name, ck.path, ignore=())
-    return vit, preset(448, [0.0] * 3, [1.0] * 3, resize_to=512, source="BioViL-T's inference transform")
+    load_mapped(vit, trunk, same_name, ck.path)
+    return vit, feed(448, [0.0] * 3, [1.0] * 3, resize_to=512, source="BioViL-T's inference transform")
 
 
 LOADERS = {  # name: (loader, what it reads); --help lists them in this order
     "radjepa-encoder": (_load_own, "this project's export: encoder.safetensors (pretrain.py writes it)"),
-    "radjepa": (functools.partial(_load_jepa, fmt="radjepa"),
-                "RadJEPa: jepa_encoder.pth.tar, or its Hugging Face snapshot folder (config.json, modeling file "
-                "never imported); also pretrain.py's checkpoint.pt"),
-    "ijepa": (functools.partial(_load_jepa, fmt="ijepa"), "Meta's I-JEPA .pth.tar (IN1K-vit.h.14-300e.pth.tar, ...)"),
-    "ijepa-hf": (functools.partial(_load_hf, fmt="ijepa-hf"),
-                 "Hugging Face IJepaModel folder (facebook/ijepa_*, and this project's out_dir/hf)"),
-    "dinov2-hf": (functools.partial(_load_hf, fmt="dinov2-hf"),
-                  "Hugging Face Dinov2Model / Dinov2WithRegistersModel folder (ViT-g's SwiGLU too)"),
-    "rad-dino": (lambda ck, attn: _load_hf(ck, attn, "rad-dino") if (ck.hf_config or {}).get("model_type") == "dinov2"
-                 and os.path.basename(ck.file) != RAD_DINO_FILES[0] else _load_timm_vit(ck, attn, "rad-dino"),
-                 "microsoft/rad-dino: its hub folder, or its backbone_compatible.safetensors (DINOv2 naming)"),
-    "dinov2": (functools.partial(_load_timm_vit, fmt="dinov2"),
-               "Meta's original DINOv2 .pth (dinov2_vitg14_pretrain.pth, ..._reg4_...)"),
-    "clip-hf": (functools.partial(_load_clip, fmt="clip-hf"),
-                "Hugging Face CLIPVisionModel / CLIPModel folder (openai/clip-vit-large-patch14[-336])"),
-    "clip": (functools.partial(_load_clip, fmt="clip"),
-             "OpenAI CLIP ViT state dict (visual.*; a TorchScript ViT-L-14.pt must be re-saved as a state dict)"),
-    "chexzero": (functools.partial(_load_clip, fmt="chexzero"), "CheXzero: OpenAI CLIP ViT-B/32 state dict"),
-    "biomedclip": (functools.partial(_load_timm_vit, fmt="biomedclip"),
-                   "BiomedCLIP: open_clip folder (open_clip_pytorch_model.bin + open_clip_config.json)"),
-    "mrm": (functools.partial(_load_timm_vit, fmt="mrm"), "MRM: ViT-B/16 in MAE / timm naming (MRM.pth)"),
-    "biovil-t": (_load_biovil,
-                 "BioViL / BioViL-T image model (hi-ml-multimodal ResNet-50, biovil_t_image_model_*.pt)"),
+    "radjepa": (_load_jepa, "RadJEPa's jepa_encoder.pth.tar or hub snapshot folder; also pretrain.py's checkpoint.pt"),
+    "ijepa": (_load_jepa, "Meta's I-JEPA .pth.tar (IN1K-vit.h.14-300e.pth.tar, ...)"),
+    "ijepa-hf": (_load_hf, "Hugging Face IJepaModel folder (facebook/ijepa_*, and this project's out_dir/hf)"),
+    "dinov2-hf": (_load_hf, "Hugging Face Dinov2Model / Dinov2WithRegistersModel folder (ViT-g's SwiGLU too)"),
+    "rad-dino": (_load_timm_vit, "microsoft/rad-dino's hub folder, or its backbone_compatible.safetensors"),
+    "dinov2": (_load_timm_vit, "Meta's original DINOv2 .pth (dinov2_vitg14_pretrain.pth, ..._reg4_...)"),
+    "clip-hf": (_load_clip, "Hugging Face CLIPVisionModel / CLIPModel folder (openai/clip-vit-large-patch14[-336])"),
+    "clip": (_load_clip, "OpenAI CLIP ViT state dict (visual.*; re-save a TorchScript ViT-L-14.pt as one)"),
+    "chexzero": (_load_clip, "CheXzero: OpenAI CLIP ViT-B/32 state dict"),
+    "biomedclip": (_load_timm_vit, "BiomedCLIP's open_clip folder (open_clip_pytorch_model.bin, ..._config.json)"),
+    "mrm": (_load_timm_vit, "MRM: ViT-B/16 in MAE / timm naming (MRM.pth)"),
+    "biovil-t": (_load_biovil, "BioViL(-T) image model (hi-ml-multimodal's ResNet-50, biovil_t_image_model_*.pt)"),
 }
 FORMAT_OF_MODEL_TYPE = {"ijepa": "ijepa-hf", "dinov2": "dinov2-hf", "dinov2_with_registers": "dinov2-hf",
                         "clip": "clip-hf", "clip_vision_model": "clip-hf"}
-
-
-# files that only microsoft/rad-dino's hub folder holds (beside model.safetensors, config.json model_type dinov2):
-# the DINOv2-code checkpoint, the DINO head and the training configs it added for fine-tuning
-RAD_DINO_FILES = ("backbone_compatible.safetensors", "dino_head.safetensors", "vitb14_cxr.yaml")
 
 
 def _ambiguous(path, a, b, why):
@@ -474,26 +343,21 @@ def _ambiguous(path, a, b, why):
                      f"differently: pass --encoder_format {a} or --encoder_format {b}")
 
 
-def _is_rad_dino(ck):
-    return os.path.basename(ck.file) == RAD_DINO_FILES[0] or any(
-        os.path.exists(os.path.join(ck.folder, f)) for f in RAD_DINO_FILES)
-
-
 def detect_format(path):
-    """The format name (a LOADERS key) of a checkpoint path or Checkpoint, and why: (fmt, reason). Only a certain
-    answer is given: where two formats share a layout but not a preprocessing (RAD-DINO and DINOv2, CheXzero and
-    CLIP ViT-B/32, MRM and other timm ViT-B/16s) and nothing in the files tells them apart, it is a UserError asking
-    for --encoder_format. An unknown layout is a UserError that names the closest format."""
+    """(format, why) of a checkpoint path or Checkpoint, only when certain: where two formats share a layout but are
+    fed differently (RAD-DINO / DINOv2, CheXzero / CLIP ViT-B/32, MRM / timm ViT-B/16s) and the files do not tell,
+    or the layout is unknown, a UserError asks for --encoder_format."""
     ck = path if isinstance(path, Checkpoint) else Checkpoint(path)
-    obj = ck.obj
+    obj, name = ck.obj, os.path.basename(ck.file)
+    rad_dino = name == RAD_DINO_FILES[0] or any(os.path.exists(os.path.join(ck.folder, f)) for f in RAD_DINO_FILES)
     if ck.meta.get("format") == "radjepa-encoder":
         return "radjepa-encoder", "project export"
     keys = list(obj) if isinstance(obj, dict) else []
     mt = (ck.hf_config or {}).get("model_type", "")
     if mt in FORMAT_OF_MODEL_TYPE and ck.file.endswith((".safetensors", ".bin", ".index.json")) \
-            and os.path.basename(ck.file) != RAD_DINO_FILES[0]:
+            and name != RAD_DINO_FILES[0]:
         if mt == "dinov2":  # microsoft/rad-dino's config.json is a plain Dinov2Model's
-            if _is_rad_dino(ck):
+            if rad_dino:
                 return "rad-dino", f"Hugging Face Dinov2 folder with RAD-DINO's {', '.join(RAD_DINO_FILES)}"
             if ck.hf_preprocess is None:
                 raise _ambiguous(ck.path, "dinov2-hf", "rad-dino", "a Dinov2 config.json and no "
@@ -504,14 +368,13 @@ def detect_format(path):
     if any(k.startswith("visual.transformer.resblocks.") for k in keys):
         w = obj.get("visual.conv1.weight")
         if torch.is_tensor(w) and tuple(w.shape[::2]) == (768, 32):
-            raise _ambiguous(ck.path, "clip", "chexzero", "an OpenAI CLIP ViT-B/32 state dict, the architecture of "
-                             "both OpenAI's ViT-B/32 and CheXzero's release")
+            raise _ambiguous(ck.path, "clip", "chexzero", "an OpenAI CLIP ViT-B/32: OpenAI's and CheXzero's share it")
         return "clip", "OpenAI CLIP state dict (not ViT-B/32, so not CheXzero)"
     if any(k.endswith("layer4.0.conv1.weight") for k in keys):
         return "biovil-t", "ResNet trunk (torchvision naming)"
     if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("target_encoder", "encoder")):
         # Meta's files (IN1K-vit.h.14-300e.pth.tar, ...) are whole training states; the RadJEPa release is named
-        if "predictor" in obj and "opt" in obj and "jepa_encoder" not in os.path.basename(ck.file):
+        if "predictor" in obj and "opt" in obj and "jepa_encoder" not in name:
             return "ijepa", "I-JEPA training checkpoint (predictor + opt)"
         return "radjepa", "JEPA encoder state dict"
     if any(k.endswith("patch_embeddings.projection.weight") for k in keys):
@@ -520,12 +383,11 @@ def detect_format(path):
     if "cls_token" in state and any(k.startswith("blocks.") for k in state):
         if any(k.startswith("decoder") for k in state):
             return "mrm", "MAE naming with a decoder (MRM)"
-        if _is_rad_dino(ck):
-            return "rad-dino", f"DINOv2 naming, RAD-DINO's {os.path.basename(ck.file)}"
+        if rad_dino:
+            return "rad-dino", f"DINOv2 naming, RAD-DINO's {name}"
         patch = state["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in state else None
         if patch != 14:
-            raise _ambiguous(ck.path, "mrm", "dinov2", f"timm / MAE naming with a CLS token, patch {patch}, no MAE "
-                             "decoder")
+            raise _ambiguous(ck.path, "mrm", "dinov2", f"timm / MAE naming, a CLS token, patch {patch}, no decoder")
         if ck.file.endswith(".safetensors"):  # Meta ships DINOv2 as .pth; RAD-DINO's DINOv2-code file is safetensors
             raise _ambiguous(ck.path, "dinov2", "rad-dino", "DINOv2 naming in a safetensors file")
         return "dinov2", "Meta's DINOv2 key names in a .pth"
@@ -551,8 +413,34 @@ def _closest(state):
     return max(vocab, key=lambda f: len(words & set(vocab[f].split())))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the entry point
+def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_size=14, attn="sdpa",
+                 enc_img_size=None, enc_mean=None, enc_std=None):
+    """(vit, info), the encoder frozen in eval mode. path None: the default pretraining export if a run left one, else
+    a randomly initialised `model` (the floor every encoder should beat), as info['source'] says."""
+    if path is None and os.path.exists(DEFAULT_EXPORT):
+        path = DEFAULT_EXPORT
+    if path is None:
+        torch.manual_seed(0)
+        vit = build_vit(model, img_size=img_size, patch_size=patch_size, attn=attn)
+        info = {"format": "random-init", "source": f"random-init {model} (no --encoder and no {DEFAULT_EXPORT})",
+                **feed(img_size, [CXR_MEAN], [CXR_STD])}
+    else:
+        if not os.path.exists(path):
+            raise UserError(f"--encoder {path}: no such file or folder")
+        if fmt not in (None, "auto") and fmt not in LOADERS:
+            near = difflib.get_close_matches(str(fmt), LOADERS, n=1, cutoff=0)
+            raise UserError(f"--encoder_format {fmt!r} unknown: closest is {near[0]} (formats: auto, "
+                            f"{', '.join(LOADERS)})")
+        ck = Checkpoint(path)
+        fmt, why = detect_format(ck) if fmt in (None, "auto") else (fmt, None)
+        vit, info = LOADERS[fmt][0](ck, attn, fmt)
+        if fmt in HF_FEED_WINS:
+            info = _hf_feed(ck.hf_preprocess) or info
+        info.update(format=fmt, source=f"{path} ({fmt}{', auto-detected: ' + why if why else ''})")
+    set_attn(vit, attn)
+    vit.eval().requires_grad_(False)
+    return vit, _override(info, vit, enc_img_size, enc_mean, enc_std)
+
 
 def _override(info, vit, img_size, mean, std):
     """Apply --enc_img_size / --enc_mean / --enc_std; one value of mean or std is repeated to the other's length."""
@@ -562,12 +450,10 @@ def _override(info, vit, img_size, mean, std):
         info["img_size"] = int(img_size)
     mean = [float(v) for v in mean] if mean else info["mean"]
     std = [float(v) for v in std] if std else info["std"]
-    if len(mean) != len(std):
-        if 1 not in (len(mean), len(std)):
-            raise UserError(f"--enc_mean has {len(mean)} values and --enc_std {len(std)}: give the same number (1 or 3)")
-        n = max(len(mean), len(std))
-        mean, std = mean * (n // len(mean)), std * (n // len(std))
-    stem = vit.config["in_chans"]
+    if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+        raise UserError(f"--enc_mean has {len(mean)} values and --enc_std {len(std)}: give the same number (1 or 3)")
+    n = max(len(mean), len(std))
+    mean, std, stem = mean * (n // len(mean)), std * (n // len(std)), vit.config["in_chans"]
     if len(mean) not in (1, stem):
         raise UserError(f"--enc_mean / --enc_std: {len(mean)} channels, but the encoder takes 1 or {stem}")
     if min(std) <= 0:
@@ -578,65 +464,23 @@ def _override(info, vit, img_size, mean, std):
     return info
 
 
-def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_size=14, attn="sdpa",
-                 enc_img_size=None, enc_mean=None, enc_std=None):
-    """Return (vit, info) with the encoder in eval mode and frozen. path None: the default pretraining export if a
-    run left one, else a randomly initialised `model` (the floor every encoder should beat); info['source'] says
-    which, for the run's output. enc_img_size / enc_mean / enc_std override the format's preprocessing preset."""
-    if path is None and os.path.exists(DEFAULT_EXPORT):
-        path = DEFAULT_EXPORT
-    if path is None:
-        torch.manual_seed(0)
-        vit = build_vit(model, img_size=img_size, patch_size=patch_size, attn=attn)
-        info = {"format": "random-init", "source": f"random-init {model} (no --encoder and no {DEFAULT_EXPORT})",
-                **cxr_preset(img_size)}
-    else:
-        if not os.path.exists(path):
-            raise UserError(f"--encoder {path}: no such file or folder")
-        if fmt not in (None, "auto") and fmt not in LOADERS:
-            near = difflib.get_close_matches(str(fmt), LOADERS, n=1, cutoff=0)
-            raise UserError(f"--encoder_format {fmt!r} unknown: closest is {near[0]} (formats: auto, {', '.join(LOADERS)})")
-        ck = Checkpoint(path)
-        why = None
-        if fmt in (None, "auto"):
-            fmt, why = detect_format(ck)
-        vit, info = LOADERS[fmt][0](ck, attn)
-        info["format"] = fmt
-        info["source"] = f"{path} ({fmt}{', auto-detected: ' + why if why else ''})"
-        c = vit.config
-        info["arch"] = f"ResNet, stages of {c['layers']} bottleneck blocks, {vit.embed_dim}-d, stride 32" \
-            if c.get("variant") == "resnet50" else (
-                        f"ViT {c['embed_dim']}-d x {c['depth']} blocks, {c['num_heads']} heads, patch {c['patch_size']}, "
-                        f"{vit.grid[0]}x{vit.grid[1]} positions" + (", CLS" if c["cls_token"] else "")
-                        + (f", {c['num_register_tokens']} registers" if c["num_register_tokens"] else "")
-                        + (", layer scale" if c["layer_scale"] else "")
-                        + (", SwiGLU" if c.get("ffn") == "swiglu" else "") + (", CLIP ln_pre" if c.get("pre_norm") else ""))
-        del ck
-    set_attn(vit, attn)
-    vit.eval().requires_grad_(False)
-    return vit, _override(info, vit, enc_img_size, enc_mean, enc_std)
-
-
 def add_encoder_args(p):
     g = p.add_argument_group("encoder")
-    g.add_argument("--encoder", default=None,
-                   help=f"frozen encoder: a checkpoint file or Hugging Face folder (default: {DEFAULT_EXPORT} if "
-                        "present, else random init)")
+    g.add_argument("--encoder", default=None, help="frozen encoder: a checkpoint file or Hugging Face folder "
+                   f"(default: {DEFAULT_EXPORT} if present, else random init)")
     g.add_argument("--encoder_format", default="auto", choices=["auto", *LOADERS], metavar="FORMAT",
-                   help="checkpoint format, each with its own preprocessing preset: auto (default: detected from "
-                        "the contents); " + "; ".join(f"{k}: {v[1]}" for k, v in LOADERS.items()))
+                   help="checkpoint format, each fed as its release feeds it: auto (default: detected from the "
+                        "contents); " + "; ".join(f"{k}: {v[1]}" for k, v in LOADERS.items()))
     g.add_argument("--enc_img_size", type=int, default=None,
-                   help="input resolution for the encoder (default: its format's preset, e.g. 518 for RAD-DINO)")
+                   help="input resolution for the encoder (default: its format's, e.g. 518 for RAD-DINO)")
     g.add_argument("--enc_mean", type=float, nargs="+", default=None,
-                   help="normalisation mean, 1 value (grayscale) or 3 (RGB) (default: the format's preset)")
+                   help="normalisation mean, 1 value (grayscale) or 3 (RGB) (default: the format's)")
     g.add_argument("--enc_std", type=float, nargs="+", default=None, help="normalisation std (see --enc_mean)")
-    return g
 
 
 def load_encoder_from_args(args):
     """load_encoder with the flags of add_encoder_args and add_common_args."""
-    return load_encoder(args.encoder, args.encoder_format, getattr(args, "model", "vit_base"),
-                        getattr(args, "img_size", 224), getattr(args, "patch_size", 14),
-                        getattr(args, "attn", None) or "sdpa",
-                        enc_img_size=getattr(args, "enc_img_size", None), enc_mean=getattr(args, "enc_mean", None),
-                        enc_std=getattr(args, "enc_std", None))
+    opt = vars(args).get
+    return load_encoder(args.encoder, args.encoder_format, opt("model", "vit_base"), opt("img_size", 224),
+                        opt("patch_size", 14), opt("attn") or "sdpa", opt("enc_img_size"), opt("enc_mean"),
+                        opt("enc_std"))

@@ -1,8 +1,7 @@
 """
-Reading published weight files safely and mapping their keys onto this project's modules (encoders.py's plumbing,
-apart so its loaders read top to bottom): a checkpoint is opened once, never unpickling code (safetensors, or
-torch.load with weights_only=True; TorchScript archives refused), and every parameter of the model names the
-checkpoint tensor(s) it comes from, so a missing or unused key is an error that names it, never a partial load.
+encoders.py's plumbing: reading published weight files safely, once (safetensors, or torch.load with
+weights_only=True; TorchScript archives refused), and mapping their keys onto this project's modules: every
+parameter names the checkpoint tensor(s) it comes from, so a missing or unused key is an error that names it.
 """
 import json
 import os
@@ -21,13 +20,12 @@ from base import UserError
 # reading a checkpoint safely, once
 
 def _torch_load(path):
-    """torch.load that only rebuilds tensors and plain containers. A pickle that asks for anything else (a function
-    such as os.system, a class) is refused before any of it runs."""
+    """torch.load that only rebuilds tensors and containers: a pickle asking for anything else is refused unrun."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             if any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist()):
-                raise UserError(f"{path}: a TorchScript archive (OpenAI's clip.load files are), which holds code; it is "
-                                "not run. If you trust it, save its weights once: torch.save(torch.jit.load(path, "
+                raise UserError(f"{path}: a TorchScript archive (OpenAI's clip.load files are), which holds code; it "
+                                "is not run. If you trust it, save its weights once: torch.save(torch.jit.load(path, "
                                 "map_location='cpu').state_dict(), 'ViT-L-14.state_dict.pt') and pass that file")
     try:
         with warnings.catch_warnings():
@@ -54,8 +52,7 @@ def _read_safetensors(path):
 
 
 def _read_json(path):
-    """A JSON file's contents, or None when it is absent or unreadable (a stray config.json beside a .pth is not
-    an error; a Hugging Face folder without a readable one is, in _load_hf)."""
+    """A JSON file's contents, or None when it is absent or unreadable (a stray config.json is no error)."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -63,10 +60,14 @@ def _read_json(path):
         return None
 
 
+FOLDER_FILES = ("encoder.safetensors", "jepa_encoder.pth.tar", "open_clip_model.safetensors",
+                "open_clip_pytorch_model.bin", "model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin")
+
+
 class Checkpoint:
-    """One --encoder path, read once: a torch file, a safetensors file, or a folder (a Hugging Face snapshot with
-    config.json, RadJEPa's hub snapshot, an open_clip hub folder, or a pretraining run's out_dir holding
-    encoder.safetensors). A modeling_*.py beside the weights is never imported: only the weights are read."""
+    """One --encoder path, read once: a torch or safetensors file, or a folder holding one of FOLDER_FILES (and
+    config.json files; a modeling_*.py beside them is never imported)."""
 
     def __init__(self, path):
         self.path = path
@@ -74,27 +75,22 @@ class Checkpoint:
         self.hf_config = _read_json(os.path.join(folder, "config.json"))
         self.hf_preprocess = _read_json(os.path.join(folder, "preprocessor_config.json"))
         self.open_clip = _read_json(os.path.join(folder, "open_clip_config.json"))
-        self.file = path if not os.path.isdir(path) else self._pick_file(path)
+        self.file = path
+        if os.path.isdir(path):
+            self.file = next((os.path.join(path, n) for n in FOLDER_FILES if os.path.exists(os.path.join(path, n))),
+                             None)
+            if self.file is None:
+                raise UserError(f"--encoder {path}: a folder must hold config.json + model.safetensors (Hugging "
+                                "Face), jepa_encoder.pth.tar (RadJEPa's hub snapshot), open_clip_pytorch_model.bin "
+                                "(open_clip) or encoder.safetensors (a pretraining run); found none")
         self.meta = {}
         if self.file.endswith(".index.json"):  # a sharded Hugging Face checkpoint
-            index = _read_json(self.file) or {}
-            self.obj = {}
-            for shard in sorted(set(index.get("weight_map", {}).values())):
-                self.obj.update(_read_safetensors(os.path.join(folder, shard))[0])
+            shards = set((_read_json(self.file) or {}).get("weight_map", {}).values())
+            self.obj = {k: v for s in sorted(shards) for k, v in _read_safetensors(os.path.join(folder, s))[0].items()}
         elif self.file.endswith(".safetensors"):
             self.obj, self.meta = _read_safetensors(self.file)
         else:
             self.obj = _torch_load(self.file)
-
-    def _pick_file(self, folder):
-        names = ["encoder.safetensors", "jepa_encoder.pth.tar", "open_clip_model.safetensors",
-                 "open_clip_pytorch_model.bin", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
-        for n in names:
-            if os.path.exists(os.path.join(folder, n)):
-                return os.path.join(folder, n)
-        raise UserError(f"--encoder {folder}: a folder must hold config.json + model.safetensors (Hugging Face), "
-                        "jepa_encoder.pth.tar (RadJEPa's hub snapshot), open_clip_pytorch_model.bin (open_clip) or "
-                        "encoder.safetensors (a pretraining run); found none")
 
 
 def tensor_dict(obj, path):
@@ -118,21 +114,27 @@ def strip_prefixes(state, prefixes, path):
     return out
 
 
+def model_state(obj, path, parts=()):
+    """obj's tensors without DDP's 'module.' and torch.compile's '_orig_mod.'; of a whole model (a task model's head
+    beside its backbone, DINOv2's training heads), only those under the first of `parts` that a key starts with."""
+    state = strip_prefixes(tensor_dict(obj, path), ("module.", "_orig_mod."), path)
+    pre = next((p for p in parts if any(k.startswith(p) for k in state)), "")
+    return {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
+
+
+def plain_state(obj, path):
+    """A state dict saved as it is or under 'state_dict' (CLIP, open_clip, BioViL-T), as model_state gives it."""
+    return model_state(obj.get("state_dict", obj) if isinstance(obj, dict) else obj, path)
+
+
 def backbone_state(obj, path):
     """The encoder's state dict from an I-JEPA / RadJEPa / DINOv2 torch file: under 'target_encoder' (the EMA
-    encoder the papers evaluate, preferred), 'encoder', 'teacher', 'model' or 'state_dict', or the file itself;
-    'module.' (DDP), '_orig_mod.' (torch.compile), 'encoder.' and 'backbone.' prefixes stripped. DINOv2 training
-    files keep heads beside the backbone: then only 'backbone.*' (the teacher's if both) is the encoder."""
+    encoder the papers evaluate, preferred), 'encoder', 'teacher', 'model' or 'state_dict', or the file itself; of
+    DINOv2's training files only 'backbone.*' (the teacher's if both); 'encoder.' and 'backbone.' prefixes stripped."""
     if isinstance(obj, dict):
-        for key in ("target_encoder", "encoder", "teacher", "model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    state = strip_prefixes(tensor_dict(obj, path), ("module.", "_orig_mod."), path)
-    for pre in ("teacher.backbone.", "backbone."):
-        if any(k.startswith(pre) for k in state):
-            state = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
-            break
+        obj = next((obj[k] for k in ("target_encoder", "encoder", "teacher", "model", "state_dict")
+                    if isinstance(obj.get(k), dict)), obj)
+    state = model_state(obj, path, ("teacher.backbone.", "backbone."))
     return strip_prefixes(state, ("encoder.", "backbone.", "module."), path)
 
 
@@ -142,13 +144,11 @@ def backbone_state(obj, path):
 def load_mapped(vit, state, source_of, path, ignore=()):
     """Fill every tensor of `vit` from `state`: source_of(our key) -> (checkpoint keys, combine or None). Missing,
     unknown (not in `ignore`) and mis-shaped keys are a UserError naming them in the checkpoint's own naming."""
-    own = vit.state_dict()
     out, used, missing, shape = {}, set(), [], []
-    for k, ref in own.items():
+    for k, ref in vit.state_dict().items():
         srcs, combine = source_of(k)
-        lack = [s for s in srcs if s not in state]
-        if lack:
-            missing += lack
+        missing += [s for s in srcs if s not in state]
+        if any(s not in state for s in srcs):
             continue
         used.update(srcs)
         try:
@@ -159,13 +159,11 @@ def load_mapped(vit, state, source_of, path, ignore=()):
         if t.shape != ref.shape:
             shape.append(f"{'+'.join(srcs)} {tuple(t.shape)} (expected {tuple(ref.shape)})")
         out[k] = t
-    missing = list(dict.fromkeys(missing))
-    unexpected = sorted(set(state) - used - set(ignore))
-    if missing or unexpected or shape:
-        parts = []
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shape)):
-            if keys:
-                parts.append(f"{what} {', '.join(keys[:6])}{f' (+{len(keys) - 6} more)' if len(keys) > 6 else ''}")
+    problems = (("missing keys", list(dict.fromkeys(missing))),
+                ("unexpected keys", sorted(set(state) - used - set(ignore))), ("shape mismatch", shape))
+    parts = [f"{what} {', '.join(keys[:6])}{f' (+{len(keys) - 6} more)' if len(keys) > 6 else ''}"
+             for what, keys in problems if keys]
+    if parts:
         raise UserError(f"{path}: cannot load encoder: {'; '.join(parts)}")
     vit.load_state_dict(out, strict=True)
 
@@ -175,10 +173,10 @@ def same_name(k):
 
 
 def _split_cls_pos(key):
-    """Checkpoints that keep the CLS position in slot 0 of one position table (DINOv2, timm, MAE, CLIP); ours
-    keeps it apart in cls_pos_embed. Handles (1, 1 + N, D) and CLIP's (1 + N, D)."""
-    lead = lambda p: p if p.ndim == 3 else p[None]  # noqa: E731
-    return {"cls_pos_embed": ([key], lambda p: lead(p)[:, :1]), "pos_embed": ([key], lambda p: lead(p)[:, 1:])}
+    """Checkpoints that keep the CLS position in slot 0 of one position table, (1, 1 + N, D) or CLIP's (1 + N, D)
+    (DINOv2, timm, MAE, CLIP); ours keeps it apart in cls_pos_embed."""
+    return {"cls_pos_embed": ([key], lambda p: p.reshape(1, -1, p.shape[-1])[:, :1]),
+            "pos_embed": ([key], lambda p: p.reshape(1, -1, p.shape[-1])[:, 1:])}
 
 
 def dinov2_source(k):
@@ -186,80 +184,61 @@ def dinov2_source(k):
     return _split_cls_pos("pos_embed").get(k) or ([k], None)
 
 
-def _qkv(names):
-    return names, lambda q, kk, v: torch.cat([q, kk, v], 0)
+def _concat(names):  # q, k, v into our fused qkv (heads-major inside each, as HF splits); SwiGLU's [gate, value]
+    return names, lambda *ts: torch.cat(ts, 0)
 
 
 def hf_source(k, new_names=False, ijepa=False):
-    """Our key -> Hugging Face Dinov2 / IJepa key(s). Checkpoints on the Hub (attention.attention.query/key/value,
-    attention.output.dense, mlp.weights_in) and transformers 5's in-memory names (attention.q_proj, ...,
-    attention.o_proj, mlp.gate_proj / up_proj / down_proj, and IJepa's layers.N without encoder.) both work; q, k
-    and v are concatenated in that order into our fused qkv (heads-major inside each, as HF splits)."""
+    """Our key -> Hugging Face Dinov2 / IJepa key(s): as the Hub's files name them, or (new_names) as transformers 5
+    does in memory (attention.q_proj, mlp.gate_proj / up_proj / down_proj, IJepa's layers.N)."""
     if k in ("cls_pos_embed", "pos_embed") and not ijepa:
         return _split_cls_pos("embeddings.position_embeddings")[k]
-    if k == "pos_embed":
-        return ["embeddings.position_embeddings"], None
-    if k in ("cls_token", "register_tokens"):
-        return [f"embeddings.{k}"], None
-    if k.startswith("patch_embed.proj."):
-        return ["embeddings.patch_embeddings.projection." + k.split(".")[-1]], None
-    if k.startswith("norm."):
-        return ["layernorm." + k.split(".")[-1]], None
-    m = re.match(r"blocks\.(\d+)\.(.+)$", k)
-    if not m:
-        return [k], None
-    i, rest = m.group(1), m.group(2)
-    pre, wb = (f"layers.{i}." if ijepa and new_names else f"encoder.layer.{i}."), rest.split(".")[-1]
-    if rest.startswith("attn.qkv."):
+    hub = {"pos_embed": "embeddings.position_embeddings", "cls_token": "embeddings.cls_token", "norm": "layernorm",
+           "register_tokens": "embeddings.register_tokens",
+           "patch_embed.proj": "embeddings.patch_embeddings.projection"}
+    head, _, wb = k.rpartition(".")
+    if k in hub or head in hub:
+        return [hub[k] if k in hub else f"{hub[head]}.{wb}"], None
+    i, part, wb = re.match(r"blocks\.(\d+)\.(.+)\.(\w+)$", k).groups()
+    pre = f"layers.{i}." if ijepa and new_names else f"encoder.layer.{i}."
+    if part == "attn.qkv":
         qkv = ["q_proj", "k_proj", "v_proj"] if new_names else ["attention.query", "attention.key", "attention.value"]
-        return _qkv([f"{pre}attention.{n}.{wb}" for n in qkv])
-    if rest.startswith("attn.proj."):
-        return [pre + ("attention.o_proj." if new_names else "attention.output.dense.") + wb], None
-    if rest in ("ls1.gamma", "ls2.gamma"):
-        return [f"{pre}layer_scale{rest[2]}.lambda1"], None
-    if rest.startswith("mlp.w12."):  # SwiGLU: [gate, value] fused, as the hub stores it
-        return ([f"{pre}mlp.gate_proj.{wb}", f"{pre}mlp.up_proj.{wb}"], lambda a, b: torch.cat([a, b], 0)) \
-            if new_names else ([f"{pre}mlp.weights_in.{wb}"], None)
-    if rest.startswith("mlp.w3."):
-        return [pre + ("mlp.down_proj." if new_names else "mlp.weights_out.") + wb], None
-    if ijepa:  # ViT naming: layernorm_before / after, intermediate.dense, output.dense
+        return _concat([f"{pre}attention.{n}.{wb}" for n in qkv])
+    if part in ("ls1", "ls2"):
+        return [f"{pre}layer_scale{part[2]}.lambda1"], None
+    if part == "mlp.w12" and new_names:
+        return _concat([f"{pre}mlp.gate_proj.{wb}", f"{pre}mlp.up_proj.{wb}"])
+    names = {"attn.proj": "attention.o_proj" if new_names else "attention.output.dense",
+             "mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.down_proj" if new_names else "mlp.weights_out"}
+    if ijepa:  # ViT naming (Dinov2 keeps norm1, norm2, mlp.fc1, mlp.fc2)
+        names.update(norm1="layernorm_before", norm2="layernorm_after")
         if not new_names:
-            rest = {"mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}.get(rest.rsplit(".", 1)[0],
-                                                                                    rest.rsplit(".", 1)[0]) + "." + wb
-        rest = rest.replace("norm1.", "layernorm_before.").replace("norm2.", "layernorm_after.")
-    return [pre + rest], None  # Dinov2: norm1, norm2, mlp.fc1, mlp.fc2 have the same names
+            names.update({"mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"})
+    return [f"{pre}{names.get(part, part)}.{wb}"], None
 
 
-def clip_hf_source(k):
-    """Our key -> transformers CLIPVisionModel key (CLIPModel's vision_model.* once that prefix is stripped)."""
-    e = "embeddings."
-    fixed = {"cls_token": ([e + "class_embedding"], lambda t: t.reshape(1, 1, -1)),
-             "patch_embed.proj.weight": ([e + "patch_embedding.weight"], None),
-             **_split_cls_pos(e + "position_embedding.weight")}
-    if k in fixed:
-        return fixed[k]
-    if k.startswith(("norm_pre.", "norm.")):
-        return [("pre_layrnorm." if k.startswith("norm_pre.") else "post_layernorm.") + k.split(".")[-1]], None
-    i, rest = re.match(r"blocks\.(\d+)\.(.+)$", k).groups()
-    pre, wb = f"encoder.layers.{i}.", rest.split(".")[-1]
-    if rest.startswith("attn.qkv."):
-        return _qkv([f"{pre}self_attn.{n}_proj.{wb}" for n in "qkv"])
-    rest = rest.replace("attn.proj.", "self_attn.out_proj.").replace("norm1.", "layer_norm1.")
-    return [pre + rest.replace("norm2.", "layer_norm2.")], None
+# our name: (transformers' CLIPVisionModel, i.e. CLIPModel's vision_model.* once stripped; OpenAI's state dict)
+CLIP_NAMES = {"cls_token": ("embeddings.class_embedding", "visual.class_embedding"),
+              "patch_embed.proj": ("embeddings.patch_embedding", "visual.conv1"),
+              "pos": ("embeddings.position_embedding.weight", "visual.positional_embedding"),
+              "norm_pre": ("pre_layrnorm", "visual.ln_pre"), "norm": ("post_layernorm", "visual.ln_post"),
+              "blocks": ("encoder.layers.{}.", "visual.transformer.resblocks.{}."), "norm1": ("layer_norm1", "ln_1"),
+              "attn.proj": ("self_attn.out_proj", "attn.out_proj"), "norm2": ("layer_norm2", "ln_2"),
+              "mlp.fc1": ("mlp.fc1", "mlp.c_fc"), "mlp.fc2": ("mlp.fc2", "mlp.c_proj")}
 
 
-def openai_clip_source(k):
-    """Our key -> OpenAI CLIP's state dict key (visual.*: conv1, class_embedding, positional_embedding, ln_pre,
+def clip_source(k, openai=False):
+    """Our key -> CLIP's: transformers' CLIPVisionModel, or OpenAI's state dict (visual.*: conv1, ln_pre,
     transformer.resblocks.N.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_post)."""
-    v = "visual."
-    fixed = {"cls_token": ([v + "class_embedding"], lambda t: t.reshape(1, 1, -1)),
-             "patch_embed.proj.weight": ([v + "conv1.weight"], None), **_split_cls_pos(v + "positional_embedding")}
-    if k in fixed:
-        return fixed[k]
-    if k.startswith(("norm_pre.", "norm.")):
-        return [v + ("ln_pre." if k.startswith("norm_pre.") else "ln_post.") + k.split(".")[-1]], None
-    i, rest = re.match(r"blocks\.(\d+)\.(.+)$", k).groups()
-    pre, wb = f"{v}transformer.resblocks.{i}.", rest.split(".")[-1]
-    part = {"attn.qkv": f"attn.in_proj_{wb}", "attn.proj": f"attn.out_proj.{wb}", "norm1": f"ln_1.{wb}",
-            "norm2": f"ln_2.{wb}", "mlp.fc1": f"mlp.c_fc.{wb}", "mlp.fc2": f"mlp.c_proj.{wb}"}[rest.rsplit(".", 1)[0]]
-    return [pre + part], None
+    name = {ours: theirs[openai] for ours, theirs in CLIP_NAMES.items()}
+    if k == "cls_token":
+        return [name[k]], lambda t: t.reshape(1, 1, -1)
+    if k in ("cls_pos_embed", "pos_embed"):
+        return _split_cls_pos(name["pos"])[k]
+    if m := re.match(r"(patch_embed\.proj|norm_pre|norm)\.(\w+)$", k):
+        return [f"{name[m[1]]}.{m[2]}"], None
+    i, part, wb = re.match(r"blocks\.(\d+)\.(.+)\.(\w+)$", k).groups()
+    pre = name["blocks"].format(i)
+    if part == "attn.qkv" and not openai:
+        return _concat([f"{pre}self_attn.{n}_proj.{wb}" for n in "qkv"])
+    return [f"{pre}attn.in_proj_{wb}" if part == "attn.qkv" else f"{pre}{name[part]}.{wb}"], None

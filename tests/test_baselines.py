@@ -257,7 +257,7 @@ def test_crop_preprocess_is_shortest_edge_then_centre_crop():
     (downstream.crop_frac, what probe.py and segment.py apply); report.py's whole-image resize squashes it all in."""
     img = np.zeros((100, 200), np.float32)
     img[:, 50:150] = 1.0  # the centre square is white, the sides black
-    info = encoders.preset(50, [0.0], [1.0], resize_to=50)
+    info = encoders.feed(50, [0.0], [1.0], resize_to=50)
     pre = data.Preprocess(50, [0.0], [1.0])
     out = pre(downstream.center_crop(img, downstream.crop_frac(info)))
     assert out.shape == (1, 50, 50) and out[:, :, 1:-1].min() > 0.99  # the centre only: no black sides
