@@ -20,8 +20,7 @@ resolution. A loaded encoder runs at its own resolution (--enc_img_size override
 one).
 
 Tasks (class 0 = background; lung-mask value 127 = "ignore": excluded from loss and Dice):
-  lungs  right_lung, left_lung from a lung mask image (0 background, >0 lung). Radiological convention: the
-         patient's RIGHT lung is on the image's LEFT; the two largest components are told apart by centroid x.
+  lungs  right_lung, left_lung from a lung mask image (>0 lung); the patient's RIGHT lung is on the image's LEFT
   lung   both lungs as one class (no laterality: flips allowed)
   zones  six lung zones (Chest ImaGenome bbox names) = per-image boxes intersected with the lung mask; --boxes is
          a folder of scene-graph JSONs or a CSV path,zone,x1,y1,x2,y2 (see load_boxes, zones_label)
@@ -214,7 +213,8 @@ def make_label(s, task, shape):
 
 
 def load_csv(path, args, boxes=None):
-    """Samples of a manifest CSV (image, optional mask, optional subject); with zone boxes, the images that have them."""
+    """Samples of a manifest CSV (image, mask unless zones, subject: absent, each image is its own); with zone
+    boxes, only the images that have them."""
     cols = data.read_csv(path)[0].keys()
     pc = args.path_col if args.path_col in cols else ("image" if args.path_col == "path" and "image" in cols else None)
     if pc is None:
@@ -223,7 +223,6 @@ def load_csv(path, args, boxes=None):
     mc = args.mask_col if args.mask_col in cols else None
     if mc is None and args.task != "zones":
         raise UserError(f"CSV {path} has no mask column {args.mask_col!r}; pick it with --mask_col")
-    # a subject column absent from the file: every image is its own subject
     samples = archives.read_csv_samples(path, args.image_root, {"path": pc, "subject": args.subject_col or "subject",
                                                                 "mask": mc}, path_keys=("path", "mask"))[0]
     if boxes is not None:
@@ -543,8 +542,7 @@ def deviations(args):
 
 def build(vit, args, n_classes, env):
     """(model, eval_model): the frozen encoder and the decoder on the blocks it reads (UPerNet: 1/3, 1/2, 2/3 and all
-    of the depth, as BEiT; linear: the last). Under torchrun model's decoder is in DDP, eval_model's is not: every rank
-    validates the whole set alone."""
+    of the depth, as BEiT; linear: the last); under torchrun model's decoder is in DDP, eval_model's is not."""
     depth = len(vit.blocks)
     layers = [depth // 3, depth // 2, 2 * depth // 3, depth] if args.decoder == "upernet" else [depth]
     layers = [int(l) for l in args.layers.split(",")] if args.layers else layers
@@ -562,7 +560,8 @@ def build(vit, args, n_classes, env):
 
 def loaders(parts, args, info, env):
     """Training (shuffled; a DistributedSampler under torchrun), validation and test loaders (+ full-size labels)."""
-    train_ds = SegDataset(parts["train"], args.task, info["img_size"], crop_frac=info["crop_frac"])
+    size, frac = info["img_size"], info["crop_frac"]
+    train_ds = SegDataset(parts["train"], args.task, size, crop_frac=frac)
     if args.decoder == "upernet" and min(args.batch_size, len(train_ds) // env.world) < 2:
         raise UserError("UPerNet's BatchNorm needs at least 2 training images per batch and process")
     sampler = (torch.utils.data.DistributedSampler(train_ds, env.world, env.rank, shuffle=True, seed=args.seed)
@@ -572,9 +571,8 @@ def loaders(parts, args, info, env):
                                            num_workers=args.num_workers, collate_fn=collate,
                                            drop_last=len(train_ds) > args.batch_size * env.world,
                                            persistent_workers=args.num_workers > 0)
-    val_dl, test_dl = (torch.utils.data.DataLoader(SegDataset(parts[k], args.task, info["img_size"], True,
-                                                              info["crop_frac"]),
-                                                   EVAL_BATCH, num_workers=args.num_workers, collate_fn=collate)
+    val_dl, test_dl = (torch.utils.data.DataLoader(SegDataset(parts[k], args.task, size, True, frac), EVAL_BATCH,
+                                                   num_workers=args.num_workers, collate_fn=collate)
                        for k in ("val", "test"))
     return train_dl, val_dl, test_dl
 
