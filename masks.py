@@ -16,8 +16,9 @@ predict, sampled per batch and returned as lists of (B, K) patch-index tensors f
 Sampling, as in I-JEPA (Assran et al. 2023, sec. 3): per batch one target block size (scale, aspect ratio) and one
 square context block size; per image n_pred target blocks and n_enc context blocks at random positions; each
 context loses every patch that is in a target (no trivial copying) unless allow_overlap; a context left with
-min_keep patches or fewer is re-drawn (every block must keep MORE than min_keep: I-JEPA's strict `>`), and after 20 failed positions one target constraint is dropped (I-JEPA's
-fallback). Finally every mask of a kind is cut to the shortest in the batch so the lists stack into tensors.
+min_keep patches or fewer is re-drawn (every block must keep MORE than min_keep: I-JEPA's strict `>`), and after 20
+failed positions one target constraint is dropped (I-JEPA's fallback). Finally every mask of a kind is cut to the
+shortest in the batch so the lists stack into tensors.
 
 Differences from facebookresearch/ijepa src/masks/multiblock.py, each a fix:
   * the top-left corner is drawn from [0, H - h] inclusive (the reference draws randint(0, H - h), exclusive, and
@@ -35,7 +36,7 @@ import torch
 import base
 
 RETRIES = 20  # positions tried per context block before relaxing one target constraint (I-JEPA's timeout)
-# I-JEPA's ViT-H/14 ImageNet configuration: the defaults of MaskCollator and of the flags (add_mask_args)
+# I-JEPA's ViT-H/14 ImageNet configuration: the defaults of MaskCollator and of its flags
 DEFAULTS = dict(enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2), aspect=(0.75, 1.5), n_enc=1, n_pred=4, min_keep=10,
                 allow_overlap=False)
 
@@ -123,8 +124,7 @@ class MaskCollator:
     # sampling
 
     def _corners(self, rng, shape, h, w):
-        """Uniform top-left corners of h x w blocks. The bound is H - h + 1 (numpy's high is exclusive), so a
-        block can touch the last row and column: every grid cell is reachable."""
+        """Uniform top-left corners of h x w blocks, up to H - h inclusive: every grid cell is reachable."""
         return rng.integers(0, self.H - h + 1, size=shape), rng.integers(0, self.W - w + 1, size=shape)
 
     def _paint(self, top, left, h, w):
@@ -136,8 +136,7 @@ class MaskCollator:
 
     def _to_indices(self, rng, m):
         """(M, N) boolean masks -> (M, K) int64 ascending patch indices, K = the fewest patches in any row. Longer
-        rows keep a uniformly random subset of K (trim="random"), or their first K in row-major order as the
-        reference does (trim="first": it always drops the bottom of the context, kept only to reproduce I-JEPA)."""
+        rows keep a uniformly random subset of K (trim="random") or, as I-JEPA does, their first K (trim="first")."""
         counts = m.sum(1)
         K = int(counts.min())
         if (counts == K).all():
@@ -152,25 +151,24 @@ class MaskCollator:
         return idx
 
     def sample(self, batch_size, step):
-        """Masks for one batch: (masks_enc, masks_pred), lists of n_enc / n_pred LongTensors (B, K).
-        A pure function of (seed, rank, step): the same on resume and in whichever DataLoader worker runs it."""
+        """Masks for one batch: (masks_enc, masks_pred), lists of n_enc / n_pred LongTensors (B, K); a pure function
+        of (seed, rank, step)."""
         B, N = int(batch_size), self.H * self.W
         rng = np.random.default_rng([self.seed, self.rank, int(step)])
 
-        # one block size per batch for targets and one for contexts (I-JEPA), so every target mask has h*w patches
-        u = rng.random(3)
+        u = rng.random(3)  # one block size per batch for the targets and one for the contexts
         lo, hi = self.pred_scale
         ph, pw = self.block_size(lo + u[0] * (hi - lo), self.aspect[0] + u[1] * (self.aspect[1] - self.aspect[0]))
         lo, hi = self.enc_scale
-        eh, ew = self.block_size(lo + u[2] * (hi - lo), 1.0)  # context blocks are square, as in I-JEPA
+        eh, ew = self.block_size(lo + u[2] * (hi - lo), 1.0)  # square, as in I-JEPA
 
         tgt = self._paint(*self._corners(rng, (B, self.n_pred), ph, pw), ph, pw)  # (B, n_pred, N)
         taken = tgt.any(1) if not self.allow_overlap else np.zeros((B, N), dtype=bool)  # patches a context may not use
 
         # the I-JEPA retry loop, vectorised: draw all RETRIES corners at once and take the first whose block keeps
-        # more than min_keep patches outside the targets (strict, as I-JEPA's `len(mask) > min_keep`) (the same distribution as drawing one at a time until success).
-        # Patches kept = block area - target patches inside it, read off a summed-area table of the target union in
-        # O(1) per candidate instead of painting B * RETRIES full masks
+        # more than min_keep patches outside the targets (the same distribution as drawing one at a time until
+        # success). Patches kept = block area - target patches inside it, read off a summed-area table of the target
+        # union in O(1) per candidate instead of painting B * RETRIES full masks
         top, left = self._corners(rng, (B, self.n_enc, RETRIES), eh, ew)
         S = np.zeros((B, self.H + 1, self.W + 1), dtype=np.int32)
         S[:, 1:, 1:] = taken.reshape(B, self.H, self.W).cumsum(1).cumsum(2)
@@ -181,8 +179,8 @@ class MaskCollator:
         top, left = np.take_along_axis(top, first, -1)[..., 0], np.take_along_axis(left, first, -1)[..., 0]
         ctx = self._paint(top, left, eh, ew) & ~taken[:, None]  # (B, n_enc, N)
 
-        # I-JEPA's fallback: after RETRIES failures drop the last remaining target constraint and try again; with
-        # none left the context is a bare block, which _validate guarantees holds more than min_keep patches
+        # I-JEPA's fallback; with no target constraint left the context is a bare block, which _validate guarantees
+        # holds more than min_keep patches
         self.relaxed = 0
         for b, e in zip(*np.nonzero(~ok.any(-1))):
             self.relaxed += 1
@@ -193,7 +191,6 @@ class MaskCollator:
                     ctx[b, e] = c[good.argmax()]
                     break
 
-        # equal lengths across the batch, mask k of every image stacked into one (B, K) tensor
         enc = self._to_indices(rng, ctx.transpose(1, 0, 2).reshape(self.n_enc * B, N))
         pred = self._to_indices(rng, tgt.transpose(1, 0, 2).reshape(self.n_pred * B, N))
         masks_enc = [torch.from_numpy(np.ascontiguousarray(x)) for x in enc.reshape(self.n_enc, B, -1)]
@@ -212,7 +209,7 @@ class MaskCollator:
 
 
 def add_mask_args(p):
-    """Flags for every masking parameter, defaults as in I-JEPA's ViT-H/14 ImageNet config (DEFAULTS)."""
+    """Flags for every masking parameter, defaults DEFAULTS."""
     g = p.add_argument_group("masking (I-JEPA multi-block)")
     g.add_argument("--enc_mask_scale", type=float, nargs=2, default=DEFAULTS["enc_scale"], metavar=("MIN", "MAX"),
                    help="context block size as a fraction of the patch grid")

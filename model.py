@@ -9,8 +9,7 @@ segmentation decoders (UPerNet, linear) that sit on a frozen ViT.
     feats = enc.forward_features(x, layers=[4, 6, 8, 12])   # patch tokens of those blocks (1-based), for UPerNet
 
 Module and parameter names follow Meta's I-JEPA code (patch_embed.proj, blocks.N.attn.qkv, ...) so its checkpoints
-load by name. Attention is one function, `attention()`, with three implementations chosen per module: the Triton
-kernel in triton_attn/attention.py (default on CUDA), PyTorch SDPA (default elsewhere) and an explicit `math` path.
+load by name. Attention is one function, `attention()`, with three implementations chosen per module (set_attn).
 """
 import math
 
@@ -80,16 +79,16 @@ def sincos_pos_embed(dim, grid_h, grid_w):
 
 
 def resize_pos_embed(pos, old_hw, new_hw, antialias=False, offset=0.0):
-    """Bicubic resize of patch-grid position embeddings (1, h*w, D) -> (1, H*W, D), in float32. The tensor holds
-    patch positions only (any CLS position is kept separately), so no slot has to be split off first.
-    antialias / offset reproduce the published DINOv2 variants exactly: Hugging Face Dinov2 (size, no antialias),
-    Dinov2WithRegisters and Meta's register models (antialias), Meta's original DINOv2 code (scale factor
-    (new + 0.1) / old, which moves the sampling grid slightly compared with giving the size)."""
+    """Bicubic resize of patch-grid position embeddings (1, h*w, D) -> (1, H*W, D), in float32 (any CLS position is
+    kept separately). antialias / offset reproduce the published DINOv2 variants exactly: Hugging Face Dinov2 (size,
+    no antialias), Dinov2WithRegisters and Meta's register models (antialias), Meta's original DINOv2 code (scale
+    factor (new + 0.1) / old, which moves the sampling grid slightly compared with giving the size)."""
     if tuple(old_hw) == tuple(new_hw):
         return pos
     d = pos.shape[-1]
     grid = pos.reshape(1, old_hw[0], old_hw[1], d).permute(0, 3, 1, 2)
-    size = dict(scale_factor=tuple((n + offset) / o for n, o in zip(new_hw, old_hw))) if offset else dict(size=tuple(new_hw))
+    size = (dict(scale_factor=tuple((n + offset) / o for n, o in zip(new_hw, old_hw))) if offset
+            else dict(size=tuple(new_hw)))
     grid = F.interpolate(grid.float(), mode="bicubic", align_corners=False, antialias=antialias, **size)
     return grid.permute(0, 2, 3, 1).reshape(1, -1, d).to(pos.dtype)
 
@@ -164,7 +163,10 @@ INIT_SCHEMES = ("meta", "rescaled")
 
 @torch.no_grad()
 def _trunc_normal_(w, std=0.02, bound=2.0):
-    # N(0, std) truncated at +-bound (absolute, as timm / Meta): clamping is exact when bound >> std (see below)
+    """N(0, std) truncated at +-bound (absolute, as timm / Meta), drawn as a normal clamped to +-bound: at std 0.02
+    the bounds are 100 sigma away, so the distribution is the same, but trunc_normal_'s inverse-CDF method in
+    float32 maps a uniform draw of exactly -1 to erfinv(-1) = -inf, clamped to -2: about one weight per few million
+    comes out at -2.0, a 100-sigma outlier (Meta's init of a ViT-S has one, in blocks.7.attn.qkv)."""
     assert bound >= 10 * std, "clamping only equals truncation when the bound is many sigma away"
     return w.normal_(0.0, std).clamp_(-bound, bound)
 
@@ -178,12 +180,7 @@ def init_weights(module, scheme="meta"):
     Linear after construction and so undoes the per-layer rescale the constructors apply (fix_init_weight).
     scheme="rescaled" keeps that rescale: each block's residual output layers (attn.proj, mlp.fc2) are further
     divided by sqrt(2 * layer), as Meta's constructors leave them before init_model runs.
-    CLS / register / mask tokens and the fixed position embeddings are not touched. Returns `module`.
-
-    The truncated normal is drawn as a normal clamped to +-2 rather than with trunc_normal_'s inverse-CDF method:
-    at std 0.02 the +-2 bounds are 100 sigma away, so the distribution is the same, but the inverse-CDF method in
-    float32 maps a uniform draw of exactly -1 to erfinv(-1) = -inf, clamped to -2: about one weight per few
-    million comes out at -2.0, a 100-sigma outlier (Meta's init of a ViT-S has one, in blocks.7.attn.qkv)."""
+    CLS / register / mask tokens and the fixed position embeddings are not touched. Returns `module`."""
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}: use {' or '.join(INIT_SCHEMES)}")
     for m in module.modules():
@@ -195,8 +192,7 @@ def init_weights(module, scheme="meta"):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     if scheme == "rescaled":
-        # depth-dependent shrink of each residual branch, per transformer stack (encoder blocks, predictor blocks)
-        for m in module.modules():
+        for m in module.modules():  # per transformer stack: encoder blocks, predictor blocks
             blocks = getattr(m, "blocks", None) if isinstance(m, VisionTransformer) else \
                 getattr(m, "predictor_blocks", None) if isinstance(m, Predictor) else None
             for i, blk in enumerate(blocks or []):
@@ -218,7 +214,8 @@ class PatchEmbed(nn.Module):
         if x.shape[1] == 1 and w.shape[1] > 1:
             # a grayscale X-ray into an RGB-trained stem: summing the kernel over colour is exactly the same as
             # replicating the gray channel, without materialising three copies of the image
-            return F.conv2d(x, w.sum(1, keepdim=True), self.proj.bias, stride=self.proj.stride).flatten(2).transpose(1, 2)
+            x = F.conv2d(x, w.sum(1, keepdim=True), self.proj.bias, stride=self.proj.stride)
+            return x.flatten(2).transpose(1, 2)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -244,7 +241,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
         self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token and learned_pos else None
-        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens
+                                else None)
         self.num_prefix_tokens = int(cls_token) + num_register_tokens
         pos = sincos_pos_embed(embed_dim, *self.grid).unsqueeze(0)
         # fixed sin-cos is a parameter with requires_grad=False (as in I-JEPA) so it travels in the state dict
@@ -277,8 +275,7 @@ class VisionTransformer(nn.Module):
         return torch.cat(prefix + [x], dim=1) if prefix else x
 
     def forward(self, x, masks=None):
-        """Final-LayerNormed tokens (prefix tokens first, if any). With masks (list of (B, K) index tensors), only
-        those patches are encoded, one batch chunk per mask (I-JEPA's context encoder)."""
+        """Final-LayerNormed tokens (prefix tokens first, if any); with masks, only those patches (apply_masks)."""
         x = self.embed(x, masks)
         for blk in self.blocks:
             x = blk(x)
@@ -342,8 +339,10 @@ class Predictor(nn.Module):
         self.grid = tuple(grid)
         self.predictor_embed = nn.Linear(embed_dim, pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
-        self.predictor_pos_embed = nn.Parameter(sincos_pos_embed(pred_dim, *self.grid).unsqueeze(0), requires_grad=False)
-        self.predictor_blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio, True, None, attn) for _ in range(depth))
+        pos = sincos_pos_embed(pred_dim, *self.grid).unsqueeze(0)
+        self.predictor_pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.predictor_blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio, True, None, attn)
+                                              for _ in range(depth))
         self.predictor_norm = nn.LayerNorm(pred_dim, eps=1e-6)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)
         init_weights(self, init)
@@ -373,13 +372,10 @@ def count_params(module, trainable_only=False):
 # ----------------------------------------------------------------------------------------------------------------
 # segmentation decoders on a frozen ViT (segment.py): feature pyramid + UPerNet, and the linear baseline
 #
-# Parameter count of the ViT-B (768-d) UPerNet decoder, the paper's Table 4 "39.3M": FeaturePyramid 7,081,728
-# (two 768->768 2x2 transposed convs + BN for x4, one for x2) + UPerHead 32,256,000 (mmseg's UPerHead with
-# in_channels [768]*4, channels 512, pool_scales (1, 2, 3, 6), BN affine parameters counted, running statistics
-# being buffers) + classifier 513 per class = 39,337,728 + 513 * num_classes: 39.34M for 3 classes (background +
-# two lungs), still 39.3M up to 23 classes (21 for the ribs: 39.35M). mmseg's auxiliary FCNHead (in 768, 256
-# channels, one 3x3 conv: +1.77M) is NOT counted: with it the total would be 41.1M, so the paper's figure excludes
-# it (and this code has none). The linear baseline is one 1x1 conv: D + 1 = 769 parameters per class at 768-d.
+# The ViT-B (768-d) UPerNet has the paper's Table 4 "39.3M" parameters: FeaturePyramid 7,081,728 + mmseg's UPerHead
+# (channels 512, pool_scales (1, 2, 3, 6); BN affine parameters counted, running statistics are buffers) 32,256,000
+# + 513 per class: 39.3M from 1 to 23 classes (tests/test_segment.py). mmseg's auxiliary FCNHead (+1.77M: 41.1M in
+# all) is not in the paper's figure, nor in this code.
 
 class ConvModule(nn.Sequential):
     """mmseg's ConvModule: conv without bias (the BN that follows has one) + BatchNorm + ReLU."""
@@ -392,8 +388,7 @@ class ConvModule(nn.Sequential):
 class FeaturePyramid(nn.Module):
     """BEiT's multi-scale adapter (mmseg BEiT backbone): a plain ViT has one stride (the patch size), UPerNet wants
     four. Layer features (in the order given, e.g. blocks 4, 6, 8, 12) become strides p/4, p/2, p, 2p: upsample x4
-    by two 2x2 transposed convs with BN + GELU between, x2 by one, keep x1, max-pool x0.5. Under DDP on GPUs
-    segment.py turns the BN into SyncBN, as BEiT does."""
+    by two 2x2 transposed convs with BN + GELU between, x2 by one, keep x1, max-pool x0.5."""
 
     def __init__(self, dim):
         super().__init__()

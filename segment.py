@@ -11,22 +11,16 @@ Semantic segmentation on a frozen encoder: how much anatomy do its patch feature
     python segment.py --compare out/segment_a out/segment_b   # paired bootstrap over test images: A better than B?
     torchrun --nproc_per_node 4 segment.py ...         # DDP over the decoder (SyncBN); every rank validates
 
-The encoder (encoders.load_encoder: the project's export or a published checkpoint) is frozen and runs under
-no_grad; only the decoder trains: UPerNet on a BEiT-style feature pyramid from blocks 4, 6, 8, 12 (39.3M
-parameters for a ViT-B, model.py) or a linear 1x1 conv on the last block, a convex problem solved to convergence
-by L-BFGS (no augmentation; --max_steps caps its iterations per L2 strength). The paper's recipe ("paper" preset,
-the default with data flags): Adam lr 5e-4, cosine schedule, batch 80, 100 epochs, cross-entropy (+ --dice_loss); augmentations applied
-identically to image and mask: affine, elastic, brightness / contrast, gamma, and horizontal flips ONLY for tasks
-that do not tell left from right; 70/15/15 split by subject; the checkpoint with the lowest validation loss is
-evaluated on the test set. Without data flags the "demo" preset runs (vit_tiny at 112 px, 15 epochs, batch 8).
-Images and label maps are centre-cropped to a square and resized together (the paper's preprocessing; each
-published encoder keeps its own card's crop, see downstream.crop_frac); Dice is measured on the crop at its original
-resolution. A loaded encoder runs at its own resolution (--enc_img_size overrides it; --img_size only shapes a
-random one).
+The encoder (encoders.load_encoder) is frozen; only the decoder trains: UPerNet on a BEiT-style feature pyramid
+from blocks 4, 6, 8, 12 (39.3M parameters for a ViT-B, model.py) by the paper's recipe (the "paper" preset, the
+default with data flags; README, Protocols), or the linear decoder (one 1x1 conv on the last block), a convex problem
+solved to convergence by L-BFGS. Without data flags the "demo" preset runs (vit_tiny at 112 px, 15 epochs, batch 8).
+Image and label map are centre-cropped and resized together; Dice is measured on the crop at its original
+resolution. A loaded encoder runs at its own resolution (--enc_img_size overrides it; --img_size only shapes a random
+one).
 
 Tasks (class 0 = background; lung-mask value 127 = "ignore": excluded from loss and Dice):
-  lungs  right_lung, left_lung from a lung mask image (0 background, >0 lung). Radiological convention: the
-         patient's RIGHT lung is on the image's LEFT; the two largest components are told apart by centroid x.
+  lungs  right_lung, left_lung from a lung mask image (>0 lung); the patient's RIGHT lung is on the image's LEFT
   lung   both lungs as one class (no laterality: flips allowed)
   zones  six lung zones (Chest ImaGenome bbox names) = per-image boxes intersected with the lung mask; --boxes is
          a folder of scene-graph JSONs or a CSV path,zone,x1,y1,x2,y2 (see load_boxes, zones_label)
@@ -37,6 +31,7 @@ per_image_dice.csv (what --compare reads), checkpoint.pt (best decoder), log.jso
 """
 import argparse
 import csv
+import itertools
 import math
 import os
 import time
@@ -80,8 +75,8 @@ AUG = dict(rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, shear=0.05, elasti
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = downstream.add_data_args(p, "data (default: the bundled lungseg sample, task lungs)", ["vindr_rib", "mimic_lungs"],
-                             "image path (or `image`), mask path, subject (absent: one subject per image)")
+    g = downstream.add_data_args(p, "data (default: the bundled lungseg sample)", ["vindr_rib", "mimic_lungs"],
+                                 "image path (or `image`), mask path, subject (absent: one subject per image)")
     g.add_argument("--task", default="lungs", choices=list(TASKS))
     g.add_argument("--mask_col", default="mask", help="mask image column (optional for --task zones)")
     g.add_argument("--boxes", default=None, help="--task zones: folder of scene-graph JSONs or a box CSV")
@@ -98,11 +93,11 @@ def get_args(argv=None):
                    help="two per_image_dice.csv (or run folders): paired bootstrap, one-tailed 'A better than B'")
     downstream.add_eval_args(p)
     base.add_common_args(p, "segment")
-    base.add_preset_arg(p, PRESETS, "paper (the default with data flags): ViT-B/14 at 224 px, Adam lr 5e-4, batch "
-                                    "80, 100 epochs; demo (without): vit_tiny at 112 px, 15 epochs, batch 8")
+    base.add_preset_arg(p, PRESETS, "paper (the default with data flags) or demo (without), as described above")
     args = p.parse_args(argv)
     base.apply_preset(args, PRESETS, "paper" if args.csv or args.dataset else "demo")
-    base.check(args, *base.COMMON_RULES, "dice_loss >= 0", "box_scale > 0", "n_overlays >= 0", "n_boot >= 1", models=VIT_CONFIGS)
+    base.check(args, *base.COMMON_RULES, "dice_loss >= 0", "box_scale > 0", "n_overlays >= 0", "n_boot >= 1",
+               models=VIT_CONFIGS)
     if args.img_size % args.patch_size:
         raise UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
     lateral = TASKS[args.task][1]
@@ -218,9 +213,9 @@ def make_label(s, task, shape):
 
 
 def load_csv(path, args, boxes=None):
-    """Samples of a manifest CSV (image, optional mask, optional subject)."""
-    rows = data.read_csv(path)
-    cols = rows[0].keys()
+    """Samples of a manifest CSV (image, mask unless zones, subject: absent, each image is its own); with zone
+    boxes, only the images that have them."""
+    cols = data.read_csv(path)[0].keys()
     pc = args.path_col if args.path_col in cols else ("image" if args.path_col == "path" and "image" in cols else None)
     if pc is None:
         raise UserError(f"CSV {path} has no image column {args.path_col!r} (its columns: {', '.join(cols)}); "
@@ -228,19 +223,14 @@ def load_csv(path, args, boxes=None):
     mc = args.mask_col if args.mask_col in cols else None
     if mc is None and args.task != "zones":
         raise UserError(f"CSV {path} has no mask column {args.mask_col!r}; pick it with --mask_col")
-    sc = (args.subject_col or "subject") if (args.subject_col or "subject") in cols else None  # absent: 1 per image
-    samples, missing = [], 0
-    for s in archives.read_csv_samples(path, args.image_root, {"path": pc, "subject": sc, "mask": mc},
-                                       path_keys=("path", "mask"))[0]:
-        key = os.path.splitext(os.path.basename(s["path"]))[0]
-        if boxes is not None:
-            if key not in boxes:
-                missing += 1
-                continue
-            s["boxes"] = boxes[key]
-        samples.append(s)
-    if missing:
-        print(f"warning: {missing} image(s) of {path} have no zone boxes in --boxes and are left out")
+    samples = archives.read_csv_samples(path, args.image_root, {"path": pc, "subject": args.subject_col or "subject",
+                                                                "mask": mc}, path_keys=("path", "mask"))[0]
+    if boxes is not None:
+        keys = [os.path.splitext(os.path.basename(s["path"]))[0] for s in samples]
+        if not all(k in boxes for k in keys):
+            print(f"warning: {sum(k not in boxes for k in keys)} image(s) of {path} have no zone boxes in --boxes and "
+                  f"are left out")
+        samples = [{**s, "boxes": boxes[k]} for s, k in zip(samples, keys) if k in boxes]
     if not samples:
         raise UserError(f"no usable samples in {path}")
     return samples
@@ -258,7 +248,7 @@ def load_parts(args):
         pool = load_csv(args.csv or DEMO_CSV, args, boxes)
         for k, f in (("val", args.val_csv), ("test", args.test_csv)):
             pool += [{**s, "part": k} for s in load_csv(f, args, boxes)] if f else []
-    parts = downstream.split_samples(pool, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=args.seed)
+    parts = downstream.split_samples(pool, seed=args.seed)
     files = [f for k in parts for s in parts[k] for f in (s["path"], s.get("mask")) if f]
     bad = data.verify_images(files)  # upfront: a wrong --image_root fails here in one line, not in a worker
     if bad:
@@ -373,6 +363,121 @@ def evaluate(model, loader, env, norm, n_fg, keep=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the decoders: UPerNet trained by the paper's recipe, the linear one solved
+
+def train_upernet(model, eval_model, train_dl, val_dl, env, norm, n_fg, args, logger, save):
+    """The paper's recipe: Adam, cosine over all steps, augmentations on the device; after each epoch the validation
+    loss, the decoder with the lowest one kept (the test set is never looked at here). Its convergence: whether the
+    validation loss was still falling over the last quarter of the epochs."""
+    opt = torch.optim.Adam(model.decoder.parameters(), lr=args.lr)
+    total = args.max_steps or args.epochs * len(train_dl)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: base.cosine(t / total, 1.0, 0.0))
+    best, best_epoch, step, epoch, curve = float("inf"), -1, 0, 0, []
+    bar = tqdm(total=total, disable=not env.is_main, dynamic_ncols=True, desc="segment")
+    while step < total:
+        if env.distributed:
+            train_dl.sampler.set_epoch(epoch)
+        model.train()
+        for x, y in itertools.islice(train_dl, total - step):
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            if not args.no_augment:
+                x, y = augment(x, y, args.use_flip)
+            with env.autocast():
+                logits = model(norm(x))
+            loss = seg_loss(logits, y, args.dice_loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            logger.log(step=step, epoch=epoch, loss=loss.item(), lr=sched.get_last_lr()[0])
+        epoch += 1
+        val_loss, val_dice, _ = evaluate(eval_model, val_dl, env, norm, n_fg)
+        val_mean = float(nanmean(nanmean(val_dice, 0)))
+        curve.append(val_loss)
+        logger.log(step=step, epoch=epoch, loss=val_loss, val_loss=val_loss, val_dice=val_mean)
+        if val_loss < best:
+            best, best_epoch = val_loss, epoch
+            save(epoch=epoch, step=step, val_loss=val_loss)
+        env.print(f"epoch {epoch}: val loss {val_loss:.4f}, val Dice {val_mean:.4f}{' (best)' * (best_epoch == epoch)}")
+    bar.close()
+    q = max(1, len(curve) // 4)
+    fall = (curve[-q - 1] - curve[-1]) / curve[-q - 1] if len(curve) > q else float("nan")
+    still = best_epoch == epoch and fall > STILL_FALLING
+    note = (f"decoder: validation loss {curve[-1]:.4f} at the last epoch; it fell {fall:.1%} over the last {q} epoch(s)"
+            + (f". WARNING: still falling by more than {STILL_FALLING:.0%} at the end: more --epochs would likely "
+               "change the Dice" if still else ""))
+    return {"best_epoch": best_epoch, "epochs_run": epoch, "steps": step, "best_val_loss": best,
+            "selected": f"best epoch {best_epoch} of {epoch} by validation loss",
+            "convergence": {"solver": "adam", "val_loss": curve, "fall_last_quarter": fall, "converged": not still,
+                            "note": note}}
+
+
+@torch.no_grad()
+def patch_features(model, ds, env, norm):
+    """Last-layer patch features (N, D, h, w) of a data set's images (no augmentation) and their label maps (N, S,
+    S, uint8), on the CPU."""
+    feats, labels = [], []
+    for x, y, *_ in torch.utils.data.DataLoader(ds, EVAL_BATCH, collate_fn=collate):
+        with env.autocast():
+            feats.append(model.features(norm(x.to(env.device)))[-1].float().cpu())
+        labels.append(y.to(torch.uint8))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_linear(model, train_ds, val_ds, env, norm, args, logger, save):
+    """The linear decoder is a convex problem on frozen features: a 1x1 conv (a per-patch linear map), upsampled
+    bilinearly (linear too), under pixel cross-entropy. So it is solved, not trained: L-BFGS to convergence
+    (downstream.lbfgs) for each L2 strength of downstream.L2_GRID on the un-augmented training images, the strength
+    with the lowest validation loss kept (--max_steps caps the iterations per strength). Adam on this problem
+    converges slowly and, at a high lr, not at all."""
+    Ftr, Ytr = patch_features(model, train_ds, env, norm)
+    Fva, Yva = patch_features(model, val_ds, env, norm)
+    conv = model.decoder.conv_seg
+    W = torch.zeros(conv.weight.shape[:2], dtype=torch.float64, device=env.device, requires_grad=True)
+    b = torch.zeros(len(conv.bias), dtype=torch.float64, device=env.device, requires_grad=True)
+
+    def backward(loss):  # under no_grad (the validation loss): only the value
+        if loss.requires_grad:
+            loss.backward()
+        return loss.detach()
+
+    def objective(Fs, Ys, lam):  # mean pixel CE over the labelled pixels + lam / 2 ||W||^2, gradients into W, b
+        n, total = max(int((Ys != IGNORE).sum()), 1), 0.0
+        for i in range(0, len(Fs), SEG_CHUNK):
+            f, y = Fs[i:i + SEG_CHUNK].to(env.device, torch.float64), Ys[i:i + SEG_CHUNK].to(env.device).long()
+            logits = F.interpolate(torch.einsum("ndhw,kd->nkhw", f, W) + b[:, None, None], size=y.shape[-2:],
+                                   mode="bilinear", align_corners=False)
+            total = total + backward(F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum") / n)
+        return total + backward(0.5 * lam * (W * W).sum())
+
+    best, iters = None, 0
+    for step, l2 in enumerate(downstream.L2_GRID[::2], start=1):  # decades: the pixel loss is smooth in the strength
+        facts = downstream.lbfgs([W, b], lambda: objective(Ftr, Ytr, float(l2)), SEG_GRAD_TOL, args.max_steps or 1000)
+        with torch.no_grad():
+            val_loss, iters = float(objective(Fva, Yva, 0.0)), iters + facts["iterations"]
+        logger.log(step=step, l2=float(l2), loss=facts["objective"], val_loss=val_loss, iterations=facts["iterations"])
+        env.print(f"L2 {l2:.0e}: train objective {facts['objective']:.4f} ({facts['iterations']} L-BFGS iterations), "
+                  f"val loss {val_loss:.4f}")
+        if best is not None and val_loss >= best[0]:
+            break  # the validation loss is unimodal in the strength: the first worse one ends the sweep
+        best = (val_loss, float(l2), facts, W.detach().clone(), b.detach().clone())
+    val_loss, l2, facts, Wb, bb = best
+    with torch.no_grad():
+        conv.weight.copy_(Wb.view(conv.weight.shape))
+        conv.bias.copy_(bb)
+    save(l2=l2, val_loss=val_loss)
+    note = (f"decoder: solved to convergence by L-BFGS (largest gradient entry {facts['grad_max']:.1e}), L2 {l2:.0e} "
+            "by validation loss" if facts["converged"] else f"WARNING: L-BFGS stopped with a gradient entry of "
+            f"{facts['grad_max']:.1e}: the linear decoder may not be at its optimum")
+    return {"best_epoch": None, "epochs_run": 0, "steps": iters, "best_val_loss": val_loss,
+            "selected": f"L2 {l2:.0e} by validation loss",
+            "convergence": {"solver": "lbfgs", "l2": l2, **facts, "note": note}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # outputs: the paper's table, results.json, per_image_dice.csv (overlays: figures.py)
 
 def print_table(name, decoder, n_params, classes, per_class, mean_dice, ci):
@@ -402,20 +507,18 @@ def load_per_image(p):
 
 
 def compare(args):
-    pa, paths, cls, A = load_per_image(args.compare[0])
-    pb, paths_b, cls_b, B = load_per_image(args.compare[1])
+    """--compare A B: a paired bootstrap over the test images, per class and of the mean Dice."""
+    (pa, paths, cls, A), (pb, paths_b, cls_b, B) = map(load_per_image, args.compare)
     if cls != cls_b:
         raise UserError(f"{pa} and {pb} segment different classes ({cls} vs {cls_b})")
     downstream.same_items(pa, paths, pb, paths_b)
-    stats = {}
-    for c, cname in list(enumerate(cls)) + [(None, "mean Dice")]:
-        # per class: mean over images; mean Dice: mean over classes of those (as in the table)
-        f = (lambda D, idx: nanmean(nanmean(D[idx], 0))) if c is None else (lambda D, idx, c=c: nanmean(D[idx, c]))
-        stats[("dice", cname)] = lambda idx, f=f: (f(A, idx), f(B, idx))
+
+    def dice(D, idx, c):  # per class: mean over images; mean Dice (c None): mean over classes of those, as the table
+        return nanmean(nanmean(D[idx], 0)) if c is None else nanmean(D[idx, c])
+    stats = {("dice", name): lambda idx, c=c: (dice(A, idx, c), dice(B, idx, c))
+             for c, name in list(enumerate(cls)) + [(None, "mean Dice")]}
     return downstream.paired_compare(args, pa, pb, stats, len(paths), digits=4)
 
-
-# ----------------------------------------------------------------------------------------------------------------
 
 def deviations(args):
     """What this run does differently from the paper's section 6 protocol (printed and in results.json)."""
@@ -434,120 +537,44 @@ def deviations(args):
     return out
 
 
-def train_upernet(model, eval_model, decoder, train_dl, sampler, val_dl, env, norm, n_fg, args, logger, save):
-    """The paper's recipe: Adam, cosine over all steps, augmentations on the device; after each epoch the validation
-    loss, the decoder with the lowest one kept (the test set is never looked at here). Its convergence: whether the
-    validation loss was still falling over the last quarter of the epochs."""
-    opt = torch.optim.Adam(decoder.parameters(), lr=args.lr)
-    total = args.max_steps or args.epochs * len(train_dl)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
-    best, best_epoch, step, epoch, curve = float("inf"), -1, 0, 0, []
-    bar = tqdm(total=total, disable=not env.is_main, dynamic_ncols=True, desc="segment")
-    while step < total:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        model.train()
-        for x, y in train_dl:
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            if not args.no_augment:
-                x, y = augment(x, y, args.use_flip)
-            with env.autocast():
-                logits = model(norm(x))
-            loss = seg_loss(logits, y, args.dice_loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            logger.log(step=step, epoch=epoch, loss=loss.item(), lr=sched.get_last_lr()[0])
-            if step >= total:
-                break
-        epoch += 1
-        val_loss, val_dice, _ = evaluate(eval_model, val_dl, env, norm, n_fg)
-        val_mean = float(nanmean(nanmean(val_dice, 0)))
-        curve.append(val_loss)
-        logger.log(step=step, epoch=epoch, loss=val_loss, val_loss=val_loss, val_dice=val_mean)
-        if val_loss < best:
-            best, best_epoch = val_loss, epoch
-            save(epoch=epoch, step=step, val_loss=val_loss)
-        env.print(f"epoch {epoch}: val loss {val_loss:.4f}, val Dice {val_mean:.4f}{' (best)' * (best_epoch == epoch)}")
-    bar.close()
-    q = max(1, len(curve) // 4)
-    fall = (curve[-q - 1] - curve[-1]) / curve[-q - 1] if len(curve) > q else float("nan")
-    still = best_epoch == epoch and fall > STILL_FALLING
-    note = (f"decoder: validation loss {curve[-1]:.4f} at the last epoch; it fell {fall:.1%} over the last {q} epoch(s)"
-            + (f". WARNING: still falling by more than {STILL_FALLING:.0%} at the end: more --epochs would likely "
-               "change the Dice" if still else ""))
-    return {"best_epoch": best_epoch, "epochs_run": epoch, "steps": step, "best_val_loss": best,
-            "selected": f"best epoch {best_epoch} of {epoch} by validation loss",
-            "convergence": {"solver": "adam", "val_loss": curve, "fall_last_quarter": fall, "converged": not still,
-                            "note": note}}
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+def build(vit, args, n_classes, env):
+    """(model, eval_model): the frozen encoder and the decoder on the blocks it reads (UPerNet: 1/3, 1/2, 2/3 and all
+    of the depth, as BEiT; linear: the last); under torchrun model's decoder is in DDP, eval_model's is not."""
+    depth = len(vit.blocks)
+    layers = [depth // 3, depth // 2, 2 * depth // 3, depth] if args.decoder == "upernet" else [depth]
+    layers = [int(l) for l in args.layers.split(",")] if args.layers else layers
+    if any(not 1 <= l <= depth for l in layers) or (args.decoder == "upernet" and len(layers) != 4):
+        raise UserError(f"--layers {args.layers}: UPerNet takes 4 blocks, linear any; each within 1..{depth}")
+    decoder = (UPerNet if args.decoder == "upernet" else LinearDecoder)(vit.embed_dim, n_classes).to(env.device)
+    train_decoder = decoder
+    if env.distributed:
+        if env.device.type == "cuda":  # BEiT / mmseg use SyncBN across GPUs (PyTorch has it on GPU only)
+            decoder = nn.SyncBatchNorm.convert_sync_batchnorm(decoder)
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        train_decoder = nn.parallel.DistributedDataParallel(decoder, device_ids=ids)
+    return SegModel(vit.to(env.device), train_decoder, layers), SegModel(vit, decoder, layers)
 
 
-@torch.no_grad()
-def patch_features(model, ds, env, norm, batch_size):
-    """Last-layer patch features (N, D, h, w) of a data set's images (no augmentation) and their label maps (N, S,
-    S, uint8), on the CPU."""
-    feats, labels = [], []
-    for x, y, *_ in torch.utils.data.DataLoader(ds, batch_size, collate_fn=collate):
-        with env.autocast():
-            feats.append(model.features(norm(x.to(env.device)))[-1].float().cpu())
-        labels.append(y.to(torch.uint8))
-    return torch.cat(feats), torch.cat(labels)
-
-
-def fit_linear(model, decoder, train_ds, val_dl, env, norm, args, logger, save):
-    """The linear decoder is a convex problem on frozen features: a 1x1 conv (a per-patch linear map), upsampled
-    bilinearly (linear too), under pixel cross-entropy. So it is solved, not trained: L-BFGS to convergence
-    (downstream.lbfgs) for each L2 strength of downstream.L2_GRID on the un-augmented training images, the strength with the
-    lowest validation loss kept. Adam on this problem converges slowly and, at a high lr, not at all."""
-    Ftr, Ytr = patch_features(model, train_ds, env, norm, EVAL_BATCH)
-    Fva, Yva = patch_features(model, val_dl.dataset, env, norm, EVAL_BATCH)
-    K, D = decoder.conv_seg.weight.shape[:2]
-    W = torch.zeros(K, D, dtype=torch.float64, device=env.device, requires_grad=True)
-    b = torch.zeros(K, dtype=torch.float64, device=env.device, requires_grad=True)
-
-    def objective(Fs, Ys, lam, grad=True):  # mean pixel CE over the labelled pixels + lam / 2 ||W||^2
-        n, total = int((Ys != IGNORE).sum()), torch.zeros((), dtype=torch.float64, device=env.device)
-        for i in range(0, len(Fs), SEG_CHUNK):
-            f, y = Fs[i:i + SEG_CHUNK].to(env.device, torch.float64), Ys[i:i + SEG_CHUNK].to(env.device).long()
-            with torch.set_grad_enabled(grad):
-                logits = F.interpolate(torch.einsum("ndhw,kd->nkhw", f, W) + b[:, None, None], size=y.shape[-2:],
-                                       mode="bilinear", align_corners=False)
-                loss = F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum") / max(n, 1)
-            if grad:
-                loss.backward()
-            total += loss.detach()
-        with torch.set_grad_enabled(grad):
-            pen = 0.5 * lam * (W * W).sum()
-        if grad:
-            pen.backward()
-        return total + pen.detach()
-
-    best, iters = None, 0
-    for step, l2 in enumerate(downstream.L2_GRID[::2], start=1):  # decades: the pixel loss is smooth in the strength
-        facts = downstream.lbfgs([W, b], lambda: objective(Ftr, Ytr, float(l2)), SEG_GRAD_TOL, args.max_steps or 1000)
-        val_loss, iters = float(objective(Fva, Yva, 0.0, grad=False)), iters + facts["iterations"]
-        logger.log(step=step, l2=float(l2), loss=facts["objective"], val_loss=val_loss, iterations=facts["iterations"])
-        env.print(f"L2 {l2:.0e}: train objective {facts['objective']:.4f} ({facts['iterations']} L-BFGS iterations), "
-                  f"val loss {val_loss:.4f}")
-        if best is None or val_loss < best[0]:
-            best = (val_loss, float(l2), facts, W.detach().clone(), b.detach().clone())
-        else:
-            break  # decades: the validation loss is unimodal in the strength, the first worse one ends the sweep
-    val_loss, l2, facts, Wb, bb = best
-    with torch.no_grad():
-        decoder.conv_seg.weight.copy_(Wb.view(K, D, 1, 1))
-        decoder.conv_seg.bias.copy_(bb)
-    save(l2=l2, val_loss=val_loss)
-    note = (f"decoder: solved to convergence by L-BFGS (largest gradient entry {facts['grad_max']:.1e}), L2 {l2:.0e} "
-            "by validation loss" if facts["converged"] else f"WARNING: L-BFGS stopped with a gradient entry of "
-            f"{facts['grad_max']:.1e}: the linear decoder may not be at its optimum")
-    return {"best_epoch": None, "epochs_run": 0, "steps": iters, "best_val_loss": val_loss,
-            "selected": f"L2 {l2:.0e} by validation loss",
-            "convergence": {"solver": "lbfgs", "l2": l2, **facts, "note": note}}
+def loaders(parts, args, info, env):
+    """Training (shuffled; a DistributedSampler under torchrun), validation and test loaders (+ full-size labels)."""
+    size, frac = info["img_size"], info["crop_frac"]
+    train_ds = SegDataset(parts["train"], args.task, size, crop_frac=frac)
+    if args.decoder == "upernet" and min(args.batch_size, len(train_ds) // env.world) < 2:
+        raise UserError("UPerNet's BatchNorm needs at least 2 training images per batch and process")
+    sampler = (torch.utils.data.DistributedSampler(train_ds, env.world, env.rank, shuffle=True, seed=args.seed)
+               if env.distributed else None)
+    # BatchNorm cannot train on a last batch of one image (1x1 pooled map): drop a remainder when there are batches
+    train_dl = torch.utils.data.DataLoader(train_ds, args.batch_size, shuffle=sampler is None, sampler=sampler,
+                                           num_workers=args.num_workers, collate_fn=collate,
+                                           drop_last=len(train_ds) > args.batch_size * env.world,
+                                           persistent_workers=args.num_workers > 0)
+    val_dl, test_dl = (torch.utils.data.DataLoader(SegDataset(parts[k], args.task, size, True, frac), EVAL_BATCH,
+                                                   num_workers=args.num_workers, collate_fn=collate)
+                       for k in ("val", "test"))
+    return train_dl, val_dl, test_dl
 
 
 def main(argv=None):
@@ -562,45 +589,16 @@ def main(argv=None):
     size = info["img_size"]  # a loaded encoder's own (or --enc_img_size); --img_size shaped a random one
     if size % vit.patch_size:
         raise UserError(f"image size {size} is not a multiple of the encoder's patch size {vit.patch_size}")
-    depth = len(vit.blocks)
-    # UPerNet: blocks at 1/3, 1/2, 2/3 and all of the depth (4, 6, 8, 12 of 12; 8, 12, 16, 24 of 24 as BEiT)
-    layers = [depth // 3, depth // 2, 2 * depth // 3, depth] if args.decoder == "upernet" else [depth]
-    layers = [int(l) for l in args.layers.split(",")] if args.layers else layers
-    if any(not 1 <= l <= depth for l in layers) or (args.decoder == "upernet" and len(layers) != 4):
-        raise UserError(f"--layers {args.layers}: UPerNet takes 4 blocks, linear any; each within 1..{depth}")
-    decoder = (UPerNet if args.decoder == "upernet" else LinearDecoder)(vit.embed_dim, n_fg + 1)
-    n_params = count_params(decoder)
+    model, eval_model = build(vit, args, n_fg + 1, env)
+    decoder, layers, n_params = eval_model.decoder, eval_model.layers, count_params(eval_model.decoder)
     env.print(f"encoder: {info['source']}")
     env.print(f"task {args.task}: {', '.join(classes)} | train {len(parts['train'])}, val {len(parts['val'])}, "
               f"test {len(parts['test'])} images | {args.decoder} decoder on blocks {layers}: {n_params:,} "
               f"parameters | {size} px, flips {'on' if args.use_flip else 'off'}")
-
     mean = torch.tensor(info["mean"], device=env.device).view(1, -1, 1, 1)
     std = torch.tensor(info["std"], device=env.device).view(1, -1, 1, 1)
     norm = lambda x: (x.expand(-1, mean.shape[1], -1, -1) - mean) / std  # gray -> the encoder's channels
-    vit.to(env.device)
-    decoder = train_decoder = decoder.to(env.device)
-    if env.distributed:
-        if env.device.type == "cuda":  # BEiT / mmseg use SyncBN across GPUs (PyTorch has it on GPU only)
-            decoder = nn.SyncBatchNorm.convert_sync_batchnorm(decoder)
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        train_decoder = nn.parallel.DistributedDataParallel(decoder, device_ids=ids)
-    model = SegModel(vit, train_decoder, layers)
-    eval_model = SegModel(vit, decoder, layers)  # no DDP wrapper: every rank validates the whole set alone
-
-    train_ds = SegDataset(parts["train"], args.task, size, crop_frac=info["crop_frac"])
-    if args.decoder == "upernet" and min(args.batch_size, len(train_ds) // env.world) < 2:
-        raise UserError("UPerNet's BatchNorm needs at least 2 training images per batch and process")
-    sampler = (torch.utils.data.DistributedSampler(train_ds, env.world, env.rank, shuffle=True, seed=args.seed)
-               if env.distributed else None)
-    # BatchNorm cannot train on a last batch of one image (1x1 pooled map): drop a remainder when there are batches
-    train_dl = torch.utils.data.DataLoader(train_ds, args.batch_size, shuffle=sampler is None, sampler=sampler,
-                                           num_workers=args.num_workers, collate_fn=collate,
-                                           drop_last=len(train_ds) > args.batch_size * env.world,
-                                           persistent_workers=args.num_workers > 0)
-    val_dl, test_dl = (torch.utils.data.DataLoader(SegDataset(parts[k], args.task, size, True, info["crop_frac"]),
-                                                   EVAL_BATCH, num_workers=args.num_workers,
-                                                   collate_fn=collate) for k in ("val", "test"))
+    train_dl, val_dl, test_dl = loaders(parts, args, info, env)
 
     os.makedirs(args.out_dir, exist_ok=True)
     logger = base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
@@ -609,18 +607,17 @@ def main(argv=None):
     def save(**facts):  # the selected decoder, with what it was selected by
         if env.is_main:
             base.save_torch({"decoder": decoder.state_dict(), "task": args.task, "classes": classes,
-                                "decoder_name": args.decoder, "layers": layers, "encoder": info["source"], **facts}, ckpt)
+                             "decoder_name": args.decoder, "layers": layers, "encoder": info["source"], **facts}, ckpt)
     if args.decoder == "linear":
-        fit = fit_linear(eval_model, decoder, train_ds, val_dl, env, norm, args, logger, save)
+        fit = fit_linear(eval_model, train_dl.dataset, val_dl.dataset, env, norm, args, logger, save)
     else:
-        fit = train_upernet(model, eval_model, decoder, train_dl, sampler, val_dl, env, norm, n_fg, args, logger, save)
+        fit = train_upernet(model, eval_model, train_dl, val_dl, env, norm, n_fg, args, logger, save)
     env.print(fit["convergence"]["note"])
     env.barrier()
-
     if not env.is_main:
         return None
-    state = torch.load(ckpt, map_location=env.device, weights_only=True)
-    decoder.load_state_dict(state["decoder"])
+
+    decoder.load_state_dict(torch.load(ckpt, map_location=env.device, weights_only=True)["decoder"])
     _, test_dice, kept = evaluate(eval_model, test_dl, env, norm, n_fg, keep=args.n_overlays)
     per_class = nanmean(test_dice, 0)
     mean_dice = nanmean(per_class)
