@@ -239,6 +239,13 @@ def write_json(obj, path, if_failed="nothing was changed"):
     atomic_write(path, write, if_failed)
 
 
+def write_args(args, out_dir):
+    """out_dir/args.json: a run's settings as resolved (preset values included), readable beside its outputs."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_json({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))},
+               os.path.join(out_dir, "args.json"))
+
+
 class JsonlLogger:
     """Appends one JSON object per line to a log (rank 0 only), flushed so a killed run keeps it. A new run
     starts a new log; resume_step keeps the lines up to that step (the checkpoint restarted from) and drops the

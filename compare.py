@@ -153,7 +153,7 @@ def report_table(res, cmp):
 def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
-    os.makedirs(args.out_dir, exist_ok=True)
+    base.write_args(args, args.out_dir)
     res, cmp = run_all(args)
     print("\n" + "=" * 100)
     if "probe" in res:

@@ -8,6 +8,7 @@ paired comparison of two runs, and the L-BFGS solver of the convex heads.
     feats = encode_images(paths, info, fn, env, 64, 4, cache="out/probe/features/x.pt")
     parts = split_samples(samples)                         # {'train', 'val', 'test'}: subjects never in two
     main(["--compare", A, B])  ->  paired_compare(args, A, B, stats, n)   # compare.json, Table 6's marks
+    W, b, facts = fit_converged(X, Y, selection_folds(tr, va, subjects, False, 0), "binary", norm, device)
 """
 import os
 import sys
@@ -15,11 +16,13 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from scipy.stats import rankdata
 from tqdm import tqdm
 
 import data
 import model
-from base import UserError, mark, paired_bootstrap, save_torch, write_json
+from base import UserError, mark, nanmean, paired_bootstrap, save_torch, write_json
 from encoders import add_encoder_args, load_encoder_from_args
 
 
@@ -99,7 +102,7 @@ def compare_runs(main, a, b, out_dir, args):
 # ----------------------------------------------------------------------------------------------------------------
 # images: centre crop + resize (the paper's preprocessing), loaded in DataLoader workers
 
-# Share of the shorter side the centre crop keeps, from the encoder's own preset (encoders.preset): an encoder whose
+# Share of the shorter side the centre crop keeps, from the encoder's own preset (encoders.feed): an encoder whose
 # card resizes the shorter side to resize_to and crops img_size keeps img_size / resize_to of it (DINOv2 224 / 256,
 # CLIP and RAD-DINO 1, BioViL-T 448 / 512); one without (RadJEPa, I-JEPA, this project's) keeps the largest centred
 # square, as the paper's "centre crop and resize" says. Cropping first and resizing after is the same geometry.
@@ -276,3 +279,134 @@ def lbfgs(params, objective, tol=GRAD_TOL, max_iter=2000):
     return {"objective": f, "grad_max": g, "iterations": opt.state[params[0]]["n_iter"], "converged": g <= tol}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# probe.py's linear head solved to convergence: L2-regularised logistic regression on frozen features.
+# On standardised features: per label the mean sigmoid + BCE over the rows where it is known (NaN: not labelled),
+# summed, or the mean softmax CE (multi-class); + sum_c lam_c / 2 ||W[:, c]||^2, biases free. Labels decouple, so
+# column c is label c's own logistic regression (scikit-learn's C = 1 / (lam_c * n_c)) and lam is chosen per label.
+
+CHUNK = 65536  # rows per transfer to the device: the objective streams any number of cached features
+
+
+def head_loss(logits, y, task, counts):
+    """The data term on a block of rows; counts: known rows per label of all the rows averaged over."""
+    if task == "multiclass":
+        return F.cross_entropy(logits, y.argmax(1), reduction="sum") / counts[0]
+    loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none")
+    return (torch.where(~torch.isnan(y), loss, 0.0).sum(0) / counts.clamp_min(1)).sum()
+
+
+def known_counts(y, task):
+    return (~torch.isnan(y).any(1)).sum().reshape(1) if task == "multiclass" else (~torch.isnan(y)).sum(0)
+
+
+def objective(W, b, X, Y, rows, task, lam, norm):
+    """The objective of (W, b) on X[rows] standardised by norm = (mean, std), streamed to W's device in blocks of
+    CHUNK rows; where W requires a gradient, the gradient is accumulated into W.grad and b.grad block by block."""
+    counts, total = known_counts(Y[rows], task).to(W), torch.zeros((), dtype=W.dtype, device=W.device)
+    with torch.set_grad_enabled(W.requires_grad):
+        for i in range(0, len(rows), CHUNK):
+            r = rows[i:i + CHUNK]
+            loss = head_loss(((X[r] - norm[0]) / norm[1]).to(W) @ W + b, Y[r].to(W), task, counts)
+            if W.requires_grad:
+                loss.backward()
+            total += loss.detach()
+        penalty = 0.5 * (lam * (W * W).sum(0)).sum()
+        if W.requires_grad:
+            penalty.backward()
+    return total + penalty.detach()
+
+
+def fit_lbfgs(X, Y, rows, task, lam, norm, init):
+    """The optimum from init = (W, b) (a warm start) by L-BFGS (lbfgs above): W, b and convergence facts."""
+    W, b = (t.detach().clone().requires_grad_(True) for t in init)
+    facts = lbfgs([W, b], lambda: objective(W, b, X, Y, rows, task, lam, norm))
+    return W.detach(), b.detach(), facts
+
+
+@torch.no_grad()
+def predict(W, b, X, rows, task, norm):
+    z = torch.cat([((X[rows[i:i + CHUNK]] - norm[0]) / norm[1]).to(W) @ W + b for i in range(0, len(rows), CHUNK)])
+    return (z.softmax(-1) if task == "multiclass" else torch.sigmoid(z)).cpu().numpy()
+
+
+def val_scores(P, y, task, select):
+    """Per label (multi-class: one) the validation score to maximise: minus the loss, or the AUPRC where defined;
+    and the mean loss and AUPRC for the log."""
+    y = np.asarray(y, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if task == "multiclass":
+            loss = np.array([-np.mean(np.log(np.clip(P[np.arange(len(y)), y.argmax(1)], 1e-300, None)))])
+        else:
+            p = np.clip(P, 1e-15, 1 - 1e-15)
+            loss = np.nanmean(-(y * np.log(p) + (1 - y) * np.log(1 - p)), axis=0)
+    ap = fast_metrics(y, P)[0]
+    ap_score = [nanmean(ap)] if task == "multiclass" else ap
+    score = np.where(np.isfinite(ap_score), ap_score, -loss) if select == "auprc" else -loss
+    return score, float(np.mean(loss)), nanmean(ap)
+
+
+def selection_folds(tr, va, subjects, fixed_val, seed):
+    """Where the L2 strength is scored: a fixed validation part as it is (published, --val_csv, the 'split'
+    protocol's); otherwise 5-fold cross-validation by subject inside the training part (train + the inner split),
+    its validation predictions pooled: a 15% split of a few hundred images is too noisy to choose by."""
+    if fixed_val:
+        return [(tr, va)]
+    pool = np.concatenate([tr, va])
+    k = min(5, len(set(subjects[pool])))
+    if k < 2:
+        raise UserError(f"the training part holds {k} subject(s): too few to choose the head's L2 strength")
+    return [(pool[a], pool[b]) for a, b in data.kfold_by_subject(subjects[pool], k=k, seed=seed)]
+
+
+def fit_converged(X, Y, folds, task, norm, device, select="loss", log=None, fold=0):
+    """The default head: per strength of L2_GRID (strongest first, each fit warm-starting the next) the
+    optimum on the training rows of each selection fold, scored on their validation rows pooled, until PATIENCE
+    strengths in a row improve no label; then the optimum at each label's best strength on all rows of the folds."""
+    K, f64 = Y.shape[1], dict(dtype=torch.float64, device=device)
+    inits = [(torch.zeros(X.shape[1], K, **f64), torch.zeros(K, **f64))] * len(folds)
+    held, best_score, best_l2, since = np.concatenate([va for _, va in folds]), -np.inf, 0.0, 0
+    for step, l2 in enumerate(L2_GRID, start=1):
+        fits = [fit_lbfgs(X, Y, tr, task, torch.full((K,), float(l2), **f64), norm, init)
+                for (tr, _), init in zip(folds, inits)]
+        inits = [(W, b) for W, b, _ in fits]
+        P = np.concatenate([predict(W, b, X, va, task, norm) for (W, b, _), (_, va) in zip(fits, folds)])
+        score, val_loss, val_ap = val_scores(P, Y[held].numpy(), task, select)
+        better = (score > best_score) | (step == 1)
+        best_score, best_l2 = np.where(better, score, best_score), np.where(better, l2, best_l2)
+        since = 0 if better.any() else since + 1
+        if log is not None:
+            log.log(step=step, fold=fold, l2=float(l2), loss=float(np.mean([f["objective"] for *_, f in fits])),
+                    val_loss=val_loss, val_auprc=val_ap if np.isfinite(val_ap) else None,
+                    iterations=sum(f["iterations"] for *_, f in fits))
+        if since >= PATIENCE:
+            break
+    chosen = np.broadcast_to(best_l2, (K,))  # multi-class: its one strength for every class
+    rows = np.unique(np.concatenate([np.concatenate(f) for f in folds]))
+    W, b, facts = fit_lbfgs(X, Y, rows, task, torch.tensor(chosen, **f64), norm, inits[0])
+    how = "the validation part" if len(folds) == 1 else f"{len(folds)}-fold cross-validation by subject"
+    return W, b, {"solver": "lbfgs", "l2": [float(v) for v in chosen], "l2_chosen_by": how, **facts}
+
+
+def fast_metrics(Y, P):
+    """scikit-learn's AUPRC and AUROC (ties included) for all classes at once in float64 numpy: AUROC = Mann-Whitney
+    U with average ranks; AP = sum over distinct thresholds of (recall step) x precision. NaN where undefined. A
+    column with unlabelled rows (NaN) is scored over its labelled rows."""
+    Y, P = np.asarray(Y, np.float64), np.asarray(P, np.float64)
+    if np.isnan(Y).any():
+        cols = [fast_metrics(Y[np.isfinite(Y[:, c]), c:c + 1], P[np.isfinite(Y[:, c]), c:c + 1])
+                for c in range(Y.shape[1])]
+        return np.array([a[0] for a, _ in cols]), np.array([u[0] for _, u in cols])
+    n, pos = len(Y), Y.sum(0)
+    valid = (pos > 0) & (pos < n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auroc = ((rankdata(P, axis=0) * Y).sum(0) - pos * (pos + 1) / 2) / (pos * (n - pos))
+    auroc[~valid] = np.nan
+    ap = np.full(Y.shape[1], np.nan)
+    for c in np.flatnonzero(valid):
+        order = np.argsort(-P[:, c], kind="mergesort")
+        p, y = P[order, c], Y[order, c]
+        last = np.r_[np.flatnonzero(np.diff(p)), n - 1]  # the last item of each run of tied scores
+        tp = np.cumsum(y)[last]
+        ap[c] = np.sum(np.diff(np.r_[0.0, tp / pos[c]]) * tp / (last + 1))
+    return ap, auroc

@@ -6,6 +6,7 @@ fixed set of images, and a picture of every logged curve.
     rank = rankme(Z)                                     # Z: (N, D) embeddings; exp(entropy of the singular values)
     lid = lidar(E)                                       # E: (n, q, D): q views of each of n images
     m = Monitor(dataset, collator, n=128, q=4); m(target)   # {"rankme": ..., "lidar": ...}
+    auroc = quick_probe(target)                          # --probe_every: the probe's head on the bundled Kermany set
     draw_curves("out/pretrain/log.jsonl", "out/pretrain/curves.png")
 
 RankMe (Garrido et al. 2023): the effective rank of the embedding matrix, exp(-sum p_k log p_k) with p the singular
@@ -18,12 +19,17 @@ own corruption, a fresh context mask per view (the target encoder sees only the 
 Both are computed in float64 on the embeddings every evaluation uses (the mean of the final-normed patch tokens).
 """
 import json
+import os
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from sklearn.metrics import roc_auc_score
 
+import archives
+import data
 from base import UserError, atomic_write
+from downstream import fit_converged, predict, selection_folds
 
 RANKME_EPS, LIDAR_EPS, LIDAR_DELTA = 1e-7, 1e-8, 1e-4  # the reference implementations' constants
 MASK_STEP = 2 ** 40  # the LiDAR views' masks are the collator's at steps no run reaches: never a training batch's
@@ -81,6 +87,44 @@ class Monitor:
                                       for m in self.views], 1))
         encoder.train(was_training)
         return {"rankme": rankme(torch.cat(whole)), "lidar": lidar(torch.cat(views))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the quick probe (--probe_every): the probe's converged head on a small labelled set, in seconds
+
+KERMANY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data", "kermany", "labels.csv")
+_QUICK_IMAGES = {}  # (csv, label, subject, img_size) -> (images, labels, subjects): decoded once per process
+
+
+def quick_probe(vit, csv_path=KERMANY, label_col="pneumonia", subject_col="patient", folds=5, batch_size=64):
+    """pretrain.py --probe_every's signal, in seconds: the mean AUROC over `folds` folds by subject (seed 0: the
+    same for every encoder; folds with one class only left out) of the converged head on the frozen `vit`'s global
+    embedding of `csv_path`'s images, resized to its resolution, for the 0/1 column `label_col`."""
+    key = (os.path.abspath(csv_path), label_col, subject_col, vit.grid[0] * vit.patch_size)
+    if key not in _QUICK_IMAGES:
+        rows, pre = data.read_csv(csv_path, required=["path", label_col, subject_col]), data.Preprocess(key[3])
+        try:
+            x = torch.stack([pre(data.read_image(data.resolve(csv_path, None, r["path"]))) for r in rows])
+        except data.ImageReadError as e:
+            raise UserError(f"quick probe: {e}")
+        y = np.array([archives.as_01(r[label_col], f"{csv_path} row {i + 2}") for i, r in enumerate(rows)], np.int64)
+        if len(set(y.tolist())) < 2:
+            raise UserError(f"quick probe: {csv_path} column {label_col} has one class only; AUROC needs both")
+        _QUICK_IMAGES[key] = (x, y, np.array([r[subject_col] for r in rows]))
+    x, y, subjects = _QUICK_IMAGES[key]
+    was_training = vit.training
+    vit.eval()
+    with torch.no_grad():
+        feats = torch.cat([vit.global_embedding(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    vit.train(was_training)
+    Y, aucs = torch.tensor(y, dtype=torch.float32)[:, None], []
+    for k, (train, test) in enumerate(data.kfold_by_subject(subjects, k=folds, seed=0)):
+        if len(set(y[test].tolist())) == 2 and len(set(y[train].tolist())) == 2:
+            norm = (feats[train].mean(0), feats[train].std(0).clamp_min(1e-6))
+            folds_k = selection_folds(train, train[:0], subjects, False, k)
+            W, b, _ = fit_converged(feats, Y, folds_k, "binary", norm, torch.device("cpu"))
+            aucs.append(roc_auc_score(y[test], predict(W, b, feats, test, "binary", norm)[:, 0]))
+    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------------

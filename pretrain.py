@@ -40,14 +40,16 @@ from tqdm import tqdm
 
 import base
 import data
+import encoders
 import imagecache
 import masks as masks_lib
 import monitor
+from monitor import KERMANY, quick_probe
 from base import UserError
-from model import INIT_SCHEMES, VIT_CONFIGS, Predictor, apply_masks, build_vit, default_attention, \
-    repeat_interleave_batch
-from probe import DEMO_CSV, quick_probe
+from model import INIT_SCHEMES, VIT_CONFIGS, Predictor, VisionTransformer, apply_masks, build_vit, \
+    default_attention, repeat_interleave_batch, resize_pos_embed
 from runsafe import Run, on_main, worker_init
+from weights import Checkpoint, strip_prefixes, tensor_dict
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
 # RADJEPA_DUMP_RANK_STATE=1: each process writes out_dir/rank<N>.json at the end (weight checksums, images and masks
@@ -109,16 +111,19 @@ def get_args(argv=None):
                         "divergence); others that change the run are refused")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an out_dir that holds a checkpoint (deletes its checkpoints, export and log)")
+    p.add_argument("--init_from", default=None, metavar="PATH",
+                   help="start a new run from these weights (I-JEPA, RadJEPa, Hugging Face ijepa, this project's "
+                        "exports and checkpoints): target, context encoder and predictor where the file has them")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (GPU)")
     p.add_argument("--probe_every", type=int, default=0,
                    help="every N steps (and at steps 0 and the last) a quick linear probe of the target encoder "
-                        "(probe.quick_probe): its AUROC is logged as probe_auroc (0: off)")
+                        "(monitor.quick_probe): its AUROC is logged as probe_auroc (0: off)")
     p.add_argument("--monitor_every", type=int, default=None,
                    help="every N steps (and at steps 0 and the last) RankMe and LiDAR of the target encoder on a "
                         "fixed set of the run's images, logged (0: off; paper preset 1000, demo 48; monitor.py)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also mirror log.jsonl to TensorBoard in out_dir/tensorboard (needs the tensorboard package)")
-    p.add_argument("--probe_csv", default=DEMO_CSV,
+    p.add_argument("--probe_csv", default=KERMANY,
                    help="labelled images for --probe_every: columns path, pneumonia (0/1), patient "
                         "(default: the bundled Kermany sample)")
     masks_lib.add_mask_args(p)
@@ -186,6 +191,45 @@ def jepa_loss(jepa, target_encoder, imgs, masks_enc, masks_pred, loss="smooth_l1
     z = jepa(imgs, masks_enc, masks_pred)
     fn = F.smooth_l1_loss if loss == "smooth_l1" else F.mse_loss
     return fn(z.float(), h.float()), std
+
+
+def init_from(path, jepa, target):
+    """--init_from: a new run (fresh optimiser and schedules) from the weights of any encoder file this project
+    loads whose architecture the run's ViT is: Meta's I-JEPA checkpoints, the RadJEPa release, Hugging Face ijepa
+    folders, this project's exports and checkpoints. The target encoder is the file's (its EMA encoder where it has
+    one); the context encoder is its 'encoder' where it has one, else a copy; the predictor is its 'predictor' where
+    it fits, else built fresh; position embeddings are resized (bicubic) to the run's grid. Returns the start-up line."""
+    enc, info = encoders.load_encoder(path, attn="sdpa")
+    c, want = enc.config, jepa.encoder.config
+    if type(enc) is not VisionTransformer or c["cls_token"] or c["num_register_tokens"] or c["layer_scale"]:
+        raise UserError(f"--init_from {path}: a {info['format']} encoder (class token, registers or layer scale) is not "
+                        "the JEPA ViT pretrain.py trains; start from I-JEPA, RadJEPa or this project's weights")
+    diff = [f"{k} {c[k]} (the run's {want[k]})" for k in ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio",
+                                                       "qkv_bias", "in_chans", "eps") if c[k] != want[k]]
+    if diff:
+        raise UserError(f"--init_from {path}: its encoder does not fit the run's ViT: {', '.join(diff)}; choose "
+                        "--model / --patch_size to match it")
+
+    def fitted(state):  # a ViT state dict with its positions on the run's grid
+        return {**state, "pos_embed": resize_pos_embed(state["pos_embed"], enc.grid, jepa.encoder.grid)}
+    target.load_state_dict(fitted(enc.state_dict()))
+    raw = Checkpoint(path).obj if os.path.isfile(path) else {}
+    parts = {k: strip_prefixes(tensor_dict(raw[k], path), ("module.", "_orig_mod."), path) for k in ("encoder",
+             "predictor") if isinstance(raw, dict) and isinstance(raw.get(k), dict) and "target_encoder" in raw}
+    jepa.encoder.load_state_dict(fitted(parts["encoder"]) if "encoder" in parts else target.state_dict())
+    predictor = "built fresh (none in the file)"
+    if "predictor" in parts:  # its fixed sin-cos positions are the run's grid's
+        state = {k: v for k, v in parts["predictor"].items() if k != "predictor_pos_embed"}
+        own = {k: v for k, v in jepa.predictor.state_dict().items() if k != "predictor_pos_embed"}
+        if {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in own.items()}:
+            jepa.predictor.load_state_dict(state, strict=False)
+            predictor = "from its predictor"
+        else:
+            predictor = "built fresh (the file's predictor has another depth or width than --pred_depth / --pred_dim)"
+    grids = f"; position embeddings resized {enc.grid[0]}x{enc.grid[1]} -> {jepa.encoder.grid[0]}x" \
+            f"{jepa.encoder.grid[1]}" if tuple(enc.grid) != tuple(jepa.encoder.grid) else ""
+    return (f"init from {info['source']}: target encoder from it, context encoder "
+            f"{'from its encoder' if 'encoder' in parts else 'a copy of it'}, predictor {predictor}{grids}")
 
 
 def make_optimizer(jepa, fused=None):
@@ -329,10 +373,12 @@ def main(argv=None):
     jepa, target = build(args, env.device)
     opt = make_optimizer(jepa)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)  # fp16 needs loss scaling
+    if args.init_from and not run.resume:
+        env.print(init_from(args.init_from, jepa, target))
     step = run.restore(jepa, target, opt, scaler, total)
     log = base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), env.is_main, step if run.resume else None)
     if env.is_main:  # the settings as resolved (preset values included), readable beside the run's outputs
-        base.write_json(vars(args), os.path.join(args.out_dir, "args.json"))
+        base.write_args(args, args.out_dir)
         if args.tensorboard:
             log.mirror = monitor.TensorBoard(os.path.join(args.out_dir, "tensorboard"))
     if step >= total:

@@ -33,7 +33,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import archives
@@ -42,6 +41,8 @@ import data
 import downstream
 import figures
 from base import UserError, nanmean
+from downstream import (fast_metrics, fit_converged, fit_lbfgs, head_loss, known_counts, objective, predict,
+                        selection_folds, val_scores)
 from encoders import DEFAULT_EXPORT
 from model import VIT_CONFIGS
 
@@ -223,113 +224,9 @@ def augment(x, g):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the linear head: one objective, solved to convergence (L-BFGS, the default) or trained as the paper did (AdamW).
-# On standardised features: per label the mean sigmoid + BCE over the rows where it is known (NaN: not labelled),
-# summed, or the mean softmax CE (multi-class); + sum_c lam_c / 2 ||W[:, c]||^2, biases free. Labels decouple, so
-# column c is label c's own logistic regression (scikit-learn's C = 1 / (lam_c * n_c)) and lam is chosen per label.
+# the linear head: solved to convergence (downstream.fit_converged, the default) or trained as the paper did (AdamW)
 
 GAP_TOL = 1e-3  # an SGD head whose train objective stops further than this above the optimum is flagged
-CHUNK = 65536  # rows per transfer to the device: the objective streams any number of cached features
-
-
-def head_loss(logits, y, task, counts):
-    """The data term on a block of rows; counts: known rows per label of all the rows averaged over."""
-    if task == "multiclass":
-        return F.cross_entropy(logits, y.argmax(1), reduction="sum") / counts[0]
-    loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none")
-    return (torch.where(~torch.isnan(y), loss, 0.0).sum(0) / counts.clamp_min(1)).sum()
-
-
-def known_counts(y, task):
-    return (~torch.isnan(y).any(1)).sum().reshape(1) if task == "multiclass" else (~torch.isnan(y)).sum(0)
-
-
-def objective(W, b, X, Y, rows, task, lam, norm):
-    """The objective of (W, b) on X[rows] standardised by norm = (mean, std), streamed to W's device in blocks of
-    CHUNK rows; where W requires a gradient, the gradient is accumulated into W.grad and b.grad block by block."""
-    counts, total = known_counts(Y[rows], task).to(W), torch.zeros((), dtype=W.dtype, device=W.device)
-    with torch.set_grad_enabled(W.requires_grad):
-        for i in range(0, len(rows), CHUNK):
-            r = rows[i:i + CHUNK]
-            loss = head_loss(((X[r] - norm[0]) / norm[1]).to(W) @ W + b, Y[r].to(W), task, counts)
-            if W.requires_grad:
-                loss.backward()
-            total += loss.detach()
-        penalty = 0.5 * (lam * (W * W).sum(0)).sum()
-        if W.requires_grad:
-            penalty.backward()
-    return total + penalty.detach()
-
-
-def fit_lbfgs(X, Y, rows, task, lam, norm, init):
-    """The optimum from init = (W, b) (a warm start) by L-BFGS (downstream.lbfgs): W, b and convergence facts."""
-    W, b = (t.detach().clone().requires_grad_(True) for t in init)
-    facts = downstream.lbfgs([W, b], lambda: objective(W, b, X, Y, rows, task, lam, norm))
-    return W.detach(), b.detach(), facts
-
-
-@torch.no_grad()
-def predict(W, b, X, rows, task, norm):
-    z = torch.cat([((X[rows[i:i + CHUNK]] - norm[0]) / norm[1]).to(W) @ W + b for i in range(0, len(rows), CHUNK)])
-    return (z.softmax(-1) if task == "multiclass" else torch.sigmoid(z)).cpu().numpy()
-
-
-def val_scores(P, y, task, select):
-    """Per label (multi-class: one) the validation score to maximise: minus the loss, or the AUPRC where defined;
-    and the mean loss and AUPRC for the log."""
-    y = np.asarray(y, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if task == "multiclass":
-            loss = np.array([-np.mean(np.log(np.clip(P[np.arange(len(y)), y.argmax(1)], 1e-300, None)))])
-        else:
-            p = np.clip(P, 1e-15, 1 - 1e-15)
-            loss = np.nanmean(-(y * np.log(p) + (1 - y) * np.log(1 - p)), axis=0)
-    ap = fast_metrics(y, P)[0]
-    ap_score = [nanmean(ap)] if task == "multiclass" else ap
-    score = np.where(np.isfinite(ap_score), ap_score, -loss) if select == "auprc" else -loss
-    return score, float(np.mean(loss)), nanmean(ap)
-
-
-def selection_folds(tr, va, subjects, fixed_val, seed):
-    """Where the L2 strength is scored: a fixed validation part as it is (published, --val_csv, the 'split'
-    protocol's); otherwise 5-fold cross-validation by subject inside the training part (train + the inner split),
-    its validation predictions pooled: a 15% split of a few hundred images is too noisy to choose by."""
-    if fixed_val:
-        return [(tr, va)]
-    pool = np.concatenate([tr, va])
-    k = min(5, len(set(subjects[pool])))
-    if k < 2:
-        raise UserError(f"the training part holds {k} subject(s): too few to choose the head's L2 strength")
-    return [(pool[a], pool[b]) for a, b in data.kfold_by_subject(subjects[pool], k=k, seed=seed)]
-
-
-def fit_converged(X, Y, folds, task, norm, device, select="loss", log=None, fold=0):
-    """The default head: per strength of downstream.L2_GRID (strongest first, each fit warm-starting the next) the
-    optimum on the training rows of each selection fold, scored on their validation rows pooled, until PATIENCE
-    strengths in a row improve no label; then the optimum at each label's best strength on all rows of the folds."""
-    K, f64 = Y.shape[1], dict(dtype=torch.float64, device=device)
-    inits = [(torch.zeros(X.shape[1], K, **f64), torch.zeros(K, **f64))] * len(folds)
-    held, best_score, best_l2, since = np.concatenate([va for _, va in folds]), -np.inf, 0.0, 0
-    for step, l2 in enumerate(downstream.L2_GRID, start=1):
-        fits = [fit_lbfgs(X, Y, tr, task, torch.full((K,), float(l2), **f64), norm, init)
-                for (tr, _), init in zip(folds, inits)]
-        inits = [(W, b) for W, b, _ in fits]
-        P = np.concatenate([predict(W, b, X, va, task, norm) for (W, b, _), (_, va) in zip(fits, folds)])
-        score, val_loss, val_ap = val_scores(P, Y[held].numpy(), task, select)
-        better = (score > best_score) | (step == 1)
-        best_score, best_l2 = np.where(better, score, best_score), np.where(better, l2, best_l2)
-        since = 0 if better.any() else since + 1
-        if log is not None:
-            log.log(step=step, fold=fold, l2=float(l2), loss=float(np.mean([f["objective"] for *_, f in fits])),
-                    val_loss=val_loss, val_auprc=val_ap if np.isfinite(val_ap) else None,
-                    iterations=sum(f["iterations"] for *_, f in fits))
-        if since >= downstream.PATIENCE:
-            break
-    chosen = np.broadcast_to(best_l2, (K,))  # multi-class: its one strength for every class
-    rows = np.unique(np.concatenate([np.concatenate(f) for f in folds]))
-    W, b, facts = fit_lbfgs(X, Y, rows, task, torch.tensor(chosen, **f64), norm, inits[0])
-    how = "the validation part" if len(folds) == 1 else f"{len(folds)}-fold cross-validation by subject"
-    return W, b, {"solver": "lbfgs", "l2": [float(v) for v in chosen], "l2_chosen_by": how, **facts}
 
 
 def train_sgd(batches, X, Y, tr, va, task, norm, args, env, log, fold):
@@ -379,30 +276,6 @@ def metrics(Y, P):
         ap.append(float(average_precision_score(y, p)) if ok else math.nan)
         auc.append(float(roc_auc_score(y, p)) if ok else math.nan)
     return {"auprc": ap, "auroc": auc, "agg_auprc": nanmean(ap), "agg_auroc": nanmean(auc)}
-
-
-def fast_metrics(Y, P):
-    """scikit-learn's AUPRC and AUROC (ties included) for all classes at once in float64 numpy: AUROC = Mann-Whitney
-    U with average ranks; AP = sum over distinct thresholds of (recall step) x precision. NaN where undefined. A
-    column with unlabelled rows (NaN) is scored over its labelled rows."""
-    Y, P = np.asarray(Y, np.float64), np.asarray(P, np.float64)
-    if np.isnan(Y).any():
-        cols = [fast_metrics(Y[np.isfinite(Y[:, c]), c:c + 1], P[np.isfinite(Y[:, c]), c:c + 1])
-                for c in range(Y.shape[1])]
-        return np.array([a[0] for a, _ in cols]), np.array([u[0] for _, u in cols])
-    n, pos = len(Y), Y.sum(0)
-    valid = (pos > 0) & (pos < n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auroc = ((rankdata(P, axis=0) * Y).sum(0) - pos * (pos + 1) / 2) / (pos * (n - pos))
-    auroc[~valid] = np.nan
-    ap = np.full(Y.shape[1], np.nan)
-    for c in np.flatnonzero(valid):
-        order = np.argsort(-P[:, c], kind="mergesort")
-        p, y = P[order, c], Y[order, c]
-        last = np.r_[np.flatnonzero(np.diff(p)), n - 1]  # the last item of each run of tied scores
-        tp = np.cumsum(y)[last]
-        ap[c] = np.sum(np.diff(np.r_[0.0, tp / pos[c]]) * tp / (last + 1))
-    return ap, auroc
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -582,40 +455,6 @@ def run_folds(feats, table, splits, vit, info, args, env, log):
     return per_fold, preds
 
 
-_QUICK_IMAGES = {}  # (csv, label, subject, img_size) -> (images, labels, subjects): decoded once per process
-
-
-def quick_probe(vit, csv_path=DEMO_CSV, label_col="pneumonia", subject_col="patient", folds=5, batch_size=64):
-    """pretrain.py --probe_every's signal, in seconds: the mean AUROC over `folds` folds by subject (seed 0: the
-    same for every encoder; folds with one class only left out) of the converged head on the frozen `vit`'s global
-    embedding of `csv_path`'s images, resized to its resolution, for the 0/1 column `label_col`."""
-    key = (os.path.abspath(csv_path), label_col, subject_col, vit.grid[0] * vit.patch_size)
-    if key not in _QUICK_IMAGES:
-        rows, pre = data.read_csv(csv_path, required=["path", label_col, subject_col]), data.Preprocess(key[3])
-        try:
-            x = torch.stack([pre(data.read_image(data.resolve(csv_path, None, r["path"]))) for r in rows])
-        except data.ImageReadError as e:
-            raise UserError(f"quick probe: {e}")
-        y = np.array([archives.as_01(r[label_col], f"{csv_path} row {i + 2}") for i, r in enumerate(rows)], np.int64)
-        if len(set(y.tolist())) < 2:
-            raise UserError(f"quick probe: {csv_path} column {label_col} has one class only; AUROC needs both")
-        _QUICK_IMAGES[key] = (x, y, np.array([r[subject_col] for r in rows]))
-    x, y, subjects = _QUICK_IMAGES[key]
-    was_training = vit.training
-    vit.eval()
-    with torch.no_grad():
-        feats = torch.cat([vit.global_embedding(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
-    vit.train(was_training)
-    Y, aucs = torch.tensor(y, dtype=torch.float32)[:, None], []
-    for k, (train, test) in enumerate(data.kfold_by_subject(subjects, k=folds, seed=0)):
-        if len(set(y[test].tolist())) == 2 and len(set(y[train].tolist())) == 2:
-            norm = (feats[train].mean(0), feats[train].std(0).clamp_min(1e-6))
-            folds_k = selection_folds(train, train[:0], subjects, False, k)
-            W, b, _ = fit_converged(feats, Y, folds_k, "binary", norm, torch.device("cpu"))
-            aucs.append(roc_auc_score(y[test], predict(W, b, feats, test, "binary", norm)[:, 0]))
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -643,7 +482,7 @@ def main(argv=None):
                                      args.num_workers, cache=cache_file(info, table, args, env))
     if not env.is_main:
         return None  # the heads are tiny: rank 0 trains them all
-    os.makedirs(args.out_dir, exist_ok=True)
+    base.write_args(args, args.out_dir)
     threads = torch.get_num_threads()
     # a small head's matmuls gain nothing from threads, which only add synchronisation (10x slower on a busy CPU)
     torch.set_num_threads(1 if env.device.type == "cpu" and not args.augment and len(feats) < 20000 else threads)

@@ -444,7 +444,7 @@ def main(argv=None):
         return write_labels(data.read_csv(args.csv, required=(args.text_col,)), args.text_col, args.out_dir)
     env = base.setup(args)
     t0 = time.time()
-    os.makedirs(args.out_dir, exist_ok=True)
+    base.write_args(args, args.out_dir)
     splits, source = load_samples(args)
     train_set, test = splits["train"], splits["test"]  # val is not used for selection: a fixed schedule, as in LLaVA
     env.print(f"data: {source}: train {len(train_set)}, val {len(splits['val'])}, test {len(test)} reports")

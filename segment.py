@@ -40,8 +40,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
-from scipy import ndimage
 from tqdm import tqdm
 
 import base
@@ -50,18 +48,16 @@ import data
 import archives
 import figures
 from base import UserError, nanmean
-from archives import RIBS, ZONES
+from archives import IGNORE, RIBS, ZONES, make_label
 from model import VIT_CONFIGS, LinearDecoder, SegModel, UPerNet, count_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CSV = os.path.join(HERE, "sample_data", "lungseg", "manifest.csv")
-IGNORE = 255            # label value excluded from loss and Dice
 STILL_FALLING = 0.02    # a validation loss that fell more than this over the last quarter of the epochs: not converged
 EVAL_BATCH = 16         # images per forward pass when validating and testing
 SEG_CHUNK = 64          # images per transfer to the device when the linear decoder's objective is evaluated
 SEG_GRAD_TOL = 1e-5     # the linear decoder's L-BFGS tolerance: its upsampled pixel loss is ill-conditioned, and
                         # the last decade of gradient (1e-5 -> 1e-6) moved validation Dice by < 0.1 at 5x the time
-MASK_IGNORE_VALUE = 127  # what lung masks (the bundled lungseg, V7 Labs) use for "ignore"
 
 # foreground classes, and whether the task tells left from right (then a horizontal flip would swap the labels)
 TASKS = {"lungs": (["right_lung", "left_lung"], True), "lung": (["lung"], False),
@@ -111,105 +107,6 @@ def get_args(argv=None):
     if args.task == "zones" and not args.boxes:
         raise UserError("--task zones needs --boxes (a folder of scene-graph JSONs or a CSV path,zone,x1,y1,x2,y2)")
     return args
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# labels from the published formats: every sample becomes an image path + what is needed to draw its label map
-# (uint8, original resolution: 0 background, 1..K classes, IGNORE)
-
-def read_mask(path):
-    """A mask image's raw pixel values as uint8 HxW (no intensity rescaling, unlike data.read_image)."""
-    try:
-        im = Image.open(path)
-        m = np.array(im if im.mode in ("L", "P", "1") else im.convert("L"))
-    except Exception as e:
-        raise UserError(f"cannot read mask {path}: {type(e).__name__}: {e}")
-    return (m.astype(np.uint8) * 255) if m.dtype == bool else m.astype(np.uint8)
-
-
-def lungs_label(mask, split=True):
-    """right_lung = 1, left_lung = 2 (radiological convention: the patient's right lung is on the image's LEFT);
-    split=False: one class. The two largest connected components are the lungs, ordered by centroid x (not by the
-    image midline: a patient off-centre in the image would be cut wrongly); other fragments go to the nearer lung.
-    A single large component holding both lungs is cut at its narrowest column in its middle 40%."""
-    lung, ignore = (mask > 0) & (mask != MASK_IGNORE_VALUE), mask == MASK_IGNORE_VALUE
-    out = np.zeros(mask.shape, np.uint8)
-    comps, n = ndimage.label(lung | ignore)  # an 'ignore' patch must not cut one lung into two components
-    sizes = np.bincount(comps.ravel())[1:]
-    cols = np.broadcast_to(np.arange(mask.shape[1]) + 0.5, mask.shape)  # pixel centres
-    cx = ndimage.mean(cols, comps, np.arange(1, n + 1)) if n else []
-    big = [k for k in np.argsort(-sizes)[:2] if sizes[k] >= 0.1 * sizes.max()] if n else []
-    if not split:
-        out[lung] = 1
-    elif len(big) == 2:
-        mid = (cx[big[0]] + cx[big[1]]) / 2
-        for k in range(n):
-            out[lung & (comps == k + 1)] = 1 if cx[k] < mid else 2
-    elif len(big) == 1:
-        sel = comps == big[0] + 1
-        share = float((cols[sel] < mask.shape[1] / 2).mean())
-        if 0.3 < share < 0.7:  # spans both halves: both lungs joined (e.g. through the retrocardiac lung)
-            width = sel.sum(0)
-            xs = np.flatnonzero(width)
-            a, b = int(xs[0] + 0.3 * (xs[-1] - xs[0])), int(xs[0] + 0.7 * (xs[-1] - xs[0]))
-            mid = a + int(np.argmin(width[a:b + 1])) + 0.5
-        else:  # one lung only: its side of the image decides
-            mid = mask.shape[1] / 2
-        out[lung & (cols < mid)], out[lung & (cols >= mid)] = 1, 2
-    out[ignore] = IGNORE
-    return out
-
-
-def zones_label(mask, boxes, shape):
-    """Zone k+1 = box of ZONES[k] (x1, y1, x2, y2 in pixels) intersected with the lung. A lung pixel in two boxes
-    goes to the box whose centre is nearer; lung pixels in no box are ignored. mask None: the boxes themselves."""
-    H, W = shape
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
-    zone, best = np.zeros((H, W), np.uint8), np.full((H, W), np.inf, np.float32)
-    for k, name in enumerate(ZONES, start=1):
-        if name not in boxes:
-            continue
-        x1, y1, x2, y2 = boxes[name]
-        inside = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
-        d = ((xx - (x1 + x2) / 2) / max(x2 - x1, 1)) ** 2 + ((yy - (y1 + y2) / 2) / max(y2 - y1, 1)) ** 2
-        take = inside & (d < best)
-        zone[take], best[take] = k, d[take]
-    if mask is None:
-        return zone
-    lung, ignore = (mask > 0) & (mask != MASK_IGNORE_VALUE), mask == MASK_IGNORE_VALUE
-    out = np.where(lung, zone, 0).astype(np.uint8)
-    out[(lung & (zone == 0)) | ignore] = IGNORE  # lung outside every box: its zone is unknown
-    return out
-
-
-def ribs_label(polys, shape):
-    """Rasterise rib polygons (dict rib -> [{'x', 'y'}, ...]) with PIL; overlaps between ribs are ignored."""
-    H, W = shape
-    out, count = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
-    for k, rib in enumerate(RIBS, start=1):
-        pts = polys.get(rib)
-        if not isinstance(pts, list) or len(pts) < 3:  # VinDr writes "None" for a rib that is not visible
-            continue
-        canvas = Image.new("L", (W, H), 0)
-        ImageDraw.Draw(canvas).polygon([(float(p["x"]), float(p["y"])) for p in pts], fill=1, outline=1)
-        m = np.array(canvas, bool)
-        out[m], count[m] = k, count[m] + 1
-    out[count > 1] = IGNORE
-    return out
-
-
-def make_label(s, task, shape):
-    mask = read_mask(s["mask"]) if s.get("mask") else None
-    if mask is not None and s.get("mask_rule") == "nonzero":  # a segmented image (lungs kept, the rest black)
-        mask = np.where(mask > 0, 255, 0).astype(np.uint8)
-    if mask is not None and mask.shape != tuple(shape):
-        raise UserError(f"mask {s['mask']} is {mask.shape[1]}x{mask.shape[0]} but its image {s['path']} is "
-                        f"{shape[1]}x{shape[0]}")
-    if task in ("lungs", "lung"):
-        return lungs_label(mask, split=task == "lungs")
-    if task == "zones":
-        return zones_label(mask, s["boxes"], shape)
-    return ribs_label(s["polys"], shape)
 
 
 def load_csv(path, args, boxes=None):
@@ -600,6 +497,8 @@ def main(argv=None):
     norm = lambda x: (x.expand(-1, mean.shape[1], -1, -1) - mean) / std  # gray -> the encoder's channels
     train_dl, val_dl, test_dl = loaders(parts, args, info, env)
 
+    if env.is_main:
+        base.write_args(args, args.out_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     logger = base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
     ckpt = os.path.join(args.out_dir, "checkpoint.pt")

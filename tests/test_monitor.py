@@ -13,7 +13,8 @@ import masks
 import monitor
 import pretrain
 from conftest import SAMPLE
-from model import build_vit
+from base import UserError
+from model import Predictor, VisionTransformer, build_vit
 
 
 def rankme_reference(Z, eps=1e-7):
@@ -78,3 +79,55 @@ def test_demo_run_logs_signals_args_json_and_curves(tmp_path):
     assert settings == {**again, "dtype": settings["dtype"], "attn": settings["attn"]}
     assert settings["lr"] == pretrain.PRESETS["demo"]["lr"] and settings["monitor_every"] == 2
     assert (out / "curves.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --init_from: a new run from published weights
+
+def meta_checkpoint(path, img_size=56, dim=192, seed=0):
+    """A tiny I-JEPA training checkpoint as Meta's train.py saves it (DDP 'module.' prefixes, optimiser state)."""
+    torch.manual_seed(seed)
+    enc, tgt = (VisionTransformer(img_size=img_size, patch_size=14, embed_dim=dim, depth=12, num_heads=dim // 64)
+                for _ in range(2))
+    pred = Predictor(enc.grid, dim, 96, 1, dim // 64)
+    mod = lambda m: {"module." + k: v for k, v in m.state_dict().items()}  # noqa: E731
+    torch.save({"encoder": mod(enc), "predictor": mod(pred), "target_encoder": mod(tgt), "opt": {}, "epoch": 3}, path)
+    return enc, pred, tgt
+
+
+INIT = ["--data_dir", str(SAMPLE / "nih14"), "--preset", "demo", "--model", "vit_tiny", "--img_size", "56",
+        "--batch_size", "8", "--pred_depth", "1", "--pred_dim", "96", "--min_keep", "1", "--num_workers", "0",
+        "--monitor_every", "0"]
+
+
+def test_init_from_meta_checkpoint_reproduces_its_features_and_trains(tmp_path):
+    enc, pred, tgt = meta_checkpoint(tmp_path / "IN1K-vit.tiny.pth.tar")
+    args = pretrain.get_args(INIT + ["--init_from", str(tmp_path / "IN1K-vit.tiny.pth.tar"), "--out_dir", str(tmp_path)])
+    args.attn = "sdpa"
+    jepa, target = pretrain.build(args, torch.device("cpu"))
+    line = pretrain.init_from(args.init_from, jepa, target)
+    assert "context encoder from its encoder" in line and "predictor from its predictor" in line
+    x = torch.stack([data.Preprocess(56)(data.read_image(p)) for p in sorted((SAMPLE / "nih14" / "images").glob("*"))[:2]])
+    with torch.no_grad():
+        torch.testing.assert_close(target.eval()(x), tgt.eval()(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(jepa.encoder.eval()(x), enc.eval()(x), atol=1e-5, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(jepa.predictor.state_dict().values(), pred.state_dict().values()))
+    out = tmp_path / "run"
+    pretrain.main(INIT + ["--init_from", str(tmp_path / "IN1K-vit.tiny.pth.tar"), "--max_steps", "2", "--out_dir", str(out)])
+    assert sorted(r["step"] for r in map(json.loads, open(out / "log.jsonl"))) == [1, 2]
+
+
+def test_init_from_resizes_positions_and_refuses_another_width(tmp_path):
+    meta_checkpoint(tmp_path / "big.pth.tar", img_size=112)  # an 8x8 grid into a 4x4 run (448 -> 224 px alike)
+    args = pretrain.get_args(INIT + ["--out_dir", str(tmp_path)])
+    args.attn = "sdpa"
+    jepa, target = pretrain.build(args, torch.device("cpu"))
+    assert "resized 8x8 -> 4x4" in pretrain.init_from(str(tmp_path / "big.pth.tar"), jepa, target)
+    src = torch.load(tmp_path / "big.pth.tar", weights_only=True)["target_encoder"]["module.pos_embed"]
+    ref = torch.nn.functional.interpolate(src.reshape(1, 8, 8, -1).permute(0, 3, 1, 2), size=(4, 4), mode="bicubic",
+                                          align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, -1)
+    torch.testing.assert_close(target.pos_embed, ref, atol=1e-6, rtol=0)
+    meta_checkpoint(tmp_path / "small.pth.tar", dim=384)  # a ViT-S checkpoint into a vit_tiny run
+    with pytest.raises(UserError, match=r"^--init_from .*embed_dim 384 \(the run's 192\)") as e:
+        pretrain.init_from(str(tmp_path / "small.pth.tar"), jepa, target)
+    assert "\n" not in str(e.value)

@@ -1,5 +1,5 @@
 """The quick probe of pretrain.py --probe_every on the bundled real X-rays: a short run logs a finite AUROC at step 0
-(the random encoder) and at the end, beside the loss; probe.quick_probe agrees with scikit-learn run by hand on the
+(the random encoder) and at the end, beside the loss; monitor.quick_probe agrees with scikit-learn run by hand on the
 same features and folds, is deterministic, and refuses a one-class label column in one line. Not the size of the
 gain: that is measured on larger data (docs/ablations.md)."""
 import csv
@@ -17,7 +17,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 import downstream
 import data
-import probe
+import monitor
 from base import UserError
 from conftest import ROOT, SAMPLE
 from model import build_vit
@@ -44,8 +44,8 @@ def test_short_run_logs_finite_probe_auroc(tmp_path):
 def test_quick_probe_matches_sklearn_by_hand_and_is_deterministic():
     torch.manual_seed(0)
     vit = build_vit("vit_tiny", img_size=56, patch_size=7).eval()
-    got = probe.quick_probe(vit, str(KERMANY), folds=3)
-    assert got == probe.quick_probe(vit, str(KERMANY), folds=3)
+    got = monitor.quick_probe(vit, str(KERMANY), folds=3)
+    assert got == monitor.quick_probe(vit, str(KERMANY), folds=3)
     # the same thing written out independently: features from the encoder, folds by patient, in each the L2
     # strength chosen by 5-fold cross-validation by patient inside the training part (validation losses pooled;
     # the sweep stops after 3 strengths without a better one), then refitted on the whole training part:
@@ -85,4 +85,4 @@ def test_one_class_label_column_is_refused(tmp_path):
         for r in rows:
             w.writerow({**r, "path": str(KERMANY.parent / r["path"])})
     with pytest.raises(UserError, match="one class"):
-        probe.quick_probe(build_vit("vit_tiny", img_size=56, patch_size=7), str(path))
+        monitor.quick_probe(build_vit("vit_tiny", img_size=56, patch_size=7), str(path))
