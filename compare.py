@@ -12,7 +12,7 @@ as the paper's Tables 3, 4 and 5 with Table 6's marks (one-tailed paired bootstr
 
 An encoder is a checkpoint path (any format encoders.py reads) or `random` (a random init of --model at
 --img_size). --probe / --segment / --report pass flags to that script as they are; a stage without data flags runs
-on its bundled sample with the light settings of QUICK (--no_quick: the scripts' own presets). Writes to --out_dir:
+on its bundled sample with the light settings of QUICK (--no-quick: the scripts' own presets). Writes to --out_dir:
 <encoder>/<stage>/ (each script's outputs, its random baseline in baseline_random/), compare/, results.json.
 """
 import argparse
@@ -76,7 +76,8 @@ def stage_argv(args, stage, encoder, out_dir):
     quick = args.quick if args.quick is not None else not any(f in own for f in ("--csv", "--dataset", "--data_dir"))
     argv = ["--out_dir", out_dir, "--seed", str(args.seed), "--num_workers", str(args.num_workers),
             "--n_boot", str(args.n_boot), "--model", args.model, "--img_size", str(args.img_size)]
-    argv += (["--device", args.device] if args.device else []) + ([] if encoder == "random" else ["--encoder", encoder])
+    # "random" is passed on as such: without --encoder a script would take out/pretrain's export instead
+    argv += (["--device", args.device] if args.device else []) + ["--encoder", encoder]
     return argv + (QUICK[stage] if quick else []) + own
 
 

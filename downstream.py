@@ -228,7 +228,7 @@ def paired_compare(args, a, b, stats, n_items, unit="test images", digits=3):
     tuple (metric, class) is filed as out['metrics'][metric][class], a plain name as out['metrics'][name]."""
     out = {"a": a, "b": b, f"n_{unit.split()[-1]}": n_items, "n_boot": args.n_boot, "metrics": {}}
     print(f"A = {a}\nB = {b}\npaired bootstrap over {n_items} {unit}, {args.n_boot} resamples")
-    print(f"{'':30s} {'A':>8s} {'B':>8s} {'A-B':>9s}   {'95% CI of A-B':21s} {'p(A>B)':>8s}")
+    print(f"{'':30s} {'A':>8s} {'B':>8s} {'A-B':>9s}   {'95% CI of A-B':21s} {'p':>8s}")
     for key, stat in stats.items():
         r = paired_bootstrap(stat, n_items, n_boot=args.n_boot, seed=args.seed)
         if isinstance(key, tuple):

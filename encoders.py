@@ -416,14 +416,15 @@ def _closest(state):
 def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_size=14, attn="sdpa",
                  enc_img_size=None, enc_mean=None, enc_std=None):
     """(vit, info), the encoder frozen in eval mode. path None: the default pretraining export if a run left one, else
-    a randomly initialised `model` (the floor every encoder should beat), as info['source'] says."""
+    a randomly initialised `model` (the floor every encoder should beat); "random": that random init whatever lies
+    in out/; info['source'] says which."""
     if path is None and os.path.exists(DEFAULT_EXPORT):
         path = DEFAULT_EXPORT
-    if path is None:
+    if path in (None, "random"):  # "random": a random init on purpose, whatever export lies in out/
         torch.manual_seed(0)
         vit = build_vit(model, img_size=img_size, patch_size=patch_size, attn=attn)
-        info = {"format": "random-init", "source": f"random-init {model} (no --encoder and no {DEFAULT_EXPORT})",
-                **feed(img_size, [CXR_MEAN], [CXR_STD])}
+        why = f"no --encoder and no {DEFAULT_EXPORT}" if path is None else "--encoder random"
+        info = {"format": "random-init", "source": f"random-init {model} ({why})", **feed(img_size, [CXR_MEAN], [CXR_STD])}
     else:
         if not os.path.exists(path):
             raise UserError(f"--encoder {path}: no such file or folder")
@@ -467,7 +468,7 @@ def _override(info, vit, img_size, mean, std):
 def add_encoder_args(p):
     g = p.add_argument_group("encoder")
     g.add_argument("--encoder", default=None, help="frozen encoder: a checkpoint file or Hugging Face folder "
-                   f"(default: {DEFAULT_EXPORT} if present, else random init)")
+                   f"(default: {DEFAULT_EXPORT} if present, else random init; `random`: a random init of --model)")
     g.add_argument("--encoder_format", default="auto", choices=["auto", *LOADERS], metavar="FORMAT",
                    help="checkpoint format, each fed as its release feeds it: auto (default: detected from the "
                         "contents); " + "; ".join(f"{k}: {v[1]}" for k, v in LOADERS.items()))

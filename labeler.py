@@ -404,8 +404,9 @@ def print_table(name, metrics, n_boot):
     for c in cols[-2:]:
         v = metrics[c]["value"]
         cells.append("n/a*" if v is None else f"{v['macro_f1_14'] if isinstance(v, dict) else v:.2f}")
-    print("\n" + f"{'encoder':28s}" + "".join(f"{c:>22s}" for c in cols))
-    print(f"{name[:28]:28s}" + "".join(f"{c:>22s}" for c in cells))
+    w = max(28, len(name))
+    print("\n" + f"{'encoder':{w}s}" + "".join(f"{c:>22s}" for c in cols))
+    print(f"{name:{w}s}" + "".join(f"{c:>22s}" for c in cells))
     print(f"(0-100; median and 95% CI of {n_boot} bootstrap resamples of the test reports. Macro-F1-14: CheXpert-14 "
           f"labels of labeler.py, uncertain as negative (the headline); Macro-F1-14+: uncertain as positive; "
           f"Micro-F1-5: the five competition observations)")

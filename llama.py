@@ -529,9 +529,10 @@ def save_sharded(path, model, opt, extra):
     if main:
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump(extra, f)
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        if os.path.exists(path):  # swapped, never deleted first: a kill in between leaves one complete state
+            os.replace(path, path + ".old")
         os.replace(tmp, path)
+        shutil.rmtree(path + ".old", ignore_errors=True)
     barrier()
 
 

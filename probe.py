@@ -241,7 +241,7 @@ def train_sgd(batches, X, Y, tr, va, task, norm, args, env, log, fold):
     for epoch in range(math.ceil(total / per_epoch)):
         losses = []
         for x, y in islice(batches(), total - step):  # the last epoch stops at step `total`
-            opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            opt.param_groups[0]["lr"] = base.cosine(step / total, args.lr, 0.0)
             loss = head_loss(x @ W + b, y, task, known_counts(y, task))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -380,7 +380,7 @@ def fit_linear(model, train_ds, val_ds, env, norm, args, logger, save):
 def print_table(name, decoder, n_params, classes, per_class, mean_dice, ci):
     """One row laid out like the paper's Table 4: encoder, decoder, its parameters, Dice x100 per class and mean."""
     head = ["Encoder", "Decoder", "Params"] + classes + ["Mean Dice", "95% CI"]
-    vals = [name[:28], decoder, f"{n_params / 1e6:.1f}M" if n_params >= 1e5 else f"{n_params:,}"] + [
+    vals = [name, decoder, f"{n_params / 1e6:.1f}M" if n_params >= 1e5 else f"{n_params:,}"] + [
         f"{v * 100:.1f}" for v in per_class] + [f"{mean_dice * 100:.1f}", f"[{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]"]
     w = [max(len(h), len(v)) for h, v in zip(head, vals)]
     for row in (head, ["-" * n for n in w], vals):
@@ -410,11 +410,11 @@ def compare(args):
         raise UserError(f"{pa} and {pb} segment different classes ({cls} vs {cls_b})")
     downstream.same_items(pa, paths, pb, paths_b)
 
-    def dice(D, idx, c):  # per class: mean over images; mean Dice (c None): mean over classes of those, as the table
-        return nanmean(nanmean(D[idx], 0)) if c is None else nanmean(D[idx, c])
+    def dice(D, idx, c):  # x100 as in the table; per class: mean over images; mean Dice (c None): mean over classes
+        return 100 * (nanmean(nanmean(D[idx], 0)) if c is None else nanmean(D[idx, c]))
     stats = {("dice", name): lambda idx, c=c: (dice(A, idx, c), dice(B, idx, c))
              for c, name in list(enumerate(cls)) + [(None, "mean Dice")]}
-    return downstream.paired_compare(args, pa, pb, stats, len(paths), digits=4)
+    return downstream.paired_compare(args, pa, pb, stats, len(paths), digits=2)
 
 
 def deviations(args):

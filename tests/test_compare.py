@@ -71,3 +71,17 @@ def test_compare_flags(tmp_path):
     assert flags[-3:] == ["x.csv", "--folds", "3"] and flags.count("--folds") == 1  # data given: no quick settings
     quick = compare.stage_argv(compare.get_args(["--encoders", a]), "probe", a, "o")
     assert quick[-len(compare.QUICK["probe"]):] == compare.QUICK["probe"]
+
+
+def test_the_random_row_is_random_whatever_lies_in_out(tmp_path, monkeypatch):
+    """A default pretraining export in out/ must not stand in for the `random` row (it used to: the scripts fell
+    back to it when no --encoder was passed, while results.json said random)."""
+    import probe
+    monkeypatch.chdir(tmp_path)
+    trained = build_vit("vit_tiny", img_size=56, patch_size=14)
+    (tmp_path / "out" / "pretrain").mkdir(parents=True)
+    save_encoder(trained, str(tmp_path / "out" / "pretrain" / "encoder.safetensors"))
+    argv = compare.stage_argv(compare.get_args(["--encoders", "random", "--img_size", "56"]), "probe", "random", "o")
+    assert argv[argv.index("--encoder") + 1] == "random"
+    res = probe.main(argv + ["--epochs", "1", "--folds", "2"])
+    assert res["encoder"] == "random-init vit_tiny (--encoder random)" and res["encoder_format"] == "random-init"
