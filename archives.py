@@ -54,14 +54,23 @@ def as_01(value, where):
 # ----------------------------------------------------------------------------------------------------------------
 # the generic CSV format (docs/CONVENTIONS.md)
 
-def read_csv_samples(path, image_root, cols, part=None, path_keys=("path",), drop_blank=None):
-    """One sample per row of a CSV: cols {sample key: column} ('path' and 'subject' at least; a subject column
-    absent from the file makes every image its own subject); path_keys are resolved against --image_root (default:
-    the CSV's folder). drop_blank: a key whose blank rows are dropped, and counted (returned as the second value)."""
-    need = [c for k, c in cols.items() if k != "subject" and c]
-    rows = data.read_csv(path, required=need)
-    out, dropped = [], 0
-    for r in rows:
+def read_csv_samples(path, image_root, cols, part=None, path_keys=("path",), drop_blank=None, subject_given=False):
+    """One sample per row of a CSV: cols {sample key: column} ('path' and 'subject' at least); path_keys are resolved
+    against --image_root (default: the CSV's folder). A subject column the user named (subject_given) must exist;
+    a default one that is absent makes every image its own subject, with a warning (--subject_col none: on
+    purpose, silently). A row repeated exactly is dropped and counted; one image listed twice with different
+    values is an error. drop_blank: a key whose blank rows are dropped, and counted (the second value returned)."""
+    cols = {**cols, "subject": None if cols.get("subject") == "none" else cols.get("subject")}
+    rows = data.read_csv(path, required=[c for k, c in cols.items() if k != "subject" and c])
+    if cols["subject"] and cols["subject"] not in rows[0]:
+        if subject_given:
+            raise UserError(f"{path} has no subject column {cols['subject']!r} (its columns: {', '.join(rows[0])}): "
+                            "name the patient id column with --subject_col, or pass --subject_col none to make "
+                            "every image its own subject on purpose")
+        print(f"warning: {path} has no column {cols['subject']!r}: every image is its own subject, so one patient's "
+              "images may land in different parts (name the patient id column with --subject_col)")
+    out, dropped, seen, repeated = [], 0, {}, 0
+    for i, r in enumerate(rows):
         s = {k: (r.get(c) or "").strip() if c else "" for k, c in cols.items()}
         if drop_blank and not s[drop_blank]:
             dropped += 1
@@ -69,9 +78,18 @@ def read_csv_samples(path, image_root, cols, part=None, path_keys=("path",), dro
         for k in path_keys:
             if s.get(k):
                 s[k] = data.resolve(path, image_root, s[k])
+        if s["path"] in seen:
+            if seen[s["path"]][1] != s:
+                raise UserError(f"{path} rows {seen[s['path']][0] + 2} and {i + 2} list the image {s['path']} with "
+                                "different values: keep one")
+            repeated += 1
+            continue
+        seen[s["path"]] = (i, dict(s))
         s["subject"] = s.get("subject") or os.path.splitext(os.path.basename(s["path"]))[0]
         s["part"] = part
         out.append(s)
+    if repeated:
+        print(f"warning: {path}: {repeated} repeated row(s) dropped (the same image, the same values)")
     return out, dropped
 
 

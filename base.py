@@ -90,8 +90,8 @@ def apply_preset(args, presets, default):
 
 
 # what every script's shared flags must satisfy (each script adds its own rules)
-COMMON_RULES = ("batch_size >= 1", "epochs >= 1", "max_steps >= 1", "patch_size >= 1", "img_size >= 1", "lr > 0",
-                "num_workers >= 0")
+COMMON_RULES = ("batch_size >= 1", "batch_size <= 65536", "epochs >= 1", "max_steps >= 1", "patch_size >= 1",
+                "patch_size <= 64", "img_size >= 1", "img_size <= 4096", "lr > 0", "num_workers >= 0")
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
@@ -218,6 +218,13 @@ def save_torch(obj, path, if_failed="nothing was changed"):
             f.flush()
             os.fsync(f.fileno())
     atomic_write(path, write, if_failed)
+
+
+def refuse_nonfinite(tensors, what):
+    """A trained model holding NaN / inf is never saved: one line instead (a diverging run, e.g. too high an lr)."""
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+    if bad:
+        raise UserError(f"{what} holds {bad} non-finite values: training diverged (lower --lr); nothing was saved")
 
 
 def json_safe(o):

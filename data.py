@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from base import UserError
 
@@ -327,22 +328,14 @@ def check_disjoint(subjects, *index_arrays, names=("train", "validation", "test"
 # ----------------------------------------------------------------------------------------------------------------
 # checking files upfront
 
-def _check_header(path):
-    """None if the file's header looks like an image, else the reason. Reads headers only (no pixel decode), so a
-    file truncated after its header passes here and is caught (and skipped) when decoded."""
+def _decode_error(path):
+    """None if the whole file decodes as an image, else why: a file cut short after an intact header fails here,
+    not mid-run."""
     try:
-        if _is_dicom(path):
-            import pydicom
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            if "Rows" not in ds or "Columns" not in ds:
-                raise ValueError("DICOM header describes no image (no Rows/Columns)")
-        else:
-            with Image.open(path) as im:
-                if im.width <= 0 or im.height <= 0:
-                    raise ValueError(f"image size {im.size}")
+        read_image(path)
         return None
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
+    except ImageReadError as e:
+        return str(e)
 
 
 def _summarise_skipped(bad):
@@ -351,10 +344,11 @@ def _summarise_skipped(bad):
 
 
 def verify_images(paths, workers=8):
-    """Open every file's header (threads: the cost is I/O latency). Returns {index: reason} of the bad ones and
-    logs a one-line summary naming them."""
+    """Decode every file (threads: the decoders release the GIL). Returns {index: reason} of the bad ones and logs a
+    one-line summary naming them."""
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as ex:
-        reasons = list(ex.map(_check_header, paths, chunksize=64))
+        reasons = list(tqdm(ex.map(_decode_error, paths, chunksize=16), total=len(paths), desc="verify images",
+                            disable=len(paths) < 1000))
     bad = {i: r for i, r in enumerate(reasons) if r is not None}
     if bad:
         log.warning(_summarise_skipped(os.fspath(paths[i]) for i in bad))
@@ -371,7 +365,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     resumed run sees the same crops; ds[index] draws from torch's RNG and returns step -1. An unreadable file, or an
     image under min_side px on its short side (a folder of 1x1 files would train on flat images), is replaced by the
     next readable item, named once in a warning on the "data" logger and added to `self.skipped` (per process, so
-    per DataLoader worker). verify=True checks every header upfront; with `cache` (imagecache.open_cache of these
+    per DataLoader worker). verify=True decodes every file upfront; with `cache` (imagecache.open_cache of these
     items) images come from the prepared 8-bit cache, and the files it could not read are skipped the same way."""
 
     def __init__(self, items, img_size=224, crop_scale=(0.3, 1.0), mean=CXR_MEAN, std=CXR_STD, cache=None,

@@ -83,7 +83,7 @@ def get_args(argv=None):
     p.add_argument("--cache_dir", default=None, help="read images from the cache prepare.py built here from the same "
                                                      "--data_dir (python prepare.py --data_dir ... --cache_dir DIR)")
     p.add_argument("--verify", action="store_true",
-                   help="open every file's header before training and drop unreadable ones up front")
+                   help="decode every file before training and drop the unreadable ones up front")
     p.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="random resized crop area range (paper preset: 0.3 1, I-JEPA's; demo: 1 1, whole images)")
     p.add_argument("--pred_depth", type=int, default=None, help="predictor depth (paper: 12)")

@@ -119,7 +119,8 @@ def csv_samples(args):
             **{f"label:{c}": c for c in cols}}
     out = []
     for part, path in ((None, DEMO_CSV if demo else args.csv), ("val", args.val_csv), ("test", args.test_csv)):
-        rows = archives.read_csv_samples(path, args.image_root, spec, part=part)[0] if path else []
+        rows = archives.read_csv_samples(path, args.image_root, spec, part=part,
+                                         subject_given=args.subject_col is not None)[0] if path else []
         for i, s in enumerate(rows):
             s["labels"], s["where"] = {c: s.pop(f"label:{c}") for c in cols}, f"{path} row {i + 2}"
         out += rows
@@ -255,6 +256,7 @@ def train_sgd(batches, X, Y, tr, va, task, norm, args, env, log, fold):
         log.log(step=step, loss=float(np.mean(losses)), fold=fold, epoch=epoch, val_loss=val_loss,
                 val_auprc=val_ap if np.isfinite(val_ap) else None, lr=opt.param_groups[0]["lr"])
     _, epoch, W, b = best
+    base.refuse_nonfinite([W, b], "the head")
     lam = torch.full((K,), args.weight_decay, dtype=torch.float64, device=env.device)
     f = float(objective(W, b, X, Y, tr, task, lam, norm))
     optimum = fit_lbfgs(X, Y, tr, task, lam, norm, (W, b))[2]["objective"]

@@ -47,6 +47,7 @@ from labeler import METRICS, Scorer, print_table, score, write_labels
 from llama import (Llama, LlamaConfig, Tokenizer, apply_lora, fine_tune, full_state, generate, load_hf_llama,
                    save_peft_adapter, shard_fsdp)
 from model import VIT_CONFIGS, count_params
+from weights import load_torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CSV = os.path.join(HERE, "sample_data", "reports", "reports.csv")
@@ -137,6 +138,7 @@ def get_args(argv=None):
     if args.dataset == "iu_xray" and args.iu_split == "test" and not args.eval_only and not args.label_only:
         raise UserError("IU-Xray is the paper's out-of-distribution test set: evaluate a trained model on it with "
                         "--eval_only --checkpoint DIR, or train on R2Gen's split with --iu_split r2gen")
+    args.subject_given = args.subject_col is not None
     if args.subject_col is None:
         args.subject_col = "patientid" if not args.csv or os.path.abspath(args.csv) == DEMO_CSV else "subject"
     args.csv = args.csv or (None if args.dataset else DEMO_CSV)
@@ -153,7 +155,7 @@ def read_checkpoint(run_dir):
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
         raise UserError(f"--checkpoint {run_dir}: no checkpoint.pt (is it a report.py out_dir?)")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return load_torch(path, ("model", "lm_config", "step", "settings"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,7 +171,8 @@ def load_samples(args):
         samples, blank = [], 0
         for part, f in ((None, args.csv), ("val", args.val_csv), ("test", args.test_csv)):
             if f:
-                rows, n = archives.read_csv_samples(f, args.image_root, cols, part=part, drop_blank="text")
+                rows, n = archives.read_csv_samples(f, args.image_root, cols, part=part, drop_blank="text",
+                                                    subject_given=args.subject_given)
                 samples, blank = samples + rows, blank + n
         source = f"{args.csv} ({blank} row(s) with a blank report dropped)" if blank else args.csv
         if blank:
@@ -486,6 +489,7 @@ def main(argv=None):
             return {"stopped_at": steps, "total_steps": total}
         if args.fsdp:
             model = unsharded_copy(model, args).to(env.device)
+        base.refuse_nonfinite(trained_state(model, args).values(), "the trained report model")
         mem = gather(mem, env)
     if args.gen_dtype == "fp32":
         model.float()

@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from base import UserError, atomic_write, save_torch
 from encoders import export_hf, save_encoder
+from weights import load_torch
 
 TEMP = re.compile(r".*\.(tmp|old)\d+")  # what atomic writes leave behind when killed mid-write
 
@@ -126,21 +127,25 @@ class Run:
                                 "(or use --resume auto)")
             return False
         if not args.resume:
-            step = torch.load(self.ckpt, map_location="cpu", weights_only=True, mmap=True).get("step", "?") \
-                if os.path.getsize(self.ckpt) else "?"
+            try:
+                step = load_torch(self.ckpt).get("step", "?")
+            except UserError:
+                step = "?"
             raise UserError(f"--out_dir {args.out_dir} already holds a run (checkpoint at step {step}): add --resume "
                             "to continue it (--resume auto: continue if there is one, else start), or --overwrite to "
                             "start over and delete it")
         return True
 
+    CHECKPOINT_KEYS = ("encoder", "predictor", "target_encoder", "optimizer", "scaler", "step", "total", "world",
+                       "rng", "args")
+
     def _read(self):
         try:
-            return torch.load(self.ckpt, map_location="cpu", weights_only=True)
-        except Exception as e:
+            return load_torch(self.ckpt, self.CHECKPOINT_KEYS)
+        except UserError as e:
             older = ", ".join(os.path.basename(p) for _, p in self.older())
-            raise UserError(f"{self.ckpt} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                            + (f"older checkpoints here: {older} (rename one to checkpoint.pt)" if older else
-                               "start over with --overwrite or point --out_dir elsewhere"))
+            raise UserError(f"{e}; " + (f"older checkpoints here: {older} (rename one to checkpoint.pt)" if older else
+                                        "start over with --overwrite or point --out_dir elsewhere"))
 
     def _check_flags(self, saved):
         """Refuse flags that differ from the checkpoint's and change the run (each named); list the allowed ones."""

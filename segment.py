@@ -120,8 +120,9 @@ def load_csv(path, args, boxes=None):
     mc = args.mask_col if args.mask_col in cols else None
     if mc is None and args.task != "zones":
         raise UserError(f"CSV {path} has no mask column {args.mask_col!r}; pick it with --mask_col")
-    samples = archives.read_csv_samples(path, args.image_root, {"path": pc, "subject": args.subject_col or "subject",
-                                                                "mask": mc}, path_keys=("path", "mask"))[0]
+    subject = args.subject_col or ("none" if path == DEMO_CSV else "subject")  # the bundled masks: one per patient
+    samples = archives.read_csv_samples(path, args.image_root, {"path": pc, "subject": subject, "mask": mc},
+                                        path_keys=("path", "mask"), subject_given=args.subject_col is not None)[0]
     if boxes is not None:
         keys = [os.path.splitext(os.path.basename(s["path"]))[0] for s in samples]
         if not all(k in boxes for k in keys):
@@ -504,6 +505,7 @@ def main(argv=None):
     ckpt = os.path.join(args.out_dir, "checkpoint.pt")
 
     def save(**facts):  # the selected decoder, with what it was selected by
+        base.refuse_nonfinite(decoder.state_dict().values(), "the decoder")
         if env.is_main:
             base.save_torch({"decoder": decoder.state_dict(), "task": args.task, "classes": classes,
                              "decoder_name": args.decoder, "layers": layers, "encoder": info["source"], **facts}, ckpt)

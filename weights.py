@@ -19,8 +19,19 @@ from base import UserError
 # ----------------------------------------------------------------------------------------------------------------
 # reading a checkpoint safely, once
 
+def load_torch(path, need=()):
+    """torch.load that only rebuilds tensors and containers: a pickle asking for anything else is refused unrun; an
+    empty, truncated or foreign file, or one without the keys in `need`, is one line naming it. The one guard of
+    every torch file a user names (encoders, pretraining and report checkpoints)."""
+    obj = _torch_load(path)
+    missing = [k for k in need if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise UserError(f"{path}: not the checkpoint expected here (no {', '.join(missing)}): a file of another "
+                        "program or version, or a damaged one")
+    return obj
+
+
 def _torch_load(path):
-    """torch.load that only rebuilds tensors and containers: a pickle asking for anything else is refused unrun."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             if any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist()):
@@ -39,8 +50,9 @@ def _torch_load(path):
         raise UserError(f"{path}: refused: unpickling it would call {glob.group(1)}, i.e. run code, not just rebuild "
                         "tensors; only safetensors and plain tensor checkpoints are loaded. If you trust the file, "
                         "re-save its state dict with torch.save(model.state_dict(), ...)")
-    except Exception as e:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:  # an empty file says nothing: EOFError with no message
+        why = (str(e).splitlines() or ["the file is empty or cut short"])[0][:160]
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})")
 
 
 def _read_safetensors(path):
