@@ -10,6 +10,7 @@ evaluations report (bootstrap CIs, paired one-tailed tests).
     env = setup(args)                               # rank / world under torchrun or srun, device, dtype, seeds
     atomic_write(path, lambda tmp: torch.save(obj, tmp), "nothing was lost")   # a kill or a full disk: old file kept
 """
+import argparse
 import contextlib
 import json
 import math
@@ -51,6 +52,17 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # ----------------------------------------------------------------------------------------------------------------
 # flags: the shared ones (docs/CONVENTIONS.md), presets, and their checks
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors (`error: ...`, exit status 2) and the usage docstring as help."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def add_common_args(p, stage):
     """The flags every stage script has. Batch size, epochs, lr, model and resolution default to None: the
     script's preset fills them (apply_preset), so every default lives in one table per script."""
@@ -91,16 +103,20 @@ def apply_preset(args, presets, default):
 
 # what every script's shared flags must satisfy (each script adds its own rules)
 COMMON_RULES = ("batch_size >= 1", "batch_size <= 65536", "epochs >= 1", "max_steps >= 1", "patch_size >= 1",
-                "patch_size <= 64", "img_size >= 1", "img_size <= 4096", "lr > 0", "num_workers >= 0")
+                "patch_size <= 64", "img_size >= 1", "img_size <= 4096", "lr > 0", "num_workers >= 0", "seed >= 0")
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
 def check(args, *rules, models=None):
-    """Each rule is 'flag OP bound' (OP one of > >= < <=): a flag that is set and breaks it, or is NaN / inf, is
-    a one-line error before any work. A flag holding several numbers (--ema 0.996 1.0) is checked value by value.
-    models: the names --model may take."""
+    """Each rule is 'flag OP bound' (OP one of > >= < <=): a flag that is set and breaks it is a one-line error
+    before any work. A flag holding several numbers (--ema 0.996 1.0) is checked value by value. Whatever the
+    rules, no number flag may be NaN or inf. models: the names --model may take."""
     if models is not None and getattr(args, "model", None) not in models:
         raise UserError(f"--model {args.model!r} unknown: choose from {', '.join(models)}")
+    for flag, value in vars(args).items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"--{flag} {v}: must be a finite number")
     for rule in rules:
         flag, op, bound = rule.split()
         value = getattr(args, flag, None)

@@ -42,7 +42,7 @@ import data
 import imagecache
 import masks as masks_lib
 import pretrain
-from model import count_params, default_attention
+from model import VIT_CONFIGS, count_params, default_attention
 
 
 
@@ -248,8 +248,8 @@ def bench_data(args):
     return best[2]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args(argv=None):
+    p = base.ArgumentParser(__doc__)
     p.add_argument("--model", default="vit_base")
     p.add_argument("--pred_depth", type=int, default=12)
     p.add_argument("--pred_dim", type=int, default=384)
@@ -273,7 +273,16 @@ def main():
     p.add_argument("--data_workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers")
     p.add_argument("--data_batch_size", type=int, default=32)
     p.add_argument("--data_batches", type=int, default=8, help="timed batches per data configuration")
-    args = p.parse_args()
+    args = base.check(p.parse_args(argv), "pred_depth >= 1", "pred_dim >= 1", "img_size >= 1", "img_size <= 4096",
+                      "patch_size >= 1", "batch_size >= 1", "steps >= 0", "warmup >= 0", "repeats >= 1", "threads >= 1",
+                      "data_workers >= 0", "data_batch_size >= 1", "data_batches >= 1", models=VIT_CONFIGS)
+    if args.img_size % args.patch_size:
+        raise base.UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

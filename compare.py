@@ -37,7 +37,7 @@ QUICK = {"probe": ["--folds", "3"],
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = base.ArgumentParser(__doc__)
     p.add_argument("--encoders", nargs="+", required=True, help="checkpoint paths, or `random`")
     p.add_argument("--names", nargs="+", help="row labels (default: from the paths)")
     p.add_argument("--baseline", default="random", help="random | none | one of --encoders (name or path)")
@@ -53,7 +53,8 @@ def get_args(argv=None):
     p.add_argument("--device")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--out_dir", default=os.path.join("out", "compare"))
-    args = p.parse_args(argv)
+    args = base.check(p.parse_args(argv), "img_size >= 1", "img_size <= 4096", "n_boot >= 1", "seed >= 0",
+                      "num_workers >= 0")
     names = args.names or [e if e == "random" else os.path.splitext(os.path.basename(e.rstrip("/")))[0]
                            for e in args.encoders]
     if len(names) != len(args.encoders) or len(set(names)) != len(names):

@@ -197,8 +197,22 @@ def read_csv(path, required=()):
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file a user names (layouts' annotations, run folders' results): a missing or malformed one is one line."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})")
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})")
+
+
+def number(value, where):
+    """A number from a table cell a user's file holds: blank is NaN (no value), a word is one line naming the cell."""
+    try:
+        return float(value) if str(value).strip() != "" else math.nan
+    except ValueError:
+        raise UserError(f"{where}: {value!r} is not a number")
 
 
 def resolve(csv_path, image_root, p):

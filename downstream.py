@@ -29,6 +29,8 @@ from encoders import add_encoder_args, load_encoder_from_args
 # ----------------------------------------------------------------------------------------------------------------
 # flags
 
+ENCODER_RULES = ("enc_img_size >= 1", "enc_img_size <= 4096", "enc_std > 0", "n_boot >= 1")
+
 def add_data_args(p, title, layouts, what, subject_default="subject"):
     """The data flags of the three evaluations (docs/CONVENTIONS.md): a generic CSV with fixed val / test sets, or
     a published layout (archives.py). `what`: the CSV's columns, for the help."""

@@ -11,7 +11,6 @@ README's Input says what it stores and costs, imagecache.py how). A killed run c
     python prepare.py --data_dir ... --cache_dir C --shard 3/8                   # or explicitly, shard 3 of 8
     # the cache folder must be readable by every pretraining process: shared storage, or a copy on each node
 """
-import argparse
 import time
 
 import base
@@ -20,7 +19,7 @@ import imagecache
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = base.ArgumentParser(__doc__)
     p.add_argument("--data_dir", nargs="+", required=True, metavar="SOURCE",
                    help="the sources pretrain.py gets: image folders or CSVs (column `path`), optionally PATH:WEIGHT")
     p.add_argument("--cache_dir", required=True, help="folder of the cache (created; resumed if it holds part of one)")
@@ -35,7 +34,8 @@ def get_args(argv=None):
                    help="build shard I of N (default: from RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS, else 0/1)")
     p.add_argument("--chunk_size", type=int, default=512, help="images per chunk (the unit of work and of resuming)")
     p.add_argument("--merge", action="store_true", help="only write the index from finished chunks")
-    args = base.check(p.parse_args(argv), "img_size >= 1", "side >= 1", "chunk_size >= 1")
+    args = base.check(p.parse_args(argv), "img_size >= 1", "img_size <= 4096", "side >= 1", "chunk_size >= 1",
+                      "workers >= 1")
     base.ordered_pair(args, "crop_scale", 1e-9, 1.0)
     return args
 

@@ -22,7 +22,6 @@ lost or poisoned (finite, atomic checkpoints; no overwrite without --resume / --
 checkpoint and exit 128 + signal): the README's "Runs that cannot be lost or poisoned" has the details. Launch with
 python, torchrun (one or many nodes), or srun without torchrun (ranks from SLURM's variables).
 """
-import argparse
 import copy
 import hashlib
 import logging
@@ -72,7 +71,7 @@ PRESETS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = base.ArgumentParser(__doc__)
     p.add_argument("--data_dir", nargs="+", default=None, metavar="SOURCE",
                    help="image folders or CSV files (column `path`, optional `view`), each optionally PATH:WEIGHT "
                         "to set its share of every epoch (default: the bundled sample_data)")
@@ -149,6 +148,7 @@ def get_args(argv=None):
         raise UserError("--overwrite and --resume contradict each other: choose one")
     if args.allow_change and not args.resume:
         raise UserError("--allow_change only applies with --resume")
+    masks_lib.MaskCollator.from_args(args, (args.img_size // args.patch_size,) * 2)  # its checks, before any work
     return args
 
 

@@ -20,7 +20,6 @@ part): an unconverged head, like the paper's AdamW one (--preset paper, which re
 the optimiser, not the features. Images are split by subject; writes results.json, results.csv, predictions.csv
 (what --compare reads), pr_curves.png and log.jsonl to --out_dir.
 """
-import argparse
 import csv
 import hashlib
 import json
@@ -58,7 +57,7 @@ AUG = dict(flip_p=0.5, rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, crop_a
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = base.ArgumentParser(__doc__)
     g = downstream.add_data_args(p, "data (default: the bundled Kermany sample, label `pneumonia`, subject "
                                  "`patient`)", ["vindr", "rsna"], "image path, subject, label columns")
     g.add_argument("--label_cols", help="comma-separated: several 0/1 columns = multi-label, one 0/1 column = "
@@ -89,7 +88,7 @@ def get_args(argv=None):
     base.add_preset_arg(p, PRESETS, "converged (default): the head solved to its optimum; paper: the paper's AdamW "
                                     "head (lr 5e-5, batch 96, 100 epochs)")
     args = base.apply_preset(p.parse_args(argv), PRESETS, "converged")
-    base.check(args, *base.COMMON_RULES, "folds >= 2", "repeats >= 1", "weight_decay >= 0", "last_layers >= 1",
+    base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "folds >= 2", "repeats >= 1", "weight_decay >= 0", "last_layers >= 1",
                "n_boot >= 1", models=VIT_CONFIGS)
     if args.augment and args.head != "sgd":
         raise UserError("--augment trains through the encoder, one mini-batch at a time: it needs the SGD head "
@@ -379,9 +378,10 @@ def load_predictions(path):
     if not classes or any("label_" + c not in rows[0] for c in classes):
         raise UserError(f"{path}: no label_* / prob_* columns; pass a predictions.csv written by probe.py")
     by_path = {}
-    for r in rows:
-        y = [float(r["label_" + c]) if r["label_" + c] != "" else math.nan for c in classes]  # blank: unlabelled
-        by_path.setdefault(r["path"], (y, []))[1].append([float(r["prob_" + c]) for c in classes])
+    for i, r in enumerate(rows, start=2):
+        y = [data.number(r["label_" + c], f"{path} row {i}") for c in classes]  # blank: unlabelled
+        by_path.setdefault(r["path"], (y, []))[1].append([data.number(r["prob_" + c], f"{path} row {i}")
+                                                          for c in classes])
     paths = sorted(by_path)
     Y, P = np.array([by_path[k][0] for k in paths]), np.array([np.mean(by_path[k][1], 0) for k in paths])
     return path, paths, classes, Y, P
@@ -464,7 +464,7 @@ def main(argv=None):
     if args.compare:
         return compare(args)
     if args.table:  # the paper's Table 3 for several runs on the same data
-        runs = [json.load(open(os.path.join(r, "results.json") if os.path.isdir(r) else r)) for r in args.table]
+        runs = [data.read_json(os.path.join(r, "results.json") if os.path.isdir(r) else r) for r in args.table]
         if any(r["classes"] != runs[0]["classes"] for r in runs):
             raise UserError("--table: the runs have different classes; tabulate runs on the same data together")
         for metric in ("auprc", "auroc"):

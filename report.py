@@ -25,7 +25,6 @@ Writes to --out_dir: results.json, predictions.csv (what --compare reads), log.j
 and settings: what --eval_only reads), tokenizer.model (small LM), adapter/ (LoRA, peft format), train_state/
 (sharded training state: --save_every, --stop_at, --resume), compare.json, labels.csv.
 """
-import argparse
 import contextlib
 import csv
 import os
@@ -67,7 +66,7 @@ N_EXAMPLES = 3  # generated reports printed beside their references
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = base.ArgumentParser(__doc__)
     g = downstream.add_data_args(p, "data (default: the bundled image + report pairs)", ["mimic", "iu_xray"],
                                  "image path, subject, report text",
                                  subject_default="subject; patientid for the bundled CSV")
@@ -120,8 +119,8 @@ def get_args(argv=None):
         vars(args).update({k: settings[k] for k in MODEL_SETTINGS if k in settings}, fsdp=False)  # one copy per rank
     paper = args.lm is not None
     base.apply_preset(args, PRESETS, "paper" if paper else "demo")
-    base.check(args, *base.COMMON_RULES, "image_pool >= 1", "grad_accum >= 1", "global_batch >= 1",
-               "max_new_tokens >= 1", "max_report_tokens >= 1", "lm_layers >= 1", "lm_dim >= 1", "lm_heads >= 1",
+    base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "image_pool >= 1", "grad_accum >= 1", "global_batch >= 1",
+               "max_new_tokens >= 1", "vocab_size >= 300", "max_report_tokens >= 1", "lm_layers >= 1", "lm_dim >= 1", "lm_heads >= 1",
                "lora_r >= 1", "save_every >= 1", "stop_at >= 1", "log_every >= 1", "n_boot >= 1", models=VIT_CONFIGS)
     args.grad_ckpt = args.grad_ckpt or args.fsdp
     world = int(os.environ.get("WORLD_SIZE", 1))

@@ -29,7 +29,6 @@ Tasks (class 0 = background; lung-mask value 127 = "ignore": excluded from loss 
 Writes to --out_dir (default out/segment): results.json (Dice per class and mean, settings, encoder),
 per_image_dice.csv (what --compare reads), checkpoint.pt (best decoder), log.jsonl, overlays/*.png (truth | pred).
 """
-import argparse
 import csv
 import itertools
 import math
@@ -70,7 +69,7 @@ AUG = dict(rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, shear=0.05, elasti
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = base.ArgumentParser(__doc__)
     g = downstream.add_data_args(p, "data (default: the bundled lungseg sample)", ["vindr_rib", "mimic_lungs"],
                                  "image path (or `image`), mask path, subject (absent: one subject per image)")
     g.add_argument("--task", default="lungs", choices=list(TASKS))
@@ -92,7 +91,7 @@ def get_args(argv=None):
     base.add_preset_arg(p, PRESETS, "paper (the default with data flags) or demo (without), as described above")
     args = p.parse_args(argv)
     base.apply_preset(args, PRESETS, "paper" if args.csv or args.dataset else "demo")
-    base.check(args, *base.COMMON_RULES, "dice_loss >= 0", "box_scale > 0", "n_overlays >= 0", "n_boot >= 1",
+    base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "dice_loss >= 0", "box_scale > 0", "n_overlays >= 0", "n_boot >= 1",
                models=VIT_CONFIGS)
     if args.img_size % args.patch_size:
         raise UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
@@ -399,8 +398,10 @@ def load_per_image(p):
     path = os.path.join(p, "per_image_dice.csv") if os.path.isdir(p) else p
     rows = data.read_csv(path, required=("path", "mean"))
     classes = [c for c in rows[0] if c not in ("path", "subject", "mean")]
+    if not classes:
+        raise UserError(f"{path}: no class columns; pass a per_image_dice.csv written by segment.py")
     rows.sort(key=lambda r: r["path"])
-    D = np.array([[float(r[c]) if r[c] != "" else np.nan for c in classes] for r in rows])
+    D = np.array([[data.number(r[c], f"{path}, {r['path']}, {c}") for c in classes] for r in rows])
     return path, [r["path"] for r in rows], classes, D
 
 
