@@ -56,19 +56,16 @@ def as_01(value, where):
 
 def read_csv_samples(path, image_root, cols, part=None, path_keys=("path",), drop_blank=None, subject_given=False):
     """One sample per row of a CSV: cols {sample key: column} ('path' and 'subject' at least); path_keys are resolved
-    against --image_root (default: the CSV's folder). A subject column the user named (subject_given) must exist;
-    a default one that is absent makes every image its own subject, with a warning (--subject_col none: on
-    purpose, silently). A row repeated exactly is dropped and counted; one image listed twice with different
+    against --image_root (default: the CSV's folder). The subject column must exist, named or default (splitting
+    images of one patient apart leaks): --subject_col none makes every image its own subject on purpose. A row repeated exactly is dropped and counted; one image listed twice with different
     values is an error. drop_blank: a key whose blank rows are dropped, and counted (the second value returned)."""
     cols = {**cols, "subject": None if cols.get("subject") == "none" else cols.get("subject")}
     rows = data.read_csv(path, required=[c for k, c in cols.items() if k != "subject" and c])
     if cols["subject"] and cols["subject"] not in rows[0]:
-        if subject_given:
-            raise UserError(f"{path} has no subject column {cols['subject']!r} (its columns: {', '.join(rows[0])}): "
-                            "name the patient id column with --subject_col, or pass --subject_col none to make "
-                            "every image its own subject on purpose")
-        print(f"warning: {path} has no column {cols['subject']!r}: every image is its own subject, so one patient's "
-              "images may land in different parts (name the patient id column with --subject_col)")
+        named = "" if subject_given else " (the default)"
+        raise UserError(f"{path} has no subject column {cols['subject']!r}{named} (its columns: {', '.join(rows[0])}):"
+                        " name the patient id column with --subject_col, or pass --subject_col none to make every "
+                        "image its own subject on purpose (one patient's images may then land in train and test)")
     out, dropped, seen, repeated = [], 0, {}, 0
     for i, r in enumerate(rows):
         s = {k: (r.get(c) or "").strip() if c else "" for k, c in cols.items()}

@@ -79,7 +79,8 @@ def add_common_args(p, stage):
                    help="autocast dtype (default: bf16 on GPU; on a CPU the script's own choice, printed)")
     g.add_argument("--batch_size", type=int, default=None, help="per-process batch size")
     g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps (overrides --epochs)")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many optimiser steps (overrides --epochs)")
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -131,7 +132,8 @@ def ordered_pair(args, flag, low=0.0, high=math.inf):
     """A two-number flag (MIN MAX) with low <= MIN <= MAX <= high."""
     lo, hi = getattr(args, flag)
     if not (math.isfinite(lo) and low <= lo <= hi <= high):
-        raise UserError(f"--{flag} {lo:g} {hi:g}: need {low:g} <= MIN <= MAX" + (f" <= {high:g}" if high < math.inf else ""))
+        top = f" <= {high:g}" if high < math.inf else ""
+        raise UserError(f"--{flag} {lo:g} {hi:g}: need {low:g} <= MIN <= MAX{top}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,7 +289,10 @@ class JsonlLogger:
                             keep.append(line if line.endswith("\n") else line + "\n")
                     except ValueError:
                         pass
-        atomic_write(path, lambda tmp: open(tmp, "w").writelines(keep), "the log was kept as it was")
+        def write(tmp):
+            with open(tmp, "w") as f:  # closed inside atomic_write's guard, so a failed last flush is caught
+                f.writelines(keep)
+        atomic_write(path, write, "the log was kept as it was")
 
     def log(self, **row):
         if self.enabled:
@@ -336,7 +341,8 @@ def bootstrap_ci(stat, n_items, n_boot=500, seed=0):
     rng = np.random.default_rng(seed)
     vals = np.array([stat(rng.integers(0, n_items, n_items)) for _ in range(n_boot)], dtype=float)
     vals = vals[np.isfinite(vals)]
-    return {"median": float(np.median(vals)), "ci95": [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]}
+    return {"median": float(np.median(vals)),
+            "ci95": [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]}
 
 
 def nanmean(a, axis=None):

@@ -112,7 +112,8 @@ def ijepa(args, device, autocast):
     from src.utils.tensors import repeat_interleave_batch
     enc = vt.__dict__[args.model](img_size=[args.img_size], patch_size=args.patch_size).to(device)
     pred = vt.vit_predictor(num_patches=enc.patch_embed.num_patches, embed_dim=enc.embed_dim,
-                            predictor_embed_dim=args.pred_dim, depth=args.pred_depth, num_heads=enc.num_heads).to(device)
+                            predictor_embed_dim=args.pred_dim, depth=args.pred_depth,
+                            num_heads=enc.num_heads).to(device)
     tgt = copy.deepcopy(enc)
     for p in tgt.parameters():
         p.requires_grad = False
@@ -223,7 +224,8 @@ def bench_data(args):
     bs, n_batches = args.data_batch_size, args.data_batches
     kinds = [("uncached", None)]
     if args.cache_dir:
-        kinds.append(("cached", imagecache.open_cache(args.cache_dir, paths, imagecache.min_stored_side(args.img_size))))
+        side = imagecache.min_stored_side(args.img_size)
+        kinds.append(("cached", imagecache.open_cache(args.cache_dir, paths, side)))
     rows = []
     for kind, cache in kinds:
         ds = data.PretrainDataset(paths, args.img_size, cache=cache)

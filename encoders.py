@@ -424,7 +424,8 @@ def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_si
         torch.manual_seed(0)
         vit = build_vit(model, img_size=img_size, patch_size=patch_size, attn=attn)
         why = f"no --encoder and no {DEFAULT_EXPORT}" if path is None else "--encoder random"
-        info = {"format": "random-init", "source": f"random-init {model} ({why})", **feed(img_size, [CXR_MEAN], [CXR_STD])}
+        info = {"format": "random-init", "source": f"random-init {model} ({why})",
+                **feed(img_size, [CXR_MEAN], [CXR_STD])}
     else:
         if not os.path.exists(path):
             raise UserError(f"--encoder {path}: no such file or folder")

@@ -10,7 +10,8 @@ its short side shrunk to min_stored_side (no training crop is ever upsampled), s
 A cache folder holds
   manifest.json          what is being built: version, key (hash of the path list and storage settings), paths
   chunks/NNNNNN.bin      the images of chunk NNNNNN (chunk_size of them) back to back: raw uint8 rows or PNG files
-  chunks/NNNNNN.json     that chunk's completion marker: per image [offset, nbytes, height, width, small] or an error
+  chunks/NNNNNN.json     that chunk's completion marker: per image [offset, nbytes, height, width, small, CRC-32 of
+                         its bytes] or an error
   index.json, index.npz  the merged index, written once every chunk is done: the cache is usable only then
 Every file is written to a temporary name and renamed, so a killed build leaves whole chunks or nothing; a rerun
 skips the chunks whose marker exists. Chunk k belongs to shard k % n, so n processes (ranks, nodes, SLURM tasks)
@@ -24,6 +25,7 @@ import math
 import mmap
 import multiprocessing
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from tqdm import tqdm
 from base import UserError, atomic_write
 from data import ImageReadError, _summarise_skipped, log, read_image, read_json, resize
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CACHE_FORMATS = ("raw", "png")
 
 
@@ -61,8 +63,16 @@ def _cache_key(paths, side, fmt):
 
 
 def _atomic_write(path, payload):
-    atomic_write(path, lambda tmp: open(tmp, "wb").write(payload), "the cache's finished chunks are intact; run "
-                 "prepare.py again once there is space")
+    def write(tmp):
+        with open(tmp, "wb") as f:  # closed inside atomic_write's guard: a full disk at the last flush is caught too
+            f.write(payload)
+    atomic_write(path, write, "the cache's finished chunks are intact; run prepare.py again once there is space")
+
+
+def _npz_bytes(arrays):
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 def _prepare_image(path, side):
@@ -94,7 +104,7 @@ def _prepare_chunk(job):
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="PNG", compress_level=6)
             b = buf.getvalue()
-        items.append([off, len(b), img.shape[0], img.shape[1], int(small)])
+        items.append([off, len(b), img.shape[0], img.shape[1], int(small), zlib.crc32(b)])
         blobs.append(b)
         off += len(b)
     _atomic_write(base + ".bin", b"".join(blobs))
@@ -163,7 +173,7 @@ def merge_cache(cache_dir):
     m = read_json(os.path.join(cache_dir, "manifest.json"))
     paths, cs = m["paths"], int(m["chunk_size"])
     n = len(paths)
-    cols = {k: np.zeros(n, np.int64) for k in ("chunk", "offset", "nbytes", "height", "width", "small")}
+    cols = {k: np.zeros(n, np.int64) for k in ("chunk", "offset", "nbytes", "height", "width", "small", "crc")}
     skipped = {}
     for k in range(-(-n // cs)):
         marker = os.path.join(cache_dir, "chunks", f"{k:06d}.json")
@@ -174,10 +184,10 @@ def merge_cache(cache_dir):
             cols["chunk"][i] = k
             if isinstance(it, dict):
                 skipped[paths[i]] = it["error"]
-                it = [0, -1, 0, 0, 0]  # nbytes -1: unreadable
-            for c, v in zip(("offset", "nbytes", "height", "width", "small"), it):
+                it = [0, -1, 0, 0, 0, 0]  # nbytes -1: unreadable
+            for c, v in zip(("offset", "nbytes", "height", "width", "small", "crc"), it):
                 cols[c][i] = v
-    atomic_write(os.path.join(cache_dir, "index.npz"), lambda tmp: np.savez(open(tmp, "wb"), **cols))
+    _atomic_write(os.path.join(cache_dir, "index.npz"), _npz_bytes(cols))
     ok = cols["nbytes"] >= 0
     info = {"version": CACHE_VERSION, "key": m["key"], "side": m["side"], "format": m["format"], "images": n,
             "stored": int(ok.sum()), "small": int(cols["small"][ok].sum()), "skipped": skipped,
@@ -196,7 +206,7 @@ def open_cache(cache_dir, paths=None, min_side=None):
         raise UserError(f"{cache_dir} holds {state} prepared cache: run `python prepare.py --data_dir ... "
                         f"--cache_dir {cache_dir}` first (with the same sources; it resumes)")
     info = read_json(index)
-    if info.get("version") != CACHE_VERSION:
+    if not isinstance(info, dict) or info.get("version") != CACHE_VERSION:
         raise UserError(f"{cache_dir} was prepared by another version of prepare.py: delete it and prepare again")
     if paths is not None:
         paths = [os.fspath(p) for p in paths]
@@ -219,9 +229,14 @@ class PreparedCache:
     def __init__(self, cache_dir, info):
         self.cache_dir, self.info = cache_dir, info
         self.side, self.format, self.skipped = int(info["side"]), info["format"], dict(info["skipped"])
-        with np.load(os.path.join(cache_dir, "index.npz")) as z:
-            self.chunk, self.offset, self.nbytes = z["chunk"], z["offset"], z["nbytes"]
-            self.height, self.width, self.small = z["height"], z["width"], z["small"].astype(bool)
+        try:
+            with np.load(os.path.join(cache_dir, "index.npz")) as z:
+                self.chunk, self.offset, self.nbytes = z["chunk"], z["offset"], z["nbytes"]
+                self.height, self.width, self.small = z["height"], z["width"], z["small"].astype(bool)
+                self.crc = z["crc"]
+        except Exception as e:  # truncated, foreign or missing: the cache cannot be trusted
+            raise UserError(f"{cache_dir}/index.npz is unreadable ({type(e).__name__}): delete "
+                            f"{cache_dir}/index.* and run prepare.py again (finished chunks are kept)") from None
         self.ok = self.nbytes >= 0
         self._maps = {}
 
@@ -230,16 +245,27 @@ class PreparedCache:
 
     def _map(self, k):
         if k not in self._maps:
-            with open(os.path.join(self.cache_dir, "chunks", f"{k:06d}.bin"), "rb") as f:
-                size = os.fstat(f.fileno()).st_size  # mmap refuses an empty file (a chunk of unreadable images)
-                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            path = os.path.join(self.cache_dir, "chunks", f"{k:06d}.bin")
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size  # mmap refuses an empty file (a chunk of unreadable images)
+                    self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            except OSError as e:
+                raise ImageReadError(f"cache chunk {path} cannot be read ({e.strerror or e}): run prepare.py "
+                                     "again (it rebuilds the missing chunks)") from None
         return self._maps[k]
 
     def __getitem__(self, i):
         if not self.ok[i]:
             raise ImageReadError(f"image {i} could not be read when the cache was prepared")
-        o, n, h, w = int(self.offset[i]), int(self.nbytes[i]), int(self.height[i]), int(self.width[i])
-        m = self._map(int(self.chunk[i]))
+        o, n, h, w, k = int(self.offset[i]), int(self.nbytes[i]), int(self.height[i]), int(self.width[i]), \
+            int(self.chunk[i])
+        m = self._map(k)
+        # every image's bytes are checked against the CRC-32 prepare.py recorded (~0.1 ms for 200 KB): a chunk
+        # overwritten or cut short is a counted, named skip, never training on garbage pixels
+        if len(m) < o + n or zlib.crc32(memoryview(m)[o:o + n]) != int(self.crc[i]):
+            raise ImageReadError(f"cache chunk {self.cache_dir}/chunks/{k:06d}.bin is corrupt (image {i} fails its "
+                                 "checksum): delete that chunk's .bin and .json and run prepare.py again")
         if self.format == "raw":  # a read-only view of the mapped pages: only the crop taken from it is copied
             return np.frombuffer(m, dtype=np.uint8, count=n, offset=o).reshape(h, w)
         with Image.open(io.BytesIO(m[o:o + n])) as im:

@@ -198,12 +198,13 @@ def init_from(path, jepa, target):
     loads whose architecture the run's ViT is: Meta's I-JEPA checkpoints, the RadJEPa release, Hugging Face ijepa
     folders, this project's exports and checkpoints. The target encoder is the file's (its EMA encoder where it has
     one); the context encoder is its 'encoder' where it has one, else a copy; the predictor is its 'predictor' where
-    it fits, else built fresh; position embeddings are resized (bicubic) to the run's grid. Returns the start-up line."""
+    it fits, else built fresh; position embeddings are resized (bicubic) to the run's grid.
+    Returns the start-up line."""
     enc, info = encoders.load_encoder(path, attn="sdpa")
     c, want = enc.config, jepa.encoder.config
     if type(enc) is not VisionTransformer or c["cls_token"] or c["num_register_tokens"] or c["layer_scale"]:
-        raise UserError(f"--init_from {path}: a {info['format']} encoder (class token, registers or layer scale) is not "
-                        "the JEPA ViT pretrain.py trains; start from I-JEPA, RadJEPa or this project's weights")
+        raise UserError(f"--init_from {path}: a {info['format']} encoder (class token, registers or layer scale) "
+                        "is not the JEPA ViT pretrain.py trains; start from I-JEPA, RadJEPa or this project's weights")
     diff = [f"{k} {c[k]} (the run's {want[k]})" for k in ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio",
                                                        "qkv_bias", "in_chans", "eps") if c[k] != want[k]]
     if diff:
@@ -367,7 +368,8 @@ def main(argv=None):
               f"{ipe} steps/epoch, {total} steps, {env.device} {args.dtype}, attn {args.attn}")
     env.print(f"global batch {args.batch_size * env.world} = {args.batch_size} per process x {env.world} process(es), "
               f"peak lr {args.lr:g} (warm-up from {args.start_lr:g} over {int(args.warmup * ipe)} steps, cosine to "
-              f"{args.final_lr:g}); the lr is not rescaled with the batch (Meta's I-JEPA: 2048 = 128 x 16 GPUs at 1e-3)")
+              f"{args.final_lr:g}); the lr is not rescaled with the batch "
+              "(Meta's I-JEPA: 2048 = 128 x 16 GPUs at 1e-3)")
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank: the EMA target is not synced by DDP
     jepa, target = build(args, env.device)

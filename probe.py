@@ -88,8 +88,8 @@ def get_args(argv=None):
     base.add_preset_arg(p, PRESETS, "converged (default): the head solved to its optimum; paper: the paper's AdamW "
                                     "head (lr 5e-5, batch 96, 100 epochs)")
     args = base.apply_preset(p.parse_args(argv), PRESETS, "converged")
-    base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "folds >= 2", "repeats >= 1", "weight_decay >= 0", "last_layers >= 1",
-               "n_boot >= 1", models=VIT_CONFIGS)
+    base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "folds >= 2", "repeats >= 1",
+               "weight_decay >= 0", "last_layers >= 1", "n_boot >= 1", models=VIT_CONFIGS)
     if args.augment and args.head != "sgd":
         raise UserError("--augment trains through the encoder, one mini-batch at a time: it needs the SGD head "
                         "(--preset paper)")

@@ -119,9 +119,10 @@ def get_args(argv=None):
         vars(args).update({k: settings[k] for k in MODEL_SETTINGS if k in settings}, fsdp=False)  # one copy per rank
     paper = args.lm is not None
     base.apply_preset(args, PRESETS, "paper" if paper else "demo")
-    base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "image_pool >= 1", "grad_accum >= 1", "global_batch >= 1",
-               "max_new_tokens >= 1", "vocab_size >= 300", "max_report_tokens >= 1", "lm_layers >= 1", "lm_dim >= 1", "lm_heads >= 1",
-               "lora_r >= 1", "save_every >= 1", "stop_at >= 1", "log_every >= 1", "n_boot >= 1", models=VIT_CONFIGS)
+    base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "image_pool >= 1", "grad_accum >= 1",
+               "global_batch >= 1", "max_new_tokens >= 1", "vocab_size >= 300", "max_report_tokens >= 1",
+               "lm_layers >= 1", "lm_dim >= 1", "lm_heads >= 1", "lora_r >= 1", "save_every >= 1", "stop_at >= 1",
+               "log_every >= 1", "n_boot >= 1", models=VIT_CONFIGS)
     args.grad_ckpt = args.grad_ckpt or args.fsdp
     world = int(os.environ.get("WORLD_SIZE", 1))
     per_step = args.batch_size * world
@@ -503,6 +504,11 @@ def main(argv=None):
     for i in range(min(N_EXAMPLES, len(test))):
         print(f"\n--- example {i + 1}: {test[i]['path']}\nreference: {refs[i]}\ngenerated: {hyps[i]}")
     print_table(name, metrics, args.n_boot)
+    distinct = len(set(hyps))
+    print(f"{distinct} distinct generated report(s) for {len(hyps)} test images" + (
+        ": the model repeats a few reports it memorised, whatever the image (expected of a small LM trained from "
+        "scratch on few reports; image conditioning needs the paper's scale)" if distinct * 2 <= len(hyps)
+        else ""))
     print(f"encoder: {info['source']}")
     with open(os.path.join(args.out_dir, "predictions.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -521,7 +527,7 @@ def main(argv=None):
     deviations = ([] if args.lm else ["a small Llama trained from scratch instead of Vicuna-7B v1.5 (--lm)"]) + (
         [f"--max_steps {args.max_steps} instead of {args.epochs} epochs"] if args.max_steps else [])
     res = {"name": name, "encoder": info["source"], "encoder_format": info["format"], "metrics": metrics,
-           "deviations": deviations, "n_test": len(test), "n_train": len(train_set), "data": source,
+           "deviations": deviations, "n_test": len(test), "distinct_generated": distinct, "n_train": len(train_set), "data": source,
            "lm": args.lm or "small Llama from scratch", "lm_params": count_params(model.lm), "train_mode": args.train,
            "steps": steps, "fsdp": args.fsdp, "eval_only": args.eval_only, "checkpoint": args.checkpoint,
            "world_size": env.world, "memory_per_rank": mem,

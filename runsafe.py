@@ -100,7 +100,7 @@ class Run:
         LOCK[:] = [fd]  # held (and the lock with it) until the process ends
         with open(info, "w") as f:
             f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        stale = sorted(n for n in os.listdir(out) if TEMP.fullmatch(n) or n == "hf.new")
+        stale = sorted(n for n in os.listdir(out) if TEMP.fullmatch(n) or re.fullmatch(r"hf\.(new|old\d+)", n))
         for n in stale:
             p = os.path.join(out, n)
             shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
@@ -154,7 +154,8 @@ class Run:
         unknown = sorted(a for a in allowed if not hasattr(args, a))
         if unknown:
             raise UserError(f"--allow_change: no such flag {', '.join(unknown)}")
-        changed = [(k, v, getattr(args, k)) for k, v in saved.items() if hasattr(args, k) and norm(v) != norm(getattr(args, k))]
+        changed = [(k, v, getattr(args, k)) for k, v in saved.items()
+                   if hasattr(args, k) and norm(v) != norm(getattr(args, k))]
         refused = [c for c in changed if c[0] not in MAY_CHANGE | allowed]
         if refused:
             raise UserError("--resume: " + "; ".join(f"--{k} was {v} in the checkpoint, now {n}" for k, v, n in refused)
@@ -195,10 +196,10 @@ class Run:
         torch.set_rng_state(ck["rng"]["torch"])
         env.print(f"resumed from {self.ckpt} at step {step}" + (f"; changed: {self.changes}" if self.changes else "")
                   + (f"; the schedules now end at step {total} (were {ck['total']})" if ck["total"] != total else ""))
-        enc_path = os.path.join(self.args.out_dir, "encoder.safetensors")
-        if on_main(env, lambda: exported_step(enc_path) != step):  # killed between checkpoint and export: repair
+        enc_path, hf = (os.path.join(self.args.out_dir, n) for n in ("encoder.safetensors", "hf"))
+        if on_main(env, lambda: exported_step(enc_path) != step or not os.path.isdir(hf)):  # killed mid-export
             on_main(env, lambda: self._export(target, step, "the checkpoint is intact"))
-            env.print(f"re-exported {enc_path} at step {step} (it was older than its checkpoint)")
+            env.print(f"re-exported {enc_path} and {hf}/ at step {step} (they were older than their checkpoint)")
         self.ck = None
         return step
 
@@ -238,16 +239,17 @@ class Run:
 
     def _export(self, target, step, if_failed):
         """The run's exports of the target encoder, written right after the checkpoint of the same step (which is
-        the commit point: --resume re-exports an export older than its checkpoint)."""
+        the commit point). hf/ first, encoder.safetensors (which records its step) last: a kill anywhere in between
+        leaves encoder.safetensors older than the checkpoint, and --resume then re-exports both."""
         out = self.args.out_dir
-        save_encoder(target, os.path.join(out, "encoder.safetensors"), if_failed, step=step, model=self.args.model)
-        # the same encoder as a Hugging Face IJepaModel folder (encoders.export_hf): built beside, then swapped in
+        # the Hugging Face IJepaModel folder (encoders.export_hf): built beside, then swapped in
         hf, old = os.path.join(out, "hf"), os.path.join(out, f"hf.old{os.getpid()}")
         atomic_write(hf + ".new", lambda tmp: export_hf(target, tmp), if_failed)
         if os.path.isdir(hf):
             os.replace(hf, old)
         os.replace(hf + ".new", hf)
         shutil.rmtree(old, ignore_errors=True)
+        save_encoder(target, os.path.join(out, "encoder.safetensors"), if_failed, step=step, model=self.args.model)
 
 
 def exported_step(path):

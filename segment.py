@@ -91,8 +91,8 @@ def get_args(argv=None):
     base.add_preset_arg(p, PRESETS, "paper (the default with data flags) or demo (without), as described above")
     args = p.parse_args(argv)
     base.apply_preset(args, PRESETS, "paper" if args.csv or args.dataset else "demo")
-    base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "dice_loss >= 0", "box_scale > 0", "n_overlays >= 0", "n_boot >= 1",
-               models=VIT_CONFIGS)
+    base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "dice_loss >= 0", "box_scale > 0",
+               "n_overlays >= 0", "n_boot >= 1", models=VIT_CONFIGS)
     if args.img_size % args.patch_size:
         raise UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
     lateral = TASKS[args.task][1]

@@ -186,3 +186,33 @@ def test_probe_baseline_random_compares_against_the_same_architecture(tmp_path):
     assert cmp["b"].endswith("predictions.csv") and "baseline_random" in cmp["b"]
     assert 0 < cmp["metrics"]["auroc"]["Agg."]["p_one_tailed"] <= 1
     assert res["baseline"]["metrics"]["auroc"]["Agg."]["a"] == pytest.approx(res["agg"]["auroc"]["mean"], abs=0.2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# subjects and repeated rows: what would leak one patient into two parts, or count an image twice
+
+def test_subject_column_must_exist_unless_none_is_asked_for(tmp_path, capsys):
+    f = kermany_csv(tmp_path)
+    base_args = ["--csv", str(f), "--label_cols", "pneumonia"]
+    with pytest.raises(UserError, match="no subject column 'patient_id'.*--subject_col none"):
+        probe.load_table(probe.get_args(base_args + ["--subject_col", "patient_id"]))  # mistyped: it is 'patient'
+    with pytest.raises(UserError, match=r"no subject column 'subject' \(the default\)"):
+        probe.load_table(probe.get_args(base_args))  # the default name, absent from this CSV
+    own = probe.load_table(probe.get_args(base_args + ["--subject_col", "none"]))  # on purpose: image = subject
+    assert len(set(own.subjects)) == len(own.paths) == 16
+    named = probe.load_table(probe.get_args(base_args + ["--subject_col", "patient"]))
+    patients = [r["patient"] for r in csv.DictReader(open(f))]
+    assert list(named.subjects) == patients and not set(own.subjects) & set(patients)
+
+
+def test_repeated_rows_are_counted_and_dropped_conflicting_ones_refused(tmp_path, capsys):
+    f = kermany_csv(tmp_path)
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join(lines + lines[1:4]) + "\n")  # three rows listed twice, the same values
+    t = probe.load_table(probe.get_args(["--csv", str(f), "--subject_col", "patient", "--label_cols", "pneumonia"]))
+    assert len(t.paths) == 16 and "3 repeated row(s) dropped" in capsys.readouterr().out
+    flipped = lines[1].replace(",1,", ",0,") if ",1," in lines[1] else lines[1].replace(",0,", ",1,")
+    assert flipped != lines[1]
+    f.write_text("\n".join(lines + [flipped]) + "\n")  # the same image with another label
+    with pytest.raises(UserError, match="rows 2 and 18 list the image .* with different values"):
+        probe.load_table(probe.get_args(["--csv", str(f), "--subject_col", "patient", "--label_cols", "pneumonia"]))

@@ -1,5 +1,8 @@
 """data.py on the bundled real X-rays: decoding (PNG 8/16-bit, JPEG, TIFF, DICOM made here with pydicom), bad files,
 folders, the prepared cache (prepare.py), the source mix sampler, subject splits and deterministic crops."""
+import builtins
+import errno
+import io
 import logging
 import os
 import pickle
@@ -329,6 +332,60 @@ def test_cache_mismatch_is_a_clear_error(tmp_path):
         imagecache.open_cache(tmp_path / "c", paths, min_side=imagecache.min_stored_side(224))
     with pytest.raises(UserError, match="no prepared cache"):
         imagecache.open_cache(tmp_path / "nothing")
+
+
+def test_corrupt_cache_is_named_never_trained_on(tmp_path, caplog):
+    """A chunk overwritten with random bytes of the same size, or cut short, fails its checksums: counted, named
+    skips (never garbage pixels); an unreadable index is one line."""
+    paths = [str(p) for p in JPGS[:9]]
+    imagecache.prepare_cache(paths, tmp_path / "c", 64, workers=0, chunk_size=3, progress=False)
+    good = imagecache.open_cache(tmp_path / "c", paths)
+    first = [good[i].copy() for i in range(3)]
+    bin0, bin1 = tmp_path / "c" / "chunks" / "000000.bin", tmp_path / "c" / "chunks" / "000001.bin"
+    bin0.write_bytes(np.random.default_rng(0).integers(0, 256, bin0.stat().st_size, dtype=np.uint8).tobytes())
+    bin1.write_bytes(bin1.read_bytes()[:100])
+    cache = imagecache.open_cache(tmp_path / "c", paths)
+    (tmp_path / "c" / "chunks" / "000002.bin").rename(tmp_path / "c" / "moved")
+    with pytest.raises(data.ImageReadError, match="000002.bin cannot be read"):
+        cache[6]
+    (tmp_path / "c" / "moved").rename(tmp_path / "c" / "chunks" / "000002.bin")
+    for i in range(6):
+        with pytest.raises(data.ImageReadError, match=f"chunks/00000{i // 3}.bin is corrupt"):
+            cache[i]
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = data.PretrainDataset(paths, img_size=32, cache=cache)
+        assert ds.load(0)[0] == 6  # the next readable image: chunk 2 is intact
+    assert paths[0] in ds.skipped and any("000000.bin is corrupt" in r.getMessage() for r in caplog.records)
+    imagecache.prepare_cache(paths, tmp_path / "d", 64, workers=0, chunk_size=3, progress=False)
+    assert all(np.array_equal(imagecache.open_cache(tmp_path / "d")[i], first[i]) for i in range(3))
+    (tmp_path / "d" / "index.npz").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(UserError, match="index.npz is unreadable"):
+        imagecache.open_cache(tmp_path / "d", paths)
+
+
+def test_full_disk_while_preparing_leaves_no_temp_file_and_resumes(tmp_path, monkeypatch):
+    paths = [str(p) for p in JPGS[:4]]
+
+    class FullDisk(io.BytesIO):  # buffered: the disk is found full when the buffer is flushed, at close
+        def __init__(self, path):
+            super().__init__()
+            self.path = path
+
+        def close(self):
+            if not self.closed:
+                data, big = self.getvalue(), len(self.getvalue()) > 1000
+                builtins.open(self.path, "wb").write(data[:1000] if big else data)
+                super().close()
+                if big:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(imagecache, "open", lambda p, mode="r", *a: FullDisk(p) if "w" in mode
+                        else builtins.open(p, mode, *a), raising=False)
+    with pytest.raises(UserError, match="No space left on device.*finished chunks are intact"):
+        imagecache.prepare_cache(paths, tmp_path / "c", 64, workers=0, chunk_size=2, progress=False)
+    assert not [f for f in os.listdir(tmp_path / "c" / "chunks") if ".tmp" in f]
+    monkeypatch.undo()  # space is back: the build resumes and completes
+    cache = imagecache.prepare_cache(paths, tmp_path / "c", 64, workers=0, chunk_size=2, progress=False)
+    assert len(cache) == 4 and cache.info["stored"] == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------

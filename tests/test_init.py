@@ -69,7 +69,7 @@ def test_rescaled_init_divides_residual_outputs_by_sqrt_2_layer():
 
 
 def test_pretrain_init_flag_reaches_the_models():
-    args = pretrain.get_args(["--init", "rescaled", "--model", "vit_tiny", "--img_size", "56"])
+    args = pretrain.get_args(["--init", "rescaled", "--model", "vit_tiny", "--img_size", "112"])
     assert args.init == "rescaled" and pretrain.get_args([]).init == "meta"
     args.attn = "sdpa"
     jepa, target = pretrain.build(args, torch.device("cpu"))

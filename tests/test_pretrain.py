@@ -287,10 +287,14 @@ def test_out_dir_is_locked_and_never_overwritten(tmp_path):
     save_encoder(jepa_target, str(out / "encoder.safetensors"), step=1, model="vit_tiny")
     (out / "checkpoint.pt.tmp4242").write_bytes(b"x" * 1000)  # left by a killed run
     (out / ".encoder.safetensors.tmp77").write_bytes(b"x")
-    r = run([*args, "--max_steps", "2", "--resume"])  # finished: nothing to train, but the export is repaired
+    # killed between hf/'s two renames: hf/ moved aside, the new one not yet in place
+    (out / "hf").rename(out / "hf.old4242")
+    (out / "hf.new").mkdir()
+    r = run([*args, "--max_steps", "2", "--resume"])  # finished: nothing to train, but the exports are repaired
     assert "re-exported" in r.stdout
-    assert "removed 2 temp file(s)" in r.stdout
+    assert "removed 4 temp file(s)" in r.stdout
     assert not glob.glob(str(out / "*.tmp*")) and not glob.glob(str(out / ".*.tmp*"))
+    assert sorted(p.name for p in out.glob("hf*")) == ["hf"] and (out / "hf" / "model.safetensors").exists()
     with safe_open(str(out / "encoder.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["step"]) == 2
     # extending the run and changing the worker count are allowed, and printed
@@ -343,3 +347,39 @@ def test_fp16_scales_the_loss(tmp_path):
     assert ck["scaler"]["scale"] == 2.0 ** 16
     rows = [json.loads(l) for l in open(out / "log.jsonl")]
     assert rows[-1]["loss_scale"] == 2.0 ** 16
+
+
+def test_resume_names_what_the_run_was_built_from_and_the_lock_holds(tmp_path):
+    """Issue 26's lost-work cases: images added to --data_dir, --cache_dir added on resume, the .lock file deleted
+    mid-run, an immediate restart after kill -9 with DataLoader workers, SIGHUP (a closed terminal)."""
+    data = tmp_path / "imgs"
+    shutil.copytree(SAMPLE / "nih14" / "images", data)
+    out = tmp_path / "o"
+    args = ["--data_dir", str(data), "--out_dir", str(out), *FAST]
+    run([*args, "--max_steps", "2"])
+    shutil.copy(next(data.glob("*.jpg")), data / "added.jpg")  # the schedule would silently change
+    r = run([*args, "--max_steps", "3", "--resume"], check=False)
+    assert one_error_line(r) and "81 images in another list than the checkpoint's 80" in r.stderr
+    assert "--allow_change data_dir" in r.stderr
+    r = run([*args, "--max_steps", "3", "--resume", "--cache_dir", str(tmp_path / "cache")], check=False)
+    assert one_error_line(r) and "--cache_dir" in r.stderr
+    run([*args, "--max_steps", "3", "--resume", "--allow_change", "data_dir"])
+    assert sorted(losses(out)) == [1, 2, 3]
+    # the lock: deleting the .lock file does not let a second run in (the lock is on the folder itself)
+    long = [*args, "--max_steps", "400", "--resume", "--allow_change", "data_dir", "--num_workers", "2"]
+    p = start(long, start_new_session=True)
+    wait_for_steps(out, 5, p)
+    os.remove(out / ".lock")
+    r = run([*args, "--max_steps", "400", "--resume", "auto"], check=False)
+    assert one_error_line(r) and "in use by another pretrain.py run" in r.stderr
+    p.send_signal(signal.SIGKILL)  # kill -9 of the main process: its DataLoader workers outlive it for a while
+    p.wait()
+    # restarted at once (a scheduler's requeue): the workers never held the lock; then SIGHUP checkpoints, exits 129
+    p = start(long, start_new_session=True)
+    last = max(losses(out))
+    wait_for_steps(out, last + 2, p)
+    os.killpg(p.pid, signal.SIGHUP)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGHUP and "Traceback" not in stderr, stderr
+    stopped = int(stdout.split("stopped by SIGHUP at step ")[1].split(":")[0])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == stopped == max(losses(out))

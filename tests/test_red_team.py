@@ -4,6 +4,7 @@ Python traceback, and write nothing a later run would mistake for a result."""
 import json
 import os
 import pickle
+import re
 
 import pytest
 
@@ -15,7 +16,7 @@ import pretrain
 import probe
 import report
 import segment
-from conftest import SAMPLE
+from conftest import ROOT, SAMPLE
 
 SCRIPTS = {"pretrain": (pretrain, []), "prepare": (prepare, ["--data_dir", "x", "--cache_dir", "y"]),
            "probe": (probe, []), "segment": (segment, []), "report": (report, []),
@@ -25,8 +26,8 @@ ZERO_OK = {"enc_mean", "seed", "num_workers", "probe_every", "monitor_every", "g
            "min_keep", "weight_decay", "dice_loss", "n_overlays", "steps", "data_workers", "ema", "crop_scale"}
 
 
-def number_flags(module):
-    """(flag, type, nargs) of every int / float flag of a script's parser (read from the parser it builds)."""
+def parser_of(module):
+    """The parser a script's get_args builds (caught before it parses anything)."""
     seen = {}
 
     class Stop(Exception):
@@ -43,8 +44,42 @@ def number_flags(module):
         pass
     finally:
         base.ArgumentParser.parse_args = original
-    return [(a.option_strings[0], a.type, a.nargs) for a in seen["parser"]._actions
+    return seen["parser"]
+
+
+def number_flags(module):
+    """(flag, type, nargs) of every int / float flag of a script's parser."""
+    return [(a.option_strings[0], a.type, a.nargs) for a in parser_of(module)._actions
             if a.type in (int, float) and a.option_strings]
+
+
+def test_documented_commands_use_flags_the_scripts_have():
+    """Every `python X.py ...` / `torchrun ... X.py ...` command in the README and docs/ names only flags X.py has
+    (and in a choice flag, one of its choices): the docs never tell a user to type what the program refuses."""
+    docs = [os.path.join(ROOT, "README.md")] + [os.path.join(ROOT, "docs", n) for n in os.listdir(ROOT / "docs")]
+    commands = []
+    for path in docs:
+        text = re.sub(r"\\\n\s*", " ", open(path).read())  # join continued lines
+        for line in text.splitlines():
+            for m in re.finditer(r"(?:python|torchrun[^`|]*?)\s+(\w+)\.py\b([^`|#&;]*)", line):
+                if m.group(1) in SCRIPTS:
+                    commands.append((os.path.basename(path), m.group(1), m.group(2)))
+    assert len(commands) > 40
+    parsers = {name: parser_of(module) for name, (module, _) in SCRIPTS.items()}
+    wrong = []
+    for doc, name, rest in commands:
+        actions = parsers[name]._option_string_actions
+        words = re.sub(r'"[^"]*"', "", rest).split()  # a quoted value holds another script's flags
+        for i, w in enumerate(words):
+            if not w.startswith("--"):
+                continue
+            flag = w.split("=")[0]
+            if flag not in actions:
+                wrong.append(f"{doc}: {name}.py {flag}")
+            elif actions[flag].choices and i + 1 < len(words) and not words[i + 1].startswith("-") and \
+                    words[i + 1].isidentifier() and words[i + 1] not in actions[flag].choices:
+                wrong.append(f"{doc}: {name}.py {flag} {words[i + 1]}")
+    assert not wrong, wrong
 
 
 def refused(module, argv, capsys):

@@ -327,6 +327,7 @@ def test_end_to_end_tiny_run_and_compare(tmp_path):
     preds = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(preds) == saved["n_test"] == res["n_test"] > 0
     assert set(preds[0]) == {"path", "subject", "reference", "generated"}
+    assert saved["distinct_generated"] == len({p["generated"] for p in preds})
     assert (out / "tokenizer.model").exists() and (out / "log.jsonl").exists()
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert any(k.startswith("projector.") for k in ck["model"])

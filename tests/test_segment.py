@@ -184,7 +184,7 @@ def test_zones_from_scene_graph_json_and_csv(tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("image,mask\n" + "".join(f"images/{n}.png,masks/{n}.png\n" for n in names))
     args = segment.get_args(["--task", "zones", "--csv", str(manifest), "--image_root", str(LUNGSEG),
-                             "--boxes", str(sg)])
+                             "--boxes", str(sg), "--subject_col", "none"])
     from_json = segment.load_csv(str(manifest), args, archives.load_boxes(str(sg), 1.0))
     from_csv = segment.load_csv(str(manifest), args, archives.load_boxes(str(tmp_path / "boxes.csv"), 1.0))
     assert len(from_json) == len(from_csv) == 3

@@ -90,8 +90,9 @@ def _ptxas_usage(ptx, arch):
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        r = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
-                            src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
+        cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+               src, "-o", os.path.join(d, "k.cubin")]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     log = r.stdout + r.stderr
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else 0
     return dict(regs=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
