@@ -56,7 +56,8 @@ def number_flags(module):
 def test_documented_commands_use_flags_the_scripts_have():
     """Every `python X.py ...` / `torchrun ... X.py ...` command in the README and docs/ names only flags X.py has
     (and in a choice flag, one of its choices): the docs never tell a user to type what the program refuses."""
-    docs = [os.path.join(ROOT, "README.md")] + [os.path.join(ROOT, "docs", n) for n in os.listdir(ROOT / "docs")]
+    docs = [os.path.join(ROOT, "README.md")] + [os.path.join(ROOT, "docs", n) for n in os.listdir(ROOT / "docs")
+                                                if n.endswith(".md")]
     commands = []
     for path in docs:
         text = re.sub(r"\\\n\s*", " ", open(path).read())  # join continued lines
