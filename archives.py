@@ -133,8 +133,8 @@ def label_matrix(samples, task="auto"):
         known = {l[i] for l in labels if l[i] == l[i]}
         if len(known) == 1:
             n = sum(l[i] == l[i] for l in labels)
-            print(f"warning: label {c!r} is {int(known.pop())} for all {n} labelled images: its AUPRC / AUROC are "
-                  f"undefined ('-') and Agg. leaves it out")
+            print(f"warning: label {c!r} is {int(known.pop())} for all {n} {'labelled ' * (n < len(labels))}images: "
+                  f"its AUPRC / AUROC are undefined ('-') and Agg. leaves it out")
     return task, cols, labels
 
 
