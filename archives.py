@@ -210,10 +210,13 @@ def archive_csv(name, root, files, cols):
 
 
 def _archive_source(name, records, skipped):
-    """A data.Source of (path, subject, view) records whose image file exists (a missing one: a counted skip)."""
+    """A data.Source of (path, subject, view) records whose image file exists; a row without a path (None) or whose
+    file is not there is a counted skip."""
     kept = [r for r in records if r[0] and os.path.isfile(r[0])]
-    if len(kept) < len(records):
-        skipped["image file missing"] = skipped.get("image file missing", 0) + len(records) - len(kept)
+    no_path = sum(not r[0] for r in records)
+    for why, n in (("row without an image path", no_path), ("image file missing", len(records) - len(kept) - no_path)):
+        if n:
+            skipped[why] = skipped.get(why, 0) + n
     if not kept:
         raise UserError(f"{name}: none of its {len(records)} listed images is on disk (is this the folder that holds "
                         f"the images as released?)")

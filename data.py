@@ -12,6 +12,9 @@ Usage (downstream scripts):
 
 Usage (pretraining):
     sources = data.parse_sources(["/data/nih:2", "/data/chexpert/train.csv:1"])  # PATH[:WEIGHT]
+    sources = data.parse_sources(["mimic=/data/mimic-cxr-jpg/2.0.0:2"], named=archives.PRETRAIN)  # NAME=PATH
+    data.exclude_subjects(sources, data.read_subject_ids(["eval_subjects.txt"]))   # each source's count: .excluded
+    print(data.source_table(sources, sampler))    # the paper's Table 1 (after the sampler's --frontal_ratio)
     paths = data.concat_paths(sources)            # dataset index = position in this list
     cache = imagecache.open_cache("out/cache", paths)   # optional: the 8-bit cache prepare.py built
     ds = data.PretrainDataset(paths, 224, cache=cache)   # or verify=True to drop unreadable files upfront

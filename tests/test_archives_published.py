@@ -134,7 +134,8 @@ def _padchest(root):
             ("2_bbbbbb.png", "0", "A", "L", "['cardiomegaly', ' pleural effusion']", True),
             ("3_cccccc.png", "54", "B", "COSTAL", "['cardiomegaly']", True),
             ("4_dddddd.png", "54", "C", "", "", True),  # blank projection (other); no labels (dropped by the probe)
-            ("5_eeeeee.png", "1", "D", "AP_horizontal", "['normal']", False)]  # a listed image that is not there
+            ("5_eeeeee.png", "1", "D", "AP_horizontal", "['normal']", False),  # a listed image that is not there
+            ("6_ffffff.png", "", "E", "PA", "['normal']", False)]  # a row without a folder number
     out = []
     for i, (image, folder, pid, proj, labels, exists) in enumerate(rows):
         r = dict.fromkeys(PADCHEST_HEAD, "")
@@ -184,12 +185,12 @@ def test_source_table_numbers(arch):
     assert got == {"chexpert": (7, 8, 6, 2, 0, {}),  # the Path prefix CheXpert-v1.0-small/ is the root folder
                    "mimic": (4, 6, 3, 2, 1, {}),  # PA AP PA; LATERAL LL; blank
                    "nih": (3, 4, 4, 0, 0, {}),
-                   "padchest": (3, 4, 1, 1, 2, {"image file missing": 1}),  # PA; L; COSTAL, blank
+                   "padchest": (3, 4, 1, 1, 2, {"image file missing": 1, "row without an image path": 1}),
                    "brax": (3, 5, 2, 1, 2, {})}  # PA, AP LLD; L; RLO, blank
     table = data.source_table(sources).splitlines()
     assert table[0].split(" | ")[:7] == ["source  ", "subjects", "images", "frontal", "lateral", "other", "excluded"]
-    assert table[4].split() == "padchest | 3 | 4 | 1 | 1 | 2 | 0 | 1 image file missing".split()
-    assert table[-1].split() == "total | 20 | 27 | 16 | 6 | 5 | 0 | 1".split()
+    assert table[4].split(" | ")[-1] == "1 image file missing, 1 row without an image path"
+    assert table[-1].split() == "total | 20 | 27 | 16 | 6 | 5 | 0 | 2".split()
     # the generic sources keep working beside the named ones
     mixed = archives.pretrain_sources([str(arch["nih"]), f"brax={arch['brax']}:2"])
     assert [(s.name, len(s), s.weight, s.subjects is None) for s in mixed] == [(str(arch["nih"]), 4, 1.0, True),
@@ -314,8 +315,8 @@ def test_nih_and_padchest_labels(arch, capsys):
     args = _args(arch["padchest"], label_cols="cardiomegaly,pleural effusion")
     samples, _ = archives.load("padchest", args)
     assert [(s["subject"], s["labels"]["cardiomegaly"], s["labels"]["pleural effusion"]) for s in samples] == [
-        ("A", 0.0, 0.0), ("A", 1.0, 1.0), ("B", 1.0, 0.0)]  # C has no labels, D's image is not there: dropped
-    assert "1 row(s) with blank or unreadable Labels and 1 listed image(s) not on disk dropped" in \
+        ("A", 0.0, 0.0), ("A", 1.0, 1.0), ("B", 1.0, 0.0)]  # C has no labels, D's and E's images are not there
+    assert "1 row(s) with blank or unreadable Labels and 2 listed image(s) not on disk dropped" in \
         capsys.readouterr().out
     args.label_cols = "pneumonia"
     with pytest.raises(UserError, match="no label 'pneumonia'"):
