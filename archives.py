@@ -274,7 +274,10 @@ def pretrain_nih(root):
 
 def _padchest_path(root, r):
     d = r["ImageDir"].strip()  # an integer folder number (0-50, 54), written as 0 or 0.0
-    return os.path.join(root, str(int(float(d))), r["ImageID"].strip()) if d else None
+    try:
+        return os.path.join(root, str(int(float(d))), r["ImageID"].strip()) if d else None
+    except ValueError:
+        raise UserError(f"padchest {root}: ImageDir {d!r} of {r['ImageID']} is not a folder number")
 
 
 def pretrain_padchest(root):
