@@ -10,9 +10,9 @@ The layouts (LAYOUTS; each loader's docstring names its files): vindr (VinDr-CXR
 probe.py; vindr_rib (VinDr-RibCXR), mimic_lungs (lung-segment-mimic-cxr) for segment.py; mimic (MIMIC-CXR-JPG),
 iu_xray (IU-Xray, R2Gen's layout) for report.py. load_boxes reads Chest ImaGenome's zone boxes (--task zones).
 """
-import csv
+import ast
+import collections
 import glob
-import gzip
 import os
 import re
 
@@ -57,7 +57,8 @@ def as_01(value, where):
 def read_csv_samples(path, image_root, cols, part=None, path_keys=("path",), drop_blank=None, subject_given=False):
     """One sample per row of a CSV: cols {sample key: column} ('path' and 'subject' at least); path_keys are resolved
     against --image_root (default: the CSV's folder). The subject column must exist, named or default (splitting
-    images of one patient apart leaks): --subject_col none makes every image its own subject on purpose. A row repeated exactly is dropped and counted; one image listed twice with different
+    images of one patient apart leaks): --subject_col none makes every image its own subject on purpose. A row
+    repeated exactly is dropped and counted; one image listed twice with different
     values is an error. drop_blank: a key whose blank rows are dropped, and counted (the second value returned)."""
     cols = {**cols, "subject": None if cols.get("subject") == "none" else cols.get("subject")}
     rows = data.read_csv(path, required=[c for k, c in cols.items() if k != "subject" and c])
@@ -93,12 +94,21 @@ def read_csv_samples(path, image_root, cols, part=None, path_keys=("path",), dro
 # ----------------------------------------------------------------------------------------------------------------
 # classification (probe.py)
 
+def _is_masked(v):
+    """A label a published layout's loader left out on purpose (a float NaN, e.g. CheXpert's -1 with --uncertain
+    ignore); text read from a user's CSV is never masked: there a blank or NaN is an error."""
+    return isinstance(v, float) and v != v
+
+
 def label_matrix(samples, task="auto"):
-    """(task, classes, label matrix) from the samples' 'labels' {column: text}. Only 0/1 is a binary / multi-label
-    value: a blank, -1, NaN or a word in a label column is an error naming the row, unless task is multiclass (one
-    column of class names). A class that is the same for every image is kept, with a warning: it has no AUPRC."""
+    """(task, classes, label matrix) from the samples' 'labels' {column: text or float}. Only 0/1 is a binary /
+    multi-label value: a blank, -1, NaN or a word in a label column is an error naming the row, unless task is
+    multiclass (one column of class names); a float NaN from a layout's loader is kept as NaN (not labelled: left
+    out of the head's loss and of the metrics). A class that is the same for every image is kept, with a warning:
+    it has no AUPRC."""
     cols = list(samples[0]["labels"])
-    values = [[str(s["labels"][c]).strip() for c in cols] for s in samples]
+    values = [["nan" if _is_masked(s["labels"][c]) else str(s["labels"][c]).strip() for c in cols] for s in samples]
+    masked = [[_is_masked(s["labels"][c]) for c in cols] for s in samples]
     where = [s.get("where", s["path"]) for s in samples]
     if task == "auto":
         task = "multilabel" if len(cols) > 1 else "binary"
@@ -111,18 +121,20 @@ def label_matrix(samples, task="auto"):
                             f"drop those rows")
         classes = sorted({v[0] for v in values})
         return task, classes, [[float(v[0] == c) for c in classes] for v in values]
-    bad = [(w, v) for w, vals in zip(where, values) for v in vals if v not in BINARY]
+    bad = [(w, v) for w, vals, m in zip(where, values, masked) for v, mv in zip(vals, m) if v not in BINARY and not mv]
     if bad:
         hint = " (one column of class names? pass --task multiclass)" if len(cols) == 1 else ""
         raise UserError(f"{bad[0][0]}: label {bad[0][1]!r} is not 0 or 1 ({len(bad)} such values): blanks, -1 "
                         f"(uncertain), NaN and words are not binary labels{hint}")
     labels = [[float(v) for v in vals] for vals in values]
-    if task == "multiclass" and any(sum(l) != 1 for l in labels):
+    if task == "multiclass" and (any(map(any, masked)) or any(sum(l) != 1 for l in labels)):
         raise UserError("--task multiclass with several columns needs exactly one 1 per row (one-hot columns)")
     for i, c in enumerate(cols):
-        if len({l[i] for l in labels}) == 1:
-            print(f"warning: label {c!r} is {int(labels[0][i])} for all {len(labels)} images: its AUPRC / AUROC are "
-                  f"undefined ('-') and Agg. leaves it out")
+        known = {l[i] for l in labels if l[i] == l[i]}
+        if len(known) == 1:
+            n = sum(l[i] == l[i] for l in labels)
+            print(f"warning: label {c!r} is {int(known.pop())} for all {n} {'labelled ' * (n < len(labels))}images: "
+                  f"its AUPRC / AUROC are undefined ('-') and Agg. leaves it out")
     return task, cols, labels
 
 
@@ -163,6 +175,292 @@ def load_rsna(args):
         target[r["patientId"]] = max(target.get(r["patientId"], 0.0), as_01(r["Target"], f))
     return [{"path": os.path.join(root, "stage_2_train_images", f"{i}.dcm"), "subject": i, "part": None,
              "labels": {"Pneumonia": t}} for i, t in target.items()], f"RSNA Pneumonia {root}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the paper's five archives (Table 1), each read from its own metadata as released: pretraining sources
+# (pretrain.py / prepare.py --data_dir NAME=PATH, PRETRAIN) and labels for probing (probe.py --dataset, LAYOUTS)
+
+CHEXPERT_14 = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+               "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+               "Fracture", "Support Devices"]  # CheXpert's column order (MIMIC's label files list them A-Z)
+NIH_14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+          "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]  # as NIH spells them
+CHEXPERT_FILES = ("train.csv", "valid.csv")
+MIMIC_META, MIMIC_SPLIT = "mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-split.csv"
+MIMIC_PARTS = {"train": None, "validate": "val", "test": "test"}  # the split file's values -> samples' parts
+NIH_ENTRY = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")  # the 2020 revision first
+NIH_LISTS = {"train_val_list.txt": None, "test_list.txt": "test"}
+PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+BRAX_CSV = ("master_spreadsheet_update.csv", "master_spreadsheet.csv")
+UNCERTAIN = {"ignore": float("nan"), "zeros": 0.0, "ones": 1.0}  # the CheXpert paper's U-Ignore, U-Zeros, U-Ones
+PADCHEST_TOP = 20  # PadChest's default probe labels: its most frequent findings (it has ~190)
+
+
+def archive_csv(name, root, files, cols):
+    """(file, rows) of the first of `files` (or its .gz) under an archive's root; a missing file or a renamed column
+    is one line naming both."""
+    for f in files:
+        for p in (os.path.join(root, f), os.path.join(root, f) + ".gz"):
+            if os.path.isfile(p):
+                return p, data.read_csv(p, required=cols, hint=f"is {root} {name} as released, with its metadata "
+                                                               f"unchanged?")
+    raise UserError(f"{name} {root}: no {' or '.join(files)} (or .gz) in it: give the archive's root folder as "
+                    f"released (the folder that holds its metadata)")
+
+
+def _archive_source(name, records, skipped):
+    """A data.Source of (path, subject, view) records whose image file exists; a row without a path (None) or whose
+    file is not there is a counted skip."""
+    kept = [r for r in records if r[0] and os.path.isfile(r[0])]
+    no_path = sum(not r[0] for r in records)
+    for why, n in (("row without an image path", no_path), ("image file missing", len(records) - len(kept) - no_path)):
+        if n:
+            skipped[why] = skipped.get(why, 0) + n
+    if not kept:
+        raise UserError(f"{name}: none of its {len(records)} listed images is on disk (is this the folder that holds "
+                        f"the images as released?)")
+    paths, subjects, views = (list(x) for x in zip(*kept))
+    return data.Source(name, paths, views, subjects=subjects, skipped=skipped)
+
+
+def _chexpert_path(root, p):
+    """Path column -> file: rows start with the release's folder (CheXpert-v1.0/ or CheXpert-v1.0-small/), i.e. they
+    are relative to the root's parent; dropping that part (not joining the parent) survives a renamed root folder."""
+    parts = p.strip().split("/")
+    return os.path.join(root, *(parts[1:] if parts[0].startswith("CheXpert") else parts))
+
+
+def _chexpert_subject(p):
+    m = re.search(r"patient\d+", p)
+    return m.group(0) if m else p
+
+
+def pretrain_chexpert(root):
+    """CheXpert v1.0 (full or -small): train.csv and valid.csv, view from Frontal/Lateral."""
+    records = []
+    for f in CHEXPERT_FILES:
+        _, rows = archive_csv("chexpert", root, [f], ["Path", "Frontal/Lateral"])
+        records += [(_chexpert_path(root, r["Path"]), _chexpert_subject(r["Path"]), r["Frontal/Lateral"])
+                    for r in rows]
+    return _archive_source("chexpert", records, {})
+
+
+def _mimic_path(root, subject, study, dicom):
+    s = str(subject).strip()
+    return os.path.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{str(study).strip()}", f"{dicom.strip()}.jpg")
+
+
+def pretrain_mimic(root):
+    """MIMIC-CXR-JPG 2.0.0: every image of mimic-cxr-2.0.0-metadata.csv(.gz), view from ViewPosition (LL, XTABLE
+    LATERAL are lateral; LPO, SWIMMERS, blank ... other), files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg."""
+    _, rows = archive_csv("mimic", root, [MIMIC_META], ["dicom_id", "subject_id", "study_id", "ViewPosition"])
+    return _archive_source("mimic", [(_mimic_path(root, r["subject_id"], r["study_id"], r["dicom_id"]),
+                                      r["subject_id"], r["ViewPosition"]) for r in rows], {})
+
+
+def _nih_index(root):
+    """Image Index -> file: the release unpacks to images_001/images/ ... images_012/images/ (names are unique)."""
+    return {os.path.basename(f): f for f in glob.glob(os.path.join(root, "images*", "**", "*.png"), recursive=True)}
+
+
+def pretrain_nih(root):
+    """NIH ChestX-ray14: Data_Entry_2017_v2020.csv (or the original Data_Entry_2017.csv), 'View Position' (PA/AP)."""
+    _, rows = archive_csv("nih", root, NIH_ENTRY, ["Image Index", "Patient ID", "View Position"])
+    index = _nih_index(root)
+    return _archive_source("nih", [(index.get(r["Image Index"].strip()), r["Patient ID"], r["View Position"])
+                                   for r in rows], {})
+
+
+def _padchest_path(root, r):
+    d = r["ImageDir"].strip()  # an integer folder number (0-50, 54), written as 0 or 0.0
+    try:
+        return os.path.join(root, str(int(float(d))), r["ImageID"].strip()) if d else None
+    except ValueError:
+        raise UserError(f"padchest {root}: ImageDir {d!r} of {r['ImageID']} is not a folder number")
+
+
+def pretrain_padchest(root):
+    """PadChest: PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz), ImageDir/ImageID (16-bit PNG),
+    'Projection' PA, AP, AP_horizontal frontal, L lateral, COSTAL, blank and anything else other."""
+    _, rows = archive_csv("padchest", root, [PADCHEST_CSV], ["ImageID", "ImageDir", "PatientID", "Projection"])
+    return _archive_source("padchest", [(_padchest_path(root, r), r["PatientID"], r["Projection"]) for r in rows], {})
+
+
+def pretrain_brax(root):
+    """BRAX 1.1.0: master_spreadsheet_update.csv, PngPath relative to the root, ViewPosition (PA, AP, AP LLD frontal;
+    L, LL, RL lateral; RLO, LT-DECUB, blank other)."""
+    _, rows = archive_csv("brax", root, BRAX_CSV, ["PngPath", "PatientID", "ViewPosition"])
+    return _archive_source("brax", [(os.path.join(root, r["PngPath"].strip()) if r["PngPath"].strip() else None,
+                                     r["PatientID"], r["ViewPosition"]) for r in rows], {})
+
+
+PRETRAIN = {"chexpert": pretrain_chexpert, "mimic": pretrain_mimic, "nih": pretrain_nih,
+            "padchest": pretrain_padchest, "brax": pretrain_brax}
+
+
+def pretrain_sources(specs, exclude=()):
+    """pretrain.py's and prepare.py's --data_dir (folders, CSVs, NAME=PATH archives) less the subjects of the
+    --exclude_subjects files, so both build the same image list (and prepare.py's cache matches it)."""
+    return data.exclude_subjects(data.parse_sources(specs, named=PRETRAIN), data.read_subject_ids(exclude or ()))
+
+
+def add_source_args(p):
+    """The data flags pretrain.py and prepare.py share."""
+    p.add_argument("--data_dir", nargs="+", default=None, metavar="SOURCE",
+                   help="image folders, CSV files (column `path`, optional `view`) or published archives as NAME=PATH "
+                        f"({', '.join(PRETRAIN)}: read from their own metadata), each optionally :WEIGHT to set its "
+                        "share of every epoch")
+    p.add_argument("--exclude_subjects", nargs="+", default=None, metavar="FILE",
+                   help="leave these subjects out (e.g. the evaluation sets' patients): text files of one id per "
+                        "line, or CSVs with a subject_id / subject column (MIMIC's split file: its validate and test "
+                        "rows)")
+
+
+def archive_label(value, policy, where):
+    """A CheXpert-style label cell: 1 positive, 0 negative, blank not mentioned (negative, by the archives'
+    convention), -1 uncertain -> UNCERTAIN[policy] (NaN for ignore: that label of that image is left out of the
+    loss and of the metric)."""
+    v = str(value).strip()
+    if v in ("", "1", "1.0", "0", "0.0"):
+        return float(v or 0)
+    if v in ("-1", "-1.0"):
+        return UNCERTAIN[policy]
+    raise UserError(f"{where}: label {value!r} is not 1, 0, -1 or blank")
+
+
+def _wanted(args, available, default, where):
+    """The probe's label columns: --label_cols (each must exist) or the dataset's default."""
+    if not args.label_cols:
+        return default
+    wanted = [c.strip() for c in args.label_cols.split(",") if c.strip()]
+    absent = [c for c in wanted if c not in available]
+    if absent:
+        raise UserError(f"--label_cols: {where} has no label {absent[0]!r} (it has: {', '.join(available)})")
+    return wanted
+
+
+def _policy_note(name, samples, policy):
+    """Print and return how -1 was handled: the count per label, so a masked label's missing rows are visible."""
+    masked = {c: sum(np.isnan(s["labels"][c]) for s in samples) for c in samples[0]["labels"]}
+    what = {"ignore": "left out of the loss and the metric (NaN)", "zeros": "negative", "ones": "positive"}[policy]
+    print(f"{name}: --uncertain {policy}: uncertain (-1) labels {what}; blank (not mentioned) negative"
+          + (f"; unlabelled per label: {', '.join(f'{c} {n}' for c, n in masked.items() if n)}"
+             if any(masked.values()) else ""))
+    return f"uncertain -1: {policy}, blank: negative"
+
+
+def load_chexpert(args):
+    """CheXpert v1.0: train.csv (split by subject into train / validation) and valid.csv as the test set (its labels
+    are radiologists' consensus, 0/1 only); the 14 observations (--label_cols a subset); --uncertain for -1."""
+    root, out = args.data_dir, []
+    for f, part in zip(CHEXPERT_FILES, (None, "test")):
+        path, rows = archive_csv("chexpert", root, [f], ["Path"])
+        cols = _wanted(args, [c for c in rows[0] if c in CHEXPERT_14], CHEXPERT_14, path)
+        missing = [c for c in cols if c not in rows[0]]
+        if missing:
+            raise UserError(f"CSV {path} has no column {missing[0]!r}: is {root} CheXpert as released?")
+        out += [{"path": _chexpert_path(root, r["Path"]), "subject": _chexpert_subject(r["Path"]), "part": part,
+                 "where": f"{path} row {i + 2}",
+                 "labels": {c: archive_label(r[c], args.uncertain, f"{path} row {i + 2} {c!r}") for c in cols}}
+                for i, r in enumerate(rows)]
+    return out, f"CheXpert {root} (train.csv; valid.csv as test; {_policy_note('CheXpert', out, args.uncertain)})"
+
+
+def load_mimic_cxr(args):
+    """MIMIC-CXR-JPG 2.0.0 with its labels: mimic-cxr-2.0.0-{chexpert,negbio}.csv.gz (--mimic_labeler; one row per
+    study) joined to every image of the metadata on (subject_id, study_id); the official split (train, validate,
+    test). Images of a study without a label row are dropped and counted."""
+    root, labeler = args.data_dir, args.mimic_labeler
+    f, lab_rows = archive_csv("mimic_cxr", root, [f"mimic-cxr-2.0.0-{labeler}.csv"], ["subject_id", "study_id"])
+    cols = _wanted(args, [c for c in CHEXPERT_14 if c in lab_rows[0]], CHEXPERT_14, f)
+    missing = [c for c in cols if c not in lab_rows[0]]
+    if missing:
+        raise UserError(f"CSV {f} has no column {missing[0]!r}: is {root} MIMIC-CXR-JPG as released?")
+    labels = {(r["subject_id"].strip(), r["study_id"].strip()): (i, r) for i, r in enumerate(lab_rows)}
+    _, split = archive_csv("mimic_cxr", root, [MIMIC_SPLIT], ["dicom_id", "split"])
+    bad = [r["split"] for r in split if r["split"].strip() not in MIMIC_PARTS]
+    if bad:
+        raise UserError(f"{MIMIC_SPLIT}: split {bad[0]!r} is not one of {', '.join(MIMIC_PARTS)}")
+    part_of = {r["dicom_id"].strip(): MIMIC_PARTS[r["split"].strip()] for r in split}
+    _, meta = archive_csv("mimic_cxr", root, [MIMIC_META], ["dicom_id", "subject_id", "study_id"])
+    out, unlabelled = [], 0
+    for m in meta:
+        key = (m["subject_id"].strip(), m["study_id"].strip())
+        if key not in labels or m["dicom_id"].strip() not in part_of:
+            unlabelled += 1
+            continue
+        i, r = labels[key]
+        out.append({"path": _mimic_path(root, *key, m["dicom_id"]), "subject": key[0],
+                    "part": part_of[m["dicom_id"].strip()], "where": f"{f} row {i + 2}",
+                    "labels": {c: archive_label(r[c], args.uncertain, f"{f} row {i + 2} {c!r}") for c in cols}})
+    if not out:
+        raise UserError(f"{root}: no MIMIC-CXR image has a label row in {f} and a split in {MIMIC_SPLIT}")
+    if unlabelled:
+        print(f"MIMIC-CXR: {unlabelled} image(s) without a {labeler} label row or a split row dropped")
+    note = _policy_note("MIMIC-CXR", out, args.uncertain)
+    return out, f"MIMIC-CXR-JPG {root} ({labeler} labels, official split; {note})"
+
+
+def load_nih(args):
+    """NIH ChestX-ray14: Data_Entry_2017_v2020.csv 'Finding Labels' (pipe-separated; 'No Finding' = none of the 14),
+    the official test_list.txt as the test set and train_val_list.txt split by patient; images found under
+    images_NNN/images/. Images in neither list are dropped and counted."""
+    root = args.data_dir
+    f, rows = archive_csv("nih", root, NIH_ENTRY, ["Image Index", "Patient ID", "Finding Labels"])
+    part_of = {}
+    for name, part in NIH_LISTS.items():
+        p = os.path.join(root, name)
+        if not os.path.isfile(p):
+            raise UserError(f"nih {root}: no {name} (the official split list, one Image Index per line)")
+        with open(p) as fh:
+            part_of.update({ln.strip(): part for ln in fh if ln.strip()})
+    cols = _wanted(args, NIH_14, NIH_14, f)
+    index, out, unlisted = _nih_index(root), [], 0
+    for i, r in enumerate(rows):
+        name = r["Image Index"].strip()
+        if name not in part_of:
+            unlisted += 1
+            continue
+        found = {x.strip() for x in r["Finding Labels"].split("|")} - {"No Finding", ""}
+        if found - set(NIH_14):
+            raise UserError(f"{f} row {i + 2}: unknown finding {sorted(found - set(NIH_14))[0]!r} (NIH's 14: "
+                            f"{', '.join(NIH_14)}, or No Finding)")
+        out.append({"path": index.get(name, os.path.join(root, "images", name)), "subject": r["Patient ID"].strip(),
+                    "part": part_of[name], "labels": {c: float(c in found) for c in cols}})
+    if unlisted:
+        print(f"NIH ChestX-ray14: {unlisted} image(s) in neither train_val_list.txt nor test_list.txt dropped")
+    return out, f"NIH ChestX-ray14 {root} (official test_list.txt)"
+
+
+def load_padchest(args):
+    """PadChest: the 'Labels' column (a Python list literal, e.g. ['pleural effusion', 'cardiomegaly']; items
+    stripped, as some carry a leading space), one 0/1 column per label: --label_cols, else its PADCHEST_TOP most
+    frequent labels (meta-labels 'exclude' and 'suboptimal study' left out). No official split: part None (probe.py
+    cross-validates by patient). Rows with blank or unreadable Labels, and images the release lacks, are dropped
+    and counted."""
+    root = args.data_dir
+    f, rows = archive_csv("padchest", root, [PADCHEST_CSV], ["ImageID", "ImageDir", "PatientID", "Labels"])
+    parsed, dropped = [], 0
+    for r in rows:
+        try:
+            items = ast.literal_eval(r["Labels"].strip())
+            assert isinstance(items, (list, tuple))
+        except (ValueError, SyntaxError, AssertionError):
+            dropped += 1  # ~100 rows of the release have no labels (NaN)
+            continue
+        parsed.append((r, {str(x).strip() for x in items} - {""}))
+    counts = collections.Counter(x for _, found in parsed for x in found if x not in ("exclude", "suboptimal study"))
+    default = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:PADCHEST_TOP]]
+    cols = _wanted(args, sorted(counts), default, f)
+    out = [{"path": _padchest_path(root, r), "subject": r["PatientID"].strip(), "part": None,
+            "labels": {c: float(c in found) for c in cols}} for r, found in parsed]
+    kept = [s for s in out if s["path"] and os.path.isfile(s["path"])]  # the release misses ~30 of its images
+    if dropped or len(kept) < len(out):
+        print(f"PadChest: {dropped} row(s) with blank or unreadable Labels and {len(out) - len(kept)} listed image(s) "
+              f"not on disk dropped")
+    print(f"PadChest labels: {', '.join(cols)}")
+    return kept, f"PadChest {root}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,15 +697,6 @@ def extract_findings(text):
     return found.get("findings") or found.get("impression")
 
 
-def _read_table(path):
-    """Rows of a .csv or .csv.gz (the MIMIC metadata files ship gzipped)."""
-    for p in (path, path + ".gz"):
-        if os.path.exists(p):
-            with (gzip.open(p, "rt", newline="") if p.endswith(".gz") else open(p, newline="")) as f:
-                return list(csv.DictReader(f))
-    raise UserError(f"{path}(.gz) not found: is --data_dir the MIMIC-CXR-JPG root?")
-
-
 def load_mimic(args):
     """MIMIC-CXR-JPG with the official split (train / validate / test). --mimic_rule paper (default): every frontal
     image (ViewPosition PA or AP) whose report has a non-empty Findings section, as the paper states it (146,909 /
@@ -415,9 +704,10 @@ def load_mimic(args):
     Findings, else its Impression. The counts kept and dropped per split are printed."""
     root, rule = args.data_dir, args.mimic_rule
     rep_root = args.reports_dir or root
-    split = {r["dicom_id"]: r for r in _read_table(os.path.join(root, "mimic-cxr-2.0.0-split.csv"))}
+    _, split_rows = archive_csv("mimic", root, [MIMIC_SPLIT], ["dicom_id", "subject_id", "split"])
+    split = {r["dicom_id"]: r for r in split_rows}
     frontal = {}  # study -> [(rank of view, dicom_id)] of its frontal images
-    for m in _read_table(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv")):
+    for m in archive_csv("mimic", root, [MIMIC_META], ["dicom_id", "study_id", "ViewPosition"])[1]:
         view = (m.get("ViewPosition") or "").upper()
         if view in ("PA", "AP") and m["dicom_id"] in split:
             frontal.setdefault(m["study_id"], []).append((0 if view == "PA" else 1, m["dicom_id"]))
@@ -468,5 +758,6 @@ def load_iu_xray(args):
     return out, f"IU-Xray (R2Gen annotation.json, --iu_split {iu_split}, lower-cased; {blank} blank report(s) dropped)"
 
 
-LAYOUTS = {"vindr": load_vindr, "rsna": load_rsna, "vindr_rib": load_vindr_rib, "mimic_lungs": load_mimic_lungs,
+LAYOUTS = {"vindr": load_vindr, "rsna": load_rsna, "chexpert": load_chexpert, "mimic_cxr": load_mimic_cxr,
+           "nih": load_nih, "padchest": load_padchest, "vindr_rib": load_vindr_rib, "mimic_lungs": load_mimic_lungs,
            "mimic": load_mimic, "iu_xray": load_iu_xray}

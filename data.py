@@ -12,6 +12,9 @@ Usage (downstream scripts):
 
 Usage (pretraining):
     sources = data.parse_sources(["/data/nih:2", "/data/chexpert/train.csv:1"])  # PATH[:WEIGHT]
+    sources = data.parse_sources(["mimic=/data/mimic-cxr-jpg/2.0.0:2"], named=archives.PRETRAIN)  # NAME=PATH
+    data.exclude_subjects(sources, data.read_subject_ids(["eval_subjects.txt"]))   # each source's count: .excluded
+    print(data.source_table(sources, sampler))    # the paper's Table 1 (after the sampler's --frontal_ratio)
     paths = data.concat_paths(sources)            # dataset index = position in this list
     cache = imagecache.open_cache("out/cache", paths)   # optional: the 8-bit cache prepare.py built
     ds = data.PretrainDataset(paths, 224, cache=cache)   # or verify=True to drop unreadable files upfront
@@ -19,15 +22,18 @@ Usage (pretraining):
     idx = sampler.epoch_indices(epoch)            # this rank's list; slice it to resume mid-epoch
     x, step = ds[(idx[0], step)]                  # crop is a pure function of (seed, index, step)
 """
+import collections
 import collections.abc
 import concurrent.futures
 import csv
 import dataclasses
+import gzip
 import itertools
 import json
 import logging
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -177,19 +183,21 @@ def find_images(root):
 # ----------------------------------------------------------------------------------------------------------------
 # tables and paths
 
-def read_csv(path, required=()):
-    """Rows of a CSV as a list of dicts (strings). UserError when the file is missing, empty or lacks a column."""
+def read_csv(path, required=(), hint="pick the right one with --path_col / --subject_col / ..."):
+    """Rows of a CSV (or .csv.gz: archives ship their metadata gzipped) as a list of dicts (strings). UserError when
+    the file is missing, empty or lacks a column; `hint` says how to fix a missing column."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"CSV file {path!r} not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel writes a byte-order mark
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel writes a byte-order mark
         reader = csv.DictReader(f)
         cols = [c.strip() for c in (reader.fieldnames or [])]
         reader.fieldnames = cols
         missing = [c for c in required if c not in cols]
         if missing:
             raise UserError(f"CSV {path} has no column {', '.join(map(repr, missing))} (its columns: "
-                            f"{', '.join(cols) or 'none'}); pick the right one with --path_col / --subject_col / ...")
+                            f"{', '.join(cols) or 'none'}); {hint}")
         rows = list(reader)
     if not rows:
         raise UserError(f"CSV {path} has no rows")
@@ -447,31 +455,52 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 @dataclasses.dataclass
 class Source:
-    """One pretraining source: image paths, their views (strings, or None when unknown) and a sampling weight."""
+    """One pretraining source: image paths, their views (strings, or None when unknown), a sampling weight, and for
+    a published archive (archives.PRETRAIN) each image's subject and the rows it skipped ({why: count})."""
     name: str
     paths: list
     views: list = None
     weight: float = 1.0
+    subjects: list = None
+    skipped: dict = dataclasses.field(default_factory=dict)
+    excluded: int = 0  # images removed by --exclude_subjects
 
     def __len__(self):
         return len(self.paths)
 
 
-def parse_sources(specs, path_col="path", view_col="view"):
-    """Each spec is PATH[:WEIGHT]. A folder -> find_images (views unknown); a .csv -> its `path_col` column,
-    relative to the CSV's folder, with views from `view_col` when the CSV has one. Weight defaults to 1."""
-    out = []
+def _split_weight(spec):
+    """(PATH, WEIGHT) of PATH[:WEIGHT]; a ':' that is not followed by a number belongs to the path (C:\\data)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def parse_sources(specs, path_col="path", view_col="view", named=None):
+    """Each spec is PATH[:WEIGHT] or NAME=PATH[:WEIGHT]. A folder -> find_images (views unknown); a .csv -> its
+    `path_col` column, relative to the CSV's folder, with views from `view_col` when the CSV has one; NAME=PATH ->
+    named[NAME](PATH), a reader of a published archive's own metadata returning a Source. Weight defaults to 1."""
+    out, named = [], named or {}
     for spec in [specs] if isinstance(specs, str) else specs:
-        spec, path, weight = os.fspath(spec), os.fspath(spec), 1.0
-        head, sep, tail = spec.rpartition(":")
-        if sep and head:
-            try:
-                weight, path = float(tail), head
-            except ValueError:  # not a weight: a ':' in the path itself (e.g. C:\data)
-                pass
+        spec = os.fspath(spec)
+        path, weight = _split_weight(spec)
         if not (weight > 0 and math.isfinite(weight)):
             raise UserError(f"data source {spec!r}: the weight after ':' must be a positive number")
-        if os.path.isdir(path):
+        name, eq, root = path.partition("=")
+        if eq and re.fullmatch(r"[A-Za-z][\w-]*", name) and not os.path.exists(path):  # NAME=PATH, not a path with '='
+            if name not in named:
+                raise UserError(f"data source {spec!r}: unknown archive {name!r} (NAME=PATH takes one of "
+                                f"{', '.join(named) or 'none here'}; a plain folder or CSV needs no name)")
+            if not os.path.isdir(root):
+                raise UserError(f"data source {spec!r}: {root!r} is not a folder (give the archive's root folder)")
+            src = named[name](root)
+            src.weight = weight
+            out.append(src)
+        elif os.path.isdir(path):
             out.append(Source(path, find_images(path), None, weight))
         elif path.lower().endswith(".csv") and os.path.isfile(path):
             rows = read_csv(path, required=(path_col,))
@@ -479,10 +508,82 @@ def parse_sources(specs, path_col="path", view_col="view"):
             out.append(Source(path, [resolve(path, None, r[path_col]) for r in rows], views, weight))
         else:
             raise UserError(f"data source {path!r} is neither a folder nor a .csv file (expected PATH[:WEIGHT], a "
-                            f"folder of images or a CSV with a '{path_col}' column)")
+                            f"folder of images or a CSV with a '{path_col}' column, or NAME=PATH[:WEIGHT] with NAME "
+                            f"one of {', '.join(named) or 'none'})")
     if not out:
         raise UserError("no data sources given")
     return out
+
+
+def subject_key(s):
+    """One spelling per patient id: MIMIC's 'p10000032' and '10000032', NIH's '00000001' and '1' are the same."""
+    s = str(s).strip()
+    m = re.fullmatch(r"[pP]?0*(\d+)", s)
+    return m.group(1) if m else s
+
+
+def read_subject_ids(files):
+    """The subject ids of --exclude_subjects: a text file holds one per line (blank and '#' lines skipped); a CSV
+    (.csv, .csv.gz) its `subject_id` or `subject` column, and when it has a `split` column (MIMIC-CXR's split file)
+    only the rows that are not `train`: the subjects of the evaluation sets."""
+    ids = set()
+    for f in files:
+        f = os.fspath(f)
+        if f.endswith((".csv", ".csv.gz")):
+            rows = read_csv(f)
+            col = next((c for c in ("subject_id", "subject") if c in rows[0]), None)
+            if col is None:
+                raise UserError(f"--exclude_subjects {f}: no 'subject_id' or 'subject' column (its columns: "
+                                f"{', '.join(rows[0])})")
+            ids |= {subject_key(r[col]) for r in rows if r.get("split", "").strip() in ("", "validate", "val", "test")}
+        else:
+            try:
+                with open(f) as fh:
+                    ids |= {subject_key(x) for x in (ln.split(",")[0] for ln in fh) if x.strip() and x[0] != "#"}
+            except OSError as e:
+                raise UserError(f"--exclude_subjects {f}: cannot be read ({e.strerror or e})")
+    return ids
+
+
+def exclude_subjects(sources, ids):
+    """Remove the images of these subjects (subject_key spellings) from every source that knows its subjects, in
+    place; each source's count in .excluded. A source without subjects (a folder) cannot be filtered: an error."""
+    if not ids:
+        return sources
+    for s in sources:
+        if s.subjects is None:
+            raise UserError(f"--exclude_subjects: source {s.name} has no subject ids (a folder or a CSV); give the "
+                            f"archive as NAME=PATH (e.g. mimic=/data/mimic-cxr-jpg/2.0.0): its metadata names them")
+        keep = [i for i, sub in enumerate(s.subjects) if subject_key(sub) not in ids]
+        s.excluded = len(s) - len(keep)
+        s.paths, s.subjects = [s.paths[i] for i in keep], [s.subjects[i] for i in keep]
+        s.views = None if s.views is None else [s.views[i] for i in keep]
+        if not s.paths:
+            raise UserError(f"--exclude_subjects removed every image of {s.name}")
+    return sources
+
+
+def source_table(sources, sampler=None):
+    """The paper's Table 1 for these sources, one row each and a total: subjects, images, views (frontal, lateral,
+    other by view_kind; '-' when unknown), images excluded and rows skipped (with why); with a MixSampler, what one
+    epoch draws of each view after the weights and --frontal_ratio (repeats where a view is short)."""
+    head = ["source", "subjects", "images", "frontal", "lateral", "other", "excluded"]
+    head += ["epoch frontal", "epoch lateral", "epoch other"] if sampler else []
+    rows, total = [], np.zeros(len(head) - 1, np.int64)
+    plan = sampler.plan() if sampler else [()] * len(sources)
+    for s, drawn in zip(sources, plan):
+        kinds = collections.Counter(view_kind(v) for v in s.views) if s.views is not None else None
+        n = [len(set(s.subjects)) if s.subjects is not None else -1, len(s)]
+        n += [kinds[k] for k in ("frontal", "lateral", "other")] if kinds else [-1] * 3
+        n += [s.excluded, *drawn]
+        total += np.maximum(n, 0)
+        why = ", ".join(f"{c} {k}" for k, c in sorted(s.skipped.items())) or "0"
+        rows.append([s.name, *("-" if v < 0 else str(v) for v in n), why])
+    rows.append(["total", *map(str, total), str(sum(sum(s.skipped.values()) for s in sources))])
+    rows.insert(0, head + ["skipped"])
+    w = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join(" | ".join([r[0].ljust(w[0])] + [c.rjust(k) for c, k in zip(r[1:-1], w[1:])] + [r[-1]])
+                     for r in rows)
 
 
 def concat_paths(sources):
@@ -542,20 +643,25 @@ class MixSampler(torch.utils.data.Sampler):
         if self.per_rank == 0:
             raise UserError(f"epoch of {self.epoch_size} samples is smaller than the {self.world} processes")
 
-    def _source_draw(self, rng, groups, n):
+    def _split(self, groups, n):
+        """(frontal, lateral, other) draws of a source's n: other keeps its natural share, the rest is r:1."""
         front, lat, other = groups
         if not (len(front) or len(lat)):  # views unknown or all "other": nothing to rebalance
-            return _draw(rng, other, n)
+            return 0, 0, n
         n_other = int(round(n * len(other) / (len(front) + len(lat) + len(other))))
         m, r = n - n_other, self.frontal_ratio
         n_front = int(round(m * r / (1 + r))) if len(front) and len(lat) else (m if len(front) else 0)
-        return np.concatenate([_draw(rng, front, n_front), _draw(rng, lat, m - n_front), _draw(rng, other, n_other)])
+        return n_front, m - n_front, n_other
+
+    def plan(self):
+        """Per source, how many (frontal, lateral, other) images one epoch draws (the same every epoch)."""
+        return [self._split(g, int(n)) for g, n in zip(self.groups, _apportion(self.epoch_size, self.weights))]
 
     def epoch_list(self, epoch):
         """The whole epoch's shuffled index list (all ranks), a pure function of (seed, epoch)."""
         rng = np.random.default_rng([self.seed % 2 ** 63, int(epoch)])
-        counts = _apportion(self.epoch_size, self.weights)
-        parts = [off + self._source_draw(rng, g, n) for off, g, n in zip(self.offsets, self.groups, counts)]
+        parts = [off + np.concatenate([_draw(rng, ix, k) for ix, k in zip(g, counts)])
+                 for off, g, counts in zip(self.offsets, self.groups, self.plan())]
         return rng.permutation(np.concatenate(parts))
 
     def epoch_indices(self, epoch=None):

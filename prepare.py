@@ -4,6 +4,8 @@ shrink it so that no training crop is ever upsampled, and store it 8-bit in a ca
 README's Input says what it stores and costs, imagecache.py how). A killed run continues when run again.
 
     python prepare.py --data_dir /data/mimic /data/chexpert/train.csv --cache_dir /fast/radjepa-cache
+    python prepare.py --data_dir chexpert=/data/CheXpert-v1.0 mimic=/data/mimic-cxr-jpg/2.0.0 \
+        --exclude_subjects /data/mimic-cxr-jpg/2.0.0/mimic-cxr-2.0.0-split.csv.gz --cache_dir /fast/radjepa-cache
     python pretrain.py --data_dir /data/mimic /data/chexpert/train.csv --cache_dir /fast/radjepa-cache
 
     # split over machines / SLURM tasks: each process builds its share, the last to finish writes the index
@@ -13,15 +15,16 @@ README's Input says what it stores and costs, imagecache.py how). A killed run c
 """
 import time
 
+import archives
 import base
 import data
 import imagecache
+from base import UserError
 
 
 def get_args(argv=None):
     p = base.ArgumentParser(__doc__)
-    p.add_argument("--data_dir", nargs="+", required=True, metavar="SOURCE",
-                   help="the sources pretrain.py gets: image folders or CSVs (column `path`), optionally PATH:WEIGHT")
+    archives.add_source_args(p)  # the sources and exclusions pretrain.py gets
     p.add_argument("--cache_dir", required=True, help="folder of the cache (created; resumed if it holds part of one)")
     p.add_argument("--img_size", type=int, default=224, help="training crop size the cache must serve (paper: 224)")
     p.add_argument("--crop_scale", type=float, nargs=2, default=(0.3, 1.0), help="training crop area range")
@@ -37,6 +40,8 @@ def get_args(argv=None):
     args = base.check(p.parse_args(argv), "img_size >= 1", "img_size <= 4096", "side >= 1", "chunk_size >= 1",
                       "workers >= 1")
     base.ordered_pair(args, "crop_scale", 1e-9, 1.0)
+    if not (args.data_dir or args.merge):
+        raise UserError("--data_dir is required: the sources pretrain.py will get (folders, CSVs, NAME=PATH archives)")
     return args
 
 
@@ -56,7 +61,9 @@ def main(argv=None):
         cache = imagecache.merge_cache(args.cache_dir)
         print(summary(cache))
         return cache.info
-    paths = data.concat_paths(data.parse_sources(args.data_dir))
+    sources = archives.pretrain_sources(args.data_dir, args.exclude_subjects)
+    print(data.source_table(sources))
+    paths = data.concat_paths(sources)
     shard = imagecache.shard_from_env(args.shard)
     t = time.perf_counter()
     print(f"{len(paths)} images -> {args.cache_dir} (short side {side} px, {args.format}), shard {shard[0]}/{shard[1]}",

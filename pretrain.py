@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import archives
 import base
 import data
 import encoders
@@ -72,13 +73,12 @@ PRESETS = {
 
 def get_args(argv=None):
     p = base.ArgumentParser(__doc__)
-    p.add_argument("--data_dir", nargs="+", default=None, metavar="SOURCE",
-                   help="image folders or CSV files (column `path`, optional `view`), each optionally PATH:WEIGHT "
-                        "to set its share of every epoch (default: the bundled sample_data)")
+    archives.add_source_args(p)  # --data_dir (default: the bundled sample_data), --exclude_subjects
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="defaults for the flags below (default: demo without --data_dir, paper with it)")
     p.add_argument("--frontal_ratio", type=float, default=None,
-                   help="resample so frontal:lateral is this ratio where CSV sources give a view column (paper: 3)")
+                   help="resample so frontal:lateral is this ratio in every source that knows its views (NAME=PATH "
+                        "archives, CSVs with a view column; paper: 3)")
     p.add_argument("--cache_dir", default=None, help="read images from the cache prepare.py built here from the same "
                                                      "--data_dir (python prepare.py --data_dir ... --cache_dir DIR)")
     p.add_argument("--verify", action="store_true",
@@ -346,7 +346,7 @@ def main(argv=None):
     run = Run(args, env)  # lock out_dir; resume, start, or refuse to touch a checkpoint
 
     # data: find and check everything before any model is built, so a bad path fails in seconds
-    sources = data.parse_sources(args.data_dir)
+    sources = archives.pretrain_sources(args.data_dir, args.exclude_subjects)
     paths = data.concat_paths(sources)
     run.data = {"images": len(paths), "list": hashlib.sha1("\0".join(paths).encode()).hexdigest()}
     # opened, never built here (no rank waits for another); a missing, unfinished or mismatched cache is an error
@@ -363,6 +363,9 @@ def main(argv=None):
     collator = masks_lib.MaskCollator.from_args(args, (args.img_size // args.patch_size,) * 2, env.rank)
     env.print(f"{len(paths)} images from " + ", ".join(f"{s.name} ({len(s)}, weight {s.weight:g})" for s in sources)
               + (f"; {len(dataset.skipped)} unreadable, skipped" if dataset.skipped else ""))
+    ratio = f"--frontal_ratio {args.frontal_ratio:g}" if args.frontal_ratio else "no --frontal_ratio"
+    env.print(f"sources (the paper's Table 1; one epoch's draws after the weights and {ratio}):\n"
+              + data.source_table(sources, sampler))
     env.print(f"{args.preset} preset: {args.model}/{args.patch_size} at {args.img_size} px, "
               f"predictor {args.pred_depth}x{args.pred_dim}, crop area {args.crop_scale[0]:g}-{args.crop_scale[1]:g}, "
               f"{ipe} steps/epoch, {total} steps, {env.device} {args.dtype}, attn {args.attn}")

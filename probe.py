@@ -6,6 +6,8 @@ Linear probe: is a frozen encoder's global embedding linearly predictive of find
         --subject_col patient_id --label_cols Atelectasis,Cardiomegaly,Effusion    # 5-fold CV by patient
     python probe.py --dataset vindr --data_dir /data/vindr-cxr/1.0.0   # official split, six findings, 5 seeds
     python probe.py --dataset rsna --data_dir /data/rsna-pneumonia     # 60/20/20 by patient (--protocol cv: 5-fold)
+    python probe.py --dataset chexpert --data_dir /data/CheXpert-v1.0 --uncertain ones   # valid.csv as the test set
+    python probe.py --dataset nih --data_dir /data/nih14     # also mimic_cxr, padchest: the archives' own label files
     python probe.py --csv train.csv --val_csv val.csv --test_csv test.csv --label_cols a,b   # fixed splits
     python probe.py --csv t.csv --label_cols finding --task multiclass   # one column of class names
     python probe.py --preset paper [--augment] ...    # the paper's AdamW head (and how far from converged it stops)
@@ -50,6 +52,7 @@ DEMO_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data
 # Both build a random encoder (no --encoder, no pretraining export) as the paper's ViT-B/14 at 224 px.
 PRESETS = {"converged": dict(head="lbfgs", model="vit_base", img_size=224, batch_size=96, epochs=100, lr=5e-5),
            "paper": dict(head="sgd", model="vit_base", img_size=224, batch_size=96, epochs=100, lr=5e-5)}
+UNCERTAIN_LAYOUTS = ("chexpert", "mimic_cxr")  # the layouts whose labels have -1 (uncertain): --uncertain applies
 VAL_FRAC = 0.15  # share of a training part's subjects that picks the SGD head's epoch (no fixed validation part)
 EXTRACT_BATCH = 64  # images per forward pass of the frozen encoder
 AUG = dict(flip_p=0.5, rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, crop_area=(0.8, 1.0),  # --augment:
@@ -59,11 +62,18 @@ AUG = dict(flip_p=0.5, rotate_deg=10.0, scale=(0.9, 1.1), translate=0.05, crop_a
 def get_args(argv=None):
     p = base.ArgumentParser(__doc__)
     g = downstream.add_data_args(p, "data (default: the bundled Kermany sample, label `pneumonia`, subject "
-                                 "`patient`)", ["vindr", "rsna"], "image path, subject, label columns")
+                                 "`patient`)", ["vindr", "rsna", "chexpert", "mimic_cxr", "nih", "padchest"],
+                                 "image path, subject, label columns")
     g.add_argument("--label_cols", help="comma-separated: several 0/1 columns = multi-label, one 0/1 column = "
                    "binary, one column of class names = multi-class (with --task multiclass)")
     g.add_argument("--vindr_consensus", default="majority", choices=["majority", "any"],
                    help="how VinDr's three readers per training image are combined (see archives.load_vindr)")
+    g.add_argument("--uncertain", default="ignore", choices=list(archives.UNCERTAIN),
+                   help="chexpert, mimic_cxr: uncertain (-1) labels, by the CheXpert paper's names: ignore (left "
+                        "out of the loss and the metric for that image), zeros (negative) or ones (positive); blank "
+                        "(not mentioned) is negative")
+    g.add_argument("--mimic_labeler", default="chexpert", choices=["chexpert", "negbio"],
+                   help="mimic_cxr: which of MIMIC-CXR-JPG's label files (mimic-cxr-2.0.0-LABELER.csv.gz)")
     g = p.add_argument_group("protocol")
     g.add_argument("--task", default="auto", choices=["auto", "multilabel", "multiclass", "binary"])
     g.add_argument("--protocol", default="auto", choices=["auto", "fixed", "split", "cv"],
@@ -497,7 +507,9 @@ def main(argv=None):
            "classes": table.classes, **summarise(per_fold, table.classes), "per_fold": per_fold,
            "protocol": protocol, "convergence": convergence(per_fold, args.head), "deviations": deviations(args, proto),
            "data": {"source": table.source, "n_images": len(table.paths), "n_subjects": len(set(table.subjects)),
-                    "positives": {c: int(table.labels[:, i].sum()) for i, c in enumerate(table.classes)}},
+                    "positives": {c: int(np.nansum(table.labels[:, i])) for i, c in enumerate(table.classes)},
+                    "unlabelled": {c: int(np.isnan(table.labels[:, i]).sum()) for i, c in enumerate(table.classes)},
+                    **({"uncertain": args.uncertain} if args.dataset in UNCERTAIN_LAYOUTS else {})},
            "preprocess": {k: info[k] for k in ("img_size", "mean", "std", "crop_frac")},
            "feature_dim": int(feats.shape[1]), "settings": vars(args), "time_s": round(time.time() - t0, 1)}
     for metric in ("auprc", "auroc"):
