@@ -527,7 +527,8 @@ def main(argv=None):
     deviations = ([] if args.lm else ["a small Llama trained from scratch instead of Vicuna-7B v1.5 (--lm)"]) + (
         [f"--max_steps {args.max_steps} instead of {args.epochs} epochs"] if args.max_steps else [])
     res = {"name": name, "encoder": info["source"], "encoder_format": info["format"], "metrics": metrics,
-           "deviations": deviations, "n_test": len(test), "distinct_generated": distinct, "n_train": len(train_set), "data": source,
+           "deviations": deviations, "n_test": len(test), "distinct_generated": distinct, "n_train": len(train_set),
+           "data": source,
            "lm": args.lm or "small Llama from scratch", "lm_params": count_params(model.lm), "train_mode": args.train,
            "steps": steps, "fsdp": args.fsdp, "eval_only": args.eval_only, "checkpoint": args.checkpoint,
            "world_size": env.world, "memory_per_rank": mem,
