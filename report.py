@@ -42,7 +42,7 @@ import data
 import downstream
 import llama
 from base import UserError
-from labeler import METRICS, Scorer, print_table, score, write_labels
+from labeler import Scorer, model_labelers, print_table, score, write_labels
 from llama import (Llama, LlamaConfig, Tokenizer, apply_lora, fine_tune, full_state, generate, load_hf_llama,
                    save_peft_adapter, shard_fsdp)
 from model import VIT_CONFIGS, count_params
@@ -95,9 +95,13 @@ def get_args(argv=None):
                    "world size (default: 128 with --lm; else --batch_size x world)")
     g.add_argument("--grad_accum", type=int, help="micro-batches per optimiser step (default: from --global_batch)")
     g.add_argument("--max_report_tokens", type=int, default=150, help="reports are cut to this many tokens to train")
-    g.add_argument("--max_new_tokens", type=int, default=150)
+    g.add_argument("--max_new_tokens", type=int, default=150, help="longest generated report (paper 150, LLaVA-Rad 256)")
     g.add_argument("--image_pool", type=int, help="average-pool the patch grid k x k before the projector")
     g.add_argument("--gen_dtype", default="fp32", choices=["fp32", "bf16"], help="decoding precision (paper: fp32)")
+    g.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
+    g.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do_sample)")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this probability")
     g.add_argument("--save_every", type=int, help="save the training state every N steps (always at the end with "
                    "--fsdp) to OUT_DIR/train_state")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/train_state")
@@ -108,6 +112,10 @@ def get_args(argv=None):
     g.add_argument("--checkpoint", help="a report.py out_dir (checkpoint.pt, tokenizer) for --eval_only")
     g.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="two predictions.csv files (or run folders): paired bootstrap, one-tailed 'A better than B'")
+    g.add_argument("--chexbert", help="CheXbert's chexbert.pth, bert-base-uncased's vocab.txt beside it: CheXpert F1 "
+                   "from CheXbert's labels (default: $RADJEPA_CHEXBERT, else labeler.py's rules)")
+    g.add_argument("--radgraph", help="RadGraph's model, radgraph.tar.gz extracted (config.json, vocabulary/, "
+                   "weights.th), run by the radgraph package: RadGraph F1 (default: $RADJEPA_RADGRAPH, else none)")
     downstream.add_eval_args(p, n_boot=500)
     base.add_common_args(p, "report")
     base.add_preset_arg(p, PRESETS, "paper (the default with --lm); demo (without: the small LM from scratch)")
@@ -122,7 +130,8 @@ def get_args(argv=None):
     base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "image_pool >= 1", "grad_accum >= 1",
                "global_batch >= 1", "max_new_tokens >= 1", "vocab_size >= 300", "max_report_tokens >= 1",
                "lm_layers >= 1", "lm_dim >= 1", "lm_heads >= 1", "lora_r >= 1", "save_every >= 1", "stop_at >= 1",
-               "log_every >= 1", "n_boot >= 1", models=VIT_CONFIGS)
+               "log_every >= 1", "n_boot >= 1", "num_beams >= 1", "temperature > 0", "top_p > 0", "top_p <= 1",
+               models=VIT_CONFIGS)
     args.grad_ckpt = args.grad_ckpt or args.fsdp
     world = int(os.environ.get("WORLD_SIZE", 1))
     per_step = args.batch_size * world
@@ -133,6 +142,8 @@ def get_args(argv=None):
         raise UserError(f"--global_batch {args.global_batch} != --batch_size {args.batch_size} x --grad_accum "
                         f"{args.grad_accum} x {world} ranks: choose --batch_size so that it divides --global_batch, "
                         f"or give only one of --global_batch / --grad_accum")
+    if args.do_sample and args.num_beams > 1:
+        raise UserError("give either --do_sample or --num_beams, not both (beam search here is deterministic)")
     if args.dataset and (args.csv or args.test_csv):
         raise UserError("give either --dataset (with --data_dir) or --csv, not both")
     if args.dataset == "iu_xray" and args.iu_split == "test" and not args.eval_only and not args.label_only:
@@ -259,10 +270,11 @@ class ReportModel(nn.Module):
         return ce / (sel.sum() if n_tokens is None else n_tokens)
 
     @torch.no_grad()
-    def generate(self, feats, tok, max_new_tokens):
+    def generate(self, feats, tok, max_new_tokens, decoding=None):
+        """Reports for a batch of images: greedy, or llama.generate's beam search / sampling (`decoding`)."""
         ids = torch.tensor([prompt_ids(tok, feats.shape[1])] * len(feats), device=feats.device)
         out = generate(self.lm, inputs_embeds=self.embed(ids, feats), max_new_tokens=max_new_tokens,
-                       eos_token_id=tok.eos)  # one prompt length for all: no padding needed
+                       eos_token_id=tok.eos, **(decoding or {}))  # one prompt length for all: no padding needed
         return [tok.decode(o) for o in out]
 
 
@@ -407,11 +419,14 @@ def generate_all(model, samples, feats_of, tok, args, env):
     of the model) and rank 0 gathers them."""
     mine = list(range(env.rank, len(samples), env.world))
     out = {}
+    decoding = dict(num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature,
+                    top_p=args.top_p, generator=torch.Generator(env.device).manual_seed(args.seed + env.rank)
+                    if args.do_sample else None)
     for i in tqdm(range(0, len(mine), GEN_BATCH), desc="generating", disable=not env.is_main):
         b = mine[i:i + GEN_BATCH]
         # fp32 decoding by default (the paper's); --gen_dtype bf16 autocasts like training
         with env.autocast() if args.gen_dtype == "bf16" else contextlib.nullcontext():
-            out.update(zip(b, model.generate(feats_of(b).to(env.device), tok, args.max_new_tokens)))
+            out.update(zip(b, model.generate(feats_of(b).to(env.device), tok, args.max_new_tokens, decoding)))
     out = {k: v for part in gather(out, env) for k, v in part.items()}
     return [out[i] for i in range(len(samples))]
 
@@ -432,8 +447,11 @@ def compare(args):
     if any(A[k]["reference"] != B[k]["reference"] for k in keys):
         raise UserError(f"{pa} and {pb} have different reference reports for the same images")
     refs = [A[k]["reference"] for k in keys]
-    sa, sb = Scorer([A[k]["generated"] for k in keys], refs), Scorer([B[k]["generated"] for k in keys], refs)
-    stats = {name: (lambda idx, fa=getattr(sa, fn), fb=getattr(sb, fn): (fa(idx), fb(idx))) for name, fn in METRICS}
+    chexbert, annotate, notes = model_labelers(args.chexbert, args.radgraph)
+    print(f"CheXpert F1 labels: {notes['labeler']}")
+    sa, sb = (Scorer([X[k]["generated"] for k in keys], refs, chexbert, annotate) for X in (A, B))
+    stats = {name: (lambda idx, fa=getattr(sa, fn), fb=getattr(sb, fn): (fa(idx), fb(idx)))
+             for name, fn in sa.metrics()}
     return downstream.paired_compare(args, pa, pb, stats, len(keys), unit="test reports", digits=2)
 
 
@@ -447,6 +465,7 @@ def main(argv=None):
         return write_labels(data.read_csv(args.csv, required=(args.text_col,)), args.text_col, args.out_dir)
     env = base.setup(args)
     t0 = time.time()
+    labelers = model_labelers(args.chexbert, args.radgraph) if env.is_main else None  # a bad path fails here, early
     base.write_args(args, args.out_dir)
     splits, source = load_samples(args)
     train_set, test = splits["train"], splits["test"]  # val is not used for selection: a fixed schedule, as in LLaVA
@@ -500,7 +519,7 @@ def main(argv=None):
     refs = [s["text"] for s in test]
     if args.dataset == "iu_xray":  # lower-case references (R2Gen's IU cleaning): score lower-cased reports
         hyps = [h.lower() for h in hyps]
-    metrics, _ = score(hyps, refs, args.n_boot, args.seed)
+    metrics, _ = score(hyps, refs, args.n_boot, args.seed, labelers)
     for i in range(min(N_EXAMPLES, len(test))):
         print(f"\n--- example {i + 1}: {test[i]['path']}\nreference: {refs[i]}\ngenerated: {hyps[i]}")
     print_table(name, metrics, args.n_boot)
