@@ -67,7 +67,8 @@ N_EXAMPLES = 3  # generated reports printed beside their references
 
 def get_args(argv=None):
     p = base.ArgumentParser(__doc__)
-    g = downstream.add_data_args(p, "data (default: the bundled image + report pairs)", ["mimic", "iu_xray"],
+    g = downstream.add_data_args(p, "data (default: the bundled image + report pairs)",
+                                 ["mimic", "iu_xray", "llava_rad"],
                                  "image path, subject, report text",
                                  subject_default="subject; patientid for the bundled CSV")
     g.add_argument("--text_col", default="text", help="report text column")
@@ -78,6 +79,8 @@ def get_args(argv=None):
     g.add_argument("--iu_split", default="test", choices=["test", "r2gen"],
                    help="test: all of IU-Xray is test data (the paper's out-of-distribution test, with --eval_only; "
                         "lower-cased as in R2Gen, and so are the reports generated for it); r2gen: R2Gen's split")
+    g.add_argument("--annotations", help="--dataset llava_rad: LLaVA-Rad's chat_test_MIMIC_CXR_all_gpt4extract_"
+                   "rulebased_v1.json (PhysioNet llava-rad-mimic-cxr-annotation); images under --data_dir")
     g.add_argument("--label_only", action="store_true", help="only label --csv's --text_col with the CheXpert labeler")
     g = p.add_argument_group("model")
     g.add_argument("--lm", help="local Hugging Face Llama/Vicuna folder (default: small LM from scratch)")
@@ -95,7 +98,7 @@ def get_args(argv=None):
                    "world size (default: 128 with --lm; else --batch_size x world)")
     g.add_argument("--grad_accum", type=int, help="micro-batches per optimiser step (default: from --global_batch)")
     g.add_argument("--max_report_tokens", type=int, default=150, help="reports are cut to this many tokens to train")
-    g.add_argument("--max_new_tokens", type=int, default=150, help="longest generated report (paper 150, LLaVA-Rad 256)")
+    g.add_argument("--max_new_tokens", type=int, default=150, help="longest report (paper 150, LLaVA-Rad 256)")
     g.add_argument("--image_pool", type=int, help="average-pool the patch grid k x k before the projector")
     g.add_argument("--gen_dtype", default="fp32", choices=["fp32", "bf16"], help="decoding precision (paper: fp32)")
     g.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
@@ -146,6 +149,9 @@ def get_args(argv=None):
         raise UserError("give either --do_sample or --num_beams, not both (beam search here is deterministic)")
     if args.dataset and (args.csv or args.test_csv):
         raise UserError("give either --dataset (with --data_dir) or --csv, not both")
+    if args.dataset == "llava_rad" and not args.eval_only:
+        raise UserError("--dataset llava_rad is LLaVA-Rad's MIMIC-CXR test set: evaluate a trained model on it with "
+                        "--eval_only --checkpoint DIR")
     if args.dataset == "iu_xray" and args.iu_split == "test" and not args.eval_only and not args.label_only:
         raise UserError("IU-Xray is the paper's out-of-distribution test set: evaluate a trained model on it with "
                         "--eval_only --checkpoint DIR, or train on R2Gen's split with --iu_split r2gen")

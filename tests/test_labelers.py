@@ -2,9 +2,10 @@
 random) against f1chexbert run beside it on the same file; RadGraph's partial reward against radgraph's own reward
 function; a missing or damaged weights file is one line; LLaVA-Rad's MIMIC-CXR annotation JSON."""
 import contextlib
+import csv
 import json
+import os
 import shutil
-import sys
 from unittest import mock
 
 import numpy as np
@@ -82,6 +83,7 @@ def test_chexbert_labels_and_f1_equal_f1chexbert(chexbert):
     # f1chexbert counts uncertain as positive: our uncertain_as=1
     for obs, cr in ((labeler.OBSERVATIONS, cr14), (labeler.FIVE, cr5)):
         got = labeler.chexpert_f1(g, r, uncertain_as=1, observations=obs)
+        assert 0 < got["micro_f1"] < 1
         assert got["macro_f1"] == pytest.approx(cr["macro avg"]["f1-score"], abs=1e-12)
         assert got["micro_f1"] == pytest.approx(cr["micro avg"]["f1-score"], abs=1e-12)
     s = labeler.Scorer(hyps, refs, ours)
@@ -114,3 +116,103 @@ def test_chexbert_weights_missing_or_damaged_are_one_line(chexbert, tmp_path):
     (tmp_path / "rg" / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no vocabulary, weights.th there"):
         labeler.model_labelers(radgraph=str(tmp_path / "rg"))
+
+
+def llava_rad_entry(i, image, view="AP", method="rule-based", findings="No pleural effusion.", reason=None):
+    return {"id": f"{i}", "image": image, "generate_method": method, "view": view, "reason": reason,
+            "conversations": [{"from": "human", "value": "<image>\nDescribe the findings of the chest x-ray.\n"},
+                              {"from": "gpt", "value": findings}]}
+
+
+def test_llava_rad_annotations_load_as_llava_rad_filters_them(tmp_path):
+    """A file in LLaVA-Rad's layout (chat_test_MIMIC_CXR_all_gpt4extract_rulebased_v1.json): kept as its
+    mimic_test_findings loader keeps entries (rule-based, findings a string, AP / PA; "mimic/" prefix stripped)."""
+    import archives
+    imgs = sorted((SAMPLE / "reports" / "images").iterdir())[:2]
+    rel = ["p10/p10000032/s50414267/aaa.jpg", "p11/p11000011/s51000011/bbb.jpg"]
+    for r, img in zip(rel, imgs):
+        (tmp_path / "mimic-cxr-jpg" / "files" / r).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(img, tmp_path / "mimic-cxr-jpg" / "files" / r)
+    entries = [llava_rad_entry(0, rel[0], reason="Dyspnea.\nEval for effusion"),
+               llava_rad_entry(1, "mimic/" + rel[1], view="PA", findings="Mild  cardiomegaly.\n No edema."),
+               llava_rad_entry(2, rel[0], method="gpt4"), llava_rad_entry(3, rel[0], view="LATERAL"),
+               llava_rad_entry(4, rel[1], findings=float("nan")), llava_rad_entry(5, rel[1], findings=None)]
+    ann = tmp_path / "chat_test_MIMIC_CXR_all_gpt4extract_rulebased_v1.json"
+    ann.write_text(json.dumps(entries))  # NaN as pandas writes it: json's NaN literal
+    args = type("Args", (), {"data_dir": str(tmp_path / "mimic-cxr-jpg"), "annotations": str(ann)})()
+    out, source = archives.load_llava_rad(args)
+    assert [(s["subject"], s["text"], s["part"]) for s in out] == [
+        ("10000032", "No pleural effusion.", "test"), ("11000011", "Mild  cardiomegaly.\n No edema.", "test")]
+    assert all(os.path.exists(s["path"]) for s in out)
+    assert "2 kept; 1 not rule-based, 2 no findings, 1 not AP/PA dropped" in source
+    args.data_dir += "/files"  # the files/ folder itself (LLaVA-Rad's image_folder) works too
+    assert [s["path"] for s in archives.load_llava_rad(args)[0]] == [s["path"] for s in out]
+    for bad, msg in (({"a": 1}, "a JSON list"), ([{"image": "x"}], "entry 0 is not in LLaVA-Rad's layout"),
+                     ([llava_rad_entry(0, rel[0], method="gpt4")], "no entry left")):
+        ann.write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=msg):
+            archives.load_llava_rad(args)
+    ann.write_text("[{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        archives.load_llava_rad(args)
+    with pytest.raises(UserError, match="llava_rad is LLaVA-Rad's MIMIC-CXR test set"):
+        report.get_args(["--dataset", "llava_rad", "--data_dir", str(tmp_path), "--annotations", str(ann)])
+
+
+def test_compare_and_scores_with_chexbert_weights(chexbert, tmp_path, capsys):
+    """report.py --compare --chexbert: the F1s come from CheXbert's labels and say so."""
+    d, _ = chexbert
+    refs = REPORTS[:6]
+    for name, hyps in (("a", REPORTS[4:10]), ("b", REPORTS[2:8])):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "predictions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "subject", "reference", "generated"])
+            w.writerows([f"img{i}.png", i, r, h] for i, (r, h) in enumerate(zip(refs, hyps)))
+    res = report.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--n_boot", "20", "--chexbert",
+                       str(d / "chexbert.pth"), "--out_dir", str(tmp_path / "cmp")])
+    assert "CheXpert F1 labels: CheXbert" in capsys.readouterr().out
+    assert list(res["metrics"])[:3] == ["ROUGE-L", "BLEU-4", "Macro-F1-14"]
+    cx = labeler.CheXbert(str(d / "chexbert.pth"))
+    want = labeler.chexpert_f1(cx(REPORTS[4:10]), cx(refs))["macro_f1"] - labeler.chexpert_f1(
+        cx(REPORTS[2:8]), cx(refs))["macro_f1"]
+    assert res["metrics"]["Macro-F1-14"]["delta"] == pytest.approx(100 * want, abs=1e-9)
+    metrics, _ = labeler.score(REPORTS[4:10], refs, 10, labelers=labeler.model_labelers(str(d / "chexbert.pth")))
+    assert all(metrics[m]["labeler"] == f"CheXbert ({d / 'chexbert.pth'})" for m in labeler.F1S)
+    labeler.print_table("x", metrics, 10)
+    assert f"CheXpert F1 labels: CheXbert ({d / 'chexbert.pth'})" in capsys.readouterr().out
+
+
+def ann(*entities):
+    """radgraph's annotation dict from (tokens, label, relations) triples, entities numbered from "1"."""
+    return {"text": "", "entities": {str(i + 1): {"tokens": t, "label": lab, "start_ix": i, "end_ix": i,
+                                                  "relations": rel} for i, (t, lab, rel) in enumerate(entities)}}
+
+
+def test_radgraph_partial_reward_equals_radgraphs():
+    """labeler.radgraph_partial against radgraph's own compute_reward(..., "partial") on hand-made annotations:
+    relations on the subject count, their type and object do not; tokens match case-sensitively (radgraph 0.1.18);
+    a report with no entity scores 0; duplicates count once (sets)."""
+    rewards = pytest.importorskip("radgraph.rewards")
+    A = ann(("effusion", "OBS-DP", [["located_at", "2"]]), ("pleural", "ANAT-DP", []), ("edema", "OBS-DA", []))
+    cases = [
+        (A, A),
+        (A, ann(("effusion", "OBS-DP", []), ("pleural", "ANAT-DP", []), ("edema", "OBS-DA", []))),
+        (A, ann(("effusion", "OBS-DP", [["modify", "2"]]), ("left", "ANAT-DP", []), ("edema", "OBS-U", []))),
+        (A, ann(("Effusion", "OBS-DP", [["located_at", "2"]]), ("pleural", "ANAT-DP", []))),
+        (A, ann(("edema", "OBS-DA", []), ("edema", "OBS-DA", []), ("heart", "ANAT-DP", []))),
+        (A, ann()), (ann(), ann()), (ann(("a", "OBS-DP", [])), ann(("b", "OBS-DP", []))),
+    ]
+    got = [labeler.radgraph_partial(h, r) for h, r in cases]
+    assert got == [rewards.compute_reward(h, r, "partial") for h, r in cases]
+    assert got[0] == 1 and got[5] == got[6] == got[7] == 0 and 0 < got[2] < got[1] < 1
+    # per report: an empty hypothesis or reference is 0 without being annotated (radgraph's F1RadGraph)
+    seen = []
+    table = {"effusion": A, "no effusion": cases[1][1], "edema": cases[4][1]}
+
+    def annotate(reports):
+        seen.extend(reports)
+        return [table[r] for r in reports]
+    f1 = labeler.radgraph_rewards(annotate, ["effusion", "", "edema"], ["no effusion", "effusion", "effusion"])
+    assert f1.tolist() == [got[1], 0.0, rewards.compute_reward(cases[4][1], A, "partial")]
+    assert seen == ["effusion", "edema", "no effusion", "effusion"]
