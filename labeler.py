@@ -370,7 +370,12 @@ class CheXbert:
             model.load_state_dict(sd, strict=True)
         except (KeyError, RuntimeError, IndexError, ValueError) as e:
             raise UserError(f"{where} {path}: not CheXbert's chexbert.pth ({str(e).splitlines()[0][:150]}): {fetch}")
-        self.tok = transformers.BertTokenizer(vocab_file=vocab, do_lower_case=True)
+        # the folder's vocab.txt (BertTokenizer's constructor argument for it differs between transformers 4 and 5)
+        self.tok = transformers.BertTokenizer.from_pretrained(os.path.dirname(vocab), do_lower_case=True,
+                                                              local_files_only=True)
+        if len(self.tok) != words:
+            raise UserError(f"{vocab}: {len(self.tok)} tokens, but {path} embeds {words}: put bert-base-uncased's "
+                            f"vocab.txt ({BERT_VOCAB_URL}) beside it")
         self.device = torch.device(device)
         model.to(self.device)
         self.max_len = cfg.max_position_embeddings

@@ -26,7 +26,7 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "pleural", "effusio
 REPORTS = ["No pleural effusion. Normal heart size.", "Normal heart size.", "Enlarged heart.", "",
            "Increased mild pulmonary edema and left basal atelectasis.", "Possible pneumonia, stable cardiomegaly.",
            "No evidence of pneumonia.\n\nStable   cardiomegaly.", "Bilateral lung opacity; tube in place.",
-           "No pleural effusions.", "Mild edema. " * 150]  # the last one is cut to 512 wordpieces
+           "No pleural effusions.", "Mild edema. " * 200]  # the last one is cut to 512 wordpieces
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def f1chexbert_beside(d, cfg):
     a token list: [CLS] + ids + [SEP]); scikit-learn's _check_targets returns more values and its count_nonzero
     takes only sparse matrices (both used for f1chexbert's accuracy, not its F1)."""
     mod = pytest.importorskip("f1chexbert.f1chexbert")
-    tok = transformers.BertTokenizer(vocab_file=str(d / "vocab.txt"))
+    tok = transformers.BertTokenizer.from_pretrained(str(d))
     check = mod._check_targets
     with mock.patch.object(mod, "CACHE_DIR", str(d)), \
             mock.patch.object(mod.AutoConfig, "from_pretrained", lambda *a, **k: cfg), \
@@ -70,6 +70,8 @@ def f1chexbert_beside(d, cfg):
 def test_chexbert_labels_and_f1_equal_f1chexbert(chexbert):
     d, cfg = chexbert
     ours = labeler.CheXbert(str(d / "chexbert.pth"))
+    assert ours.ids("No pleural\n effusion.") == [2, 5, 6, 7, 11, 3]  # [CLS] no pleural effusion . [SEP]
+    assert ours.ids("Atelectasis") == [2, 18, 19, 20, 21, 3] and len(ours.ids(REPORTS[-1])) == 512
     classes = ours.classes(REPORTS, batch_size=4)  # batched and padded; f1chexbert labels one report at a time
     with f1chexbert_beside(d, cfg) as f1:
         ref = [f1.get_label(r, mode="classification") for r in REPORTS]
@@ -97,6 +99,9 @@ def test_chexbert_weights_missing_or_damaged_are_one_line(chexbert, tmp_path):
         labeler.CheXbert(str(tmp_path / "chexbert.pth"))
     shutil.copy(d / "chexbert.pth", tmp_path / "chexbert.pth")
     with pytest.raises(UserError, match="no vocab.txt beside it"):
+        labeler.CheXbert(str(tmp_path / "chexbert.pth"))
+    (tmp_path / "vocab.txt").write_text("\n".join(WORDS[:-3]) + "\n")  # another model's vocabulary
+    with pytest.raises(UserError, match="38 tokens, but .* embeds 41"):
         labeler.CheXbert(str(tmp_path / "chexbert.pth"))
     shutil.copy(d / "vocab.txt", tmp_path / "vocab.txt")
     (tmp_path / "chexbert.pth").write_bytes((d / "chexbert.pth").read_bytes()[:5000])  # truncated download
