@@ -435,7 +435,7 @@ def radgraph_annotator(path, where="--radgraph"):
         import tempfile
         cache = tempfile.mkdtemp(prefix="radgraph_")
         os.symlink(path, os.path.join(cache, "radgraph"))
-    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
+    with radgraph_offline():
         try:
             from radgraph import RadGraph
             with contextlib.redirect_stdout(io.StringIO()):
@@ -446,10 +446,29 @@ def radgraph_annotator(path, where="--radgraph"):
                             f"must be in the Hugging Face cache") from None
 
     def annotate(reports):
-        with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
+        with radgraph_offline():
             out = model(list(reports)) if reports else {}
         return [out[str(i)] for i in range(len(reports))]
     return annotate
+
+
+@contextlib.contextmanager
+def radgraph_offline():
+    """Hugging Face downloads off; and the two tokenizer methods radgraph 0.1.18's vendored AllenNLP calls, which
+    transformers 5 removed, put back for the while (as RadEval's vendored copy of radgraph rewrites them):
+    encode_plus is the tokenizer's __call__, build_inputs_with_special_tokens BERT's [CLS] a [SEP] (b [SEP])."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase as T
+    patches = [mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})]
+    if "encode_plus" not in dir(T):
+        patches.append(mock.patch.object(T, "encode_plus", lambda self, *a, **k: self(*a, **k), create=True))
+    if "build_inputs_with_special_tokens" not in dir(T):
+        def with_specials(self, a, b=None):
+            return [self.cls_token_id] + a + [self.sep_token_id] + (b + [self.sep_token_id] if b else [])
+        patches.append(mock.patch.object(T, "build_inputs_with_special_tokens", with_specials, create=True))
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
 
 
 def radgraph_rewards(annotate, hyps, refs):

@@ -123,6 +123,77 @@ def test_chexbert_weights_missing_or_damaged_are_one_line(chexbert, tmp_path):
         labeler.model_labelers(radgraph=str(tmp_path / "rg"))
 
 
+RG_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "1", "2", "no", "acute", "cardio", "##pulmonary",
+            "process", "moderate", "hiatal", "hernia", "mild", "pulmonary", "edema", "and", "effusion", ".", "left",
+            "pleural", "heart", "is", "normal", "size"]
+
+
+@pytest.fixture(scope="module")
+def radgraph_model(tmp_path_factory):
+    """A model folder in radgraph.tar.gz's layout (config.json in DyGIE's form, vocabulary/ with the radgraph__ NER
+    and relation label files, weights.th) for a 1-layer BERT that is a local folder (config.json, vocab.txt; the
+    real archive names microsoft/BiomedNLP-BiomedBERT from the Hugging Face cache); random weights, made large."""
+    rr = pytest.importorskip("radgraph.radgraph")
+    root = tmp_path_factory.mktemp("rg")
+    bert, m = root / "bert", root / "radgraph"
+    (m / "vocabulary").mkdir(parents=True)
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(RG_WORDS) + "\n")
+    transformers.BertConfig(vocab_size=len(RG_WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                            intermediate_size=48).save_pretrained(bert)
+    (m / "vocabulary" / "non_padded_namespaces.txt").write_text("*tags\n*labels\n")
+    (m / "vocabulary" / "radgraph__ner_labels.txt").write_text("\nANAT-DP\nOBS-DP\nOBS-U\nOBS-DA\n")
+    (m / "vocabulary" / "radgraph__relation_labels.txt").write_text("\nlocated_at\nmodify\nsuggestive_of\n")
+    tix = {"bert": {"type": "pretrained_transformer_mismatched", "model_name": str(bert), "max_length": 512}}
+    (m / "config.json").write_text(json.dumps({
+        "dataset_reader": {"type": "dygie", "max_span_width": 3, "token_indexers": tix},
+        "model": {"type": "dygie", "embedder": {"token_embedders": tix}, "feature_size": 8, "max_span_width": 3,
+                  "target_task": "relation", "initializer": {}, "module_initializer": {},
+                  "feedforward_params": {"num_layers": 2, "hidden_dims": 16, "dropout": 0.4},
+                  "loss_weights": {"ner": 1.0, "relation": 1.0, "coref": 0.0, "events": 0.0},
+                  "modules": {"coref": {"coref_prop": 0, "max_antecedents": 10, "spans_per_word": 0.3},
+                              "ner": {}, "relation": {"spans_per_word": 0.5},
+                              "events": {"trigger_spans_per_word": 0.3, "argument_spans_per_word": 0.8,
+                                         "loss_weights": {"trigger": 1.0, "arguments": 0.5}}}}}))
+    torch.manual_seed(0)
+    with labeler.radgraph_offline(), mock.patch.object(rr.torch, "load", lambda *a, **k: {}), \
+            mock.patch.object(rr.dygie.DyGIE, "load_state_dict", lambda *a, **k: None):
+        sd = rr.RadGraph(model_type="radgraph", model_cache_dir=str(root), cuda=-1).model.state_dict()
+    for k, v in sd.items():
+        if v.dtype.is_floating_point and v.dim() == 2 and "transformer_model" not in k:
+            torch.nn.init.normal_(v, std=1.0)
+    torch.save(sd, m / "weights.th")
+    return root
+
+
+def test_radgraph_f1_equals_radgraphs_f1radgraph(radgraph_model, tmp_path):
+    """report.py's RadGraph F1 (radgraph's annotations, labeler.radgraph_partial, empty reports 0) equals radgraph's
+    own F1RadGraph(reward_level="partial", model_type="radgraph") on the same model folder, report by report; the
+    folder may have any name; a damaged weights.th is one line."""
+    rr = pytest.importorskip("radgraph.radgraph")
+    hyps = ["no acute cardiopulmonary process moderate hiatal hernia", "", "mild pulmonary edema and left effusion .",
+            "heart size is normal .", "left pleural effusion"]
+    refs = ["moderate hiatal hernia", "no acute process", "mild pulmonary edema .", "heart is normal size .",
+            "left pleural effusion"]
+    other = tmp_path / "my-radgraph-model"
+    shutil.copytree(radgraph_model / "radgraph", other)
+    _, annotate, notes = labeler.model_labelers(radgraph=str(other))
+    ours = labeler.radgraph_rewards(annotate, hyps, refs)
+    with labeler.radgraph_offline():
+        mean, per_report, _, _ = rr.F1RadGraph(reward_level="partial", model_type="radgraph", cuda=-1,
+                                               model_cache_dir=str(radgraph_model))(refs=refs, hyps=hyps)
+    assert ours.tolist() == per_report and ours[1] == 0 and ours[4] == 1
+    assert len(set(per_report)) >= 3  # the reports score differently
+    ann = annotate(hyps[:1])[0]
+    assert ann["entities"] and any(e["relations"] for e in ann["entities"].values())
+    metrics, s = labeler.score(hyps, refs, 10, labelers=(None, annotate, notes))
+    assert metrics["RadGraph F1"]["value"] == pytest.approx(100 * mean)
+    assert metrics["RadGraph F1"]["note"].startswith("radgraph package, partial reward")
+    (other / "weights.th").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="radgraph could not load it offline .*radgraph.tar.gz"):
+        labeler.model_labelers(radgraph=str(other))
+
+
 def llava_rad_entry(i, image, view="AP", method="rule-based", findings="No pleural effusion.", reason=None):
     return {"id": f"{i}", "image": image, "generate_method": method, "view": view, "reason": reason,
             "conversations": [{"from": "human", "value": "<image>\nDescribe the findings of the chest x-ray.\n"},
