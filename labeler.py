@@ -2,15 +2,17 @@
 A rule-based CheXpert-14 report labeler, written for this project after the design of the CheXpert labeler (Irvin
 et al., AAAI 2019: mention phrases per observation, then negation and uncertainty rules, then aggregation), with
 compact regular-expression rules instead of its dependency-parse patterns; and report.py's metrics as LLaVA-Rad's
-evaluation computes them: BLEU-4 (sacrebleu), ROUGE-L (rouge-score, no stemmer) and CheXpert F1, with bootstrap
-CIs; CheXbert F1 and RadGraph F1 only from f1chexbert / radgraph weights already on the machine (never downloaded
-at run time, never approximated).
+evaluation computes them: ROUGE-L (rouge-score, no stemmer), BLEU-4 (sacrebleu), RadGraph F1 (partial reward, from
+RadGraph's model run by the radgraph package) and CheXpert F1 from CheXbert's labels (its chexbert.pth on
+transformers' BertModel), with bootstrap CIs. The model weights are read from local paths only (never downloaded at
+run time); without CheXbert's, the F1s come from the rules here, and say so.
 
-    from labeler import label_report, chexpert_f1, score, OBSERVATIONS
+    from labeler import label_report, chexpert_f1, score, model_labelers, OBSERVATIONS
     label_report("Heart size normal. Small left effusion. No pneumothorax. Possible pneumonia.")
     # {'No Finding': None, 'Cardiomegaly': 0, 'Pleural Effusion': 1, 'Pneumothorax': 0, 'Pneumonia': -1, ...}
     chexpert_f1([label_report(g) for g in generated], [label_report(r) for r in references])["macro_f1"]
-    metrics, scorer = score(generated, references, n_boot=500)   # BLEU-4, ROUGE-L, Macro-F1-14, ...: value, median, CI
+    labelers = model_labelers("/models/chexbert.pth", "/models/radgraph")   # CheXbert, RadGraph (None: fallback)
+    metrics, scorer = score(generated, references, 500, 0, labelers)   # ROUGE-L, BLEU-4, ...: value, median, CI
 
 Labels: 1 positive, 0 negative, -1 uncertain, None not mentioned. How a report is labelled:
   1. split into sentences, each sentence into clauses at words that change the subject ("but", "however",

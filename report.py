@@ -13,10 +13,17 @@ decoder, trained on image + report pairs and scored with BLEU-4, ROUGE-L and Che
     python report.py --encoder A.safetensors --baseline random   # and a random encoder of A's architecture
     python report.py --compare out/report_a out/report_b    # paired one-tailed bootstrap: is A better than B?
     python report.py --label_only --csv reports.csv --text_col report   # CheXpert-14 labels only -> labels.csv
+    # Table 5's metrics as LLaVA-Rad computes them: CheXbert's and RadGraph's weights, LLaVA-Rad's MIMIC test set
+    python report.py --eval_only --checkpoint out/mimic --dataset llava_rad --data_dir /data/mimic-cxr-jpg/2.0.0 \
+        --annotations chat_test_MIMIC_CXR_all_gpt4extract_rulebased_v1.json --chexbert /models/chexbert.pth \
+        --radgraph /models/radgraph
 
 The projected patch tokens replace the <image> placeholder of the Vicuna v1 prompt (PROMPT); the loss is the mean
-cross-entropy over the report tokens and EOS of each global batch; decoding is greedy. Without --lm a small Llama
-and its tokenizer are trained from scratch, so everything runs offline on a CPU. With --lm the paper's recipe is
+cross-entropy over the report tokens and EOS of each global batch; decoding is greedy in fp32 (--num_beams, --do_sample
+--temperature --top_p, --gen_dtype bf16 otherwise). Metrics (labeler.py): ROUGE-L, BLEU-4, RadGraph F1 (--radgraph),
+CheXpert F1 from CheXbert's labels (--chexbert; without it, from labeler.py's rules, labelled as such), each the
+median and 95% CI of --n_boot resamples of the test reports. Without --lm a small Llama and its tokenizer are
+trained from scratch, so everything runs offline on a CPU. With --lm the paper's recipe is
 the default: projector + LM trained jointly, lr 2e-5, cosine schedule, 3% warm-up, 3 epochs, global batch 128.
 Fully fine-tuning a 7B LM needs --fsdp: float32 weights, gradients and AdamW state sharded over the GPUs (16 bytes
 per parameter / world size: 13.5 GB per GPU on 8 for Vicuna-7B, instead of 108 GB), bf16 compute.

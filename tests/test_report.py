@@ -283,6 +283,20 @@ def tok(tmp_path_factory):
                                   400)
 
 
+def test_report_batch_decoding_equals_one_by_one(tok):
+    """ReportModel.generate on a batch of images gives each image the text it gets alone: greedy and beam search."""
+    torch.manual_seed(0)
+    n = tok.sp.get_piece_size()
+    lm = Llama(LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos, eos_token_id=tok.eos))
+    model = report.ReportModel(report.Projector(16, 32), lm).eval()
+    feats = torch.randn(3, 4, 16)
+    for decoding in (None, {"num_beams": 3}):
+        batch = model.generate(feats, tok, 12, decoding)
+        assert batch == [model.generate(feats[i:i + 1], tok, 12, decoding)[0] for i in range(3)]
+        assert len(set(batch)) > 1
+
+
 def test_tokenizer_round_trips_characters_it_never_saw(tok):
     text = "Temp 38.1°C, SpO₂ 92% — naïve ≥ 5 mm; Ærø 中文 ✓"
     assert not any(ch in open(REPORTS_CSV, encoding="utf-8").read() for ch in "₂≥Æ中✓")  # unseen in training
