@@ -292,3 +292,38 @@ def test_radgraph_partial_reward_equals_radgraphs():
     f1 = labeler.radgraph_rewards(annotate, ["effusion", "", "edema"], ["no effusion", "effusion", "effusion"])
     assert f1.tolist() == [got[1], 0.0, rewards.compute_reward(cases[4][1], A, "partial")]
     assert seen == ["effusion", "edema", "no effusion", "effusion"]
+
+
+def test_eval_only_on_llava_rad_with_both_labelers(chexbert, radgraph_model, tmp_path, capsys):
+    """The whole path: a tiny report model trained on the bundled pairs, then `report.py --eval_only` on a file in
+    LLaVA-Rad's layout with --chexbert and --radgraph: Table 5's columns with CIs, each F1 saying its labeler."""
+    d, _ = chexbert
+    imgs = sorted((SAMPLE / "reports" / "images").iterdir())[:3]
+    entries = []
+    for i, img in enumerate(imgs):
+        rel = f"p1{i}/p1{i}00000{i}/s5{i}00000{i}/{img.name}"
+        (tmp_path / "mimic" / "files" / rel).parent.mkdir(parents=True)
+        shutil.copy(img, tmp_path / "mimic" / "files" / rel)
+        entries.append(llava_rad_entry(i, rel, findings=REPORTS[i]))
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    run = tmp_path / "run"
+    report.main(["--model", "vit_tiny", "--img_size", "56", "--max_steps", "1", "--lm_layers", "1", "--lm_dim", "32",
+                 "--lm_heads", "2", "--vocab_size", "400", "--max_new_tokens", "4", "--n_boot", "5",
+                 "--num_workers", "0", "--out_dir", str(run), "--device", "cpu"])
+    capsys.readouterr()
+    res = report.main(["--eval_only", "--checkpoint", str(run), "--dataset", "llava_rad", "--data_dir",
+                       str(tmp_path / "mimic"), "--annotations", str(tmp_path / "test.json"), "--chexbert",
+                       str(d / "chexbert.pth"), "--radgraph", str(radgraph_model / "radgraph"), "--num_beams", "2",
+                       "--max_new_tokens", "4", "--n_boot", "20", "--num_workers", "0", "--device", "cpu",
+                       "--out_dir", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("encoder") and "ROUGE-L" in line)
+    assert header.split()[1:7] == ["ROUGE-L", "BLEU-4", "RadGraph", "F1", "Macro-F1-14", "Micro-F1-14"]
+    assert f"CheXpert F1 labels: CheXbert ({d / 'chexbert.pth'})" in out
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["n_test"] == res["n_test"] == 3 and "LLaVA-Rad MIMIC-CXR" in saved["data"]
+    for m in ("ROUGE-L", "BLEU-4", "RadGraph F1", "Macro-F1-14", "Micro-F1-5"):
+        assert saved["metrics"][m]["ci95"][0] <= saved["metrics"][m]["median"] <= saved["metrics"][m]["ci95"][1]
+    assert saved["metrics"]["Macro-F1-14"]["labeler"].startswith("CheXbert")
+    assert saved["metrics"]["RadGraph F1"]["note"].startswith("radgraph package, partial reward")
+    assert saved["settings"]["num_beams"] == 2
