@@ -355,9 +355,9 @@ class CheXbert:
         except ImportError:
             raise UserError(f"{where}: CheXbert needs the transformers package (pip install transformers)")
         sd = load_torch(path, ("model_state_dict",))["model_state_dict"]
-        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-        sd.pop("bert.embeddings.position_ids", None)  # older transformers saved it; it is arange(512) anyway
         try:
+            sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+            sd.pop("bert.embeddings.position_ids", None)  # older transformers saved it; it is arange(512) anyway
             words, width = sd["bert.embeddings.word_embeddings.weight"].shape
             cfg = transformers.BertConfig(
                 vocab_size=words, hidden_size=width, num_attention_heads=max(1, width // 64),
@@ -370,8 +370,9 @@ class CheXbert:
                 torch.nn.Linear(width, 2)]).eval()
             model = torch.nn.ModuleDict({"bert": self.bert, "linear_heads": self.heads})
             model.load_state_dict(sd, strict=True)
-        except (KeyError, RuntimeError, IndexError, ValueError) as e:
-            raise UserError(f"{where} {path}: not CheXbert's chexbert.pth ({str(e).splitlines()[0][:150]}): {fetch}")
+        except (KeyError, RuntimeError, IndexError, ValueError, AttributeError, TypeError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:150]
+            raise UserError(f"{where} {path}: not CheXbert's chexbert.pth ({why}): {fetch}")
         # the folder's vocab.txt (BertTokenizer's constructor argument for it differs between transformers 4 and 5)
         self.tok = transformers.BertTokenizer.from_pretrained(os.path.dirname(vocab), do_lower_case=True,
                                                               local_files_only=True)

@@ -112,6 +112,9 @@ def test_chexbert_weights_missing_or_damaged_are_one_line(chexbert, tmp_path):
     torch.save(sd, tmp_path / "chexbert.pth")
     with pytest.raises(UserError, match="not CheXbert's chexbert.pth"):
         labeler.CheXbert(str(tmp_path / "chexbert.pth"))
+    torch.save({"model_state_dict": torch.zeros(3)}, tmp_path / "chexbert.pth")
+    with pytest.raises(UserError, match="not CheXbert's chexbert.pth"):
+        labeler.CheXbert(str(tmp_path / "chexbert.pth"))
     with pytest.raises(UserError, match="RADJEPA_CHEXBERT .*no such file"), \
             mock.patch.dict("os.environ", {"RADJEPA_CHEXBERT": str(tmp_path / "none.pth")}):
         labeler.model_labelers()
