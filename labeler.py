@@ -36,6 +36,7 @@ import importlib.util
 import io
 import os
 import re
+import tempfile
 from unittest import mock
 
 import numpy as np
@@ -433,12 +434,11 @@ def radgraph_annotator(path, where="--radgraph"):
     if importlib.util.find_spec("radgraph") is None:
         raise UserError(f"{where}: RadGraph F1 needs the radgraph package (pip install radgraph==0.1.18)")
     path = os.path.abspath(path)
-    cache = os.path.dirname(path)
-    if os.path.basename(path) != "radgraph":  # radgraph reads MODEL_CACHE_DIR/<model type>/
-        import tempfile
-        cache = tempfile.mkdtemp(prefix="radgraph_")
-        os.symlink(path, os.path.join(cache, "radgraph"))
-    with radgraph_offline():
+    with radgraph_offline(), tempfile.TemporaryDirectory(prefix="radgraph_") as tmp:
+        cache = os.path.dirname(path)
+        if os.path.basename(path) != "radgraph":  # radgraph reads MODEL_CACHE_DIR/<model type>/; read at load only
+            cache = tmp
+            os.symlink(path, os.path.join(tmp, "radgraph"))
         try:
             from radgraph import RadGraph
             with contextlib.redirect_stdout(io.StringIO()):
