@@ -8,7 +8,8 @@ image with "path", "subject", "part" ("train" | "val" | "test" | None: split by 
 ("labels", "mask" / "polys" / "boxes", "text"), and a one-line description of where it came from.
 The layouts (LAYOUTS; each loader's docstring names its files): vindr (VinDr-CXR), rsna (RSNA Pneumonia) for
 probe.py; vindr_rib (VinDr-RibCXR), mimic_lungs (lung-segment-mimic-cxr) for segment.py; mimic (MIMIC-CXR-JPG),
-iu_xray (IU-Xray, R2Gen's layout) for report.py. load_boxes reads Chest ImaGenome's zone boxes (--task zones).
+iu_xray (IU-Xray, R2Gen's layout), llava_rad (LLaVA-Rad's MIMIC-CXR test annotations) for report.py. load_boxes
+reads Chest ImaGenome's zone boxes (--task zones).
 """
 import ast
 import collections
@@ -758,6 +759,48 @@ def load_iu_xray(args):
     return out, f"IU-Xray (R2Gen annotation.json, --iu_split {iu_split}, lower-cased; {blank} blank report(s) dropped)"
 
 
+def load_llava_rad(args):
+    """LLaVA-Rad's MIMIC-CXR test set (PhysioNet llava-rad-mimic-cxr-annotation 1.0.0,
+    chat_test_MIMIC_CXR_all_gpt4extract_rulebased_v1.json, given as --annotations): a JSON list of
+    {"id", "image" (relative to MIMIC-CXR-JPG's files/, maybe prefixed "mimic/"), "conversations": [{"from": "human",
+    ...}, {"from": "gpt", "value": findings}], "view", "reason", "generate_method"}, kept as LLaVA-Rad's
+    mimic_test_findings loader keeps it: generate_method "rule-based", findings a string, view AP or PA (2,461 in the
+    paper). Images under --data_dir (MIMIC-CXR-JPG 2.0.0, or its files/ folder). Every entry is test data."""
+    path = getattr(args, "annotations", None)
+    if not path:
+        raise UserError("--dataset llava_rad needs --annotations FILE (chat_test_MIMIC_CXR_all_gpt4extract_rulebased_"
+                        "v1.json from PhysioNet's llava-rad-mimic-cxr-annotation)")
+    rows = data.read_json(path)
+    files = os.path.join(args.data_dir, "files")
+    files = files if os.path.isdir(files) else args.data_dir
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: not LLaVA-Rad's annotation layout (a JSON list of entries)")
+    out, dropped = [], {"not rule-based": 0, "no findings": 0, "not AP/PA": 0}
+    for i, d in enumerate(rows):
+        conv = d.get("conversations") if isinstance(d, dict) else None
+        if not (isinstance(conv, list) and len(conv) >= 2 and isinstance(conv[1], dict) and isinstance(
+                d.get("image"), str) and all(k in d for k in ("view", "generate_method"))):
+            raise UserError(f"{path}: entry {i} is not in LLaVA-Rad's layout (needs image, conversations [human, "
+                            f"gpt], view, generate_method)")
+        text = conv[1].get("value")
+        why = ("not rule-based" if d["generate_method"] != "rule-based" else
+               "no findings" if not isinstance(text, str) else "not AP/PA" if d["view"] not in ("AP", "PA") else None)
+        if why:
+            dropped[why] += 1
+            continue
+        image = d["image"][len("mimic/"):] if d["image"].startswith("mimic/") else d["image"]
+        m = re.search(r"(?:^|/)p(\d+)/s\d+/", image)
+        out.append({"path": os.path.join(files, image), "subject": m.group(1) if m else str(d.get("id", i)),
+                    "text": text, "part": "test"})
+    if not out:
+        raise UserError(f"{path}: no entry left after LLaVA-Rad's test filter (" +
+                        ", ".join(f"{v} {k}" for k, v in dropped.items()) + ")")
+    note = ", ".join(f"{v} {k}" for k, v in dropped.items())
+    print(f"LLaVA-Rad MIMIC-CXR test: {len(out)} frontal images with rule-based findings kept ({note} dropped)")
+    return out, f"LLaVA-Rad MIMIC-CXR test annotations {path} ({len(out)} kept; {note} dropped)"
+
+
 LAYOUTS = {"vindr": load_vindr, "rsna": load_rsna, "chexpert": load_chexpert, "mimic_cxr": load_mimic_cxr,
            "nih": load_nih, "padchest": load_padchest, "vindr_rib": load_vindr_rib, "mimic_lungs": load_mimic_lungs,
-           "mimic": load_mimic, "iu_xray": load_iu_xray}
+           "mimic": load_mimic, "iu_xray": load_iu_xray,
+           "llava_rad": load_llava_rad}

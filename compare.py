@@ -144,9 +144,11 @@ def segment_table(res, cmp):
 
 
 def report_table(res, cmp):
-    metrics = ["BLEU-4", "ROUGE-L", "Macro-F1-14", "Micro-F1-5"]  # of labeler.METRICS: headline F1, 5-finding F1
+    # of labeler.METRICS: the paper's Table 5 columns (RadGraph F1 = R_GER), and the 5-finding F1
+    metrics = ["ROUGE-L", "BLEU-4", "RadGraph F1", "Macro-F1-14", "Micro-F1-5"]
     rows = [[name] + [f"{r['metrics'][m]['median']:.2f} [{r['metrics'][m]['ci95'][0]:.2f}, "
-                      f"{r['metrics'][m]['ci95'][1]:.2f}]{mark_of(cmp, name, m)}" for m in metrics]
+                      f"{r['metrics'][m]['ci95'][1]:.2f}]{mark_of(cmp, name, m)}"
+                      if r["metrics"].get(m, {}).get("value") is not None else "n/a" for m in metrics]
             for name, r in res.items()]
     print_rows("Table 5 (report generation): median [95% CI] of bootstrap resamples, 0-100", ["Encoder"] + metrics,
                rows)

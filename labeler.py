@@ -2,15 +2,17 @@
 A rule-based CheXpert-14 report labeler, written for this project after the design of the CheXpert labeler (Irvin
 et al., AAAI 2019: mention phrases per observation, then negation and uncertainty rules, then aggregation), with
 compact regular-expression rules instead of its dependency-parse patterns; and report.py's metrics as LLaVA-Rad's
-evaluation computes them: BLEU-4 (sacrebleu), ROUGE-L (rouge-score, no stemmer) and CheXpert F1, with bootstrap
-CIs; CheXbert F1 and RadGraph F1 only from f1chexbert / radgraph weights already on the machine (never downloaded
-at run time, never approximated).
+evaluation computes them: ROUGE-L (rouge-score, no stemmer), BLEU-4 (sacrebleu), RadGraph F1 (partial reward, from
+RadGraph's model run by the radgraph package) and CheXpert F1 from CheXbert's labels (its chexbert.pth on
+transformers' BertModel), with bootstrap CIs. The model weights are read from local paths only (never downloaded at
+run time); without CheXbert's, the F1s come from the rules here, and say so.
 
-    from labeler import label_report, chexpert_f1, score, OBSERVATIONS
+    from labeler import label_report, chexpert_f1, score, model_labelers, OBSERVATIONS
     label_report("Heart size normal. Small left effusion. No pneumothorax. Possible pneumonia.")
     # {'No Finding': None, 'Cardiomegaly': 0, 'Pleural Effusion': 1, 'Pneumothorax': 0, 'Pneumonia': -1, ...}
     chexpert_f1([label_report(g) for g in generated], [label_report(r) for r in references])["macro_f1"]
-    metrics, scorer = score(generated, references, n_boot=500)   # BLEU-4, ROUGE-L, Macro-F1-14, ...: value, median, CI
+    labelers = model_labelers("/models/chexbert.pth", "/models/radgraph")   # CheXbert, RadGraph (None: fallback)
+    metrics, scorer = score(generated, references, 500, 0, labelers)   # ROUGE-L, BLEU-4, ...: value, median, CI
 
 Labels: 1 positive, 0 negative, -1 uncertain, None not mentioned. How a report is labelled:
   1. split into sentences, each sentence into clauses at words that change the subject ("but", "however",
@@ -28,16 +30,20 @@ Labels: 1 positive, 0 negative, -1 uncertain, None not mentioned. How a report i
   5. No Finding = 1 when no observation other than Support Devices (and no other finding) is positive or uncertain,
      else blank (CheXpert never writes No Finding = 0).
 """
+import contextlib
 import csv
 import importlib.util
+import io
 import os
 import re
+import tempfile
 from unittest import mock
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from base import bootstrap_ci
+from base import UserError, bootstrap_ci
 
 OBSERVATIONS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity", "Edema",
                 "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
@@ -308,44 +314,188 @@ def chexpert_f1(gen_labels, ref_labels, uncertain_as=0, idx=None, observations=O
             "per_class": dict(zip(observations, f1)), "uncertain_as": uncertain_as}
 
 
-def _offline_model_metric(name, fn):
-    """fn() of a metric that needs a downloaded model (f1chexbert, radgraph), with Hugging Face Hub downloads
-    switched off: (value, None), or (None, why not)."""
-    if importlib.util.find_spec(name) is None:
-        return None, f"not available: the `{name}` package is not installed (pip install {name}, plus its weights)"
-    try:
-        with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
-            return fn(), None
-    except Exception as e:  # missing weights or any failure of the external model: say so, never guess a number
-        return None, f"not available: `{name}` could not run from local files ({type(e).__name__}: {str(e)[:120]})"
+# ----------------------------------------------------------------------------------------------------------------
+# CheXbert (Smit et al. 2020) and RadGraph F1 from the weights those labelers publish, read from local paths only
+
+CHEXBERT_ENV, RADGRAPH_ENV = "RADJEPA_CHEXBERT", "RADJEPA_RADGRAPH"
+CHEXBERT_URL = "https://huggingface.co/StanfordAIMI/RRG_scorers/resolve/main/chexbert.pth"
+BERT_VOCAB_URL = "https://huggingface.co/google-bert/bert-base-uncased/resolve/main/vocab.txt"
+RADGRAPH_URL = "https://huggingface.co/StanfordAIMI/RRG_scorers/resolve/main/radgraph.tar.gz"
+# CheXbert's heads, in its order (stanfordmlgroup/CheXbert src/constants.py CONDITIONS); classes 0 blank, 1 positive,
+# 2 negative, 3 uncertain (the No Finding head: 0 blank, 1 positive), as labeler.py's None / 1 / 0 / -1
+CHEXBERT_CONDITIONS = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+                       "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+                       "Fracture", "Support Devices", "No Finding"]
+CHEXBERT_CLASS = {0: None, 1: 1, 2: 0, 3: -1}
 
 
-def chexbert_f1(hyps, refs):
-    """CheXbert-labelled CheXpert-14 F1 (f1chexbert's F1CheXbert: accuracy, ..., class report) from local weights."""
-    def run():
-        from f1chexbert import F1CheXbert
-        _, _, report14, report5 = F1CheXbert()(hyps=hyps, refs=refs)
-        return {"macro_f1_14": 100 * report14["macro avg"]["f1-score"],
-                "micro_f1_5": 100 * report5["micro avg"]["f1-score"]}
-    return _offline_model_metric("f1chexbert", run)
+def weights_path(flag, given, env):
+    """The weights file / folder a model-based metric reads: --flag, else the environment variable, else None."""
+    path = given or os.environ.get(env) or None
+    return (path, f"--{flag}" if given else env) if path else (None, None)
 
 
-def radgraph_f1(hyps, refs):
-    """RadGraph F1 (partial reward, as LLaVA-Rad reports it) from the radgraph package's local weights."""
-    def run():
-        from radgraph import F1RadGraph
-        return 100 * float(F1RadGraph(reward_level="partial")(hyps=hyps, refs=refs)[0])
-    return _offline_model_metric("radgraph", run)
+class CheXbert:
+    """CheXbert's labeler (bert-base-uncased + 14 linear heads on the last layer's [CLS] state) rebuilt with
+    transformers' BertModel from the published chexbert.pth ({"model_state_dict": {"module.bert....",
+    "module.linear_heads.K...."}, ...}); the BERT shape is read from the weights (heads: width / 64, as bert-base).
+    Reports are cleaned and tokenized as CheXbert's label.py: strip, whitespace collapsed, [CLS] wordpieces [SEP],
+    cut to 512 ids; the tokenizer is bert-base-uncased's vocab.txt, which must sit beside chexbert.pth."""
 
+    def __init__(self, path, where="--chexbert", device="cpu"):
+        from weights import load_torch
+        fetch = f"fetch {CHEXBERT_URL} to that path (or point {where} at chexbert.pth)"
+        if not os.path.isfile(path):
+            raise UserError(f"{where} {path}: no such file: {fetch}")
+        vocab = os.path.join(os.path.dirname(os.path.abspath(path)), "vocab.txt")
+        if not os.path.isfile(vocab):
+            raise UserError(f"{where} {path}: no vocab.txt beside it: fetch bert-base-uncased's {BERT_VOCAB_URL} "
+                            f"into {os.path.dirname(os.path.abspath(path))}")
+        try:
+            import transformers
+        except ImportError:
+            raise UserError(f"{where}: CheXbert needs the transformers package (pip install transformers)")
+        sd = load_torch(path, ("model_state_dict",))["model_state_dict"]
+        try:
+            sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+            sd.pop("bert.embeddings.position_ids", None)  # older transformers saved it; it is arange(512) anyway
+            words, width = sd["bert.embeddings.word_embeddings.weight"].shape
+            cfg = transformers.BertConfig(
+                vocab_size=words, hidden_size=width, num_attention_heads=max(1, width // 64),
+                num_hidden_layers=len({k.split(".")[3] for k in sd if k.startswith("bert.encoder.layer.")}),
+                intermediate_size=sd["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+                max_position_embeddings=sd["bert.embeddings.position_embeddings.weight"].shape[0],
+                type_vocab_size=sd["bert.embeddings.token_type_embeddings.weight"].shape[0])
+            self.bert = transformers.BertModel(cfg).eval()
+            self.heads = torch.nn.ModuleList([torch.nn.Linear(width, 4) for _ in range(13)] + [
+                torch.nn.Linear(width, 2)]).eval()
+            model = torch.nn.ModuleDict({"bert": self.bert, "linear_heads": self.heads})
+            model.load_state_dict(sd, strict=True)
+        except (KeyError, RuntimeError, IndexError, ValueError, AttributeError, TypeError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:150]
+            raise UserError(f"{where} {path}: not CheXbert's chexbert.pth ({why}): {fetch}")
+        # the folder's vocab.txt (BertTokenizer's constructor argument for it differs between transformers 4 and 5)
+        self.tok = transformers.BertTokenizer.from_pretrained(os.path.dirname(vocab), do_lower_case=True,
+                                                              local_files_only=True)
+        if len(self.tok) != words:
+            raise UserError(f"{vocab}: {len(self.tok)} tokens, but {path} embeds {words}: put bert-base-uncased's "
+                            f"vocab.txt ({BERT_VOCAB_URL}) beside it")
+        self.device = torch.device(device)
+        model.to(self.device)
+        self.max_len = cfg.max_position_embeddings
+
+    def ids(self, text):
+        text = re.sub(r"\s+", " ", str(text).strip().replace("\n", " ")).strip()
+        tok = self.tok.tokenize(text)
+        ids = [self.tok.cls_token_id] + self.tok.convert_tokens_to_ids(tok) + [self.tok.sep_token_id]
+        return ids[:self.max_len - 1] + [self.tok.sep_token_id] if len(ids) > self.max_len else ids
+
+    @torch.no_grad()
+    def classes(self, reports, batch_size=32):
+        """(N, 14) class ids (0 blank, 1 positive, 2 negative, 3 uncertain) in CHEXBERT_CONDITIONS order."""
+        out = []
+        for i in range(0, len(reports), batch_size):
+            seqs = [self.ids(r) for r in reports[i:i + batch_size]]
+            T = max(len(s) for s in seqs)
+            x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=self.device)
+            mask = torch.tensor([[1.0] * len(s) + [0.0] * (T - len(s)) for s in seqs], device=self.device)
+            cls = self.bert(x, attention_mask=mask).last_hidden_state[:, 0].float()
+            out.append(torch.stack([h(cls).argmax(-1) for h in self.heads], 1).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 14), dtype=int)
+
+    def __call__(self, reports):
+        """labeler.py's label dicts ({observation: 1 | 0 | -1 | None}) of CheXbert's classes."""
+        return [{c: CHEXBERT_CLASS[int(k)] for c, k in zip(CHEXBERT_CONDITIONS, row)} for row in self.classes(reports)]
+
+
+def radgraph_partial(hyp, ref):
+    """RadGraph F1 of one report pair at the "partial" reward (RG_ER; radgraph's
+    exact_entity_token_if_rel_exists_reward): an entity is (tokens, label, takes part in a relation as subject);
+    F1 of the two sets; 0 when either report has no entity. Token matching is case-sensitive, as radgraph 0.1.18 on
+    PyPI and LLaVA-Rad's copy compute it."""
+    if not hyp["entities"] or not ref["entities"]:
+        return 0.0
+    h, r = ({(e["tokens"], e["label"], bool(e["relations"])) for e in a["entities"].values()} for a in (hyp, ref))
+    p, rec = len(h & r) / len(h), len(h & r) / len(r)
+    return 2 * p * rec / (p + rec) if p + rec else 0.0
+
+
+def radgraph_annotator(path, where="--radgraph"):
+    """annotate(list of reports) -> radgraph's annotation dicts, by the radgraph package (>= 0.1) running RadGraph's
+    model (the "radgraph" model type: LLaVA-Rad's) from an extracted radgraph.tar.gz folder (config.json,
+    vocabulary/, weights.th), with Hugging Face downloads switched off (its BERT tokenizer and config must be in
+    the local Hugging Face cache)."""
+    fetch = f"fetch {RADGRAPH_URL} and extract it into that folder (config.json, vocabulary/, weights.th)"
+    if not os.path.isdir(path):
+        raise UserError(f"{where} {path}: no such folder: {fetch}")
+    missing = [n for n in ("config.json", "vocabulary", "weights.th") if not os.path.exists(os.path.join(path, n))]
+    if missing:
+        raise UserError(f"{where} {path}: no {', '.join(missing)} there: {fetch}")
+    if importlib.util.find_spec("radgraph") is None:
+        raise UserError(f"{where}: RadGraph F1 needs the radgraph package (pip install radgraph==0.1.18)")
+    path = os.path.abspath(path)
+    with radgraph_offline(), tempfile.TemporaryDirectory(prefix="radgraph_") as tmp:
+        cache = os.path.dirname(path)
+        if os.path.basename(path) != "radgraph":  # radgraph reads MODEL_CACHE_DIR/<model type>/; read at load only
+            cache = tmp
+            os.symlink(path, os.path.join(tmp, "radgraph"))
+        try:
+            from radgraph import RadGraph
+            with contextlib.redirect_stdout(io.StringIO()):
+                model = RadGraph(model_type="radgraph", model_cache_dir=cache, cuda=-1)
+        except Exception as e:  # a damaged archive, or the BERT tokenizer not in the local cache
+            raise UserError(f"{where} {path}: radgraph could not load it offline ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:150] if str(e) else ''}): {fetch}; its BERT tokenizer "
+                            f"must be in the Hugging Face cache") from None
+
+    def annotate(reports):
+        with radgraph_offline():
+            out = model(list(reports)) if reports else {}
+        return [out[str(i)] for i in range(len(reports))]
+    return annotate
+
+
+@contextlib.contextmanager
+def radgraph_offline():
+    """Hugging Face downloads off; and the two tokenizer methods radgraph 0.1.18's vendored AllenNLP calls, which
+    transformers 5 removed, put back for the while (as RadEval's vendored copy of radgraph rewrites them):
+    encode_plus is the tokenizer's __call__, build_inputs_with_special_tokens BERT's [CLS] a [SEP] (b [SEP])."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase as T
+    patches = [mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})]
+    if "encode_plus" not in dir(T):
+        patches.append(mock.patch.object(T, "encode_plus", lambda self, *a, **k: self(*a, **k), create=True))
+    if "build_inputs_with_special_tokens" not in dir(T):
+        def with_specials(self, a, b=None):
+            return [self.cls_token_id] + a + [self.sep_token_id] + (b + [self.sep_token_id] if b else [])
+        patches.append(mock.patch.object(T, "build_inputs_with_special_tokens", with_specials, create=True))
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
+
+
+def radgraph_rewards(annotate, hyps, refs):
+    """Per-report partial-reward F1 (radgraph's F1RadGraph: an empty hypothesis or reference scores 0, unrun)."""
+    keep = [i for i in range(len(hyps)) if hyps[i] and refs[i]]
+    ann = annotate([hyps[i] for i in keep] + [refs[i] for i in keep])
+    f1 = np.zeros(len(hyps))
+    for j, i in enumerate(keep):
+        f1[i] = radgraph_partial(ann[j], ann[len(keep) + j])
+    return f1
 
 # ----------------------------------------------------------------------------------------------------------------
-# metrics: BLEU-4, ROUGE-L, CheXpert-14 F1, with bootstrap CIs
+# metrics: ROUGE-L, BLEU-4, RadGraph F1, CheXpert-14 F1 (CheXbert's labels, else labeler.py's), with bootstrap CIs
+
+def rule_labels(reports):
+    return [label_report(r) for r in reports]
+
 
 class Scorer:
     """Per-report sufficient statistics computed once, so each bootstrap resample only sums them: BLEU's n-gram
-    counts (sacrebleu), ROUGE-L F per report, CheXpert labels per report."""
+    counts (sacrebleu), ROUGE-L F per report, CheXpert-14 labels per report (`labeler`: CheXbert, else the rules),
+    RadGraph partial-reward F1 per report (`annotate`: radgraph's annotations, else no RadGraph column)."""
 
-    def __init__(self, hyps, refs):
+    def __init__(self, hyps, refs, labeler=None, annotate=None):
         from rouge_score import rouge_scorer
         from sacrebleu.metrics import BLEU
         self.bleu = BLEU()
@@ -353,8 +503,15 @@ class Scorer:
         self.bleu_stats = np.array([self.bleu._extract_corpus_statistics([h], [[r]])[0] for h, r in zip(hyps, refs)])
         rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         self.rouge = np.array([rs.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)])
-        self.gen_labels = [label_report(h) for h in hyps]
-        self.ref_labels = [label_report(r) for r in refs]
+        labeler = labeler or rule_labels
+        labels = labeler(list(hyps) + list(refs))
+        self.gen_labels, self.ref_labels = labels[:len(hyps)], labels[len(hyps):]
+        self.labeler = "CheXbert" if isinstance(labeler, CheXbert) else "labeler.py rules"
+        self.rg = None if annotate is None else radgraph_rewards(annotate, list(hyps), list(refs))
+
+    def metrics(self):
+        """(name, method) of every metric this scorer has, in the paper's Table 5 order."""
+        return [(n, f) for n, f in METRICS if f != "radgraph" or self.rg is not None]
 
     def bleu4(self, idx):
         return self.bleu._compute_score_from_stats(self.bleu_stats[idx].sum(0).tolist()).score
@@ -362,57 +519,91 @@ class Scorer:
     def rouge_l(self, idx):
         return 100 * float(self.rouge[idx].mean())
 
-    def macro14(self, idx):
-        return 100 * chexpert_f1(self.gen_labels, self.ref_labels, 0, idx)["macro_f1"]
+    def radgraph(self, idx):
+        return 100 * float(self.rg[idx].mean())
 
-    def macro14_upos(self, idx):
-        return 100 * chexpert_f1(self.gen_labels, self.ref_labels, 1, idx)["macro_f1"]
+    def _f1(self, idx, uncertain_as=0, observations=OBSERVATIONS, key="macro_f1"):
+        return 100 * chexpert_f1(self.gen_labels, self.ref_labels, uncertain_as, idx, observations)[key]
+
+    def macro14(self, idx):
+        return self._f1(idx)
+
+    def micro14(self, idx):
+        return self._f1(idx, key="micro_f1")
+
+    def macro5(self, idx):
+        return self._f1(idx, observations=FIVE)
 
     def micro5(self, idx):
-        return 100 * chexpert_f1(self.gen_labels, self.ref_labels, 0, idx, FIVE)["micro_f1"]
+        return self._f1(idx, observations=FIVE, key="micro_f1")
+
+    def macro14_upos(self, idx):
+        return self._f1(idx, uncertain_as=1)
 
 
-# name in the table, Scorer method; Macro-F1-14 (uncertain as negative) is the headline
-METRICS = (("BLEU-4", "bleu4"), ("ROUGE-L", "rouge_l"), ("Macro-F1-14", "macro14"), ("Macro-F1-14+", "macro14_upos"),
-           ("Micro-F1-5", "micro5"))
+# name in the table, Scorer method: the paper's Table 5 columns first (ROUGE-L, BLEU-4, R_GER = RadGraph F1,
+# Macro-F1-14), then the other CheXpert F1s LLaVA-Rad reports; uncertain counts as negative (LLaVA-Rad's "rrg"),
+# Macro-F1-14+ counts it as positive (f1chexbert's / RadEval's convention, LLaVA-Rad's "rrg+")
+METRICS = (("ROUGE-L", "rouge_l"), ("BLEU-4", "bleu4"), ("RadGraph F1", "radgraph"), ("Macro-F1-14", "macro14"),
+           ("Micro-F1-14", "micro14"), ("Macro-F1-5", "macro5"), ("Micro-F1-5", "micro5"),
+           ("Macro-F1-14+", "macro14_upos"))
+F1S = ("Macro-F1-14", "Micro-F1-14", "Macro-F1-5", "Micro-F1-5", "Macro-F1-14+")
 
 
-def score(hyps, refs, n_boot, seed=0):
-    """Every metric on the whole test set ("value") and as median + 95% CI of n_boot resamples of its reports,
-    plus CheXbert / RadGraph F1 when their packages and weights are on this machine (else value None + why)."""
-    s, n = Scorer(hyps, refs), len(refs)
+def model_labelers(chexbert=None, radgraph=None, device="cpu"):
+    """(CheXbert labeler or None, RadGraph annotate or None, notes) from --chexbert / --radgraph or their
+    environment variables: a path given but wrong is one line; none given leaves the fallback (rules; no RadGraph)."""
+    cpath, where = weights_path("chexbert", chexbert, CHEXBERT_ENV)
+    cx = CheXbert(cpath, where, device) if cpath else None
+    rpath, where = weights_path("radgraph", radgraph, RADGRAPH_ENV)
+    rg = radgraph_annotator(rpath, where) if rpath else None
+    return cx, rg, labeler_notes(cpath, rpath)
+
+
+def labeler_notes(chexbert_path=None, radgraph_path=None):
+    return {"labeler": f"CheXbert ({chexbert_path})" if chexbert_path else
+            f"labeler.py rules (fallback: no CheXbert weights; --chexbert PATH or {CHEXBERT_ENV})",
+            "radgraph": f"radgraph package, partial reward, model {radgraph_path}" if radgraph_path else
+            f"not computed: no RadGraph weights (--radgraph DIR or {RADGRAPH_ENV})"}
+
+
+def score(hyps, refs, n_boot, seed=0, labelers=None):
+    """Every metric on the whole test set ("value") and as median + 95% CI of n_boot resamples of its reports.
+    labelers: model_labelers(...)'s (CheXbert, RadGraph annotate, notes); without, the CheXpert F1s come from
+    labeler.py's rules and there is no RadGraph F1 (value None and why). Each F1 says its labeler in "labeler"."""
+    chexbert, annotate, notes = labelers or (None, None, labeler_notes())
+    s, n = Scorer(hyps, refs, chexbert, annotate), len(refs)
     out = {}
-    for name, fn in METRICS:
+    for name, fn in s.metrics():
         f = getattr(s, fn)
         out[name] = {"value": f(np.arange(n)), **bootstrap_ci(f, n, n_boot=n_boot, seed=seed)}
+    for name in F1S:
+        out[name]["labeler"] = notes["labeler"]
     for name, u in (("Macro-F1-14", 0), ("Macro-F1-14+", 1)):
         full = chexpert_f1(s.gen_labels, s.ref_labels, u)
         out[name].update(macro_f1_present=100 * full["macro_f1_present"], uncertain_as=u,
-                         per_class={k: 100 * v for k, v in full["per_class"].items()}, labeler="labeler.py (rules)")
-    val, why = chexbert_f1(hyps, refs)
-    out["CheXbert F1"] = {"value": val, "note": why or "f1chexbert, local weights"}
-    val, why = radgraph_f1(hyps, refs)
-    out["RadGraph F1"] = {"value": val, "note": why or "radgraph partial reward, local weights"}
+                         per_class={k: 100 * v for k, v in full["per_class"].items()})
+    if "RadGraph F1" in out:
+        out["RadGraph F1"]["note"] = notes["radgraph"]
+    else:
+        out["RadGraph F1"] = {"value": None, "note": notes["radgraph"]}
     return out, s
 
 
 def print_table(name, metrics, n_boot):
-    """The paper's Table 5 layout: median [95% CI] per metric, then the model-based metrics."""
-    cols = [m for m, _ in METRICS] + ["CheXbert F1", "RadGraph F1"]
-    cells = [f"{metrics[c]['median']:.2f} [{metrics[c]['ci95'][0]:.2f}, {metrics[c]['ci95'][1]:.2f}]"
-             for c, _ in METRICS]
-    for c in cols[-2:]:
-        v = metrics[c]["value"]
-        cells.append("n/a*" if v is None else f"{v['macro_f1_14'] if isinstance(v, dict) else v:.2f}")
+    """The paper's Table 5 layout: median [95% CI] per metric, and which labeler made the F1s."""
+    cols = [m for m, _ in METRICS]
+    cells = [("n/a*" if metrics[c]["value"] is None else
+              f"{metrics[c]['median']:.2f} [{metrics[c]['ci95'][0]:.2f}, {metrics[c]['ci95'][1]:.2f}]") for c in cols]
     w = max(28, len(name))
     print("\n" + f"{'encoder':{w}s}" + "".join(f"{c:>22s}" for c in cols))
     print(f"{name:{w}s}" + "".join(f"{c:>22s}" for c in cells))
-    print(f"(0-100; median and 95% CI of {n_boot} bootstrap resamples of the test reports. Macro-F1-14: CheXpert-14 "
-          f"labels of labeler.py, uncertain as negative (the headline); Macro-F1-14+: uncertain as positive; "
-          f"Micro-F1-5: the five competition observations)")
-    for c in cols[-2:]:
-        if metrics[c]["value"] is None:
-            print(f"* {c} {metrics[c]['note']}")
+    print(f"(0-100; median and 95% CI of {n_boot} bootstrap resamples of the test reports. RadGraph F1: partial "
+          f"reward (R_GER); F1-14 / F1-5: CheXpert-14 / the five competition observations, uncertain as negative; "
+          f"Macro-F1-14+: uncertain as positive)")
+    print(f"CheXpert F1 labels: {metrics['Macro-F1-14']['labeler']}")
+    if metrics["RadGraph F1"]["value"] is None:
+        print(f"* RadGraph F1 {metrics['RadGraph F1']['note']}")
 
 
 def write_labels(rows, text_col, out_dir):

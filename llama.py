@@ -274,22 +274,41 @@ class Llama(nn.Module):
         return x if hidden_only else self.lm_head(x)
 
 
+def _next_token(logits, do_sample, temperature, top_p, generator):
+    """Greedy argmax, or a draw from softmax(logits / temperature) cut to the smallest set of tokens whose
+    probability reaches top_p (nucleus sampling; the most likely token always stays)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1:
+        p, order = probs.sort(-1, descending=True)
+        drop = p.cumsum(-1) - p >= top_p  # tokens after the nucleus is full
+        probs = probs.scatter(-1, order, p.masked_fill(drop, 0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
 @torch.no_grad()
 def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=150, eos_token_id=2,
-             use_cache=True):
-    """Greedy decoding for a batch of prompts, left-padded (attention_mask marks the real tokens). Returns one list
-    of new token ids per prompt, cut before its first EOS. Rows that finished keep decoding a dummy token (cheaper
-    than reshaping the cache) until every row has finished or max_new_tokens is reached. use_cache=False recomputes
-    the whole sequence at every step (the reference the cached path is tested against)."""
+             use_cache=True, num_beams=1, do_sample=False, temperature=1.0, top_p=1.0, generator=None):
+    """Greedy decoding (default) for a batch of prompts, left-padded (attention_mask marks the real tokens), or
+    sampling (do_sample: temperature, top_p; a torch.Generator for repeatable draws), or beam search (num_beams > 1,
+    one prompt at a time). Returns one list of new token ids per prompt, cut before its first EOS. Rows that
+    finished keep decoding a dummy token (cheaper than reshaping the cache) until every row has finished or
+    max_new_tokens is reached. use_cache=False recomputes the whole sequence at every step (the reference the
+    cached path is tested against)."""
     x = model.embed(input_ids) if inputs_embeds is None else inputs_embeds
     B, T, _ = x.shape
     mask = attention_mask.long() if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=x.device)
+    if num_beams > 1:
+        return [beam_search(model, x[i:i + 1], mask[i:i + 1], max_new_tokens, eos_token_id, num_beams)
+                for i in range(B)]
     cache = KVCache(model.config, B, T + max_new_tokens) if use_cache else None
     out = torch.zeros(B, 0, dtype=torch.long, device=x.device)
     done = torch.zeros(B, dtype=torch.bool, device=x.device)
     step_in = x
     for _ in range(max_new_tokens):
-        nxt = model(inputs_embeds=step_in, attention_mask=mask, cache=cache, last_only=True)[:, -1].float().argmax(-1)
+        logits = model(inputs_embeds=step_in, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
+        nxt = _next_token(logits, do_sample, temperature, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)
         done |= nxt == eos_token_id
@@ -299,6 +318,44 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         step_in = e if use_cache else torch.cat([step_in, e], dim=1)
     return [row[:row.index(eos_token_id)] if eos_token_id in row else row for row in out.tolist()]
+
+
+def beam_search(model, x, mask, max_new_tokens, eos_token_id, num_beams):
+    """Beam search for one prompt x (1, T, d): the num_beams best partial reports by summed log-probability; a beam
+    that emits EOS is set aside with its sum divided by its length (transformers' length_penalty 1); the search
+    ends when num_beams reports have finished or after max_new_tokens. The best finished report (or running beam,
+    when too few finished) by that length-normalised score wins."""
+    K = num_beams
+    cache = KVCache(model.config, K, x.shape[1] + max_new_tokens)
+    scores = torch.full((K,), -math.inf, device=x.device)
+    scores[0] = 0.0  # one live beam at the start: the K copies of the prompt are the same
+    seqs, finished = [[] for _ in range(K)], []
+    step_in, mask = x.expand(K, -1, -1), mask.expand(K, -1)
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(model(inputs_embeds=step_in, attention_mask=mask, cache=cache,
+                                       last_only=True)[:, -1].float(), -1)
+        top, idx = (scores[:, None] + logp).flatten().topk(2 * K)
+        beams, keep = [], []
+        for s, i in zip(top.tolist(), idx.tolist()):
+            b, w = divmod(i, logp.shape[1])
+            if w == eos_token_id:
+                finished.append((s / (t + 1), seqs[b]))
+            else:
+                beams.append(b)
+                keep.append((s, seqs[b] + [w]))
+            if len(keep) == K:
+                break
+        if len(finished) >= K:
+            break
+        order = torch.tensor(beams, device=x.device)
+        cache.k, cache.v = cache.k[:, order], cache.v[:, order]
+        scores = torch.tensor([s for s, _ in keep], device=x.device)
+        seqs = [q for _, q in keep]
+        step_in = model.embed(torch.tensor([q[-1] for q in seqs], device=x.device)[:, None]).to(x.dtype)
+        mask = torch.cat([mask, torch.ones(K, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+    else:
+        finished += [(s / max_new_tokens, q) for s, q in zip(scores.tolist(), seqs)]
+    return max(finished, key=lambda f: f[0])[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------

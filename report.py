@@ -13,10 +13,17 @@ decoder, trained on image + report pairs and scored with BLEU-4, ROUGE-L and Che
     python report.py --encoder A.safetensors --baseline random   # and a random encoder of A's architecture
     python report.py --compare out/report_a out/report_b    # paired one-tailed bootstrap: is A better than B?
     python report.py --label_only --csv reports.csv --text_col report   # CheXpert-14 labels only -> labels.csv
+    # Table 5's metrics as LLaVA-Rad computes them: CheXbert's and RadGraph's weights, LLaVA-Rad's MIMIC test set
+    python report.py --eval_only --checkpoint out/mimic --dataset llava_rad --data_dir /data/mimic-cxr-jpg/2.0.0 \
+        --annotations chat_test_MIMIC_CXR_all_gpt4extract_rulebased_v1.json --chexbert /models/chexbert.pth \
+        --radgraph /models/radgraph
 
 The projected patch tokens replace the <image> placeholder of the Vicuna v1 prompt (PROMPT); the loss is the mean
-cross-entropy over the report tokens and EOS of each global batch; decoding is greedy. Without --lm a small Llama
-and its tokenizer are trained from scratch, so everything runs offline on a CPU. With --lm the paper's recipe is
+cross-entropy over the report tokens and EOS of each global batch; decoding is greedy in fp32 (--num_beams, --do_sample
+--temperature --top_p, --gen_dtype bf16 otherwise). Metrics (labeler.py): ROUGE-L, BLEU-4, RadGraph F1 (--radgraph),
+CheXpert F1 from CheXbert's labels (--chexbert; without it, from labeler.py's rules, labelled as such), each the
+median and 95% CI of --n_boot resamples of the test reports. Without --lm a small Llama and its tokenizer are
+trained from scratch, so everything runs offline on a CPU. With --lm the paper's recipe is
 the default: projector + LM trained jointly, lr 2e-5, cosine schedule, 3% warm-up, 3 epochs, global batch 128.
 Fully fine-tuning a 7B LM needs --fsdp: float32 weights, gradients and AdamW state sharded over the GPUs (16 bytes
 per parameter / world size: 13.5 GB per GPU on 8 for Vicuna-7B, instead of 108 GB), bf16 compute.
@@ -42,7 +49,7 @@ import data
 import downstream
 import llama
 from base import UserError
-from labeler import METRICS, Scorer, print_table, score, write_labels
+from labeler import Scorer, model_labelers, print_table, score, write_labels
 from llama import (Llama, LlamaConfig, Tokenizer, apply_lora, fine_tune, full_state, generate, load_hf_llama,
                    save_peft_adapter, shard_fsdp)
 from model import VIT_CONFIGS, count_params
@@ -67,7 +74,8 @@ N_EXAMPLES = 3  # generated reports printed beside their references
 
 def get_args(argv=None):
     p = base.ArgumentParser(__doc__)
-    g = downstream.add_data_args(p, "data (default: the bundled image + report pairs)", ["mimic", "iu_xray"],
+    g = downstream.add_data_args(p, "data (default: the bundled image + report pairs)",
+                                 ["mimic", "iu_xray", "llava_rad"],
                                  "image path, subject, report text",
                                  subject_default="subject; patientid for the bundled CSV")
     g.add_argument("--text_col", default="text", help="report text column")
@@ -78,6 +86,8 @@ def get_args(argv=None):
     g.add_argument("--iu_split", default="test", choices=["test", "r2gen"],
                    help="test: all of IU-Xray is test data (the paper's out-of-distribution test, with --eval_only; "
                         "lower-cased as in R2Gen, and so are the reports generated for it); r2gen: R2Gen's split")
+    g.add_argument("--annotations", help="--dataset llava_rad: LLaVA-Rad's chat_test_MIMIC_CXR_all_gpt4extract_"
+                   "rulebased_v1.json (PhysioNet llava-rad-mimic-cxr-annotation); images under --data_dir")
     g.add_argument("--label_only", action="store_true", help="only label --csv's --text_col with the CheXpert labeler")
     g = p.add_argument_group("model")
     g.add_argument("--lm", help="local Hugging Face Llama/Vicuna folder (default: small LM from scratch)")
@@ -95,9 +105,13 @@ def get_args(argv=None):
                    "world size (default: 128 with --lm; else --batch_size x world)")
     g.add_argument("--grad_accum", type=int, help="micro-batches per optimiser step (default: from --global_batch)")
     g.add_argument("--max_report_tokens", type=int, default=150, help="reports are cut to this many tokens to train")
-    g.add_argument("--max_new_tokens", type=int, default=150)
+    g.add_argument("--max_new_tokens", type=int, default=150, help="longest report (paper 150, LLaVA-Rad 256)")
     g.add_argument("--image_pool", type=int, help="average-pool the patch grid k x k before the projector")
     g.add_argument("--gen_dtype", default="fp32", choices=["fp32", "bf16"], help="decoding precision (paper: fp32)")
+    g.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
+    g.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do_sample)")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this probability")
     g.add_argument("--save_every", type=int, help="save the training state every N steps (always at the end with "
                    "--fsdp) to OUT_DIR/train_state")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/train_state")
@@ -108,6 +122,10 @@ def get_args(argv=None):
     g.add_argument("--checkpoint", help="a report.py out_dir (checkpoint.pt, tokenizer) for --eval_only")
     g.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="two predictions.csv files (or run folders): paired bootstrap, one-tailed 'A better than B'")
+    g.add_argument("--chexbert", help="CheXbert's chexbert.pth, bert-base-uncased's vocab.txt beside it: CheXpert F1 "
+                   "from CheXbert's labels (default: $RADJEPA_CHEXBERT, else labeler.py's rules)")
+    g.add_argument("--radgraph", help="RadGraph's model, radgraph.tar.gz extracted (config.json, vocabulary/, "
+                   "weights.th), run by the radgraph package: RadGraph F1 (default: $RADJEPA_RADGRAPH, else none)")
     downstream.add_eval_args(p, n_boot=500)
     base.add_common_args(p, "report")
     base.add_preset_arg(p, PRESETS, "paper (the default with --lm); demo (without: the small LM from scratch)")
@@ -122,7 +140,8 @@ def get_args(argv=None):
     base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "image_pool >= 1", "grad_accum >= 1",
                "global_batch >= 1", "max_new_tokens >= 1", "vocab_size >= 300", "max_report_tokens >= 1",
                "lm_layers >= 1", "lm_dim >= 1", "lm_heads >= 1", "lora_r >= 1", "save_every >= 1", "stop_at >= 1",
-               "log_every >= 1", "n_boot >= 1", models=VIT_CONFIGS)
+               "log_every >= 1", "n_boot >= 1", "num_beams >= 1", "temperature > 0", "top_p > 0", "top_p <= 1",
+               models=VIT_CONFIGS)
     args.grad_ckpt = args.grad_ckpt or args.fsdp
     world = int(os.environ.get("WORLD_SIZE", 1))
     per_step = args.batch_size * world
@@ -133,8 +152,13 @@ def get_args(argv=None):
         raise UserError(f"--global_batch {args.global_batch} != --batch_size {args.batch_size} x --grad_accum "
                         f"{args.grad_accum} x {world} ranks: choose --batch_size so that it divides --global_batch, "
                         f"or give only one of --global_batch / --grad_accum")
+    if args.do_sample and args.num_beams > 1:
+        raise UserError("give either --do_sample or --num_beams, not both (beam search here is deterministic)")
     if args.dataset and (args.csv or args.test_csv):
         raise UserError("give either --dataset (with --data_dir) or --csv, not both")
+    if args.dataset == "llava_rad" and not args.eval_only:
+        raise UserError("--dataset llava_rad is LLaVA-Rad's MIMIC-CXR test set: evaluate a trained model on it with "
+                        "--eval_only --checkpoint DIR")
     if args.dataset == "iu_xray" and args.iu_split == "test" and not args.eval_only and not args.label_only:
         raise UserError("IU-Xray is the paper's out-of-distribution test set: evaluate a trained model on it with "
                         "--eval_only --checkpoint DIR, or train on R2Gen's split with --iu_split r2gen")
@@ -259,10 +283,11 @@ class ReportModel(nn.Module):
         return ce / (sel.sum() if n_tokens is None else n_tokens)
 
     @torch.no_grad()
-    def generate(self, feats, tok, max_new_tokens):
+    def generate(self, feats, tok, max_new_tokens, decoding=None):
+        """Reports for a batch of images: greedy, or llama.generate's beam search / sampling (`decoding`)."""
         ids = torch.tensor([prompt_ids(tok, feats.shape[1])] * len(feats), device=feats.device)
         out = generate(self.lm, inputs_embeds=self.embed(ids, feats), max_new_tokens=max_new_tokens,
-                       eos_token_id=tok.eos)  # one prompt length for all: no padding needed
+                       eos_token_id=tok.eos, **(decoding or {}))  # one prompt length for all: no padding needed
         return [tok.decode(o) for o in out]
 
 
@@ -407,11 +432,14 @@ def generate_all(model, samples, feats_of, tok, args, env):
     of the model) and rank 0 gathers them."""
     mine = list(range(env.rank, len(samples), env.world))
     out = {}
+    decoding = dict(num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature,
+                    top_p=args.top_p, generator=torch.Generator(env.device).manual_seed(args.seed + env.rank)
+                    if args.do_sample else None)
     for i in tqdm(range(0, len(mine), GEN_BATCH), desc="generating", disable=not env.is_main):
         b = mine[i:i + GEN_BATCH]
         # fp32 decoding by default (the paper's); --gen_dtype bf16 autocasts like training
         with env.autocast() if args.gen_dtype == "bf16" else contextlib.nullcontext():
-            out.update(zip(b, model.generate(feats_of(b).to(env.device), tok, args.max_new_tokens)))
+            out.update(zip(b, model.generate(feats_of(b).to(env.device), tok, args.max_new_tokens, decoding)))
     out = {k: v for part in gather(out, env) for k, v in part.items()}
     return [out[i] for i in range(len(samples))]
 
@@ -432,8 +460,11 @@ def compare(args):
     if any(A[k]["reference"] != B[k]["reference"] for k in keys):
         raise UserError(f"{pa} and {pb} have different reference reports for the same images")
     refs = [A[k]["reference"] for k in keys]
-    sa, sb = Scorer([A[k]["generated"] for k in keys], refs), Scorer([B[k]["generated"] for k in keys], refs)
-    stats = {name: (lambda idx, fa=getattr(sa, fn), fb=getattr(sb, fn): (fa(idx), fb(idx))) for name, fn in METRICS}
+    chexbert, annotate, notes = model_labelers(args.chexbert, args.radgraph)
+    print(f"CheXpert F1 labels: {notes['labeler']}")
+    sa, sb = (Scorer([X[k]["generated"] for k in keys], refs, chexbert, annotate) for X in (A, B))
+    stats = {name: (lambda idx, fa=getattr(sa, fn), fb=getattr(sb, fn): (fa(idx), fb(idx)))
+             for name, fn in sa.metrics()}
     return downstream.paired_compare(args, pa, pb, stats, len(keys), unit="test reports", digits=2)
 
 
@@ -447,6 +478,7 @@ def main(argv=None):
         return write_labels(data.read_csv(args.csv, required=(args.text_col,)), args.text_col, args.out_dir)
     env = base.setup(args)
     t0 = time.time()
+    labelers = model_labelers(args.chexbert, args.radgraph) if env.is_main else None  # a bad path fails here, early
     base.write_args(args, args.out_dir)
     splits, source = load_samples(args)
     train_set, test = splits["train"], splits["test"]  # val is not used for selection: a fixed schedule, as in LLaVA
@@ -500,7 +532,7 @@ def main(argv=None):
     refs = [s["text"] for s in test]
     if args.dataset == "iu_xray":  # lower-case references (R2Gen's IU cleaning): score lower-cased reports
         hyps = [h.lower() for h in hyps]
-    metrics, _ = score(hyps, refs, args.n_boot, args.seed)
+    metrics, _ = score(hyps, refs, args.n_boot, args.seed, labelers)
     for i in range(min(N_EXAMPLES, len(test))):
         print(f"\n--- example {i + 1}: {test[i]['path']}\nreference: {refs[i]}\ngenerated: {hyps[i]}")
     print_table(name, metrics, args.n_boot)
