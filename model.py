@@ -37,16 +37,16 @@ def attention(q, k, v, impl="sdpa"):
         return triton_attention(q, k, v)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
-    if impl == "math":
-        s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        return s.float().softmax(-1).to(q.dtype) @ v
+    if impl == "math":  # the scale on q (N x D multiplies, not N x N); softmax in q's dtype (it sums in fp32)
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
     raise ValueError(f"unknown attention implementation {impl!r}: use triton, sdpa or math")
 
 
-def default_attention(device):
-    """triton on CUDA if its start-up self-check passes there (triton_attn/selfcheck.py), else sdpa."""
+def default_attention(device, dtype=torch.float32):
+    """triton on CUDA if its start-up self-check passes there (triton_attn/selfcheck.py), else sdpa; on a CPU sdpa
+    in fp32 and math in bf16 / fp16, where CPU SDPA's backward runs 2-3x slower than math (bench.py, README)."""
     if device.type != "cuda":
-        return "sdpa"
+        return "sdpa" if dtype == torch.float32 else "math"
     from triton_attn.selfcheck import default_attention as checked  # imported lazily: triton is optional on CPU
     return checked(device)
 
