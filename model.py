@@ -43,8 +43,9 @@ def attention(q, k, v, impl="sdpa"):
 
 
 def default_attention(device, dtype=torch.float32):
-    """triton on CUDA if its start-up self-check passes there (triton_attn/selfcheck.py), else sdpa; on a CPU sdpa
-    in fp32 and math in bf16 / fp16, where CPU SDPA's backward runs 2-3x slower than math (bench.py, README)."""
+    """triton on CUDA if its start-up self-check passes there (triton_attn/selfcheck.py), else sdpa; but math to
+    train in bf16 / fp16 on a CPU, where SDPA's backward runs 2-3x slower than math (its forward alone is faster:
+    the evaluations keep sdpa). README, Speed."""
     if device.type != "cuda":
         return "sdpa" if dtype == torch.float32 else "math"
     from triton_attn.selfcheck import default_attention as checked  # imported lazily: triton is optional on CPU
@@ -119,7 +120,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = attention(qkv[0], qkv[1], qkv[2], self.impl)
+        x = attention(*qkv.unbind(0), self.impl)  # unbind: its backward is one stack, not 3 zero-fills and 2 adds
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
