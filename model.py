@@ -216,8 +216,11 @@ class PatchEmbed(nn.Module):
             # a grayscale X-ray into an RGB-trained stem: summing the kernel over colour is exactly the same as
             # replicating the gray channel, without materialising three copies of the image
             x = F.conv2d(x, w.sum(1, keepdim=True), self.proj.bias, stride=self.proj.stride)
-            return x.flatten(2).transpose(1, 2)
-        return self.proj(x).flatten(2).transpose(1, 2)
+        else:
+            x = self.proj(x)
+        # contiguous tokens: else every residual add keeps the conv's (B, D, N) layout, and each LayerNorm and Linear
+        # of an unmasked forward copies its input
+        return x.flatten(2).transpose(1, 2).contiguous()
 
 
 class VisionTransformer(nn.Module):
