@@ -10,14 +10,16 @@ batch, attention, device and precision; and, with --data, the input pipeline (de
 
 Model: images are random and masks come from masks.py with the paper's settings, drawn before timing and shared by
 every implementation, so all run the same work. For each --dtype (autocast; fp32 = none) it prints step time,
-img/s, the step's FLOPs per image (counted by torch.utils.flop_counter on a real step: matmuls, convolutions and
-attention, forward and backward), the achieved FLOP/s and the utilisation against a matmul peak measured in the
-same run for that dtype (nanoGPT's MFU, with the peak measured here rather than taken from a datasheet). Every
-implementation is timed --repeats times, interleaved (A B A B ...), and the median is reported: on a shared
-machine, neighbours' load then hits all of them alike. With --ijepa_dir, Meta's official modules run the step as
-Meta's train.py does (their ViT, predictor, apply_masks, AdamW param groups, per-parameter EMA loop): "as shipped"
-keeps their precision handling (torch.cuda.amp.autocast: fp32 on a CPU whatever the flag), "autocast" wraps it
-in this run's autocast for the dtype. Our model takes the grey image as 1 channel, theirs as 3 (<0.5% of the work).
+img/s, the step's FLOPs per image (counted by torch.utils.flop_counter on real steps over every timed mask draw, with
+math attention so that attention counts too: matmuls, convolutions, forward and backward), the achieved FLOP/s and
+the utilisation against a matmul peak measured in the same run for that dtype (nanoGPT's MFU, with the peak
+measured here rather than taken from a datasheet). Every implementation is timed --repeats times, interleaved
+(A B A B ...), and the median is reported: on a shared machine, neighbours' load then hits all of them alike.
+OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set): spinning ones swing timings under load.
+With --ijepa_dir, Meta's official modules run the step as Meta's train.py does (their ViT, predictor,
+apply_masks, AdamW param groups, per-parameter EMA loop): "as shipped" keeps their precision handling
+(torch.cuda.amp.autocast: fp32 on a CPU whatever the flag), "autocast" wraps it in this run's autocast for the dtype.
+Our model takes the grey image as 1 channel, theirs as 3 (<0.5% of the work).
 
 Data (--data SOURCE...): the pretraining DataLoader (PretrainDataset + MaskCollator, pretrain.py's sampler) timed
 over --data_batches batches after one warm-up batch, uncached (decoding the files) and, with --cache_dir (a cache
@@ -33,8 +35,12 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
-import torch
+# OpenMP threads sleep when idle instead of spinning (before torch loads it): on a shared machine spinning threads
+# made 2-thread steps swing 4x under a neighbour's load; the header line says which policy ran
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 import base
@@ -77,13 +83,15 @@ def matmul_peak(device, dtype, n=None, reps=5):
     return 2 * n ** 3 / best
 
 
-def step_flops(step_fn, batch):
-    """FLOPs of one training step (forward + backward), as torch's FlopCounterMode counts them."""
+def step_flops(step_fn, batches):
+    """FLOPs of one training step (forward + backward), the mean over `batches`, as torch's FlopCounterMode counts
+    them. It sees matmuls, so `step_fn` runs attention as math: it counts 0 in CPU flash attention and Triton."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
-        step_fn(*batch)
-    return counter.get_total_flops()
+        for b in batches:
+            step_fn(*b)
+    return counter.get_total_flops() / len(batches)
 
 
 def ours(args, attn, device, autocast):
@@ -155,15 +163,19 @@ def bench_model(args, device):
         me, mp = collator.sample(args.batch_size, s)
         imgs = torch.randn(args.batch_size, 1, args.img_size, args.img_size, device=device)
         batches.append((imgs, [m.to(device) for m in me], [m.to(device) for m in mp]))
-    if args.attn is None:
-        args.attn = [default_attention(device)]
     results = {}  # (name, dtype) -> dict
+    # the same work at every precision and attention: counted once per code base, fp32, math attention
+    plain = argparse.Namespace(**{**vars(args), "compile": False})
+    flops = {"radjepa": step_flops(ours(plain, "math", device, nullcontext)[0], batches) / args.batch_size}
+    if args.ijepa_dir:
+        flops["ijepa"] = step_flops(ijepa(args, device, nullcontext)[0], batches) / args.batch_size
     for dname in args.dtype:
         dtype = base.DTYPES[dname]
 
         def autocast(dtype=dtype):
             return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-        impls = [(f"radjepa/{a}", lambda a=a: ours(args, a, device, autocast)) for a in args.attn]
+        attns = args.attn or [default_attention(device, dtype)]
+        impls = [(f"radjepa/{a}", lambda a=a: ours(args, a, device, autocast)) for a in attns]
         if args.ijepa_dir:
             # Meta's train.py uses torch.cuda.amp.autocast: on CUDA that is this dtype; on a CPU it does nothing,
             # so their code as shipped runs fp32 there (timed in the fp32 round) and "autocast" is ours around it
@@ -173,42 +185,50 @@ def bench_model(args, device):
                 impls.append(("ijepa (autocast)", lambda: ijepa(args, device, autocast)))
         built = [(name, *make()) for name, make in impls]
         peak = matmul_peak(device, dtype)
-        times = {name: [] for name, *_ in built}
+        times, mem = {name: [] for name, *_ in built}, {}
         for r in range(args.repeats):  # interleaved, so slow phases of a shared machine hit every implementation
             for name, step, _, _ in built:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 times[name].append(time_steps(step, batches, device, args.warmup if r == 0 else 1, args.steps))
+                if device.type == "cuda":
+                    mem[name] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         peak = max(peak, matmul_peak(device, dtype))
-        for name, step, n_enc, n_pred in built:
-            flops = step_flops(step, batches[0]) / args.batch_size
-            dt = statistics.median(times[name])
+        for name, *_ in built:
+            f, dt = flops[name.split("/")[0].split()[0]], statistics.median(times[name])
             results[(name, dname)] = dict(ms=dt * 1e3, img_s=args.batch_size / dt, spread=(min(times[name]) * 1e3,
-                                          max(times[name]) * 1e3), flops=flops, peak=peak,
-                                          mfu=flops * args.batch_size / dt / peak, n_enc=n_enc, n_pred=n_pred)
+                                          max(times[name]) * 1e3), flops=f, peak=peak,
+                                          mfu=f * args.batch_size / dt / peak, mem=mem.get(name), times=times[name])
         del built
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     ctx, tgt = batches[0][1][0].shape[1], batches[0][2][0].shape[1]
     print(f"{args.model}/{args.patch_size} @ {args.img_size}px, predictor {args.pred_depth}x{args.pred_dim}, "
-          f"batch {args.batch_size}, {device}, threads {torch.get_num_threads()}, context ~{ctx} / target {tgt} "
-          f"patches x {len(batches[0][2])}; median of {args.repeats} interleaved runs of {args.steps} steps")
+          f"batch {args.batch_size}, {device}, threads {torch.get_num_threads()} (OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY')}), context ~{ctx} / target {tgt} patches x {len(batches[0][2])}; "
+          f"median of {args.repeats} interleaved runs of {args.steps} steps over {len(batches)} mask draws; "
+          "FLOPs: the mean over the draws (attention included)")
     print(f"| {'implementation':<20} | dtype | {'step ms':>9} | {'min-max ms':>15} | {'img/s':>8} | "
-          f"{'GFLOP/img':>9} | {'TFLOP/s':>8} | {'peak TFLOP/s':>12} | {'MFU':>6} |")
-    print(f"|{'-' * 22}|-------|{'-' * 11}|{'-' * 17}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 14}|{'-' * 8}|")
+          f"{'GFLOP/img':>9} | {'TFLOP/s':>8} | {'peak TFLOP/s':>12} | {'MFU':>6} | peak GiB |")
+    print(f"|{'-' * 22}|-------|{'-' * 11}|{'-' * 17}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 14}|{'-' * 8}|"
+          f"{'-' * 10}|")
     for (name, dname), r in results.items():
         print(f"| {name:<20} | {dname:<5} | {r['ms']:>9.1f} | {r['spread'][0]:>7.0f}-{r['spread'][1]:<7.0f} | "
               f"{r['img_s']:>8.2f} | {r['flops'] / 1e9:>9.2f} | {r['flops'] * r['img_s'] / 1e12:>8.4f} | "
-              f"{r['peak'] / 1e12:>12.4f} | {r['mfu']:>6.1%} |")
-    first = results[(f"radjepa/{args.attn[0]}", args.dtype[0])]
+              f"{r['peak'] / 1e12:>12.4f} | {r['mfu']:>6.1%} | {'%.2f' % r['mem'] if r['mem'] else '-':>8} |")
+    first = {d: next(r for (n, dn), r in results.items() if dn == d and n.startswith("radjepa")) for d in args.dtype}
     if args.ijepa_dir:
         for (name, dname), b in results.items():
             if name.startswith("ijepa"):
-                a = results[(f"radjepa/{args.attn[0]}", dname)]
-                print(f"speed-up over Meta's I-JEPA at {dname} ({name[7:-1]}): {a['img_s'] / b['img_s']:.2f}x")
+                a = first[dname]  # the median of the rounds' ratios: a round's load hits both sides alike
+                ratio = statistics.median(tb / ta for ta, tb in zip(a["times"], b["times"]))
+                print(f"speed-up over Meta's I-JEPA at {dname} ({name[7:-1]}): {ratio:.2f}x, median of the rounds' "
+                      f"ratios (MFU {a['mfu']:.1%} vs {b['mfu']:.1%})")
         ours_best = max(r["img_s"] for (n, _), r in results.items() if n.startswith("radjepa"))
         meta_best = max(r["img_s"] for (n, _), r in results.items() if n.startswith("ijepa"))
         print(f"speed-up, each side at its best precision here: {ours_best / meta_best:.2f}x")
-    return first
+    return first[args.dtype[0]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,8 +279,8 @@ def get_args(argv=None):
     p.add_argument("--patch_size", type=int, default=14)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--init", default="meta", choices=["meta", "rescaled"])
-    p.add_argument("--attn", nargs="+", default=None, help="one or more of triton sdpa math (default: triton on "
-                                                            "CUDA if its self-check passes, sdpa elsewhere)")
+    p.add_argument("--attn", nargs="+", default=None, help="one or more of triton sdpa math (default: model."
+                   "default_attention: triton on CUDA if its self-check passes; on a CPU sdpa in fp32, math in bf16)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", nargs="+", default=None, choices=list(base.DTYPES),
                    help="one or more autocast dtypes (default: bf16 on GPU, fp32 on CPU)")
@@ -276,8 +296,9 @@ def get_args(argv=None):
     p.add_argument("--data_batch_size", type=int, default=32)
     p.add_argument("--data_batches", type=int, default=8, help="timed batches per data configuration")
     args = base.check(p.parse_args(argv), "pred_depth >= 1", "pred_dim >= 1", "img_size >= 1", "img_size <= 4096",
-                      "patch_size >= 1", "batch_size >= 1", "steps >= 0", "warmup >= 0", "repeats >= 1", "threads >= 1",
-                      "data_workers >= 0", "data_batch_size >= 1", "data_batches >= 1", models=VIT_CONFIGS)
+                      "patch_size >= 1", "batch_size >= 1", "steps >= 0", "warmup >= 0", "repeats >= 1",
+                      "threads >= 1", "data_workers >= 0", "data_batch_size >= 1", "data_batches >= 1",
+                      models=VIT_CONFIGS)
     if args.img_size % args.patch_size:
         raise base.UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
     return args

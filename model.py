@@ -37,16 +37,17 @@ def attention(q, k, v, impl="sdpa"):
         return triton_attention(q, k, v)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
-    if impl == "math":
-        s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        return s.float().softmax(-1).to(q.dtype) @ v
+    if impl == "math":  # the scale on q (N x D multiplies, not N x N); softmax in q's dtype (it sums in fp32)
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
     raise ValueError(f"unknown attention implementation {impl!r}: use triton, sdpa or math")
 
 
-def default_attention(device):
-    """triton on CUDA if its start-up self-check passes there (triton_attn/selfcheck.py), else sdpa."""
+def default_attention(device, dtype=torch.float32):
+    """triton on CUDA if its start-up self-check passes there (triton_attn/selfcheck.py), else sdpa; but math to
+    train in bf16 / fp16 on a CPU, where SDPA's backward runs 2-3x slower than math (its forward alone is faster:
+    the evaluations keep sdpa). README, Speed."""
     if device.type != "cuda":
-        return "sdpa"
+        return "sdpa" if dtype == torch.float32 else "math"
     from triton_attn.selfcheck import default_attention as checked  # imported lazily: triton is optional on CPU
     return checked(device)
 
@@ -119,7 +120,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = attention(qkv[0], qkv[1], qkv[2], self.impl)
+        x = attention(*qkv.unbind(0), self.impl)  # unbind: its backward is one stack, not 3 zero-fills and 2 adds
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -215,8 +216,11 @@ class PatchEmbed(nn.Module):
             # a grayscale X-ray into an RGB-trained stem: summing the kernel over colour is exactly the same as
             # replicating the gray channel, without materialising three copies of the image
             x = F.conv2d(x, w.sum(1, keepdim=True), self.proj.bias, stride=self.proj.stride)
-            return x.flatten(2).transpose(1, 2)
-        return self.proj(x).flatten(2).transpose(1, 2)
+        else:
+            x = self.proj(x)
+        # contiguous tokens: else every residual add keeps the conv's (B, D, N) layout, and each LayerNorm and Linear
+        # of an unmasked forward copies its input
+        return x.flatten(2).transpose(1, 2).contiguous()
 
 
 class VisionTransformer(nn.Module):

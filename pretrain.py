@@ -233,17 +233,15 @@ def init_from(path, jepa, target):
             f"{'from its encoder' if 'encoder' in parts else 'a copy of it'}, predictor {predictor}{grids}")
 
 
-def make_optimizer(jepa, fused=None):
+def make_optimizer(jepa):
     """AdamW; biases and 1-D parameters (norms) get no weight decay (group 1 is excluded from the wd schedule).
-    Fused (one kernel for all parameters, and no host sync under an fp16 GradScaler) on CUDA; foreach elsewhere."""
+    Fused: one kernel per parameter, no host sync under an fp16 GradScaler; on a CPU 3.5x faster than foreach."""
     decay, no_decay = [], []
     for n, p in jepa.named_parameters():
         if p.requires_grad:
             (no_decay if n.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    if fused is None:
-        fused = decay[0].device.type == "cuda"
     return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "wd_exclude": True}],
-                             lr=0.0, **({"fused": True} if fused else {"foreach": True}))
+                             lr=0.0, fused=True)
 
 
 def schedule(step, total, warmup, args):
@@ -342,7 +340,7 @@ def main(argv=None):
     if args.dtype is None and env.device.type == "cpu" and native_bf16_cpu():
         env.dtype = torch.bfloat16  # loss trajectory measured equal to fp32's within noise (README, Speed)
     args.dtype = base.DTYPE_NAMES[env.dtype]  # saved, and compared on --resume
-    args.attn = args.attn or default_attention(env.device)
+    args.attn = args.attn or default_attention(env.device, env.dtype)
     run = Run(args, env)  # lock out_dir; resume, start, or refuse to touch a checkpoint
 
     # data: find and check everything before any model is built, so a bad path fails in seconds
@@ -354,7 +352,8 @@ def main(argv=None):
         if args.cache_dir else None
     dataset = data.PretrainDataset(paths, args.img_size, crop_scale=tuple(args.crop_scale), cache=cache,
                                    seed=args.seed, verify=args.verify, min_side=2 * args.patch_size)
-    sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed, frontal_ratio=args.frontal_ratio)
+    sampler = data.MixSampler(sources, rank=env.rank, world=env.world, seed=args.seed,
+                              frontal_ratio=args.frontal_ratio)
     ipe = len(sampler) // args.batch_size
     if ipe == 0:
         raise UserError(f"{len(sampler)} images per process is less than one batch of {args.batch_size}: "
@@ -416,7 +415,8 @@ def main(argv=None):
         names = sorted(skipped)
         env.print(f"skipped {len(names)} file(s), unreadable or under 2 patches, in all processes: "
                   + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""), file=sys.stderr)
-    env.print(f"done: {step} steps; checkpoint {run.ckpt}; encoder {os.path.join(args.out_dir, 'encoder.safetensors')}")
+    env.print(f"done: {step} steps; checkpoint {run.ckpt}; "
+              f"encoder {os.path.join(args.out_dir, 'encoder.safetensors')}")
 
 
 def train(args, env, run, jepa, target, opt, scaler, loader, batches, log, step, total, ipe, watch):

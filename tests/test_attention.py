@@ -81,6 +81,8 @@ CASES = [  # dtype, (B, H, N, D): head dims 32 / 64 / 80 / 128; lengths 1, 7, 15
     (torch.bfloat16, (1, 2, 150, 128)),
     (torch.bfloat16, (1, 1, 197, 80)),
 ]
+if DEVICE == "cuda":  # on a GPU (bench_gpu.sh) also the sequences training runs, 256 and 1369, in bf16 and fp16
+    CASES += [(dt, (2, 3, n, d)) for dt in (torch.bfloat16, torch.float16) for n in (256, 1369) for d in (64, 80, 128)]
 
 
 @pytest.mark.parametrize("dtype,shape", CASES, ids=[f"{str(d)[6:]}-{'x'.join(map(str, s))}" for d, s in CASES])
