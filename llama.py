@@ -321,41 +321,40 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
 
 
 def beam_search(model, x, mask, max_new_tokens, eos_token_id, num_beams):
-    """Beam search for one prompt x (1, T, d): the num_beams best partial reports by summed log-probability; a beam
-    that emits EOS is set aside with its sum divided by its length (transformers' length_penalty 1); the search
-    ends when num_beams reports have finished or after max_new_tokens. The best finished report (or running beam,
-    when too few finished) by that length-normalised score wins."""
+    """Beam search for one prompt x (1, T, d), as transformers' generate(num_beams=K) with its defaults
+    (length_penalty 1, early_stopping False): each step ranks the 2K best continuations of the K running beams by
+    summed log-probability; of these, the top K that end (EOS, or the last step) join the K best finished reports,
+    scored by sum / length (EOS counted); the K best that do not end run on. The search stops when every finished
+    slot is filled and the best running beam, divided by its length now, cannot beat the worst of them. Returns
+    the best finished report."""
     K = num_beams
     cache = KVCache(model.config, K, x.shape[1] + max_new_tokens)
-    scores = torch.full((K,), -math.inf, device=x.device)
+    scores = torch.full((K,), -1e9, device=x.device)
     scores[0] = 0.0  # one live beam at the start: the K copies of the prompt are the same
-    seqs, finished = [[] for _ in range(K)], []
+    seqs, finished = [[] for _ in range(K)], []  # finished: the K best (score, report), best first
     step_in, mask = x.expand(K, -1, -1), mask.expand(K, -1)
     for t in range(max_new_tokens):
         logp = torch.log_softmax(model(inputs_embeds=step_in, attention_mask=mask, cache=cache,
                                        last_only=True)[:, -1].float(), -1)
+        V = logp.shape[1]
         top, idx = (scores[:, None] + logp).flatten().topk(2 * K)
-        beams, keep = [], []
-        for s, i in zip(top.tolist(), idx.tolist()):
-            b, w = divmod(i, logp.shape[1])
-            if w == eos_token_id:
-                finished.append((s / (t + 1), seqs[b]))
-            else:
-                beams.append(b)
-                keep.append((s, seqs[b] + [w]))
-            if len(keep) == K:
-                break
-        if len(finished) >= K:
+        beam, word = (idx // V).tolist(), (idx % V).tolist()
+        ends = [w == eos_token_id or t + 1 == max_new_tokens for w in word]
+        new = [(float(top[r]) / (t + 1), seqs[beam[r]] + ([] if word[r] == eos_token_id else [word[r]]))
+               for r in range(K) if ends[r]]
+        finished = sorted(finished + new, key=lambda f: -f[0])[:K]  # sorted() is stable: earlier ties stay first
+        if t + 1 == max_new_tokens:
             break
-        order = torch.tensor(beams, device=x.device)
-        cache.k, cache.v = cache.k[:, order], cache.v[:, order]
-        scores = torch.tensor([s for s, _ in keep], device=x.device)
-        seqs = [q for _, q in keep]
+        run = (top - 1e9 * torch.tensor(ends, dtype=top.dtype, device=top.device)).topk(K)
+        scores, order = run.values, [beam[r] for r in run.indices.tolist()]
+        seqs = [seqs[beam[r]] + [word[r]] for r in run.indices.tolist()]
+        if len(finished) == K and float(scores[0]) / (t + 1) <= finished[-1][0]:
+            break
+        idx_t = torch.tensor(order, device=x.device)
+        cache.k, cache.v = cache.k[:, idx_t], cache.v[:, idx_t]
         step_in = model.embed(torch.tensor([q[-1] for q in seqs], device=x.device)[:, None]).to(x.dtype)
         mask = torch.cat([mask, torch.ones(K, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-    else:
-        finished += [(s / max_new_tokens, q) for s, q in zip(scores.tolist(), seqs)]
-    return max(finished, key=lambda f: f[0])[1]
+    return finished[0][1]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_greedy_cached_equals_uncached_and_one_by_one(hf_model):
 
 
 def test_beam_search_and_sampling(hf_model):
-    """Beam search gives transformers' beams (no EOS: the best summed log-probability after max_new_tokens), a
+    """Beam search gives transformers' beams, without an EOS and with EOS tokens that end beams at every step, a
     prompt alone as in a padded batch; sampling with a seeded generator repeats itself, and top_p -> 0 is greedy."""
     m, root = hf_model
     ours = load_hf_llama(str(root / "single")).eval()
@@ -124,6 +124,16 @@ def test_beam_search_and_sampling(hf_model):
                         length_penalty=1.0, early_stopping=False)
         assert hf[0, len(p):].tolist() == b
     assert beams == [generate(ours, p[None], max_new_tokens=8, eos_token_id=-1, num_beams=3)[0] for p in prompts]
+    # with an EOS: the tokens of the no-EOS beams, each made the EOS in turn, so that beams end at every step
+    ends = 0
+    for p, b in zip(prompts, beams):
+        for eos in dict.fromkeys(b[:6]):
+            hf = m.generate(p[None], max_new_tokens=8, num_beams=3, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                            length_penalty=1.0, early_stopping=False)[0, len(p):].tolist()
+            hf = hf[:hf.index(eos)] if eos in hf else hf
+            ends += len(hf) < 8
+            assert generate(ours, p[None], max_new_tokens=8, eos_token_id=eos, num_beams=3)[0] == hf, (eos, hf)
+    assert ends >= 3  # the test saw reports end early, not only full-length beams
     draw = lambda **k: generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=-1, do_sample=True,
                                 generator=torch.Generator().manual_seed(0), **k)
     assert draw(temperature=0.7, top_p=0.9) == draw(temperature=0.7, top_p=0.9)
