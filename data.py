@@ -6,7 +6,7 @@ builds, weighted mix of sources with an optional frontal:lateral ratio).
 Usage (downstream scripts):
     img = data.read_image("scan.dcm")              # np.float32 HxW in [0, 1], bone bright; ImageReadError if not
     rows = data.read_csv(csv, required=("path", "subject"))
-    pre = data.Preprocess(info["img_size"], info["mean"], info["std"])
+    pre = data.Preprocess(info.img_size, info.mean, info.std)
     x = pre(data.read_image(data.resolve(csv, None, rows[0]["path"])))          # torch (C, H, W)
     parts = data.split_by_subject([r["subject"] for r in rows])                # [train_idx, val_idx, test_idx]
 

@@ -4,12 +4,13 @@ the frozen encoder (and a random one of the same architecture, the floor it must
 centre crop, embeddings computed once and cached, the subject-level split with fixed validation / test sets, the
 paired comparison of two runs, and the L-BFGS solver of the convex heads.
 
-    vit, info, name = load_frozen_encoder(args, env)       # info: source, format, img_size, mean, std, crop_frac
+    vit, info, name = load_frozen_encoder(args, env)       # info: an encoders.Feed, .crop_frac set
     feats = encode_images(paths, info, fn, env, 64, 4, cache="out/probe/features/x.pt")
     parts = split_samples(samples)                         # {'train', 'val', 'test'}: subjects never in two
     main(["--compare", A, B])  ->  paired_compare(args, A, B, stats, n)   # compare.json, Table 6's marks
     W, b, facts = fit_converged(X, Y, selection_folds(tr, va, subjects, False, 0), "binary", norm, device)
 """
+import dataclasses
 import os
 import sys
 
@@ -67,12 +68,12 @@ def load_frozen_encoder(args, env):
     attention is --attn, else the device's default (model.default_attention)."""
     args.attn = args.attn or model.default_attention(env.device)
     vit, info = load_encoder_from_args(args)
-    name = args.name or (os.path.basename(args.encoder) if args.encoder else info["source"].split(" (")[0])
-    if args.random_like and info["format"] != "random-init":
+    name = args.name or (os.path.basename(args.encoder) if args.encoder else info.source.split(" (")[0])
+    if args.random_like and info.format != "random-init":
         vit, info = random_like(vit, info, args.attn)
     if args.random_like:
         name = args.name or f"random {name}"
-    info["crop_frac"] = crop_frac(info)
+    info.crop_frac = crop_frac(info)
     return vit, info, name
 
 
@@ -80,7 +81,7 @@ def random_like(vit, info, attn="sdpa", seed=0):
     """A randomly initialised ViT of vit's architecture (its config), frozen, with the same preprocessing."""
     torch.manual_seed(seed)
     rand = model.VisionTransformer(attn=attn, **vit.config).eval().requires_grad_(False)
-    info = {**info, "format": "random-init", "source": f"random-init of the architecture of {info['source']}"}
+    info = dataclasses.replace(info, format="random-init", source=f"random-init of the architecture of {info.source}")
     return rand, info
 
 
@@ -109,7 +110,7 @@ def compare_runs(main, a, b, out_dir, args):
 # CLIP and RAD-DINO 1, BioViL-T 448 / 512); one without (RadJEPa, I-JEPA, this project's) keeps the largest centred
 # square, as the paper's "centre crop and resize" says. Cropping first and resizing after is the same geometry.
 def crop_frac(info):
-    return min(1.0, info["img_size"] / info["resize_to"]) if info.get("resize_to") else 1.0
+    return min(1.0, info.img_size / info.resize_to) if info.resize_to else 1.0
 
 
 def center_box(h, w, frac=1.0):
@@ -129,8 +130,8 @@ class EvalImages(torch.utils.data.Dataset):
 
     def __init__(self, paths, info, crop=True):
         self.paths = paths
-        self.frac = info.get("crop_frac", 1.0) if crop else None
-        self.pre = data.Preprocess(info["img_size"], info["mean"], info["std"])
+        self.frac = info.crop_frac if crop else None
+        self.pre = data.Preprocess(info.img_size, info.mean, info.std)
 
     def __len__(self):
         return len(self.paths)
@@ -189,7 +190,7 @@ def encode_images(paths, info, fn, env, batch_size, num_workers, cache=None):
             feats[idx] = torch.from_numpy(f)
     if cache:
         os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-        save_torch({"paths": list(paths), "feats": feats, "source": info["source"]}, cache)
+        save_torch({"paths": list(paths), "feats": feats, "source": info.source}, cache)
         env.print(f"features: {tuple(feats.shape)} cached in {cache}")
     return feats
 

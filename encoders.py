@@ -4,7 +4,7 @@ paper compares against, each rebuilt as model.py's VisionTransformer or one of b
 
     from encoders import save_encoder, load_encoder
     save_encoder(vit, "out/pretrain/encoder.safetensors", step=1000)
-    vit, info = load_encoder("out/pretrain/encoder.safetensors")  # info: source, format, img_size, mean, std, in_chans
+    vit, info = load_encoder("out/pretrain/encoder.safetensors")  # info: a Feed (source, format, img_size, ...)
     vit, info = load_encoder("rad-dino/", fmt="rad-dino")         # a Hugging Face snapshot folder
     export_hf(vit, "out/pretrain/hf")                             # an IJepaModel folder transformers loads
     vit, info = load_encoder(None, model="vit_small")             # default export if present, else random init
@@ -15,6 +15,7 @@ contents. Each is fed as its own release feeds it (feed(); the README's "Encoder
 from the checkpoint (weights.py), and every tensor of it is used (mask tokens, training heads, a CLIP text tower,
 MAE's decoder, BioViL-T's temporal pooler aside): a missing or unknown key is an error that names it.
 """
+import dataclasses
 import difflib
 import functools
 import json
@@ -90,13 +91,30 @@ def export_hf(vit, folder, img_size=None, mean=None, std=None):
 # ----------------------------------------------------------------------------------------------------------------
 # the loaders: build the right encoder, fill it, and say how it is fed
 
+@dataclasses.dataclass
+class Feed:
+    """What an encoder is and how it is fed: the image side, normalisation and resize rule its release uses (preset:
+    where that rule comes from), its format and a line saying which file it came from (source), the channels it
+    takes once --enc_mean / --enc_std are applied (in_chans), the share of the shorter side the evaluations keep
+    (crop_frac, downstream.crop_frac), and what a project export's metadata held (meta)."""
+    img_size: int
+    mean: list
+    std: list
+    resize: str = "square"
+    resize_to: int = None
+    preset: str = None
+    format: str = None
+    source: str = None
+    in_chans: int = None
+    crop_frac: float = 1.0
+    meta: dict = None
+
+
 def feed(img_size, mean, std, resize_to=None, source=None):
-    """How an encoder is fed (info's img_size, mean, std, resize, resize_to, preset). With resize_to N, as with the
-    encoder's own processor, the evaluations keep img_size / N of the shorter side (downstream.crop_frac)."""
-    out = {"img_size": int(img_size), "mean": list(mean), "std": list(std), "resize": "square"}
-    if resize_to:
-        out.update(resize="shortest_edge+center_crop", resize_to=int(resize_to))
-    return {**out, "preset": source} if source else out
+    """The Feed of an encoder's release. With resize_to N, as with the encoder's own processor, the evaluations keep
+    img_size / N of the shorter side (downstream.crop_frac)."""
+    return Feed(int(img_size), list(mean), list(std), "shortest_edge+center_crop" if resize_to else "square",
+                int(resize_to) if resize_to else None, source)
 
 
 def _side(v):  # one side of a Hugging Face size: an int, a pair, or {height, width} / {shortest_edge}
@@ -166,7 +184,7 @@ def _load_own(ck, attn, fmt):
         except ValueError:  # metadata another tool wrote stays text
             pass
     own = {k: meta[k] for k in ("img_size", "mean", "std", "resize", "resize_to") if k in meta}
-    return vit, {**feed(cfg["img_size"], [CXR_MEAN], [CXR_STD]), **own, "meta": meta}
+    return vit, dataclasses.replace(feed(cfg["img_size"], [CXR_MEAN], [CXR_STD]), **own, meta=meta)
 
 
 def _load_jepa(ck, attn, fmt):
@@ -417,15 +435,15 @@ def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_si
                  enc_img_size=None, enc_mean=None, enc_std=None):
     """(vit, info), the encoder frozen in eval mode. path None: the default pretraining export if a run left one, else
     a randomly initialised `model` (the floor every encoder should beat); "random": that random init whatever lies
-    in out/; info['source'] says which."""
+    in out/; info.source says which."""
     if path is None and os.path.exists(DEFAULT_EXPORT):
         path = DEFAULT_EXPORT
     if path in (None, "random"):  # "random": a random init on purpose, whatever export lies in out/
         torch.manual_seed(0)
         vit = build_vit(model, img_size=img_size, patch_size=patch_size, attn=attn)
         why = f"no --encoder and no {DEFAULT_EXPORT}" if path is None else "--encoder random"
-        info = {"format": "random-init", "source": f"random-init {model} ({why})",
-                **feed(img_size, [CXR_MEAN], [CXR_STD])}
+        info = dataclasses.replace(feed(img_size, [CXR_MEAN], [CXR_STD]), format="random-init",
+                                   source=f"random-init {model} ({why})")
     else:
         if not os.path.exists(path):
             raise UserError(f"--encoder {path}: no such file or folder")
@@ -438,7 +456,7 @@ def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_si
         vit, info = LOADERS[fmt][0](ck, attn, fmt)
         if fmt in HF_FEED_WINS:
             info = _hf_feed(ck.hf_preprocess) or info
-        info.update(format=fmt, source=f"{path} ({fmt}{', auto-detected: ' + why if why else ''})")
+        info.format, info.source = fmt, f"{path} ({fmt}{', auto-detected: ' + why if why else ''})"
     set_attn(vit, attn)
     vit.eval().requires_grad_(False)
     return vit, _override(info, vit, enc_img_size, enc_mean, enc_std)
@@ -447,11 +465,11 @@ def load_encoder(path=None, fmt="auto", model="vit_base", img_size=224, patch_si
 def _override(info, vit, img_size, mean, std):
     """Apply --enc_img_size / --enc_mean / --enc_std; one value of mean or std is repeated to the other's length."""
     if img_size:
-        if info.get("resize_to"):  # keep the processor's resize / crop proportion (RAD-DINO 1, DINOv2 256 / 224)
-            info["resize_to"] = int(round(info["resize_to"] * int(img_size) / info["img_size"]))
-        info["img_size"] = int(img_size)
-    mean = [float(v) for v in mean] if mean else info["mean"]
-    std = [float(v) for v in std] if std else info["std"]
+        if info.resize_to:  # keep the processor's resize / crop proportion (RAD-DINO 1, DINOv2 256 / 224)
+            info.resize_to = int(round(info.resize_to * int(img_size) / info.img_size))
+        info.img_size = int(img_size)
+    mean = [float(v) for v in mean] if mean else info.mean
+    std = [float(v) for v in std] if std else info.std
     if len(mean) != len(std) and 1 not in (len(mean), len(std)):
         raise UserError(f"--enc_mean has {len(mean)} values and --enc_std {len(std)}: give the same number (1 or 3)")
     n = max(len(mean), len(std))
@@ -460,9 +478,9 @@ def _override(info, vit, img_size, mean, std):
         raise UserError(f"--enc_mean / --enc_std: {len(mean)} channels, but the encoder takes 1 or {stem}")
     if min(std) <= 0:
         raise UserError(f"--enc_std must be positive, got {std}")
-    if info["img_size"] % vit.patch_size:
-        raise UserError(f"--enc_img_size {info['img_size']} is not a multiple of the patch size {vit.patch_size}")
-    info["mean"], info["std"], info["in_chans"] = mean, std, len(mean)
+    if info.img_size % vit.patch_size:
+        raise UserError(f"--enc_img_size {info.img_size} is not a multiple of the patch size {vit.patch_size}")
+    info.mean, info.std, info.in_chans = mean, std, len(mean)
     return info
 
 

@@ -203,7 +203,7 @@ def init_from(path, jepa, target):
     enc, info = encoders.load_encoder(path, attn="sdpa")
     c, want = enc.config, jepa.encoder.config
     if type(enc) is not VisionTransformer or c["cls_token"] or c["num_register_tokens"] or c["layer_scale"]:
-        raise UserError(f"--init_from {path}: a {info['format']} encoder (class token, registers or layer scale) "
+        raise UserError(f"--init_from {path}: a {info.format} encoder (class token, registers or layer scale) "
                         "is not the JEPA ViT pretrain.py trains; start from I-JEPA, RadJEPa or this project's weights")
     diff = [f"{k} {c[k]} (the run's {want[k]})" for k in ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio",
                                                        "qkv_bias", "in_chans", "eps") if c[k] != want[k]]
@@ -229,7 +229,7 @@ def init_from(path, jepa, target):
             predictor = "built fresh (the file's predictor has another depth or width than --pred_depth / --pred_dim)"
     grids = f"; position embeddings resized {enc.grid[0]}x{enc.grid[1]} -> {jepa.encoder.grid[0]}x" \
             f"{jepa.encoder.grid[1]}" if tuple(enc.grid) != tuple(jepa.encoder.grid) else ""
-    return (f"init from {info['source']}: target encoder from it, context encoder "
+    return (f"init from {info.source}: target encoder from it, context encoder "
             f"{'from its encoder' if 'encoder' in parts else 'a copy of it'}, predictor {predictor}{grids}")
 
 

@@ -23,6 +23,7 @@ the optimiser, not the features. Images are split by subject; writes results.jso
 (what --compare reads), pr_curves.png and log.jsonl to --out_dir.
 """
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -193,12 +194,12 @@ def make_splits(table, args):
 def cache_file(info, table, args, env):
     """Named by everything that changes an embedding: the encoder (file identity, or the random-init recipe), the
     images (path, size, modification time), the preprocessing, the layers pooled and the precision."""
-    enc, path = info["source"], args.encoder or (DEFAULT_EXPORT if info["format"] != "random-init" else None)
+    enc, path = info.source, args.encoder or (DEFAULT_EXPORT if info.format != "random-init" else None)
     if path and os.path.exists(path):  # a retrained file (or folder of files) at the same path gets a new key
         files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
-        enc = [info["format"]] + downstream.file_identity(files)
-    key = json.dumps([enc, args.model, args.patch_size, info["img_size"], info["mean"], info["std"],
-                      info.get("crop_frac", 1.0), args.last_layers, str(env.dtype),
+        enc = [info.format] + downstream.file_identity(files)
+    key = json.dumps([enc, args.model, args.patch_size, info.img_size, info.mean, info.std,
+                      info.crop_frac, args.last_layers, str(env.dtype),
                       sorted(downstream.file_identity(table.paths))])
     return os.path.join(args.feature_cache or os.path.join(args.out_dir, "features"),
                         hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
@@ -428,8 +429,8 @@ def run_folds(feats, table, splits, vit, info, args, env, log):
     """Per split a head fitted, selected and tested: per-fold metrics and (fold, test indices, probabilities)."""
     X, Y, bs, per_fold, preds = feats, torch.from_numpy(table.labels), args.batch_size, [], []
     # --augment works on [0, 1] images and normalises after augmenting, with the encoder's own statistics
-    raw = {**info, "mean": [0.0] * len(info["mean"]), "std": [1.0] * len(info["std"])}
-    mean, std = (torch.tensor(info[k], device=env.device).view(1, -1, 1, 1) for k in ("mean", "std"))
+    raw = dataclasses.replace(info, mean=[0.0] * len(info.mean), std=[1.0] * len(info.std))
+    mean, std = (torch.tensor(v, device=env.device).view(1, -1, 1, 1) for v in (info.mean, info.std))
     for k, (tr, va, te) in enumerate(splits):
         g = torch.Generator().manual_seed(args.seed + 1000 * k)
         # standardised by the rows the head is finally fitted on: one L2 grid (or AdamW lr) suits every encoder
@@ -487,9 +488,9 @@ def main(argv=None):
                 "subject", "split": f"{args.split} split by subject, {args.repeats} seed(s)"}[proto]
     vit, info, name = downstream.load_frozen_encoder(args, env)
     vit.to(env.device)
-    env.print(f"encoder: {info['source']}\ndata: {table.source}: {len(table.paths)} images, "
+    env.print(f"encoder: {info.source}\ndata: {table.source}: {len(table.paths)} images, "
               f"{len(set(table.subjects))} subjects, {table.task} {table.classes}; {len(splits)} split(s); "
-              f"{info['img_size']} px, mean {info['mean']} std {info['std']}")
+              f"{info.img_size} px, mean {info.mean} std {info.std}")
     feats = downstream.encode_images(table.paths, info, lambda x: embed(vit, x, env, args), env, EXTRACT_BATCH,
                                      args.num_workers, cache=cache_file(info, table, args, env))
     if not env.is_main:
@@ -503,18 +504,18 @@ def main(argv=None):
                                     base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl")))
     finally:
         torch.set_num_threads(threads)
-    res = {"name": name, "encoder": info["source"], "encoder_format": info["format"], "task": table.task,
+    res = {"name": name, "encoder": info.source, "encoder_format": info.format, "task": table.task,
            "classes": table.classes, **summarise(per_fold, table.classes), "per_fold": per_fold,
            "protocol": protocol, "convergence": convergence(per_fold, args.head), "deviations": deviations(args, proto),
            "data": {"source": table.source, "n_images": len(table.paths), "n_subjects": len(set(table.subjects)),
                     "positives": {c: int(np.nansum(table.labels[:, i])) for i, c in enumerate(table.classes)},
                     "unlabelled": {c: int(np.isnan(table.labels[:, i]).sum()) for i, c in enumerate(table.classes)},
                     **({"uncertain": args.uncertain} if args.dataset in UNCERTAIN_LAYOUTS else {})},
-           "preprocess": {k: info[k] for k in ("img_size", "mean", "std", "crop_frac")},
+           "preprocess": {k: getattr(info, k) for k in ("img_size", "mean", "std", "crop_frac")},
            "feature_dim": int(feats.shape[1]), "settings": vars(args), "time_s": round(time.time() - t0, 1)}
     for metric in ("auprc", "auroc"):
         print_table([res], metric)
-    print(f"encoder: {info['source']}\n{res['convergence']['note']}\nprotocol: {protocol}; deviations from the "
+    print(f"encoder: {info.source}\n{res['convergence']['note']}\nprotocol: {protocol}; deviations from the "
           f"paper: {'; '.join(res['deviations']) or 'none'}")
     write_outputs(res, table, preds, args.out_dir)
     print(f"wrote results.json, results.csv, predictions.csv, pr_curves.png to {args.out_dir}")

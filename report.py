@@ -486,7 +486,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # one random-init encoder on every rank, and again in --eval_only
     vit, info, name = downstream.load_frozen_encoder(args, env)
     vit.to(env.device)
-    env.print(f"encoder: {info['source']}")
+    env.print(f"encoder: {info.source}")
     lm, tok = build_lm(args, [s["text"] for s in train_set], env)  # before encoding: fail early on a bad --lm
     torch.manual_seed(args.seed)  # the same projector on every rank: FSDP shards it and nothing broadcasts it
     model = build_model(vit.embed_dim, lm, args)
@@ -541,7 +541,7 @@ def main(argv=None):
         ": the model repeats a few reports it memorised, whatever the image (expected of a small LM trained from "
         "scratch on few reports; image conditioning needs the paper's scale)" if distinct * 2 <= len(hyps)
         else ""))
-    print(f"encoder: {info['source']}")
+    print(f"encoder: {info.source}")
     with open(os.path.join(args.out_dir, "predictions.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "subject", "reference", "generated"])
@@ -558,13 +558,13 @@ def main(argv=None):
             wrote.append("adapter/ (peft)")
     deviations = ([] if args.lm else ["a small Llama trained from scratch instead of Vicuna-7B v1.5 (--lm)"]) + (
         [f"--max_steps {args.max_steps} instead of {args.epochs} epochs"] if args.max_steps else [])
-    res = {"name": name, "encoder": info["source"], "encoder_format": info["format"], "metrics": metrics,
+    res = {"name": name, "encoder": info.source, "encoder_format": info.format, "metrics": metrics,
            "deviations": deviations, "n_test": len(test), "distinct_generated": distinct, "n_train": len(train_set),
            "data": source,
            "lm": args.lm or "small Llama from scratch", "lm_params": count_params(model.lm), "train_mode": args.train,
            "steps": steps, "fsdp": args.fsdp, "eval_only": args.eval_only, "checkpoint": args.checkpoint,
            "world_size": env.world, "memory_per_rank": mem,
-           "preprocess": {k: info[k] for k in ("img_size", "mean", "std")},
+           "preprocess": {k: getattr(info, k) for k in ("img_size", "mean", "std")},
            "settings": vars(args), "time_s": round(time.time() - t0, 1)}
     base.write_json(res, os.path.join(args.out_dir, "results.json"))
     print(f"wrote {', '.join(wrote)} to {args.out_dir}")

@@ -459,7 +459,7 @@ def build(vit, args, n_classes, env):
 
 def loaders(parts, args, info, env):
     """Training (shuffled; a DistributedSampler under torchrun), validation and test loaders (+ full-size labels)."""
-    size, frac = info["img_size"], info["crop_frac"]
+    size, frac = info.img_size, info.crop_frac
     train_ds = SegDataset(parts["train"], args.task, size, crop_frac=frac)
     if args.decoder == "upernet" and min(args.batch_size, len(train_ds) // env.world) < 2:
         raise UserError("UPerNet's BatchNorm needs at least 2 training images per batch and process")
@@ -485,17 +485,17 @@ def main(argv=None):
     classes = TASKS[args.task][0]
     n_fg = len(classes)  # foreground classes; the decoder predicts n_fg + 1 with background
     vit, info, name = downstream.load_frozen_encoder(args, env)
-    size = info["img_size"]  # a loaded encoder's own (or --enc_img_size); --img_size shaped a random one
+    size = info.img_size  # a loaded encoder's own (or --enc_img_size); --img_size shaped a random one
     if size % vit.patch_size:
         raise UserError(f"image size {size} is not a multiple of the encoder's patch size {vit.patch_size}")
     model, eval_model = build(vit, args, n_fg + 1, env)
     decoder, layers, n_params = eval_model.decoder, eval_model.layers, count_params(eval_model.decoder)
-    env.print(f"encoder: {info['source']}")
+    env.print(f"encoder: {info.source}")
     env.print(f"task {args.task}: {', '.join(classes)} | train {len(parts['train'])}, val {len(parts['val'])}, "
               f"test {len(parts['test'])} images | {args.decoder} decoder on blocks {layers}: {n_params:,} "
               f"parameters | {size} px, flips {'on' if args.use_flip else 'off'}")
-    mean = torch.tensor(info["mean"], device=env.device).view(1, -1, 1, 1)
-    std = torch.tensor(info["std"], device=env.device).view(1, -1, 1, 1)
+    mean = torch.tensor(info.mean, device=env.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=env.device).view(1, -1, 1, 1)
     norm = lambda x: (x.expand(-1, mean.shape[1], -1, -1) - mean) / std  # gray -> the encoder's channels
     train_dl, val_dl, test_dl = loaders(parts, args, info, env)
 
@@ -509,7 +509,7 @@ def main(argv=None):
         base.refuse_nonfinite(decoder.state_dict().values(), "the decoder")
         if env.is_main:
             base.save_torch({"decoder": decoder.state_dict(), "task": args.task, "classes": classes,
-                             "decoder_name": args.decoder, "layers": layers, "encoder": info["source"], **facts}, ckpt)
+                             "decoder_name": args.decoder, "layers": layers, "encoder": info.source, **facts}, ckpt)
     if args.decoder == "linear":
         fit = fit_linear(eval_model, train_dl.dataset, val_dl.dataset, env, norm, args, logger, save)
     else:
@@ -525,9 +525,9 @@ def main(argv=None):
     mean_dice = nanmean(per_class)
     ci = base.bootstrap_ci(lambda idx: nanmean(nanmean(test_dice[idx], 0)), len(test_dice))["ci95"]
     print(f"\nSegmentation ({args.task}), Dice x100 on the test set ({len(test_dice)} images), {fit['selected']}; "
-          f"encoder: {info['source']}")
+          f"encoder: {info.source}")
     print_table(name, "UPerNet" if args.decoder == "upernet" else "Linear", n_params, classes, per_class, mean_dice, ci)
-    res = {"task": args.task, "encoder": info["source"], "encoder_format": info["format"], "name": name,
+    res = {"task": args.task, "encoder": info.source, "encoder_format": info.format, "name": name,
            "decoder": args.decoder, "decoder_params": n_params, "layers": layers, "img_size": size,
            "classes": classes, "test": {"n_images": len(test_dice), "mean_dice": mean_dice, "mean_dice_ci95": ci,
                                         "dice": dict(zip(classes, map(float, per_class)))},
@@ -535,7 +535,7 @@ def main(argv=None):
            "settings": vars(args),
            **{f"n_{k}": len(parts[k]) for k in parts}, "seconds": round(time.time() - t0, 1),
            "protocol": "70/15/15 by subject" if not args.dataset else f"{args.dataset} (archives.py)",
-           "preprocess": {k: info[k] for k in ("img_size", "mean", "std", "crop_frac")},
+           "preprocess": {k: getattr(info, k) for k in ("img_size", "mean", "std", "crop_frac")},
            "deviations": deviations(args)}
     base.write_json(res, os.path.join(args.out_dir, "results.json"))
     write_per_image(os.path.join(args.out_dir, "per_image_dice.csv"), parts["test"], classes, test_dice)

@@ -163,8 +163,8 @@ def test_random_like_has_the_architecture_and_preprocessing_but_not_the_weights(
     save_encoder(vit, str(tmp_path / "e.safetensors"), mean=[0.3], std=[0.2])
     loaded, info = load_encoder(str(tmp_path / "e.safetensors"))
     rand, rinfo = downstream.random_like(loaded, info)
-    assert rand.config == loaded.config and rinfo["format"] == "random-init"
-    assert (rinfo["img_size"], rinfo["mean"], rinfo["std"]) == (info["img_size"], info["mean"], info["std"])
+    assert rand.config == loaded.config and rinfo.format == "random-init"
+    assert (rinfo.img_size, rinfo.mean, rinfo.std) == (info.img_size, info.mean, info.std)
     sa, sb = loaded.state_dict(), rand.state_dict()
     assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
     assert not torch.allclose(sa["blocks.0.attn.qkv.weight"], sb["blocks.0.attn.qkv.weight"])

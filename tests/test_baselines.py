@@ -24,7 +24,7 @@ from test_encoders import (TOL, Exploit, hf_forward, ijepa_forward64, ijepa_stat
 def test_dinov2_swiglu_hf_and_meta(tmp_path):
     m = make_hf("dinov2", tmp_path / "hf", hidden_size=128, num_attention_heads=2, use_swiglu_ffn=True)
     vit, info = load_encoder(str(tmp_path / "hf"))
-    assert info["format"] == "dinov2-hf" and vit.config["ffn"] == "swiglu"
+    assert info.format == "dinov2-hf" and vit.config["ffn"] == "swiglu"
     x = xray(56, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
     ref = hf_forward(m, x)
     with torch.no_grad():
@@ -37,7 +37,7 @@ def test_dinov2_swiglu_hf_and_meta(tmp_path):
     meta = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v for k, v in meta.items()}
     torch.save(meta, tmp_path / "dinov2_vitg14_pretrain.pth")  # Meta's names: blocks.N.mlp.w12 / w3
     vit2, info2 = load_encoder(str(tmp_path / "dinov2_vitg14_pretrain.pth"))
-    assert info2["format"] == "dinov2" and info2["resize"] == "shortest_edge+center_crop"
+    assert info2.format == "dinov2" and info2.resize == "shortest_edge+center_crop"
     with torch.no_grad():
         torch.testing.assert_close(vit2(x), ref.last_hidden_state, atol=TOL, rtol=0)
 
@@ -72,15 +72,15 @@ def clip_ref(vm, x):
 def test_clip_hf_same_features(tmp_path, full):
     vm = make_clip(tmp_path / "clip", full)
     vit, info = load_encoder(str(tmp_path / "clip"))
-    assert info["format"] == "clip-hf" and (info["img_size"], info["mean"]) == (56, encoders.CLIP_MEAN)
-    assert (info["resize"], info["resize_to"]) == ("shortest_edge+center_crop", 56)
+    assert info.format == "clip-hf" and (info.img_size, info.mean) == (56, encoders.CLIP_MEAN)
+    assert (info.resize, info.resize_to) == ("shortest_edge+center_crop", 56)
     if full:  # openai/clip-vit-large-patch14-336's processor file (the older integer sizes)
         (tmp_path / "clip" / "preprocessor_config.json").write_text(
             '{"crop_size": 336, "do_center_crop": true, "do_normalize": true, "do_resize": true, "image_mean": '
             '[0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, '
             '"size": 336}')
         info = load_encoder(str(tmp_path / "clip"))[1]
-        assert (info["img_size"], info["resize_to"], info["preset"]) == (336, 336, "preprocessor_config.json")
+        assert (info.img_size, info.resize_to, info.preset) == (336, 336, "preprocessor_config.json")
     x = xray(56, encoders.CLIP_MEAN, encoders.CLIP_STD)
     tokens, pooled = clip_ref(vm, x)
     with torch.no_grad():
@@ -120,8 +120,8 @@ def test_openai_clip_state_dict_and_chexzero(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(vit(x), tokens, atol=TOL, rtol=0)
             torch.testing.assert_close(vit.global_embedding(x), pooled, atol=TOL, rtol=0)
-    assert load_encoder(str(tmp_path / "ViT-L-14.state_dict.pt"))[1]["format"] == "clip"
-    assert info["mean"] == pytest.approx([101.48761 / 255] * 3) and info["resize"] == "square"
+    assert load_encoder(str(tmp_path / "ViT-L-14.state_dict.pt"))[1].format == "clip"
+    assert info.mean == pytest.approx([101.48761 / 255] * 3) and info.resize == "square"
     scripted = torch.jit.script(torch.nn.Linear(2, 2))  # OpenAI's ViT-L-14.pt is a TorchScript archive
     scripted.save(str(tmp_path / "ViT-L-14.pt"))
     with pytest.raises(UserError, match="TorchScript archive"):
@@ -163,7 +163,7 @@ def test_biomedclip_and_mrm_against_float64(tmp_path):
     x = xray(64, encoders.CLIP_MEAN, encoders.CLIP_STD)
     ref = timm_forward64(sd, x, heads=1, depth=2)  # width 64: one 64-d head
     vit, info = load_encoder(str(tmp_path / "BiomedCLIP"))
-    assert info["format"] == "biomedclip" and (info["img_size"], info["mean"]) == (64, encoders.CLIP_MEAN)
+    assert info.format == "biomedclip" and (info.img_size, info.mean) == (64, encoders.CLIP_MEAN)
     with torch.no_grad():
         torch.testing.assert_close(vit(x).double(), ref, atol=TOL, rtol=0)
         torch.testing.assert_close(vit.global_embedding(x).double(), ref[:, 0], atol=TOL, rtol=0)
@@ -173,7 +173,7 @@ def test_biomedclip_and_mrm_against_float64(tmp_path):
                      "bert_mlp.weight": torch.randn(384, 64)}}  # model_mrm.py's MRM: MAE + the report branch
     torch.save(mrm, tmp_path / "MRM.pth")
     vit, info = load_encoder(str(tmp_path / "MRM.pth"))
-    assert info["format"] == "mrm" and (info["img_size"], info["mean"], info["resize_to"]) == (64, [0.4978] * 3, 64)
+    assert info.format == "mrm" and (info.img_size, info.mean, info.resize_to) == (64, [0.4978] * 3, 64)
     with torch.no_grad():
         torch.testing.assert_close(vit(x).double(), ref, atol=TOL, rtol=0)
 
@@ -241,7 +241,7 @@ def test_biovil_t_resnet_against_float64(tmp_path):
     sd = resnet_state()
     torch.save(biovil_checkpoint(sd), tmp_path / "biovil_t_image_model_proj_size_128.pt")
     vit, info = load_encoder(str(tmp_path / "biovil_t_image_model_proj_size_128.pt"))
-    assert info["format"] == "biovil-t" and (info["img_size"], info["resize_to"], info["mean"]) == (448, 512, [0.0] * 3)
+    assert info.format == "biovil-t" and (info.img_size, info.resize_to, info.mean) == (448, 512, [0.0] * 3)
     x = xray(64, [0.0] * 3, [1.0] * 3)
     ref = resnet_forward64(sd, x, (1, 1, 1, 1))
     with torch.no_grad():

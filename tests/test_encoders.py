@@ -86,8 +86,8 @@ def test_hf_dinov2_same_features(tmp_path, kind, cfg):
     p = argparse.ArgumentParser()
     encoders.add_encoder_args(p)
     vit, info = encoders.load_encoder_from_args(p.parse_args(["--encoder", str(tmp_path / "hf")]))
-    assert info["format"] == "dinov2-hf" and "auto-detected" in info["source"]
-    assert (info["img_size"], info["mean"], info["in_chans"]) == (224, encoders.IMAGENET_MEAN, 3)
+    assert info.format == "dinov2-hf" and "auto-detected" in info.source
+    assert (info.img_size, info.mean, info.in_chans) == (224, encoders.IMAGENET_MEAN, 3)
     R = 4 if kind == "registers" else 0
     assert vit.num_prefix_tokens == 1 + R
     for size in (56, 84):  # native (4 x 4 positions) and resized to 6 x 6 (HF's interpolate_pos_encoding)
@@ -117,15 +117,15 @@ def test_hf_in_memory_names_and_preprocessor_config(tmp_path):
     with pytest.raises(UserError, match="--encoder_format dinov2-hf or --encoder_format rad-dino"):
         load_encoder(str(d / "model.safetensors"))  # no processor file: DINOv2 or RAD-DINO? Never a guess
     vit, info = load_encoder(str(d / "model.safetensors"), fmt="dinov2-hf")
-    assert (info["img_size"], info["mean"]) == (224, encoders.IMAGENET_MEAN)
+    assert (info.img_size, info.mean) == (224, encoders.IMAGENET_MEAN)
     x = xray(56, [0.5307] * 3, [0.2583] * 3)
     with torch.no_grad():
         torch.testing.assert_close(vit(x), hf_forward(m, x).last_hidden_state, atol=TOL, rtol=0)
     (d / "preprocessor_config.json").write_text(RAD_DINO_PROCESSOR)
     _, info = load_encoder(str(d))
-    assert (info["img_size"], info["mean"], info["std"]) == (518, [0.5307] * 3, [0.2583] * 3)
+    assert (info.img_size, info.mean, info.std) == (518, [0.5307] * 3, [0.2583] * 3)
     _, info = load_encoder(str(tmp_path / "ref"), fmt="rad-dino")
-    assert (info["format"], info["img_size"], info["mean"], info["in_chans"]) == ("rad-dino", 518, [0.5307] * 3, 3)
+    assert (info.format, info.img_size, info.mean, info.in_chans) == ("rad-dino", 518, [0.5307] * 3, 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_meta_dinov2_naming_loads_identically(tmp_path, kind, wrap):
         meta = {"teacher": {**{"backbone." + k: v for k, v in meta.items()}, "dino_head.last_layer.weight": torch.zeros(3, 3)}}
     torch.save(meta, tmp_path / "dinov2.pth")
     vit, info = load_encoder(str(tmp_path / "dinov2.pth"))
-    assert info["format"] == "dinov2" and (info["img_size"], info["in_chans"]) == (224, 3)
+    assert info.format == "dinov2" and (info.img_size, info.in_chans) == (224, 3)
     a, b = vit.state_dict(), hf_vit.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     x = xray(56, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
@@ -212,8 +212,8 @@ def test_rad_dino_hub_folder_and_its_dinov2_code_checkpoint(tmp_path, processor)
     for path in (tmp_path / "rad-dino", tmp_path / "rad-dino" / "backbone_compatible.safetensors",
                  lone / "backbone_compatible.safetensors"):
         vit, info = load_encoder(str(path))
-        assert info["format"] == "rad-dino" and "auto-detected" in info["source"], (path, info)
-        assert (info["img_size"], info["resize_to"], info["mean"], info["std"]) == (518, 518, [0.5307] * 3,
+        assert info.format == "rad-dino" and "auto-detected" in info.source, (path, info)
+        assert (info.img_size, info.resize_to, info.mean, info.std) == (518, 518, [0.5307] * 3,
                                                                                     [0.2583] * 3)
         with torch.no_grad():
             torch.testing.assert_close(vit(x), ref, atol=TOL, rtol=0)
@@ -224,8 +224,8 @@ def test_formats_that_cannot_be_told_apart_ask_for_encoder_format(tmp_path):
     make_hf("dinov2", tmp_path / "hf", processor=False)  # a Dinov2 folder with no processor file: DINOv2 or RAD-DINO?
     with pytest.raises(UserError, match=r"pass --encoder_format dinov2-hf or --encoder_format rad-dino$"):
         load_encoder(str(tmp_path / "hf"))
-    assert load_encoder(str(tmp_path / "hf"), fmt="rad-dino")[1]["img_size"] == 518
-    assert load_encoder(str(tmp_path / "hf"), fmt="dinov2-hf")[1]["img_size"] == 224
+    assert load_encoder(str(tmp_path / "hf"), fmt="rad-dino")[1].img_size == 518
+    assert load_encoder(str(tmp_path / "hf"), fmt="dinov2-hf")[1].img_size == 224
     meta = to_meta_dinov2(load_file(str(tmp_path / "hf" / "model.safetensors")), 2, 0)
     save_file({k: v.contiguous() for k, v in meta.items()}, str(tmp_path / "renamed.safetensors"))
     with pytest.raises(UserError, match=r"--encoder_format dinov2 or --encoder_format rad-dino$"):
@@ -297,7 +297,7 @@ def test_ijepa_checkpoint_loads_and_round_trips(tmp_path):
     target, online = ijepa_state(seed=0), ijepa_state(seed=1)
     torch.save(ijepa_checkpoint(target, online), tmp_path / "IN1K-vit.tiny.16.pth.tar")
     vit, info = load_encoder(str(tmp_path / "IN1K-vit.tiny.16.pth.tar"))
-    assert info["format"] == "ijepa" and (info["img_size"], info["mean"], info["in_chans"]) == (64, encoders.IMAGENET_MEAN, 3)
+    assert info.format == "ijepa" and (info.img_size, info.mean, info.in_chans) == (64, encoders.IMAGENET_MEAN, 3)
     assert vit.cls_token is None and vit.num_heads == 3 and vit.patch_size == 16 and len(vit.blocks) == 2
     own = vit.state_dict()
     assert own.keys() == target.keys() and all(torch.equal(own[k], target[k]) for k in own)  # target, not online
@@ -305,9 +305,9 @@ def test_ijepa_checkpoint_loads_and_round_trips(tmp_path):
     with torch.no_grad():
         out = vit(x)
     torch.testing.assert_close(out.double(), ijepa_forward64(target, x, heads=3, depth=2), atol=TOL, rtol=0)
-    save_encoder(vit, str(tmp_path / "enc.safetensors"), **{k: info[k] for k in ("img_size", "mean", "std")})
+    save_encoder(vit, str(tmp_path / "enc.safetensors"), **{k: getattr(info, k) for k in ("img_size", "mean", "std")})
     vit2, info2 = load_encoder(str(tmp_path / "enc.safetensors"))
-    assert info2["format"] == "radjepa-encoder" and info2["mean"] == encoders.IMAGENET_MEAN
+    assert info2.format == "radjepa-encoder" and info2.mean == encoders.IMAGENET_MEAN
     assert all(torch.equal(vit2.state_dict()[k], own[k]) for k in own)
     with torch.no_grad():
         assert torch.equal(vit2(x), out)
@@ -326,10 +326,10 @@ def test_radjepa_release_format(tmp_path, layout):
     torch.save(ck, tmp_path / "jepa_encoder.pth.tar")
     vit, info = load_encoder(str(tmp_path / "jepa_encoder.pth.tar"))
     # the release was trained with Meta's I-JEPA code: ImageNet mean / std on RGB
-    assert info["format"] == "radjepa" and (info["img_size"], info["in_chans"]) == (56, 3)
-    assert (info["mean"], info["std"]) == (encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
+    assert info.format == "radjepa" and (info.img_size, info.in_chans) == (56, 3)
+    assert (info.mean, info.std) == (encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
     assert all(torch.equal(vit.state_dict()[k], sd[k]) for k in sd)
-    x = xray(56, info["mean"], info["std"])
+    x = xray(56, info.mean, info.std)
     with torch.no_grad():
         torch.testing.assert_close(vit(x), ref(x), atol=TOL, rtol=0)
     g = xray(56, [0.4], [0.2])  # one grayscale channel into the 3-channel stem is the gray image replicated
@@ -396,9 +396,9 @@ def test_preset_overrides_and_bad_flags(tmp_path):
     args = p.parse_args(["--encoder", str(tmp_path / "hf"), "--encoder_format", "rad-dino",
                          "--enc_img_size", "112", "--enc_mean", "0.5", "--enc_std", "0.25"])
     vit, info = encoders.load_encoder_from_args(args)
-    assert (info["img_size"], info["mean"], info["std"], info["in_chans"]) == (112, [0.5], [0.25], 1)
+    assert (info.img_size, info.mean, info.std, info.in_chans) == (112, [0.5], [0.25], 1)
     with torch.no_grad():
-        assert vit(xray(112, info["mean"], info["std"])).shape == (2, 1 + 64, 64)
+        assert vit(xray(112, info.mean, info.std)).shape == (2, 1 + 64, 64)
     with pytest.raises(UserError, match="multiple of the patch size 14"):
         load_encoder(str(tmp_path / "hf"), enc_img_size=100)
     with pytest.raises(UserError, match="same number"):
@@ -505,7 +505,7 @@ def test_export_hf_loads_in_transformers_with_same_features(tmp_path, in_chans):
     pp = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"))
     assert (pp.size["height"], list(pp.image_mean), list(pp.image_std)) == (56, [encoders.CXR_MEAN] * 3, [encoders.CXR_STD] * 3)
     back, info = load_encoder(str(tmp_path / "hf"))  # and it comes back in as an ijepa-hf folder
-    assert info["format"] == "ijepa-hf" and (info["img_size"], info["mean"]) == (56, [encoders.CXR_MEAN] * 3)
+    assert info.format == "ijepa-hf" and (info.img_size, info.mean) == (56, [encoders.CXR_MEAN] * 3)
     with torch.no_grad():
         torch.testing.assert_close(back(x), ref, atol=TOL, rtol=0)
 
@@ -542,8 +542,8 @@ def test_hf_ijepa_folder_same_features(tmp_path):
     m = perturb(transformers.IJepaModel(cfg).eval())
     m.save_pretrained(tmp_path / "ijepa")  # the layout of facebook/ijepa_vith14_1k
     vit, info = load_encoder(str(tmp_path / "ijepa"))
-    assert info["format"] == "ijepa-hf" and vit.cls_token is None and vit.config["mlp_ratio"] == 2
-    assert (info["img_size"], info["mean"]) == (56, encoders.IMAGENET_MEAN)
+    assert info.format == "ijepa-hf" and vit.cls_token is None and vit.config["mlp_ratio"] == 2
+    assert (info.img_size, info.mean) == (56, encoders.IMAGENET_MEAN)
     x = xray(56, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
     with torch.no_grad():
         torch.testing.assert_close(vit(x), m(pixel_values=x).last_hidden_state, atol=TOL, rtol=0)
@@ -570,9 +570,9 @@ def test_radjepa_hub_snapshot_folder_never_runs_its_code(tmp_path):
     (snap / "modeling_radjepa.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     vit, info = load_encoder(str(snap))
     assert not marker.exists()
-    assert info["format"] == "radjepa" and (info["img_size"], info["mean"], info["std"]) == \
+    assert info.format == "radjepa" and (info.img_size, info.mean, info.std) == \
         (56, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
-    x = xray(56, info["mean"], info["std"])
+    x = xray(56, info.mean, info.std)
     with torch.no_grad():
         torch.testing.assert_close(vit(x), vit0(x), atol=TOL, rtol=0)
 
@@ -585,6 +585,6 @@ def test_pretrain_writes_hf_folder(tmp_path, monkeypatch):
                    "--data_dir", str(SAMPLE / "nih14")])
     vit, info = load_encoder(str(tmp_path / "run" / "encoder.safetensors"))
     m = transformers.IJepaModel.from_pretrained(str(tmp_path / "run" / "hf")).eval()
-    x = xray(56, info["mean"], info["std"])
+    x = xray(56, info.mean, info.std)
     with torch.no_grad():
         torch.testing.assert_close(vit(x), m(pixel_values=x.expand(-1, 3, -1, -1)).last_hidden_state, atol=TOL, rtol=0)

@@ -272,7 +272,7 @@ def test_random_and_trained_encoders_end_to_end(tmp_path, monkeypatch, capsys):
     i = 5
     img = downstream.center_crop(data.read_image(cached["paths"][i]))  # the paper's centre crop, then the resize
     assert img.shape[0] == img.shape[1] == min(data.read_image(cached["paths"][i]).shape)
-    ref = loaded.global_embedding(data.Preprocess(info["img_size"], info["mean"], info["std"])(img)[None])[0]
+    ref = loaded.global_embedding(data.Preprocess(info.img_size, info.mean, info.std)(img)[None])[0]
     assert torch.allclose(cached["feats"][i], ref, atol=1e-4)
     res2 = probe.main(args)
     assert "reusing" in capsys.readouterr().out
