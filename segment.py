@@ -23,7 +23,7 @@ Tasks (class 0 = background; lung-mask value 127 = "ignore": excluded from loss 
   lungs  right_lung, left_lung from a lung mask image (>0 lung); the patient's RIGHT lung is on the image's LEFT
   lung   both lungs as one class (no laterality: flips allowed)
   zones  six lung zones (Chest ImaGenome bbox names) = per-image boxes intersected with the lung mask; --boxes is
-         a folder of scene-graph JSONs or a CSV path,zone,x1,y1,x2,y2 (see load_boxes, zones_label)
+         a folder of scene-graph JSONs or a CSV path,zone,x1,y1,x2,y2 (see archives.load_boxes, seglabels.zones_label)
   ribs   VinDr-RibCXR's R1..R10, L1..L10 (R = patient's right) from its polygon JSONs (see load_vindr_rib)
 
 Writes to --out_dir (default out/segment): results.json (Dice per class and mean, settings, encoder),
@@ -47,7 +47,8 @@ import data
 import archives
 import figures
 from base import UserError, nanmean
-from archives import IGNORE, RIBS, ZONES, make_label
+from archives import RIBS, ZONES
+from seglabels import IGNORE, make_label, read_composed
 from model import VIT_CONFIGS, LinearDecoder, SegModel, UPerNet, count_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -170,7 +171,7 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         s = self.samples[i]
         try:
-            img = archives.read_composed(s["compose"]) if s.get("compose") else data.read_image(s["path"])
+            img = read_composed(s["compose"]) if s.get("compose") else data.read_image(s["path"])
         except data.ImageReadError as e:
             raise UserError(str(e))
         t, l, side = downstream.center_box(*img.shape, self.frac)

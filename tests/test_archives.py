@@ -13,6 +13,7 @@ from PIL import Image
 
 import downstream
 import archives
+import seglabels
 import report
 import segment
 from base import UserError
@@ -183,8 +184,8 @@ def test_lung_segment_mimic_cxr_layout(tmp_path, monkeypatch):
         img, lung, subj = truth[dicom]
         assert s["subject"] == subj
         # the X-ray is the two segmented images together, exactly; the mask is the lung image's non-black part
-        np.testing.assert_allclose(archives.read_composed(s["compose"]), img / 255.0, atol=1e-6)
-        lab = archives.make_label(s, "lungs", img.shape)
+        np.testing.assert_allclose(seglabels.read_composed(s["compose"]), img / 255.0, atol=1e-6)
+        lab = seglabels.make_label(s, "lungs", img.shape)
         assert ((lab == 1) | (lab == 2)).sum() == lung.sum() and not ((lab > 0) & ~lung).any()
         xs1, xs2 = np.nonzero(lab == 1)[1], np.nonzero(lab == 2)[1]
         assert xs1.mean() < xs2.mean()  # right lung on the image's left

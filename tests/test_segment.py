@@ -10,6 +10,7 @@ from scipy import ndimage
 
 import base
 import archives
+import seglabels
 import segment
 from conftest import SAMPLE
 from model import LinearDecoder, UPerNet, count_params
@@ -19,7 +20,7 @@ MASKS = sorted((LUNGSEG / "masks").glob("*.png"))
 
 
 def lungs(path):
-    return archives.lungs_label(archives.read_mask(path))
+    return seglabels.lungs_label(seglabels.read_mask(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def test_touching_lungs_are_cut_between_them():
     xs1, xs2 = np.nonzero(lab[r] == 1)[0], np.nonzero(lab[r] == 2)[0]
     mask[r - 1:r + 2, xs1.max():xs2.min() + 1] = 255
     assert ndimage.label(mask > 0)[1] == 1
-    got = archives.lungs_label(mask)
+    got = seglabels.lungs_label(mask)
     keep = np.ones(mask.shape, bool)
     keep[r - 1:r + 2] = False
     assert (got[keep] == lab[keep]).mean() > 0.999
@@ -190,8 +191,8 @@ def test_zones_from_scene_graph_json_and_csv(tmp_path):
     assert len(from_json) == len(from_csv) == 3
     for sj, sc in zip(from_json, from_csv):
         assert set(sj["boxes"]) == set(segment.ZONES)
-        shape = archives.read_mask(sj["mask"]).shape
-        zj, zc = archives.make_label(sj, "zones", shape), archives.make_label(sc, "zones", shape)
+        shape = seglabels.read_mask(sj["mask"]).shape
+        zj, zc = seglabels.make_label(sj, "zones", shape), seglabels.make_label(sc, "zones", shape)
         np.testing.assert_array_equal(zj, zc)
         lab = lungs(sj["mask"])
         in_zone, in_lung = (zj > 0) & (zj != 255), (lab > 0) & (lab != 255)
@@ -251,8 +252,8 @@ def test_vindr_rib_json_official_split(tmp_path):
     assert len(parts["test"]) == 3 and all("/val/" in s["path"] for s in parts["test"])  # official val = test
     assert len(parts["train"]) + len(parts["val"]) == 6 and all("/train/" in s["path"] for s in parts["val"])
     s = parts["test"][0]
-    shape = archives.read_mask(s["path"]).shape
-    lab = archives.make_label(s, "ribs", shape)
+    shape = seglabels.read_mask(s["path"]).shape
+    lab = seglabels.make_label(s, "ribs", shape)
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]] + 0.5
     rel = os.path.relpath(s["path"], tmp_path)
     assert not (lab == segment.RIBS.index("L10") + 1).any()
@@ -318,7 +319,7 @@ def test_upernet_training_run_reports_its_convergence(tmp_path, monkeypatch):
 def test_centre_crop_takes_image_and_label_together(tmp_path):
     from PIL import Image
     src = sorted((LUNGSEG / "images").glob("*.png"))[0]
-    img, mask = np.asarray(Image.open(src).convert("L")), archives.read_mask(LUNGSEG / "masks" / src.name)
+    img, mask = np.asarray(Image.open(src).convert("L")), seglabels.read_mask(LUNGSEG / "masks" / src.name)
     assert img.shape == mask.shape == (256, 256)
     pad = lambda a: np.pad(a, ((0, 0), (40, 40)))  # a wider picture: the centre square is the original
     Image.fromarray(pad(img)).save(tmp_path / "wide.png")
