@@ -6,10 +6,11 @@ Published dataset layouts, read once for all three evaluations (`--dataset NAME 
 Every loader returns what the CSV path returns (read_csv_samples; docs/CONVENTIONS.md, Samples): one dict per
 image with "path", "subject", "part" ("train" | "val" | "test" | None: split by subject) and what the task needs
 ("labels", "mask" / "polys" / "boxes", "text"), and a one-line description of where it came from.
-The layouts (LAYOUTS; each loader's docstring names its files): vindr (VinDr-CXR), rsna (RSNA Pneumonia) for
-probe.py; vindr_rib (VinDr-RibCXR), mimic_lungs (lung-segment-mimic-cxr) for segment.py; mimic (MIMIC-CXR-JPG),
-iu_xray (IU-Xray, R2Gen's layout), llava_rad (LLaVA-Rad's MIMIC-CXR test annotations) for report.py. load_boxes
-reads Chest ImaGenome's zone boxes (--task zones).
+The layouts (LAYOUTS; each loader's docstring names its files): vindr (VinDr-CXR), rsna (RSNA Pneumonia) and the
+paper's archives chexpert, mimic_cxr, nih, padchest for probe.py; vindr_rib (VinDr-RibCXR), mimic_lungs
+(lung-segment-mimic-cxr) for segment.py; mimic (MIMIC-CXR-JPG), iu_xray (IU-Xray, R2Gen's layout), llava_rad
+(LLaVA-Rad's MIMIC-CXR test annotations) for report.py. load_boxes reads Chest ImaGenome's zone boxes (--task
+zones); PRETRAIN reads the five pretraining archives (pretrain.py / prepare.py --data_dir NAME=PATH).
 """
 import ast
 import collections
@@ -208,14 +209,13 @@ def archive_csv(name, root, files, cols):
                     f"released (the folder that holds its metadata)")
 
 
-def _archive_source(name, records, skipped):
+def _archive_source(name, records):
     """A data.Source of (path, subject, view) records whose image file exists; a row without a path (None) or whose
     file is not there is a counted skip."""
     kept = [r for r in records if r[0] and os.path.isfile(r[0])]
     no_path = sum(not r[0] for r in records)
-    for why, n in (("row without an image path", no_path), ("image file missing", len(records) - len(kept) - no_path)):
-        if n:
-            skipped[why] = skipped.get(why, 0) + n
+    skipped = {why: n for why, n in (("row without an image path", no_path),
+                                     ("image file missing", len(records) - len(kept) - no_path)) if n}
     if not kept:
         raise UserError(f"{name}: none of its {len(records)} listed images is on disk (is this the folder that holds "
                         f"the images as released?)")
@@ -237,12 +237,9 @@ def _chexpert_subject(p):
 
 def pretrain_chexpert(root):
     """CheXpert v1.0 (full or -small): train.csv and valid.csv, view from Frontal/Lateral."""
-    records = []
-    for f in CHEXPERT_FILES:
-        _, rows = archive_csv("chexpert", root, [f], ["Path", "Frontal/Lateral"])
-        records += [(_chexpert_path(root, r["Path"]), _chexpert_subject(r["Path"]), r["Frontal/Lateral"])
-                    for r in rows]
-    return _archive_source("chexpert", records, {})
+    rows = [r for f in CHEXPERT_FILES for r in archive_csv("chexpert", root, [f], ["Path", "Frontal/Lateral"])[1]]
+    return _archive_source("chexpert", [(_chexpert_path(root, r["Path"]), _chexpert_subject(r["Path"]),
+                                         r["Frontal/Lateral"]) for r in rows])
 
 
 def _mimic_path(root, subject, study, dicom):
@@ -255,7 +252,7 @@ def pretrain_mimic(root):
     LATERAL are lateral; LPO, SWIMMERS, blank ... other), files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg."""
     _, rows = archive_csv("mimic", root, [MIMIC_META], ["dicom_id", "subject_id", "study_id", "ViewPosition"])
     return _archive_source("mimic", [(_mimic_path(root, r["subject_id"], r["study_id"], r["dicom_id"]),
-                                      r["subject_id"], r["ViewPosition"]) for r in rows], {})
+                                      r["subject_id"], r["ViewPosition"]) for r in rows])
 
 
 def _nih_index(root):
@@ -268,7 +265,7 @@ def pretrain_nih(root):
     _, rows = archive_csv("nih", root, NIH_ENTRY, ["Image Index", "Patient ID", "View Position"])
     index = _nih_index(root)
     return _archive_source("nih", [(index.get(r["Image Index"].strip()), r["Patient ID"], r["View Position"])
-                                   for r in rows], {})
+                                   for r in rows])
 
 
 def _padchest_path(root, r):
@@ -283,7 +280,7 @@ def pretrain_padchest(root):
     """PadChest: PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz), ImageDir/ImageID (16-bit PNG),
     'Projection' PA, AP, AP_horizontal frontal, L lateral, COSTAL, blank and anything else other."""
     _, rows = archive_csv("padchest", root, [PADCHEST_CSV], ["ImageID", "ImageDir", "PatientID", "Projection"])
-    return _archive_source("padchest", [(_padchest_path(root, r), r["PatientID"], r["Projection"]) for r in rows], {})
+    return _archive_source("padchest", [(_padchest_path(root, r), r["PatientID"], r["Projection"]) for r in rows])
 
 
 def pretrain_brax(root):
@@ -291,7 +288,7 @@ def pretrain_brax(root):
     L, LL, RL lateral; RLO, LT-DECUB, blank other)."""
     _, rows = archive_csv("brax", root, BRAX_CSV, ["PngPath", "PatientID", "ViewPosition"])
     return _archive_source("brax", [(os.path.join(root, r["PngPath"].strip()) if r["PngPath"].strip() else None,
-                                     r["PatientID"], r["ViewPosition"]) for r in rows], {})
+                                     r["PatientID"], r["ViewPosition"]) for r in rows])
 
 
 PRETRAIN = {"chexpert": pretrain_chexpert, "mimic": pretrain_mimic, "nih": pretrain_nih,
@@ -316,21 +313,26 @@ def add_source_args(p):
                         "rows)")
 
 
-def archive_label(value, policy, where):
-    """A CheXpert-style label cell: 1 positive, 0 negative, blank not mentioned (negative, by the archives'
-    convention), -1 uncertain -> UNCERTAIN[policy] (NaN for ignore: that label of that image is left out of the
-    loss and of the metric)."""
-    v = str(value).strip()
-    if v in ("", "1", "1.0", "0", "0.0"):
-        return float(v or 0)
-    if v in ("-1", "-1.0"):
-        return UNCERTAIN[policy]
-    raise UserError(f"{where}: label {value!r} is not 1, 0, -1 or blank")
+def archive_labels(row, cols, policy, where):
+    """A CheXpert-style label row's sample fields: "where" (the row) and "labels" {column: 1 positive, 0 negative,
+    blank not mentioned (negative, by the archives' convention), -1 uncertain -> UNCERTAIN[policy] (NaN for ignore:
+    that label of that image is left out of the loss and of the metric)}."""
+    labels = {}
+    for c in cols:
+        v = str(row[c]).strip()
+        if v not in ("", *BINARY, "-1", "-1.0"):
+            raise UserError(f"{where} {c!r}: label {row[c]!r} is not 1, 0, -1 or blank")
+        labels[c] = UNCERTAIN[policy] if v.startswith("-") else float(v or 0)
+    return {"where": where, "labels": labels}
 
 
-def _wanted(args, available, default, where):
-    """The probe's label columns: --label_cols (each must exist) or the dataset's default."""
+def _wanted(args, available, default, where, release=None):
+    """The probe's label columns: --label_cols (each must be one of `available`) or the dataset's default (each must
+    be too: a column missing from the file `where` asks whether `release` is the archive as released)."""
     if not args.label_cols:
+        missing = [c for c in default if c not in available]
+        if missing:
+            raise UserError(f"CSV {where} has no column {missing[0]!r}: is {release} as released?")
         return default
     wanted = [c.strip() for c in args.label_cols.split(",") if c.strip()]
     absent = [c for c in wanted if c not in available]
@@ -355,14 +357,9 @@ def load_chexpert(args):
     root, out = args.data_dir, []
     for f, part in zip(CHEXPERT_FILES, (None, "test")):
         path, rows = archive_csv("chexpert", root, [f], ["Path"])
-        cols = _wanted(args, [c for c in rows[0] if c in CHEXPERT_14], CHEXPERT_14, path)
-        missing = [c for c in cols if c not in rows[0]]
-        if missing:
-            raise UserError(f"CSV {path} has no column {missing[0]!r}: is {root} CheXpert as released?")
+        cols = _wanted(args, [c for c in rows[0] if c in CHEXPERT_14], CHEXPERT_14, path, f"{root} CheXpert")
         out += [{"path": _chexpert_path(root, r["Path"]), "subject": _chexpert_subject(r["Path"]), "part": part,
-                 "where": f"{path} row {i + 2}",
-                 "labels": {c: archive_label(r[c], args.uncertain, f"{path} row {i + 2} {c!r}") for c in cols}}
-                for i, r in enumerate(rows)]
+                 **archive_labels(r, cols, args.uncertain, f"{path} row {i + 2}")} for i, r in enumerate(rows)]
     return out, f"CheXpert {root} (train.csv; valid.csv as test; {_policy_note('CheXpert', out, args.uncertain)})"
 
 
@@ -372,10 +369,7 @@ def load_mimic_cxr(args):
     test). Images of a study without a label row are dropped and counted."""
     root, labeler = args.data_dir, args.mimic_labeler
     f, lab_rows = archive_csv("mimic_cxr", root, [f"mimic-cxr-2.0.0-{labeler}.csv"], ["subject_id", "study_id"])
-    cols = _wanted(args, [c for c in CHEXPERT_14 if c in lab_rows[0]], CHEXPERT_14, f)
-    missing = [c for c in cols if c not in lab_rows[0]]
-    if missing:
-        raise UserError(f"CSV {f} has no column {missing[0]!r}: is {root} MIMIC-CXR-JPG as released?")
+    cols = _wanted(args, [c for c in CHEXPERT_14 if c in lab_rows[0]], CHEXPERT_14, f, f"{root} MIMIC-CXR-JPG")
     labels = {(r["subject_id"].strip(), r["study_id"].strip()): (i, r) for i, r in enumerate(lab_rows)}
     _, split = archive_csv("mimic_cxr", root, [MIMIC_SPLIT], ["dicom_id", "split"])
     bad = [r["split"] for r in split if r["split"].strip() not in MIMIC_PARTS]
@@ -385,14 +379,13 @@ def load_mimic_cxr(args):
     _, meta = archive_csv("mimic_cxr", root, [MIMIC_META], ["dicom_id", "subject_id", "study_id"])
     out, unlabelled = [], 0
     for m in meta:
-        key = (m["subject_id"].strip(), m["study_id"].strip())
-        if key not in labels or m["dicom_id"].strip() not in part_of:
+        key, dicom = (m["subject_id"].strip(), m["study_id"].strip()), m["dicom_id"].strip()
+        if key not in labels or dicom not in part_of:
             unlabelled += 1
             continue
         i, r = labels[key]
-        out.append({"path": _mimic_path(root, *key, m["dicom_id"]), "subject": key[0],
-                    "part": part_of[m["dicom_id"].strip()], "where": f"{f} row {i + 2}",
-                    "labels": {c: archive_label(r[c], args.uncertain, f"{f} row {i + 2} {c!r}") for c in cols}})
+        out.append({"path": _mimic_path(root, *key, dicom), "subject": key[0], "part": part_of[dicom],
+                    **archive_labels(r, cols, args.uncertain, f"{f} row {i + 2}")})
     if not out:
         raise UserError(f"{root}: no MIMIC-CXR image has a label row in {f} and a split in {MIMIC_SPLIT}")
     if unlabelled:
@@ -675,10 +668,9 @@ def load_llava_rad(args):
         m = re.search(r"(?:^|/)p(\d+)/s\d+/", image)
         out.append({"path": os.path.join(files, image), "subject": m.group(1) if m else str(d.get("id", i)),
                     "text": text, "part": "test"})
-    if not out:
-        raise UserError(f"{path}: no entry left after LLaVA-Rad's test filter (" +
-                        ", ".join(f"{v} {k}" for k, v in dropped.items()) + ")")
     note = ", ".join(f"{v} {k}" for k, v in dropped.items())
+    if not out:
+        raise UserError(f"{path}: no entry left after LLaVA-Rad's test filter ({note})")
     print(f"LLaVA-Rad MIMIC-CXR test: {len(out)} frontal images with rule-based findings kept ({note} dropped)")
     return out, f"LLaVA-Rad MIMIC-CXR test annotations {path} ({len(out)} kept; {note} dropped)"
 

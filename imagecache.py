@@ -37,6 +37,7 @@ from data import ImageReadError, _summarise_skipped, log, read_image, read_json,
 
 CACHE_VERSION = 3
 CACHE_FORMATS = ("raw", "png")
+FIELDS = ("offset", "nbytes", "height", "width", "small", "crc")  # a chunk marker's entry per image, in order
 
 
 def min_stored_side(img_size, crop_scale=(0.3, 1.0), crop_ratio=(3 / 4, 4 / 3)):
@@ -67,12 +68,6 @@ def _atomic_write(path, payload):
         with open(tmp, "wb") as f:  # closed inside atomic_write's guard: a full disk at the last flush is caught too
             f.write(payload)
     atomic_write(path, write, "the cache's finished chunks are intact; run prepare.py again once there is space")
-
-
-def _npz_bytes(arrays):
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def _prepare_image(path, side):
@@ -173,7 +168,7 @@ def merge_cache(cache_dir):
     m = read_json(os.path.join(cache_dir, "manifest.json"))
     paths, cs = m["paths"], int(m["chunk_size"])
     n = len(paths)
-    cols = {k: np.zeros(n, np.int64) for k in ("chunk", "offset", "nbytes", "height", "width", "small", "crc")}
+    cols = {k: np.zeros(n, np.int64) for k in ("chunk", *FIELDS)}
     skipped = {}
     for k in range(-(-n // cs)):
         marker = os.path.join(cache_dir, "chunks", f"{k:06d}.json")
@@ -185,9 +180,11 @@ def merge_cache(cache_dir):
             if isinstance(it, dict):
                 skipped[paths[i]] = it["error"]
                 it = [0, -1, 0, 0, 0, 0]  # nbytes -1: unreadable
-            for c, v in zip(("offset", "nbytes", "height", "width", "small", "crc"), it):
+            for c, v in zip(FIELDS, it):
                 cols[c][i] = v
-    _atomic_write(os.path.join(cache_dir, "index.npz"), _npz_bytes(cols))
+    buf = io.BytesIO()
+    np.savez(buf, **cols)
+    _atomic_write(os.path.join(cache_dir, "index.npz"), buf.getvalue())
     ok = cols["nbytes"] >= 0
     info = {"version": CACHE_VERSION, "key": m["key"], "side": m["side"], "format": m["format"], "images": n,
             "stored": int(ok.sum()), "small": int(cols["small"][ok].sum()), "skipped": skipped,
@@ -258,8 +255,7 @@ class PreparedCache:
     def __getitem__(self, i):
         if not self.ok[i]:
             raise ImageReadError(f"image {i} could not be read when the cache was prepared")
-        o, n, h, w, k = int(self.offset[i]), int(self.nbytes[i]), int(self.height[i]), int(self.width[i]), \
-            int(self.chunk[i])
+        o, n, k = int(self.offset[i]), int(self.nbytes[i]), int(self.chunk[i])
         m = self._map(k)
         # every image's bytes are checked against the CRC-32 prepare.py recorded (~0.1 ms for 200 KB): a chunk
         # overwritten or cut short is a counted, named skip, never training on garbage pixels
@@ -267,7 +263,7 @@ class PreparedCache:
             raise ImageReadError(f"cache chunk {self.cache_dir}/chunks/{k:06d}.bin is corrupt (image {i} fails its "
                                  "checksum): delete that chunk's .bin and .json and run prepare.py again")
         if self.format == "raw":  # a read-only view of the mapped pages: only the crop taken from it is copied
-            return np.frombuffer(m, dtype=np.uint8, count=n, offset=o).reshape(h, w)
+            return np.frombuffer(m, dtype=np.uint8, count=n, offset=o).reshape(self.height[i], self.width[i])
         with Image.open(io.BytesIO(m[o:o + n])) as im:
             return np.asarray(im, dtype=np.uint8)
 
