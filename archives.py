@@ -242,14 +242,16 @@ def pretrain_chexpert(root):
                                          r["Frontal/Lateral"]) for r in rows])
 
 
-def _mimic_path(root, subject, study, dicom):
+def _mimic_path(root, subject, study, dicom=None):
+    """files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg; without a dicom_id the study's folder (its report: that + .txt)."""
     s = str(subject).strip()
-    return os.path.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{str(study).strip()}", f"{dicom.strip()}.jpg")
+    study_dir = os.path.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{str(study).strip()}")
+    return os.path.join(study_dir, f"{dicom.strip()}.jpg") if dicom else study_dir
 
 
 def pretrain_mimic(root):
     """MIMIC-CXR-JPG 2.0.0: every image of mimic-cxr-2.0.0-metadata.csv(.gz), view from ViewPosition (LL, XTABLE
-    LATERAL are lateral; LPO, SWIMMERS, blank ... other), files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg."""
+    LATERAL are lateral; LPO, SWIMMERS, blank ... other)."""
     _, rows = archive_csv("mimic", root, [MIMIC_META], ["dicom_id", "subject_id", "study_id", "ViewPosition"])
     return _archive_source("mimic", [(_mimic_path(root, r["subject_id"], r["study_id"], r["dicom_id"]),
                                       r["subject_id"], r["ViewPosition"]) for r in rows])
@@ -595,16 +597,15 @@ def load_mimic(args):
         for _, dicom in (sorted(views) if rule == "paper" else [min(views)]):
             r = split[dicom]
             s, part = str(r["subject_id"]), parts[r["split"]]
-            rel = os.path.join("files", f"p{s[:2]}", f"p{s}", f"s{study}")
             if study not in sections:
-                txt = os.path.join(rep_root, rel + ".txt")
+                txt = _mimic_path(rep_root, s, study) + ".txt"
                 sections[study] = report_sections(open(txt).read()) if os.path.exists(txt) else None
             sec = sections[study]
             text = sec and (sec.get("findings") if rule == "paper" else sec.get("findings") or sec.get("impression"))
             if not text:
                 dropped[part]["no report" if sec is None else "no findings"] += 1
                 continue
-            out.append({"path": os.path.join(root, rel, dicom + ".jpg"), "subject": s, "text": text, "part": part})
+            out.append({"path": _mimic_path(root, s, study, dicom), "subject": s, "text": text, "part": part})
     if not out:
         raise UserError(f"no MIMIC-CXR frontal image with a report under {rep_root}/files: set --reports_dir")
     what = "frontal images" if rule == "paper" else "studies (one frontal image each)"
