@@ -58,8 +58,8 @@ def read_csv_samples(path, image_root, cols, part=None, path_keys=("path",), dro
     """One sample per row of a CSV: cols {sample key: column} ('path' and 'subject' at least); path_keys are resolved
     against --image_root (default: the CSV's folder). The subject column must exist, named or default (splitting
     images of one patient apart leaks): --subject_col none makes every image its own subject on purpose. A row
-    repeated exactly is dropped and counted; one image listed twice with different
-    values is an error. drop_blank: a key whose blank rows are dropped, and counted (the second value returned)."""
+    repeated exactly is dropped and counted; one image listed twice with different values is an error. drop_blank:
+    a key whose blank rows are dropped, and counted (the second value returned)."""
     cols = {**cols, "subject": None if cols.get("subject") == "none" else cols.get("subject")}
     rows = data.read_csv(path, required=[c for k, c in cols.items() if k != "subject" and c])
     if cols["subject"] and cols["subject"] not in rows[0]:
