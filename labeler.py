@@ -37,6 +37,7 @@ import io
 import os
 import re
 import tempfile
+from functools import partialmethod
 from unittest import mock
 
 import numpy as np
@@ -303,8 +304,8 @@ def chexpert_f1(gen_labels, ref_labels, uncertain_as=0, idx=None, observations=O
     `macro_f1_present` averages those positive in some reference, `micro_f1` pools the counts."""
     idx = range(len(ref_labels)) if idx is None else idx
     K = len(observations)
-    g = np.array([binarise(gen_labels[i], uncertain_as, observations) for i in idx], dtype=bool).reshape(-1, K)
-    r = np.array([binarise(ref_labels[i], uncertain_as, observations) for i in idx], dtype=bool).reshape(-1, K)
+    g, r = (np.array([binarise(L[i], uncertain_as, observations) for i in idx], dtype=bool).reshape(-1, K)
+            for L in (gen_labels, ref_labels))
     tp, fp, fn = ((g & r).sum(0).tolist(), (g & ~r).sum(0).tolist(), (~g & r).sum(0).tolist())
     f1 = [2 * tp[k] / (2 * tp[k] + fp[k] + fn[k]) if tp[k] + fp[k] + fn[k] else 0.0 for k in range(K)]
     pres = [f for f, p in zip(f1, r.any(0)) if p]
@@ -347,17 +348,18 @@ class CheXbert:
         fetch = f"fetch {CHEXBERT_URL} to that path (or point {where} at chexbert.pth)"
         if not os.path.isfile(path):
             raise UserError(f"{where} {path}: no such file: {fetch}")
-        vocab = os.path.join(os.path.dirname(os.path.abspath(path)), "vocab.txt")
+        folder = os.path.dirname(os.path.abspath(path))
+        vocab = os.path.join(folder, "vocab.txt")
         if not os.path.isfile(vocab):
             raise UserError(f"{where} {path}: no vocab.txt beside it: fetch bert-base-uncased's {BERT_VOCAB_URL} "
-                            f"into {os.path.dirname(os.path.abspath(path))}")
+                            f"into {folder}")
         try:
             import transformers
         except ImportError:
             raise UserError(f"{where}: CheXbert needs the transformers package (pip install transformers)")
         sd = load_torch(path, ("model_state_dict",))["model_state_dict"]
         try:
-            sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+            sd = {k.removeprefix("module."): v for k, v in sd.items()}
             sd.pop("bert.embeddings.position_ids", None)  # older transformers saved it; it is arange(512) anyway
             words, width = sd["bert.embeddings.word_embeddings.weight"].shape
             cfg = transformers.BertConfig(
@@ -375,8 +377,7 @@ class CheXbert:
             why = (str(e).splitlines() or [type(e).__name__])[0][:150]
             raise UserError(f"{where} {path}: not CheXbert's chexbert.pth ({why}): {fetch}")
         # the folder's vocab.txt (BertTokenizer's constructor argument for it differs between transformers 4 and 5)
-        self.tok = transformers.BertTokenizer.from_pretrained(os.path.dirname(vocab), do_lower_case=True,
-                                                              local_files_only=True)
+        self.tok = transformers.BertTokenizer.from_pretrained(folder, do_lower_case=True, local_files_only=True)
         if len(self.tok) != words:
             raise UserError(f"{vocab}: {len(self.tok)} tokens, but {path} embeds {words}: put bert-base-uncased's "
                             f"vocab.txt ({BERT_VOCAB_URL}) beside it")
@@ -461,16 +462,15 @@ def radgraph_offline():
     transformers 5 removed, put back for the while (as RadEval's vendored copy of radgraph rewrites them):
     encode_plus is the tokenizer's __call__, build_inputs_with_special_tokens BERT's [CLS] a [SEP] (b [SEP])."""
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase as T
-    patches = [mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})]
-    if "encode_plus" not in dir(T):
-        patches.append(mock.patch.object(T, "encode_plus", lambda self, *a, **k: self(*a, **k), create=True))
-    if "build_inputs_with_special_tokens" not in dir(T):
-        def with_specials(self, a, b=None):
-            return [self.cls_token_id] + a + [self.sep_token_id] + (b + [self.sep_token_id] if b else [])
-        patches.append(mock.patch.object(T, "build_inputs_with_special_tokens", with_specials, create=True))
+
+    def with_specials(self, a, b=None):
+        return [self.cls_token_id] + a + [self.sep_token_id] + (b + [self.sep_token_id] if b else [])
     with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
+        stack.enter_context(mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}))
+        for name, method in (("encode_plus", lambda self, *a, **k: self(*a, **k)),
+                             ("build_inputs_with_special_tokens", with_specials)):
+            if name not in dir(T):
+                stack.enter_context(mock.patch.object(T, name, method, create=True))
         yield
 
 
@@ -525,20 +525,11 @@ class Scorer:
     def _f1(self, idx, uncertain_as=0, observations=OBSERVATIONS, key="macro_f1"):
         return 100 * chexpert_f1(self.gen_labels, self.ref_labels, uncertain_as, idx, observations)[key]
 
-    def macro14(self, idx):
-        return self._f1(idx)
-
-    def micro14(self, idx):
-        return self._f1(idx, key="micro_f1")
-
-    def macro5(self, idx):
-        return self._f1(idx, observations=FIVE)
-
-    def micro5(self, idx):
-        return self._f1(idx, observations=FIVE, key="micro_f1")
-
-    def macro14_upos(self, idx):
-        return self._f1(idx, uncertain_as=1)
+    macro14 = partialmethod(_f1)
+    micro14 = partialmethod(_f1, key="micro_f1")
+    macro5 = partialmethod(_f1, observations=FIVE)
+    micro5 = partialmethod(_f1, observations=FIVE, key="micro_f1")
+    macro14_upos = partialmethod(_f1, uncertain_as=1)
 
 
 # name in the table, Scorer method: the paper's Table 5 columns first (ROUGE-L, BLEU-4, R_GER = RadGraph F1,
@@ -583,10 +574,7 @@ def score(hyps, refs, n_boot, seed=0, labelers=None):
         full = chexpert_f1(s.gen_labels, s.ref_labels, u)
         out[name].update(macro_f1_present=100 * full["macro_f1_present"], uncertain_as=u,
                          per_class={k: 100 * v for k, v in full["per_class"].items()})
-    if "RadGraph F1" in out:
-        out["RadGraph F1"]["note"] = notes["radgraph"]
-    else:
-        out["RadGraph F1"] = {"value": None, "note": notes["radgraph"]}
+    out.setdefault("RadGraph F1", {"value": None})["note"] = notes["radgraph"]
     return out, s
 
 

@@ -75,8 +75,7 @@ N_EXAMPLES = 3  # generated reports printed beside their references
 def get_args(argv=None):
     p = base.ArgumentParser(__doc__)
     g = downstream.add_data_args(p, "data (default: the bundled image + report pairs)",
-                                 ["mimic", "iu_xray", "llava_rad"],
-                                 "image path, subject, report text",
+                                 ["mimic", "iu_xray", "llava_rad"], "image path, subject, report text",
                                  subject_default="subject; patientid for the bundled CSV")
     g.add_argument("--text_col", default="text", help="report text column")
     g.add_argument("--reports_dir", help="MIMIC-CXR reports root holding files/pXX/pY/sZ.txt (default: --data_dir)")
@@ -560,10 +559,9 @@ def main(argv=None):
         [f"--max_steps {args.max_steps} instead of {args.epochs} epochs"] if args.max_steps else [])
     res = {"name": name, "encoder": info.source, "encoder_format": info.format, "metrics": metrics,
            "deviations": deviations, "n_test": len(test), "distinct_generated": distinct, "n_train": len(train_set),
-           "data": source,
-           "lm": args.lm or "small Llama from scratch", "lm_params": count_params(model.lm), "train_mode": args.train,
-           "steps": steps, "fsdp": args.fsdp, "eval_only": args.eval_only, "checkpoint": args.checkpoint,
-           "world_size": env.world, "memory_per_rank": mem,
+           "data": source, "lm": args.lm or "small Llama from scratch", "lm_params": count_params(model.lm),
+           "train_mode": args.train, "steps": steps, "fsdp": args.fsdp, "eval_only": args.eval_only,
+           "checkpoint": args.checkpoint, "world_size": env.world, "memory_per_rank": mem,
            "preprocess": {k: getattr(info, k) for k in ("img_size", "mean", "std")},
            "settings": vars(args), "time_s": round(time.time() - t0, 1)}
     base.write_json(res, os.path.join(args.out_dir, "results.json"))
