@@ -2,7 +2,7 @@
 What the three evaluations (probe.py, segment.py, report.py) share, written once: their data and encoder flags,
 the frozen encoder (and a random one of the same architecture, the floor it must beat), images with the paper's
 centre crop, embeddings computed once and cached, the subject-level split with fixed validation / test sets, the
-paired comparison of two runs, and the L-BFGS solver of the convex heads.
+paired comparison of two runs, result tables and CSV files, and the L-BFGS solver of the convex heads.
 
     vit, info, name = load_frozen_encoder(args, env)       # info: an encoders.Feed, .crop_frac set
     feats = encode_images(paths, info, fn, env, 64, 4, cache="out/probe/features/x.pt")
@@ -232,7 +232,7 @@ def split_samples(samples, fractions=None, seed=0, need=("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# comparing two runs over the same test items (the paper's Table 6)
+# comparing two runs over the same test items (the paper's Table 6); result tables and CSV files
 
 def paired_compare(args, a, b, stats, n_items, unit="test images", digits=3):
     """The compare driver of the three evaluations: a paired bootstrap per row of stats {row: stat(idx) -> (value of
@@ -258,6 +258,13 @@ def paired_compare(args, a, b, stats, n_items, unit="test images", digits=3):
     return out
 
 
+def same_items(pa, keys_a, pb, keys_b, what="test images"):
+    if list(keys_a) != list(keys_b):
+        n = len(set(keys_a) ^ set(keys_b))
+        raise UserError(f"{pa} and {pb} cover different {what} ({n} not in both): run both encoders on the same data "
+                        f"and split (same --seed)")
+
+
 def print_rows(title, head, rows):
     """A titled Markdown table: the header, a rule, the rows, each column as wide as its widest cell."""
     w = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
@@ -272,13 +279,6 @@ def write_csv(rows, path):
         with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(rows)
     atomic_write(path, write)
-
-
-def same_items(pa, keys_a, pb, keys_b, what="test images"):
-    if list(keys_a) != list(keys_b):
-        n = len(set(keys_a) ^ set(keys_b))
-        raise UserError(f"{pa} and {pb} cover different {what} ({n} not in both): run both encoders on the same data "
-                        f"and split (same --seed)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

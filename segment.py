@@ -50,8 +50,7 @@ from archives import RIBS, ZONES
 from seglabels import IGNORE, make_label, read_composed
 from model import VIT_CONFIGS, LinearDecoder, SegModel, UPerNet, count_params
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO_CSV = os.path.join(HERE, "sample_data", "lungseg", "manifest.csv")
+DEMO_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data", "lungseg", "manifest.csv")
 STILL_FALLING = 0.02    # a validation loss that fell more than this over the last quarter of the epochs: not converged
 EVAL_BATCH = 16         # images per forward pass when validating and testing
 SEG_CHUNK = 64          # images per transfer to the device when the linear decoder's objective is evaluated
@@ -486,9 +485,8 @@ def main(argv=None):
     norm = lambda x: (x.expand(-1, mean.shape[1], -1, -1) - mean) / std  # gray -> the encoder's channels
     train_dl, val_dl, test_dl = loaders(parts, args, info, env)
 
-    if env.is_main:
+    if env.is_main:  # only rank 0 writes to out_dir
         base.write_args(args, args.out_dir)
-    os.makedirs(args.out_dir, exist_ok=True)
     logger = base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
     ckpt = os.path.join(args.out_dir, "checkpoint.pt")
 
