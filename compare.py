@@ -16,18 +16,19 @@ on its bundled sample with the light settings of QUICK (--no-quick: the scripts'
 <encoder>/<stage>/ (each script's outputs, its random baseline in baseline_random/), compare/, results.json.
 """
 import argparse
-import json
 import os
 import re
 import shlex
 import time
 
 import base
+import data
 import downstream
 import probe
 import report
 import segment
 from base import UserError, mark
+from downstream import print_rows
 
 STAGES = {"probe": probe, "segment": segment, "report": report}
 # bundled data on a CPU in minutes: 3 folds, the linear decoder (solved, seconds), a short LM run
@@ -94,8 +95,7 @@ def run_all(args):
             against_random = args.baseline == "random" and enc != "random"
             res[stage][name] = main(stage_argv(args, stage, enc, d) + (["--baseline", "random"] * against_random))
             if against_random:
-                with open(os.path.join(d, "baseline_random", "results.json")) as f:
-                    res[stage][f"random {name}"] = json.load(f)
+                res[stage][f"random {name}"] = data.read_json(os.path.join(d, "baseline_random", "results.json"))
                 cmp[stage][name] = res[stage][name]["baseline"]
         if args.baseline not in ("random", "none"):
             against = os.path.join(args.out_dir, args.baseline, stage)
@@ -108,13 +108,6 @@ def run_all(args):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the tables: a row per encoder (and per baseline), the mark of its test against the baseline after each cell
-
-def print_rows(title, head, rows):
-    w = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    print(f"\n{title}")
-    for r in [head, ["-" * k for k in w]] + rows:
-        print("| " + " | ".join(str(c).ljust(k) for c, k in zip(r, w)) + " |")
-
 
 def mark_of(cmp, name, *keys):
     """The mark of row `name`'s test at cmp[name]['metrics'][keys...] ('' without a test)."""
@@ -133,12 +126,11 @@ def probe_table(res, cmp, metric):
 
 
 def segment_table(res, cmp):
-    first, rows = next(iter(res.values())), []
-    for name, r in res.items():
-        n = r["decoder_params"]
-        rows.append([name, r["decoder"], f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"]
-                    + [f"{r['test']['dice'][k] * 100:.1f}{mark_of(cmp, name, 'dice', k)}" for k in first["classes"]]
-                    + [f"{r['test']['mean_dice'] * 100:.1f}{mark_of(cmp, name, 'dice', 'mean Dice')}"])
+    first = next(iter(res.values()))
+    rows = [[name, r["decoder"], segment.params_text(r["decoder_params"])]
+            + [f"{r['test']['dice'][k] * 100:.1f}{mark_of(cmp, name, 'dice', k)}" for k in first["classes"]]
+            + [f"{r['test']['mean_dice'] * 100:.1f}{mark_of(cmp, name, 'dice', 'mean Dice')}"]
+            for name, r in res.items()]
     print_rows(f"Table 4 (segmentation, {first['task']}): Dice x100 on the test set",
                ["Encoder", "Decoder", "Params"] + first["classes"] + ["Mean Dice"], rows)
 

@@ -2,7 +2,7 @@
 What the three evaluations (probe.py, segment.py, report.py) share, written once: their data and encoder flags,
 the frozen encoder (and a random one of the same architecture, the floor it must beat), images with the paper's
 centre crop, embeddings computed once and cached, the subject-level split with fixed validation / test sets, the
-paired comparison of two runs, and the L-BFGS solver of the convex heads.
+paired comparison of two runs, result tables and CSV files, and the L-BFGS solver of the convex heads.
 
     vit, info, name = load_frozen_encoder(args, env)       # info: an encoders.Feed, .crop_frac set
     feats = encode_images(paths, info, fn, env, 64, 4, cache="out/probe/features/x.pt")
@@ -10,6 +10,7 @@ paired comparison of two runs, and the L-BFGS solver of the convex heads.
     main(["--compare", A, B])  ->  paired_compare(args, A, B, stats, n)   # compare.json, Table 6's marks
     W, b, facts = fit_converged(X, Y, selection_folds(tr, va, subjects, False, 0), "binary", norm, device)
 """
+import csv
 import dataclasses
 import os
 import sys
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 import data
 import model
-from base import UserError, mark, nanmean, paired_bootstrap, save_torch, write_json
+from base import UserError, atomic_write, mark, nanmean, paired_bootstrap, save_torch, write_json
 from encoders import add_encoder_args, load_encoder_from_args
 
 
@@ -46,6 +47,14 @@ def add_data_args(p, title, layouts, what, subject_default="subject"):
                    "(archives.py)")
     g.add_argument("--data_dir", default=None, help="root folder of --dataset")
     return g
+
+
+def csv_parts(args, demo_csv):
+    """(part, path) per CSV of the data flags: --csv (else the bundled demo_csv) with part None, to be split by
+    subject, then the fixed --val_csv / --test_csv where given."""
+    if args.csv is None and (args.val_csv or args.test_csv):
+        raise UserError("--val_csv / --test_csv need --csv for the training data")
+    return [(k, f) for k, f in ((None, args.csv or demo_csv), ("val", args.val_csv), ("test", args.test_csv)) if f]
 
 
 def add_eval_args(p, n_boot=1000):
@@ -223,7 +232,7 @@ def split_samples(samples, fractions=None, seed=0, need=("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# comparing two runs over the same test items (the paper's Table 6)
+# comparing two runs over the same test items (the paper's Table 6); result tables and CSV files
 
 def paired_compare(args, a, b, stats, n_items, unit="test images", digits=3):
     """The compare driver of the three evaluations: a paired bootstrap per row of stats {row: stat(idx) -> (value of
@@ -254,6 +263,22 @@ def same_items(pa, keys_a, pb, keys_b, what="test images"):
         n = len(set(keys_a) ^ set(keys_b))
         raise UserError(f"{pa} and {pb} cover different {what} ({n} not in both): run both encoders on the same data "
                         f"and split (same --seed)")
+
+
+def print_rows(title, head, rows):
+    """A titled Markdown table: the header, a rule, the rows, each column as wide as its widest cell."""
+    w = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    print(f"\n{title}")
+    for r in [head, ["-" * k for k in w]] + rows:
+        print("| " + " | ".join(str(c).ljust(k) for c, k in zip(r, w)) + " |")
+
+
+def write_csv(rows, path):
+    """rows (the header first) as a CSV file, written whole or not at all (base.atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------------

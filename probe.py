@@ -22,7 +22,6 @@ part): an unconverged head, like the paper's AdamW one (--preset paper, which re
 the optimiser, not the features. Images are split by subject; writes results.json, results.csv, predictions.csv
 (what --compare reads), pr_curves.png and log.jsonl to --out_dir.
 """
-import csv
 import dataclasses
 import hashlib
 import json
@@ -100,7 +99,7 @@ def get_args(argv=None):
                                     "head (lr 5e-5, batch 96, 100 epochs)")
     args = base.apply_preset(p.parse_args(argv), PRESETS, "converged")
     base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "folds >= 2", "repeats >= 1",
-               "weight_decay >= 0", "last_layers >= 1", "n_boot >= 1", models=VIT_CONFIGS)
+               "weight_decay >= 0", "last_layers >= 1", models=VIT_CONFIGS)
     if args.augment and args.head != "sgd":
         raise UserError("--augment trains through the encoder, one mini-batch at a time: it needs the SGD head "
                         "(--preset paper)")
@@ -117,9 +116,7 @@ def get_args(argv=None):
 
 def csv_samples(args):
     """The generic CSV format of docs/CONVENTIONS.md (and the bundled demo): samples with 'labels' {column: text}."""
-    if args.csv is None and (args.val_csv or args.test_csv):
-        raise UserError("--val_csv / --test_csv need --csv for the training data")
-    demo = args.csv is None
+    files, demo = downstream.csv_parts(args, DEMO_CSV), args.csv is None
     if not args.label_cols and not demo:
         raise UserError("--csv needs --label_cols (the CSV's label columns, comma-separated)")
     cols = [c.strip() for c in args.label_cols.split(",") if c.strip()] if args.label_cols else ["pneumonia"]
@@ -128,9 +125,9 @@ def csv_samples(args):
     spec = {"path": args.path_col, "subject": args.subject_col or ("patient" if demo else "subject"),
             **{f"label:{c}": c for c in cols}}
     out = []
-    for part, path in ((None, DEMO_CSV if demo else args.csv), ("val", args.val_csv), ("test", args.test_csv)):
+    for part, path in files:
         rows = archives.read_csv_samples(path, args.image_root, spec, part=part,
-                                         subject_given=args.subject_col is not None)[0] if path else []
+                                         subject_given=args.subject_col is not None)[0]
         for i, s in enumerate(rows):
             s["labels"], s["where"] = {c: s.pop(f"label:{c}") for c in cols}, f"{path} row {i + 2}"
         out += rows
@@ -335,8 +332,7 @@ def write_outputs(res, table, preds, out_dir):
             labels = ["" if np.isnan(v) else int(v) for v in table.labels[i]]  # blank: not labelled
             predictions.append([table.paths[i], table.subjects[i], fold] + labels + [repr(float(v)) for v in p])
     for name, rows in (("results.csv", results), ("predictions.csv", predictions)):
-        with open(os.path.join(out_dir, name), "w", newline="") as f:
-            csv.writer(f).writerows(rows)
+        downstream.write_csv(rows, os.path.join(out_dir, name))
     base.write_json(res, os.path.join(out_dir, "results.json"))
     Y, P = np.concatenate([table.labels[te] for _, te, _ in preds]), np.concatenate([P for *_, P in preds])
     figures.draw_pr_curves(Y, P, table.classes, f"{res['name']}: {table.source}",

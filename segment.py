@@ -29,7 +29,6 @@ Tasks (class 0 = background; lung-mask value 127 = "ignore": excluded from loss 
 Writes to --out_dir (default out/segment): results.json (Dice per class and mean, settings, encoder),
 per_image_dice.csv (what --compare reads), checkpoint.pt (best decoder), log.jsonl, overlays/*.png (truth | pred).
 """
-import csv
 import itertools
 import math
 import os
@@ -51,8 +50,7 @@ from archives import RIBS, ZONES
 from seglabels import IGNORE, make_label, read_composed
 from model import VIT_CONFIGS, LinearDecoder, SegModel, UPerNet, count_params
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO_CSV = os.path.join(HERE, "sample_data", "lungseg", "manifest.csv")
+DEMO_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data", "lungseg", "manifest.csv")
 STILL_FALLING = 0.02    # a validation loss that fell more than this over the last quarter of the epochs: not converged
 EVAL_BATCH = 16         # images per forward pass when validating and testing
 SEG_CHUNK = 64          # images per transfer to the device when the linear decoder's objective is evaluated
@@ -93,7 +91,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     base.apply_preset(args, PRESETS, "paper" if args.csv or args.dataset else "demo")
     base.check(args, *base.COMMON_RULES, *downstream.ENCODER_RULES, "dice_loss >= 0", "box_scale > 0",
-               "n_overlays >= 0", "n_boot >= 1", models=VIT_CONFIGS)
+               "n_overlays >= 0", models=VIT_CONFIGS)
     if args.img_size % args.patch_size:
         raise UserError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
     lateral = TASKS[args.task][1]
@@ -141,11 +139,7 @@ def load_parts(args):
         pool, _ = archives.load(args.dataset, args)
     else:
         boxes = archives.load_boxes(args.boxes, args.box_scale) if args.task == "zones" else None
-        if args.csv is None and (args.val_csv or args.test_csv):
-            raise UserError("--val_csv / --test_csv need --csv for the training data")
-        pool = load_csv(args.csv or DEMO_CSV, args, boxes)
-        for k, f in (("val", args.val_csv), ("test", args.test_csv)):
-            pool += [{**s, "part": k} for s in load_csv(f, args, boxes)] if f else []
+        pool = [{**s, "part": k} for k, f in downstream.csv_parts(args, DEMO_CSV) for s in load_csv(f, args, boxes)]
     parts = downstream.split_samples(pool, seed=args.seed)
     files = [f for k in parts for s in parts[k] for f in (s["path"], s.get("mask")) if f]
     bad = data.verify_images(files)  # upfront: a wrong --image_root fails here in one line, not in a worker
@@ -378,21 +372,15 @@ def fit_linear(model, train_ds, val_ds, env, norm, args, logger, save):
 # ----------------------------------------------------------------------------------------------------------------
 # outputs: the paper's table, results.json, per_image_dice.csv (overlays: figures.py)
 
-def print_table(name, decoder, n_params, classes, per_class, mean_dice, ci):
+def params_text(n):  # also compare.py's Table 4
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
+def print_table(title, name, decoder, n_params, classes, per_class, mean_dice, ci):
     """One row laid out like the paper's Table 4: encoder, decoder, its parameters, Dice x100 per class and mean."""
-    head = ["Encoder", "Decoder", "Params"] + classes + ["Mean Dice", "95% CI"]
-    vals = [name, decoder, f"{n_params / 1e6:.1f}M" if n_params >= 1e5 else f"{n_params:,}"] + [
-        f"{v * 100:.1f}" for v in per_class] + [f"{mean_dice * 100:.1f}", f"[{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]"]
-    w = [max(len(h), len(v)) for h, v in zip(head, vals)]
-    for row in (head, ["-" * n for n in w], vals):
-        print("| " + " | ".join(c.ljust(n) for c, n in zip(row, w)) + " |")
-
-
-def write_per_image(path, samples, classes, dice):
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([["path", "subject"] + classes + ["mean"]] + [
-            [s["path"], s["subject"]] + ["" if np.isnan(v) else f"{v:.6f}" for v in d] + [f"{nanmean(d):.6f}"]
-            for s, d in zip(samples, dice)])
+    downstream.print_rows(title, ["Encoder", "Decoder", "Params"] + classes + ["Mean Dice", "95% CI"], [
+        [name, decoder, params_text(n_params)] + [f"{v * 100:.1f}" for v in per_class]
+        + [f"{mean_dice * 100:.1f}", f"[{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]"]])
 
 
 def load_per_image(p):
@@ -428,13 +416,11 @@ def deviations(args):
     else:
         out = [f"--{k} {getattr(args, k)} (the paper: {PRESETS['paper'][k]})" for k in ("batch_size", "epochs", "lr")
                if getattr(args, k) != PRESETS["paper"][k]]
-    if args.no_augment and args.decoder != "linear":
-        out.append("no training augmentations")
-    if args.dataset == "vindr_rib":
-        out.append("VinDr-RibCXR's official train split is split 82/18 by subject into train / validation")
-    if args.dataset == "mimic_lungs":
-        out.append("lung-segment-mimic-cxr has no official split: 70/15/15 by subject")
-    return out
+    return out + [text for when, text in (
+        (args.no_augment and args.decoder != "linear", "no training augmentations"),
+        (args.dataset == "vindr_rib", "VinDr-RibCXR's official train split is split 82/18 by subject into train / "
+         "validation"),
+        (args.dataset == "mimic_lungs", "lung-segment-mimic-cxr has no official split: 70/15/15 by subject")) if when]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,14 +481,12 @@ def main(argv=None):
     env.print(f"task {args.task}: {', '.join(classes)} | train {len(parts['train'])}, val {len(parts['val'])}, "
               f"test {len(parts['test'])} images | {args.decoder} decoder on blocks {layers}: {n_params:,} "
               f"parameters | {size} px, flips {'on' if args.use_flip else 'off'}")
-    mean = torch.tensor(info.mean, device=env.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=env.device).view(1, -1, 1, 1)
+    mean, std = (torch.tensor(v, device=env.device).view(1, -1, 1, 1) for v in (info.mean, info.std))
     norm = lambda x: (x.expand(-1, mean.shape[1], -1, -1) - mean) / std  # gray -> the encoder's channels
     train_dl, val_dl, test_dl = loaders(parts, args, info, env)
 
-    if env.is_main:
+    if env.is_main:  # only rank 0 writes to out_dir
         base.write_args(args, args.out_dir)
-    os.makedirs(args.out_dir, exist_ok=True)
     logger = base.JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), enabled=env.is_main)
     ckpt = os.path.join(args.out_dir, "checkpoint.pt")
 
@@ -525,9 +509,9 @@ def main(argv=None):
     per_class = nanmean(test_dice, 0)
     mean_dice = nanmean(per_class)
     ci = base.bootstrap_ci(lambda idx: nanmean(nanmean(test_dice[idx], 0)), len(test_dice))["ci95"]
-    print(f"\nSegmentation ({args.task}), Dice x100 on the test set ({len(test_dice)} images), {fit['selected']}; "
-          f"encoder: {info.source}")
-    print_table(name, "UPerNet" if args.decoder == "upernet" else "Linear", n_params, classes, per_class, mean_dice, ci)
+    print_table(f"Segmentation ({args.task}), Dice x100 on the test set ({len(test_dice)} images), {fit['selected']}; "
+                f"encoder: {info.source}", name, "UPerNet" if args.decoder == "upernet" else "Linear", n_params,
+                classes, per_class, mean_dice, ci)
     res = {"task": args.task, "encoder": info.source, "encoder_format": info.format, "name": name,
            "decoder": args.decoder, "decoder_params": n_params, "layers": layers, "img_size": size,
            "classes": classes, "test": {"n_images": len(test_dice), "mean_dice": mean_dice, "mean_dice_ci95": ci,
@@ -539,7 +523,9 @@ def main(argv=None):
            "preprocess": {k: getattr(info, k) for k in ("img_size", "mean", "std", "crop_frac")},
            "deviations": deviations(args)}
     base.write_json(res, os.path.join(args.out_dir, "results.json"))
-    write_per_image(os.path.join(args.out_dir, "per_image_dice.csv"), parts["test"], classes, test_dice)
+    downstream.write_csv([["path", "subject"] + classes + ["mean"]] + [
+        [s["path"], s["subject"]] + ["" if np.isnan(v) else f"{v:.6f}" for v in d] + [f"{nanmean(d):.6f}"]
+        for s, d in zip(parts["test"], test_dice)], os.path.join(args.out_dir, "per_image_dice.csv"))
     figures.save_overlays(kept, parts["test"], args.out_dir, test_dice)
     print(f"deviations from the paper: {'; '.join(res['deviations']) or 'none'}")
     print(f"wrote results.json, per_image_dice.csv, checkpoint.pt, overlays/ to {args.out_dir}")
