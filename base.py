@@ -144,8 +144,7 @@ class Env:
 
     def __init__(self, rank, world, local_rank, device, dtype):
         self.rank, self.world, self.local_rank, self.device, self.dtype = rank, world, local_rank, device, dtype
-        self.is_main = rank == 0
-        self.distributed = world > 1
+        self.is_main, self.distributed = rank == 0, world > 1
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -322,12 +321,8 @@ def paired_bootstrap(stat, n_items, n_boot=1000, seed=0):
     "A is better than B" = fraction of resamples where a - b <= 0 (the paper's Table 6 test)."""
     rng = np.random.default_rng(seed)
     a, b = stat(np.arange(n_items))
-    deltas = []
-    for _ in range(n_boot):
-        va, vb = stat(rng.integers(0, n_items, n_items))
-        if np.isfinite(va) and np.isfinite(vb):
-            deltas.append(va - vb)
-    deltas = np.asarray(deltas)
+    pairs = [stat(rng.integers(0, n_items, n_items)) for _ in range(n_boot)]
+    deltas = np.asarray([va - vb for va, vb in pairs if np.isfinite(va) and np.isfinite(vb)])
     out = {"a": float(a), "b": float(b), "delta": float(a - b), "ci95": [math.nan] * 2, "p_one_tailed": math.nan,
            "n_boot": int(len(deltas))}
     if len(deltas):

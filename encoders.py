@@ -175,8 +175,7 @@ def _load_own(ck, attn, fmt):
     if ck.meta.get("format") != "radjepa-encoder" or "config" not in ck.meta:
         raise UserError(f"{ck.path}: not a radjepa-encoder export (no config in its safetensors metadata)")
     cfg = json.loads(ck.meta["config"])
-    vit = build_encoder(cfg, attn=attn)
-    load_mapped(vit, tensor_dict(ck.obj, ck.path), same_name, ck.path)
+    vit = load_mapped(build_encoder(cfg, attn), tensor_dict(ck.obj, ck.path), same_name, ck.path)
     meta = {k: v for k, v in ck.meta.items() if k not in ("config", "format")}
     for k, v in meta.items():
         try:
@@ -200,8 +199,7 @@ def _load_jepa(ck, attn, fmt):
     hub = ck.hf_config or {}
     if isinstance(hub.get("num_attention_heads"), int) and not heads:
         cfg["num_heads"] = hub["num_attention_heads"]
-    vit = build_encoder(cfg, attn)
-    load_mapped(vit, state, same_name, ck.path)
+    vit = load_mapped(build_encoder(cfg, attn), state, same_name, ck.path)
     if isinstance(args, dict):
         return vit, feed(cfg["img_size"], [CXR_MEAN], [CXR_STD])
     size = hub.get("image_size") if isinstance(hub.get("image_size"), int) else cfg["img_size"]
@@ -232,8 +230,7 @@ def _load_timm_vit(ck, attn, fmt):
     reg = cfg["num_register_tokens"] > 0
     dino = dict(interp_antialias=reg, interp_offset=0.0 if reg else 0.1)
     interp = {"dinov2": dino, "rad-dino": dino, "biomedclip": dict(interp_antialias=True), "mrm": {}}[fmt]
-    vit = build_encoder({**cfg, **interp}, attn)
-    load_mapped(vit, state, dinov2_source, ck.path, ignore={"mask_token"})
+    vit = load_mapped(build_encoder({**cfg, **interp}, attn), state, dinov2_source, ck.path, ignore={"mask_token"})
     if fmt == "biomedclip":
         pc = (ck.open_clip or {}).get("preprocess_cfg", {})
         size = (ck.open_clip or {}).get("model_cfg", {}).get("vision_cfg", {}).get("image_size", cfg["img_size"])
@@ -269,10 +266,9 @@ def _load_hf(ck, attn, fmt):
                num_register_tokens=c.get("num_register_tokens", 4) if regs else 0,
                eps=c.get("layer_norm_eps", 1e-12 if ijepa else 1e-6), interp_antialias=regs,
                **(SWIGLU if c.get("use_swiglu_ffn") else {}))
-    vit = build_encoder(cfg, attn)
     new = any(".attention.q_proj." in k for k in state)
-    load_mapped(vit, state, functools.partial(hf_source, new_names=new, ijepa=ijepa), ck.path,
-                ignore={"embeddings.mask_token"})
+    vit = load_mapped(build_encoder(cfg, attn), state, functools.partial(hf_source, new_names=new, ijepa=ijepa),
+                      ck.path, ignore={"embeddings.mask_token"})
     if ijepa:
         return vit, feed(cfg["img_size"], IMAGENET_MEAN, IMAGENET_STD, source="I-JEPA (ImageNet mean / std)")
     return vit, feed(**(RAD_DINO_FEED if fmt == "rad-dino" else DINOV2_FEED))

@@ -23,15 +23,6 @@ def load_torch(path, need=()):
     """torch.load that only rebuilds tensors and containers: a pickle asking for anything else is refused unrun; an
     empty, truncated or foreign file, or one without the keys in `need`, is one line naming it. The one guard of
     every torch file a user names (encoders, pretraining and report checkpoints)."""
-    obj = _torch_load(path)
-    missing = [k for k in need if not isinstance(obj, dict) or k not in obj]
-    if missing:
-        raise UserError(f"{path}: not the checkpoint expected here (no {', '.join(missing)}): a file of another "
-                        "program or version, or a damaged one")
-    return obj
-
-
-def _torch_load(path):
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             if any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist()):
@@ -41,7 +32,7 @@ def _torch_load(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "pickle protocol 4 detected" noise on hand-made pickles
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         glob = re.search(r"GLOBAL ([\w.]+)", str(e))
         if not glob:
@@ -53,6 +44,11 @@ def _torch_load(path):
     except Exception as e:  # an empty file says nothing: EOFError with no message
         why = (str(e).splitlines() or ["the file is empty or cut short"])[0][:160]
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})")
+    missing = [k for k in need if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise UserError(f"{path}: not the checkpoint expected here (no {', '.join(missing)}): a file of another "
+                        "program or version, or a damaged one")
+    return obj
 
 
 def _read_safetensors(path):
@@ -102,7 +98,7 @@ class Checkpoint:
         elif self.file.endswith(".safetensors"):
             self.obj, self.meta = _read_safetensors(self.file)
         else:
-            self.obj = _torch_load(self.file)
+            self.obj = load_torch(self.file)
 
 
 def tensor_dict(obj, path):
@@ -154,7 +150,7 @@ def backbone_state(obj, path):
 # key mapping: every parameter of our ViT names the checkpoint tensor(s) it comes from
 
 def load_mapped(vit, state, source_of, path, ignore=()):
-    """Fill every tensor of `vit` from `state`: source_of(our key) -> (checkpoint keys, combine or None). Missing,
+    """`vit` with every tensor filled from `state`: source_of(our key) -> (checkpoint keys, combine or None). Missing,
     unknown (not in `ignore`) and mis-shaped keys are a UserError naming them in the checkpoint's own naming."""
     out, used, missing, shape = {}, set(), [], []
     for k, ref in vit.state_dict().items():
@@ -178,6 +174,7 @@ def load_mapped(vit, state, source_of, path, ignore=()):
     if parts:
         raise UserError(f"{path}: cannot load encoder: {'; '.join(parts)}")
     vit.load_state_dict(out, strict=True)
+    return vit
 
 
 def same_name(k):
