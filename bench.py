@@ -51,7 +51,6 @@ import pretrain
 from model import VIT_CONFIGS, count_params, default_attention
 
 
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -154,10 +153,15 @@ def ijepa(args, device, autocast):
     return step, count_params(enc), count_params(pred)
 
 
+def paper_masks(args):
+    """masks.py's collator with the paper's settings (min_keep 10, lowered on grids too small to keep it)."""
+    grid = (args.img_size // args.patch_size,) * 2
+    return masks_lib.MaskCollator(grid=grid, min_keep=min(10, grid[0] * grid[1] // 8 - 1))
+
+
 def bench_model(args, device):
     torch.manual_seed(0)
-    grid = (args.img_size // args.patch_size,) * 2
-    collator = masks_lib.MaskCollator(grid=grid, min_keep=min(10, grid[0] * grid[1] // 8 - 1))
+    collator = paper_masks(args)
     batches = []
     for s in range(4):  # a few different mask draws, so lengths vary as they do in training
         me, mp = collator.sample(args.batch_size, s)
@@ -179,10 +183,8 @@ def bench_model(args, device):
         if args.ijepa_dir:
             # Meta's train.py uses torch.cuda.amp.autocast: on CUDA that is this dtype; on a CPU it does nothing,
             # so their code as shipped runs fp32 there (timed in the fp32 round) and "autocast" is ours around it
-            if device.type == "cuda" or dtype == torch.float32:
-                impls.append(("ijepa (as shipped)", lambda: ijepa(args, device, autocast)))
-            else:
-                impls.append(("ijepa (autocast)", lambda: ijepa(args, device, autocast)))
+            shipped = device.type == "cuda" or dtype == torch.float32
+            impls.append((f"ijepa ({'as shipped' if shipped else 'autocast'})", lambda: ijepa(args, device, autocast)))
         built = [(name, *make()) for name, make in impls]
         peak = matmul_peak(device, dtype)
         times, mem = {name: [] for name, *_ in built}, {}
@@ -238,8 +240,7 @@ def bench_data(args):
     """img/s of the pretraining DataLoader (decode or cache read, random resized crop, normalise, masks, collate)."""
     sources = data.parse_sources(args.data)
     paths = data.concat_paths(sources)
-    grid = (args.img_size // args.patch_size,) * 2
-    collator = masks_lib.MaskCollator(grid=grid, min_keep=min(10, grid[0] * grid[1] // 8 - 1))
+    collator = paper_masks(args)
     sampler = data.MixSampler(sources, seed=0)
     bs, n_batches = args.data_batch_size, args.data_batches
     kinds = [("uncached", None)]
@@ -251,8 +252,7 @@ def bench_data(args):
         ds = data.PretrainDataset(paths, args.img_size, cache=cache)
         for workers in sorted({0, args.data_workers}):
             steps = pretrain.StepBatches(sampler, bs, max(1, len(sampler) // bs), 0, n_batches + 1)
-            loader = torch.utils.data.DataLoader(ds, batch_sampler=steps,
-                                                 collate_fn=collator, num_workers=workers)
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=steps, collate_fn=collator, num_workers=workers)
             it = iter(loader)
             next(it)  # warm-up: worker start-up, first file opens
             t = time.perf_counter()
@@ -266,8 +266,7 @@ def bench_data(args):
     print("|----------|---------|----------|----------------|")
     for kind, w, ips, per in rows:
         print(f"| {kind:<8} | {w:>7} | {ips:>8.1f} | {per:>14.1f} |")
-    best = [r for r in rows if r[0] == kinds[-1][0] and r[1] == args.data_workers][0]
-    return best[2]
+    return next(ips for kind, w, ips, _ in rows if kind == kinds[-1][0] and w == args.data_workers)
 
 
 def get_args(argv=None):

@@ -267,9 +267,7 @@ def set_hparams(opt, lr, wd):
 @torch.no_grad()
 def ema_update(target, encoder, m):
     """target <- m * target + (1 - m) * encoder, one fused call over all parameters."""
-    tp = [p for p in target.parameters()]
-    ep = [p.detach() for p in encoder.parameters()]
-    torch._foreach_lerp_(tp, ep, 1.0 - m)
+    torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in encoder.parameters()], 1.0 - m)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,11 +306,9 @@ class Collate:
 
     def __call__(self, batch):
         info = torch.utils.data.get_worker_info()
-        new = []
-        if info is not None:
-            ds = info.dataset
-            new = sorted(ds.skipped - ds.reported)
-            ds.reported.update(new)
+        new = sorted(info.dataset.skipped - info.dataset.reported) if info is not None else []
+        if new:
+            info.dataset.reported.update(new)
         return (*self.collator(batch), new)
 
 

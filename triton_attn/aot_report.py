@@ -40,15 +40,27 @@ def load_attention():
     """triton_attn/attention.py as the GPU sees it: imported under another name with TRITON_INTERPRET unset, so the
     kernels are real JIT functions and the autotune lists are the full GPU lists, even inside a test session that
     runs the interpreter."""
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
+    with _gpu_mode():
         spec = importlib.util.spec_from_file_location("_attention_aot", os.path.join(HERE, "attention.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
+    return mod
+
+
+@contextlib.contextmanager
+def _gpu_mode():
+    """Triton's language functions read TRITON_INTERPRET at call time: unset it while compiling for a GPU."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
-    return mod
+
+
+def block_d(head_dim):
+    """The padded head dim attention.py launches with (a power of two, at least 16)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def configs(mod, kernel):
@@ -63,9 +75,8 @@ def signature(mod, kernel, dtype, head_dim, blocks):
     from triton.runtime.autotuner import Autotuner
     fn = getattr(mod, kernel)
     fn = fn.fn if isinstance(fn, Autotuner) else fn  # the JIT function under the autotuner
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
-    const = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, MASK_D=block_d != head_dim, UPCAST=False, PRECISION="tf32",
-                 **blocks)
+    const = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), MASK_D=block_d(head_dim) != head_dim, UPCAST=False,
+                 PRECISION="tf32", **blocks)
     fp32_ptrs, fp32_scalars = {"LSE", "DELTA"}, {"qk_scale", "sm_scale"}
     sig, cst = {}, {}
     for p in fn.params:
@@ -99,17 +110,6 @@ def _ptxas_usage(ptx, arch):
                 spill_loads=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"))
 
 
-@contextlib.contextmanager
-def _gpu_mode():
-    """Triton's language functions read TRITON_INTERPRET at call time: unset it while compiling for a GPU."""
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
 def compile_kernel(mod, kernel, cfg, arch, dtype, head_dim):
     """triton.compile one kernel at one config (num_warps, num_stages, {blocks}) for sm_<arch>: a CompiledKernel
     whose .asm holds "ptx" and "cubin"."""
@@ -131,10 +131,9 @@ def compile_one(job, mod=None):
     row = dict(kernel=kernel, arch=arch, dtype=dtype, head_dim=head_dim, num_warps=warps, num_stages=stages,
                **{b.lower(): v for b, v in blocks.items()})
     ptx, cubin = k.asm["ptx"], k.asm["cubin"]
-    row.update(ptx_bytes=len(ptx), cubin_bytes=len(cubin), shared=int(k.metadata.shared))
-    row.update(target=re.search(r"\.target (\S+)", ptx).group(1), entry=f".entry {kernel}(" in ptx,
-               elf=cubin[:4] == b"\x7fELF", bf16_ops=".bf16" in ptx)
-    row.update(_ptxas_usage(ptx, arch))
+    row.update(ptx_bytes=len(ptx), cubin_bytes=len(cubin), shared=int(k.metadata.shared),
+               target=re.search(r"\.target (\S+)", ptx).group(1), entry=f".entry {kernel}(" in ptx,
+               elf=cubin[:4] == b"\x7fELF", bf16_ops=".bf16" in ptx, **_ptxas_usage(ptx, arch))
     row["spills"] = row["spill_stores"] > 0
     row["fits"] = row["shared"] <= SHARED_LIMIT[arch] and row["regs"] * 32 * warps <= 65536
     return row
@@ -148,8 +147,7 @@ def first_kept(mod, kernel, arch, head_dim, n=256):
     """The first config the autotuner keeps for an n-token sequence on `arch` (what its first launch tries)."""
     if kernel not in BLOCK_NAMES:
         return configs(mod, kernel)[0]
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
-    c = mod.kept_configs(kernel, getattr(mod, kernel).configs, n, block_d, arch, *BLOCK_NAMES[kernel])[0]
+    c = mod.kept_configs(kernel, getattr(mod, kernel).configs, n, block_d(head_dim), arch, *BLOCK_NAMES[kernel])[0]
     return c.num_warps, c.num_stages, dict(c.kwargs)
 
 
@@ -158,15 +156,13 @@ def jobs(mod, kernels=KERNELS, archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS):
             for arch in archs for dt in dtypes for hd in head_dims]
 
 
-def _worker(job):
-    return compile_one(job)
+def row_blocks(row):
+    return [v for k, v in row.items() if k.startswith("block_") and k != "block_d"]
 
 
 def config_key(row):
     """How attention.SPILLS names a config: (kernel, block sizes..., num_warps, num_stages, BLOCK_D)."""
-    blocks = tuple(v for k, v in row.items() if k.startswith("block_") and k != "block_d")
-    block_d = max(16, 1 << (row["head_dim"] - 1).bit_length())
-    return (row["kernel"], *blocks, row["num_warps"], row["num_stages"], block_d)
+    return (row["kernel"], *row_blocks(row), row["num_warps"], row["num_stages"], block_d(row["head_dim"]))
 
 
 def main(argv=None):
@@ -182,10 +178,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     mod = load_attention()
     if args.combo:
-        todo = []
-        for c in args.combo:
-            kern, arch, dt, hd = c.split(":")
-            todo.append((kern, first_kept(mod, kern, int(arch), int(hd)), int(arch), dt, int(hd)))
+        combos = [(kern, int(arch), dt, int(hd)) for kern, arch, dt, hd in (c.split(":") for c in args.combo)]
+        todo = [(kern, first_kept(mod, kern, arch, hd), arch, dt, hd) for kern, arch, dt, hd in combos]
     else:
         todo = jobs(mod, args.kernel, args.arch, args.dtype, args.head_dim)
     print(f"{len(todo)} compiles on {args.workers} process(es)", file=sys.stderr, flush=True)
@@ -195,8 +189,8 @@ def main(argv=None):
     print("|" + "|".join("---" for _ in cols) + "|", flush=True)
     rows = []
     with concurrent.futures.ProcessPoolExecutor(args.workers) as ex:
-        for r in ex.map(_worker, todo):  # in order, each row printed as soon as it is there
-            r["blocks"] = "x".join(str(v) for k, v in r.items() if k.startswith("block_") and k != "block_d")
+        for r in ex.map(compile_one, todo):  # in order, each row printed as soon as it is there
+            r["blocks"] = "x".join(map(str, row_blocks(r)))
             rows.append(r)
             print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |", flush=True)
     bad = sorted({config_key(r) for r in rows if r["spills"] or not r["fits"]})
