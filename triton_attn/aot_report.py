@@ -58,11 +58,6 @@ def _gpu_mode():
             os.environ["TRITON_INTERPRET"] = saved
 
 
-def block_d(head_dim):
-    """The padded head dim attention.py launches with (a power of two, at least 16)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
 def configs(mod, kernel):
     """[(num_warps, num_stages, {block constexprs})] the autotuner would try for `kernel` (before pruning)."""
     if kernel == "_attn_bwd_preprocess":  # not autotuned: launched with PREPROCESS_BLOCK rows, Triton's defaults
@@ -75,8 +70,9 @@ def signature(mod, kernel, dtype, head_dim, blocks):
     from triton.runtime.autotuner import Autotuner
     fn = getattr(mod, kernel)
     fn = fn.fn if isinstance(fn, Autotuner) else fn  # the JIT function under the autotuner
-    const = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), MASK_D=block_d(head_dim) != head_dim, UPCAST=False,
-                 PRECISION="tf32", **blocks)
+    block_d = mod.padded_head_dim(head_dim)
+    const = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, MASK_D=block_d != head_dim, UPCAST=False, PRECISION="tf32",
+                 **blocks)
     fp32_ptrs, fp32_scalars = {"LSE", "DELTA"}, {"qk_scale", "sm_scale"}
     sig, cst = {}, {}
     for p in fn.params:
@@ -129,7 +125,7 @@ def compile_one(job, mod=None):
     mod = mod or load_attention()
     k = compile_kernel(mod, kernel, (warps, stages, blocks), arch, dtype, head_dim)
     row = dict(kernel=kernel, arch=arch, dtype=dtype, head_dim=head_dim, num_warps=warps, num_stages=stages,
-               **{b.lower(): v for b, v in blocks.items()})
+               **{b.lower(): v for b, v in blocks.items()}, block_d=mod.padded_head_dim(head_dim))
     ptx, cubin = k.asm["ptx"], k.asm["cubin"]
     row.update(ptx_bytes=len(ptx), cubin_bytes=len(cubin), shared=int(k.metadata.shared),
                target=re.search(r"\.target (\S+)", ptx).group(1), entry=f".entry {kernel}(" in ptx,
@@ -147,7 +143,8 @@ def first_kept(mod, kernel, arch, head_dim, n=256):
     """The first config the autotuner keeps for an n-token sequence on `arch` (what its first launch tries)."""
     if kernel not in BLOCK_NAMES:
         return configs(mod, kernel)[0]
-    c = mod.kept_configs(kernel, getattr(mod, kernel).configs, n, block_d(head_dim), arch, *BLOCK_NAMES[kernel])[0]
+    c = mod.kept_configs(kernel, getattr(mod, kernel).configs, n, mod.padded_head_dim(head_dim), arch,
+                         *BLOCK_NAMES[kernel])[0]
     return c.num_warps, c.num_stages, dict(c.kwargs)
 
 
@@ -162,7 +159,7 @@ def row_blocks(row):
 
 def config_key(row):
     """How attention.SPILLS names a config: (kernel, block sizes..., num_warps, num_stages, BLOCK_D)."""
-    return (row["kernel"], *row_blocks(row), row["num_warps"], row["num_stages"], block_d(row["head_dim"]))
+    return (row["kernel"], *row_blocks(row), row["num_warps"], row["num_stages"], row["block_d"])
 
 
 def main(argv=None):

@@ -486,9 +486,14 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def padded_head_dim(d):
+    """BLOCK_D, the head dim the kernels run at: the next power of two, at least 16 (tl.dot's reduction minimum)."""
+    return max(16, triton.next_power_of_2(d))
+
+
 def _meta(q):
     D = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16 along the reduction
+    block_d = padded_head_dim(D)
     # fp32 inputs: exact products unless the user allowed TF32 for matmuls. fp16 / bf16: "tf32" is triton's
     # default and means nothing for 16-bit operands (tensor cores, fp32 accumulation either way)
     exact = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
