@@ -12,6 +12,7 @@ evaluations report (bootstrap CIs, paired one-tailed tests).
 """
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import operator
@@ -31,18 +32,25 @@ class UserError(Exception):
 
 
 def run(main):
-    """Call main(); turn a UserError into `error: ...` on stderr and exit status 2 (docs/CONVENTIONS.md)."""
+    """Call main(); turn a UserError into `error: ...` on stderr and exit status 2 (docs/CONVENTIONS.md). The exit
+    status is taken out of its exception before the process group is destroyed: the exception's traceback would
+    keep main's frames, and through them the group, alive (see setup)."""
+    status = None
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        status = 130
+    except SystemExit as e:
+        status = e.code
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if status is not None:
+        sys.exit(status)
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -192,6 +200,11 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
+        # destroy_process_group ends gloo's threads only if nothing else holds the group. torch._dynamo, imported
+        # first by DDP's constructor once the group exists, holds it for good; its threads then outlive the run
+        # into the interpreter's exit, where one still releasing a collective's tensors aborts the finished run
+        # (SIGABRT, "terminate called without an active exception"). Imported before the group, it holds none.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     random.seed(args.seed + rank)

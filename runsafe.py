@@ -35,6 +35,10 @@ MAY_CHANGE = {"max_steps", "epochs", "num_workers", "log_every", "ckpt_every", "
 # a closed terminal or ssh session (SIGHUP) stops a run as a scheduler does: a checkpoint of the step, then exit
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 LOCK = []  # the locked out_dir's file descriptor: DataLoader workers close their inherited copy (worker_init)
+# the stop signal caught (0: none). Not kept on the Stopper: a handler bound to it would keep its process group alive
+# past destroy_process_group, and gloo's threads would then die with the interpreter ("terminate called without an
+# active exception", SIGABRT, after the run's work is done)
+CAUGHT = [0]
 
 
 def on_main(env, fn):
@@ -271,23 +275,25 @@ def worker_init(_):
     LOCK.clear()
 
 
+def _catch(signum, frame):
+    CAUGHT[0] = signum
+
+
 class Stopper:
     """SIGTERM / SIGUSR1 become a flag read at the end of each step. With several processes the flag is all-reduced
     (max) every step over a gloo group, on the CPU, so every rank stops at the same step without a GPU sync."""
 
     def __init__(self, env):
-        self.sig, self.env, self.group = 0, env, None
+        self.env, self.group = env, None
+        CAUGHT[0] = 0
         for s in STOP_SIGNALS:
-            signal.signal(s, self._catch)
+            signal.signal(s, _catch)
         if env.distributed:
             self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
-    def _catch(self, signum, frame):
-        self.sig = signum
-
     def agreed(self):
         if not self.env.distributed:
-            return self.sig
-        t = torch.tensor([self.sig])
+            return CAUGHT[0]
+        t = torch.tensor([CAUGHT[0]])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t)

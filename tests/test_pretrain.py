@@ -186,6 +186,48 @@ def test_torchrun_and_srun_two_processes_gloo(tmp_path):
     assert losses(slurm) == losses(out)
 
 
+# what a DDP run does on its way out: a process group, DDP, the stop-signal agreement and a last collective, then
+# base.run's exit (or its one-line error); each process writes its thread count before and after
+TEARDOWN = """
+import os, sys, types, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+import base, runsafe
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+def main():
+    env = base.setup(types.SimpleNamespace(device="cpu", dtype=None, seed=0))
+    stopper = runsafe.Stopper(env)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
+    ddp(torch.ones(2, 3)).sum().backward()
+    stopper.agreed()
+    dist.all_gather_object([None] * env.world, env.rank)
+    if sys.argv[1] == "error":
+        raise base.UserError("a mistake")
+try:
+    base.run(main)
+finally:
+    with open(f"{sys.argv[1]}{os.environ['RANK']}.txt", "w") as f:
+        f.write(f"{before} {threads()}")
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_a_finished_ddp_run_ends_gloo_threads_before_exit(tmp_path):
+    # gloo's threads left running into the interpreter's exit abort a finished run now and then (SIGABRT,
+    # "terminate called without an active exception"): they must be gone once base.run has destroyed the group
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN)
+    for how, code in (("ok", 0), ("error", 2)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(script), how, str(ROOT)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                           cwd=tmp_path, timeout=300)
+        for rank in range(2):
+            before, after = (tmp_path / f"{how}{rank}.txt").read_text().split()
+            assert before == after, (how, rank, before, after, r.stderr)
+        assert (r.returncode == 0) == (code == 0) and r.stderr.count("error: a mistake") == 2 * (code == 2), r.stderr
+
+
 def test_bad_input_fails_cleanly_before_work(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
