@@ -678,5 +678,4 @@ def load_llava_rad(args):
 
 LAYOUTS = {"vindr": load_vindr, "rsna": load_rsna, "chexpert": load_chexpert, "mimic_cxr": load_mimic_cxr,
            "nih": load_nih, "padchest": load_padchest, "vindr_rib": load_vindr_rib, "mimic_lungs": load_mimic_lungs,
-           "mimic": load_mimic, "iu_xray": load_iu_xray,
-           "llava_rad": load_llava_rad}
+           "mimic": load_mimic, "iu_xray": load_iu_xray, "llava_rad": load_llava_rad}

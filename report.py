@@ -33,7 +33,6 @@ and settings: what --eval_only reads), tokenizer.model (small LM), adapter/ (LoR
 (sharded training state: --save_every, --stop_at, --resume), compare.json, labels.csv.
 """
 import contextlib
-import csv
 import os
 import time
 
@@ -192,11 +191,10 @@ def load_samples(args):
     else:
         cols = {"path": args.path_col, "subject": args.subject_col, "text": args.text_col}
         samples, blank = [], 0
-        for part, f in ((None, args.csv), ("val", args.val_csv), ("test", args.test_csv)):
-            if f:
-                rows, n = archives.read_csv_samples(f, args.image_root, cols, part=part, drop_blank="text",
-                                                    subject_given=args.subject_given)
-                samples, blank = samples + rows, blank + n
+        for part, f in downstream.csv_parts(args, DEMO_CSV):
+            rows, n = archives.read_csv_samples(f, args.image_root, cols, part=part, drop_blank="text",
+                                                subject_given=args.subject_given)
+            samples, blank = samples + rows, blank + n
         source = f"{args.csv} ({blank} row(s) with a blank report dropped)" if blank else args.csv
         if blank:
             print(f"warning: {blank} row(s) with a blank {args.text_col!r} dropped")
@@ -541,10 +539,9 @@ def main(argv=None):
         "scratch on few reports; image conditioning needs the paper's scale)" if distinct * 2 <= len(hyps)
         else ""))
     print(f"encoder: {info.source}")
-    with open(os.path.join(args.out_dir, "predictions.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "subject", "reference", "generated"])
-        w.writerows([s["path"], s["subject"], r, h] for s, r, h in zip(test, refs, hyps))
+    rows = [[s["path"], s["subject"], r, h] for s, r, h in zip(test, refs, hyps)]
+    downstream.write_csv([["path", "subject", "reference", "generated"]] + rows,
+                         os.path.join(args.out_dir, "predictions.csv"))
     wrote = ["results.json", "predictions.csv"]
     if not args.eval_only:
         plain = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool)) or
